@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.errors import HerdError
 
-class ConfigError(ValueError):
+
+class ConfigError(HerdError, ValueError):
     """A config field is missing, unknown or inconsistent."""
 
 
