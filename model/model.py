@@ -155,9 +155,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer(
-            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
-        )
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        with torch.device("cpu"):
+            self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -175,9 +178,6 @@ class Transformer(nn.Module):
                 if name.endswith(("wo.weight", "w2.weight")):
                     s = std / math.sqrt(2 * self.config.n_layers)
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
-        self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling).to(
-            self.inv_freq.device
-        )
 
     def forward(
         self,
@@ -206,6 +206,8 @@ class Transformer(nn.Module):
         elif doc_ids is None:
             doc_ids = doc_ids_from_positions(positions)
 
+        if self.inv_freq.device != tokens.device:
+            self.inv_freq = self.inv_freq.to(tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.inv_freq, h.dtype)
         for layer in self.layers:
