@@ -14,6 +14,7 @@ from model.errors import HerdError
 
 COMMAND_MODULES = [
     "model.cli",
+    "infra.k8s_cli",
 ]
 
 
