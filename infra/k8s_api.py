@@ -66,6 +66,8 @@ def apply(api, docs: list[dict]) -> list[str]:
     for doc in docs:
         kind, meta = doc["kind"], doc["metadata"]
         what = f"{kind.lower()}/{meta['name']}"
+        if kind != "Namespace" and "namespace" not in meta:
+            raise HerdError(f"{what}: no metadata.namespace; set `namespace:` in the kustomization")
         try:
             if kind in PLURALS:
                 client.CustomObjectsApi(api).patch_namespaced_custom_object(

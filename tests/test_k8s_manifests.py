@@ -73,6 +73,13 @@ def test_every_manifest_validates(rendered, crd_dir, overlay):
             "PersistentVolumeClaim", "Service"} <= set(kinds)
 
 
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_everything_lands_in_the_herd_namespace(rendered, overlay):
+    for doc in rendered[overlay]:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "herd", f"{doc['kind']}/{doc['metadata']['name']}"
+
+
 def test_broken_manifests_fail_with_the_offending_field_path(rendered, crd_dir):
     docs = copy.deepcopy(rendered["gpu"])
     cluster = one(docs, "RayCluster")
