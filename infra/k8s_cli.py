@@ -27,8 +27,7 @@ def register(subparsers) -> None:
 
     def overlay_args(p):
         p.add_argument("--overlay", default=DEFAULT_OVERLAY,
-                       help=f"{' or '.join(sorted(o.name for o in OVERLAYS.iterdir()))}, "
-                            f"or a kustomization folder (default {DEFAULT_OVERLAY})")
+                       help=f"cpu-dev, gpu, or a kustomization folder (default {DEFAULT_OVERLAY})")
         p.add_argument("--crds", type=Path, help="folder of KubeRay CRD YAML to validate against "
                        "(default $HERD_KUBERAY_CRDS or ../shared/k8s/kuberay-crds)")
 
