@@ -20,7 +20,9 @@ class KVCache:
         self.max_len = max_len
         self.batch_size = batch_size
         self._active: torch.Tensor | None = None  # slot ids of the current step, None = all rows
-        self._span = 0  # keys attended this step: max over active rows of length + T
+        # Per-step facts computed once in positions(), read by every layer's update():
+        self._span = 0  # keys attended: max over active rows of length + T
+        self._uniform_start: int | None = None  # shared length when all rows are equal
 
     @classmethod
     def for_model(cls, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
@@ -39,16 +41,20 @@ class KVCache:
 
     def positions(self, T: int) -> torch.Tensor:
         lengths = self._lengths()
-        if int(lengths.max()) + T > self.max_len:
-            raise ValueError(f"KV cache overflow: {int(lengths.max())} + {T} tokens > max_len {self.max_len}")
-        self._span = int(lengths.max()) + T
+        host = lengths.tolist()
+        longest = max(host)
+        if longest + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {longest} + {T} tokens > max_len {self.max_len}")
+        self._span = longest + T
+        uniform = self._active is None and min(host) == longest
+        self._uniform_start = longest if uniform else None
         return lengths[:, None] + torch.arange(T, device=lengths.device)
 
     def attention_mask(self, T: int) -> torch.Tensor | None:
         """(B, 1, T, span) bool, key j visible to query t iff j <= length + t.
-        None when every row has the same length and T == 1 (nothing to hide)."""
+        None when one causal mask fits every row: T == 1, or a single row starting empty."""
         lengths = self._lengths()
-        if T == 1 and bool((lengths == lengths[0]).all()):
+        if T == 1 and (self._uniform_start is not None or len(lengths) == 1):
             return None
         q_pos = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, T)
         k_pos = torch.arange(self._span, device=lengths.device)
@@ -59,8 +65,8 @@ class KVCache:
         T = k.shape[2]
         span = self._span
         if self._active is None:
-            if bool((self.lengths == self.lengths[0]).all()):
-                start = int(self.lengths[0])
+            if self._uniform_start is not None:
+                start = self._uniform_start
                 self.k[layer, :, :, start:start + T] = k
                 self.v[layer, :, :, start:start + T] = v
             else:

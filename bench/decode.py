@@ -1,0 +1,103 @@
+"""Decode throughput: herd vs transformers on the same SmolLM2 weights, prompt and settings.
+
+Batch 1, 128 greedy tokens (no early stop), fp32 and bf16. Prints tok/s, the ratio and the
+peak resident memory added during each run.
+
+    python -m bench.decode [--tokens 128] [--repeats 3] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import psutil
+import torch
+
+PROMPT = "The history of the printing press begins in the fifteenth century, when"
+
+
+class PeakRSS:
+    """Peak resident-set growth while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self):
+        self.proc = psutil.Process(os.getpid())
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.added_mb = (self.peak - self.base) / 2**20
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.assets import smollm2_gguf_path
+    from model.checkpoint import build_model, read_gguf
+    from model.generate import SamplingParams, generate
+
+    gguf = smollm2_gguf_path()
+    cfg, state = read_gguf(gguf)
+    hf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    ids = hf_tok(PROMPT)["input_ids"]
+    n = args.tokens
+    print(f"SmolLM2-135M, prompt {len(ids)} tokens, {n} greedy tokens, batch 1, device {args.device}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'dtype':<9} {'herd tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'herd MB':>8} {'hf MB':>6}  same tokens")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        herd = build_model(cfg, state, gguf, dtype=dtype, device=args.device)
+        herd.config = type(cfg)(**{**cfg.__dict__, "eos_token_ids": ()})  # run all n tokens
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).to(args.device)
+        hf.eval()
+        params = SamplingParams(max_tokens=n)
+        hf_input = torch.tensor([ids], device=args.device)
+
+        def run_herd():
+            return generate(herd, [ids], params)[0].token_ids
+
+        def run_hf():
+            with torch.inference_mode():
+                out = hf.generate(hf_input, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  attention_mask=torch.ones_like(hf_input))
+            return out[0, len(ids):].tolist()
+
+        herd_ids, hf_ids = run_herd(), run_hf()  # warm-up, and the tokens to compare
+        with PeakRSS() as herd_mem:
+            t_herd = best_of(run_herd, args.repeats)
+        with PeakRSS() as hf_mem:
+            t_hf = best_of(run_hf, args.repeats)
+        same = sum(a == b for a, b in zip(herd_ids, hf_ids))
+        print(f"{dtype_name:<9} {n / t_herd:>11.1f} {n / t_hf:>9.1f} {t_hf / t_herd:>6.2f} "
+              f"{herd_mem.added_mb:>8.1f} {hf_mem.added_mb:>6.1f}  {same}/{n}")
+        del herd, hf
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real SmolLM2 (imported once per run), the transformers peer, shared data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from model.assets import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """SmolLM2 imported to herd's native format once, shared across xdist workers."""
+    from filelock import FileLock
+
+    from model.checkpoint import import_gguf
+
+    root = tmp_path_factory.getbasetemp().parent
+    out = root / "smollm2-native"
+    with FileLock(str(root / "smollm2-native.lock")):
+        if not (out / "model.safetensors").is_file():
+            import_gguf(smollm2_gguf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(model, tokenizer), fp32 on CPU."""
+    from model.cli import load_for_inference
+
+    return load_for_inference(str(smollm2_dir), "float32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """The peer: transformers' LlamaForCausalLM and tokenizer, loaded from the same GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    return model, tok
