@@ -103,7 +103,8 @@ _BlockDumper.add_representer(str, lambda d, s: d.represent_scalar(
 
 
 def to_yaml(docs: list[dict]) -> str:
-    return yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, explicit_start=True)
+    return yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, explicit_start=True,
+                         allow_unicode=True)
 
 
 def cmd_render(args) -> int:
