@@ -15,6 +15,7 @@ from model.errors import HerdError
 COMMAND_MODULES = [
     "model.cli",
     "infra.k8s_cli",
+    "flows.data.cli",
 ]
 
 

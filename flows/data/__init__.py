@@ -1,0 +1,1 @@
+"""herd's data flow: read, filter, deduplicate, score, tokenize and pack (see pipeline.py)."""

