@@ -26,7 +26,7 @@ test-unit: setup
 	$(PY) -m pytest -q -m "not slow and not integration" tests
 
 bench: setup
-	$(PY) -m bench.decode
+	$(PY) -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV)
