@@ -1,0 +1,132 @@
+"""Exact, near-duplicate (MinHash LSH) and semantic deduplication."""
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+
+from flows.data.config import MinHashConfig, SemDedupConfig
+from flows.data.dedup import MinHasher, cluster_duplicates, dedup_decisions, exact_hash, simplify
+from flows.data.semdedup import semantic_duplicates
+
+
+def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    ws = simplify(text)
+    return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = shingles(a), shingles(b)
+    return len(x & y) / len(x | y) if x | y else 0.0
+
+
+def corpus_paragraphs(shared_data, min_words=60):
+    out = []
+    for path in sorted((shared_data / "corpus").glob("*.txt")):
+        text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+        out += [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if len(p.split()) >= min_words]
+    return out
+
+
+def edit(text: str, frac: float, rng: random.Random, vocab: list[str], clustered: bool) -> str:
+    """Change `frac` of the words: scattered substitutions, or one contiguous run."""
+    ws = text.split()
+    k = max(1, round(frac * len(ws)))
+    if clustered:
+        start = rng.randrange(len(ws) - k + 1)
+        idx = range(start, start + k)
+    else:
+        idx = rng.sample(range(len(ws)), k)
+    for i in idx:
+        ws[i] = rng.choice(vocab)
+    return " ".join(ws)
+
+
+def test_near_duplicates_recall_precision(shared_data):
+    rng = random.Random(0)
+    paras = corpus_paragraphs(shared_data)
+    rng.shuffle(paras)
+    originals, unrelated = paras[:500], paras[500:1000]
+    vocab = sorted({w for p in paras[1000:1500] for w in p.split()})
+    docs, origin = [], []
+    for i, p in enumerate(originals):
+        docs.append(p)
+        origin.append(i)
+    for i, p in enumerate(originals):
+        docs.append(edit(p, rng.uniform(0.05, 0.15), rng, vocab, clustered=i % 2 == 0))
+        origin.append(i)
+    for j, p in enumerate(unrelated):
+        docs.append(p)
+        origin.append(1000 + j)
+    exact_copies = list(range(0, 500, 10))
+    for i in exact_copies:
+        docs.append(originals[i])
+        origin.append(i)
+
+    cfg = MinHashConfig()
+    sig, has = MinHasher(cfg).signatures(docs)
+    labels = cluster_duplicates(sig, cfg.bands, cfg.rows)
+    n = len(docs)
+    # Candidate pairs: every pair in the same cluster is "detected".
+    detected = {(a, b) for a in range(n) for b in range(a + 1, n) if labels[a] == labels[b]}
+    true_pairs = {(a, b) for a in range(n) for b in range(a + 1, n) if origin[a] == origin[b]}
+    high = {(a, b) for a, b in true_pairs if jaccard(docs[a], docs[b]) >= 0.8}
+    recall_high = len(high & detected) / len(high)
+    precision = len(detected & true_pairs) / len(detected)
+    recall_all = len(true_pairs & detected) / len(true_pairs)
+    print(f"near-dup: {len(high)} pairs with Jaccard >= 0.8, recall {recall_high:.3f}; "
+          f"precision {precision:.3f} over {len(detected)} detected pairs; recall over all edited pairs {recall_all:.3f}")
+    assert len(high) >= 50
+    assert recall_high >= 0.9
+    assert precision >= 0.95
+
+    # Every exact duplicate goes, whatever else happens; the first occurrence stays.
+    seq = np.arange(n, dtype=np.int64)
+    reasons = dedup_decisions(seq, np.array([exact_hash(d) for d in docs], dtype=np.uint64), sig, has, cfg, True)
+    for k, i in enumerate(exact_copies):
+        assert reasons.get(1000 + 500 + k) == "exact_dedup:duplicate"
+        assert i not in reasons
+
+
+def test_lsh_collision_probability_matches_theory():
+    # P(candidate | J) = 1 - (1 - J^r)^b: about 0.92 at J = 0.8 with 14 x 8
+    cfg = MinHashConfig()
+    assert abs(1 - (1 - 0.8 ** cfg.rows) ** cfg.bands - 0.924) < 0.01
+
+
+def test_cluster_is_transitive_and_keeps_first():
+    base = " ".join(f"word{i}" for i in range(200))
+    a = base
+    b = base.replace("word50 ", "other ")
+    c = b.replace("word150 ", "other2 ")
+    d = " ".join(f"else{i}" for i in range(200))
+    short = "too short"
+    cfg = MinHashConfig()
+    sig, has = MinHasher(cfg).signatures([a, b, c, d, short])
+    assert has.tolist() == [True, True, True, True, False]
+    seq = np.array([10, 11, 12, 13, 14], dtype=np.int64)
+    reasons = dedup_decisions(seq, np.array([1, 2, 3, 4, 5], dtype=np.uint64), sig, has, cfg, True)
+    assert reasons == {11: "minhash:near_duplicate", 12: "minhash:near_duplicate"}
+
+
+def test_signatures_do_not_depend_on_the_batch():
+    texts = [" ".join(f"w{i}_{j}" for j in range(30)) for i in range(20)]
+    m = MinHasher(MinHashConfig())
+    whole, _ = m.signatures(texts)
+    parts = np.concatenate([m.signatures(texts[i : i + 3])[0] for i in range(0, 20, 3)])
+    assert np.array_equal(whole, parts)
+
+
+def test_semdedup_drops_near_identical_embeddings():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    noisy = base[:10] + 0.01 * rng.normal(size=(10, 16)).astype(np.float32)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    emb = np.concatenate([base, noisy])
+    seq = np.arange(50, dtype=np.int64)
+    drop = semantic_duplicates(seq, emb, SemDedupConfig(eps=0.01, n_clusters=4))
+    assert drop[40:].all()  # the later near-copies go
+    assert not drop[:40].any()  # the originals stay
+    assert not semantic_duplicates(seq, emb, SemDedupConfig(eps=0.0, n_clusters=4)).any()  # only identical items
