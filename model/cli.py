@@ -42,6 +42,24 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_init(args) -> int:
+    from model.checkpoint import save_checkpoint
+    from model.config import get_preset
+    from model.model import Transformer
+    from model.tokenizer import load_tokenizer
+
+    cfg = get_preset(args.preset)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise HerdError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids, preset {args.preset} only "
+                        f"{cfg.vocab_size}")
+    model = Transformer(cfg)
+    model.init_weights(seed=args.seed)
+    out = save_checkpoint(model, args.out, tokenizer)
+    print(f"initialised {args.preset} ({cfg.num_params() / 1e6:.1f}M params, seed {args.seed}) -> {out}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from model.checkpoint import export_hf
 
@@ -93,6 +111,12 @@ def register(sub) -> None:
     imp.add_argument("out", help="output herd checkpoint directory")
     imp.add_argument("--tokenizer", help="tokenizer spec when the source has none: llama3 or a path")
     imp.set_defaults(func=_cmd_import)
+    init = msub.add_parser("init", help="a from-scratch checkpoint of a preset, randomly initialised")
+    init.add_argument("--preset", required=True, help="llama3-8b, llama3.1-8b, smollm2-135m, small, tiny, ...")
+    init.add_argument("--tokenizer", default="llama3")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("out")
+    init.set_defaults(func=_cmd_init)
     exp = msub.add_parser("export", help="write a transformers-loadable directory")
     exp.add_argument("--to", dest="fmt", required=True, choices=["hf"])
     exp.add_argument("src")
