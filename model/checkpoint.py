@@ -247,20 +247,16 @@ def read_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, state
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads."""
-    from safetensors.torch import save_file
-
-    model, cfg = load_model(model_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """transformers' LlamaConfig fields for this config."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings}
-    hf_config = {
+    eos = list(cfg.eos_token_ids)
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
@@ -269,12 +265,24 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         "rope_scaling": rope if cfg.rope_scaling is not None else None,
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0],
+        "eos_token_id": (eos if len(eos) > 1 else eos[0]) if eos else None,
         "torch_dtype": "float32",
     }
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    state = {herd_to_hf_name(k): v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    return {herd_to_hf_name(k): v.contiguous() for k, v in model.state_dict().items()}
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads."""
+    from safetensors.torch import save_file
+
+    model, cfg = load_model(model_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    save_file(hf_state_dict(model), str(out / WEIGHTS), metadata={"format": "pt"})
     return out
 
 

@@ -78,18 +78,23 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 _compiled_flex = None
 
 
-def _flex_document_attention(q, k, v, doc_ids):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+def flex_document_block_mask(doc_ids: torch.Tensor):
+    """The CUDA form of document_causal_mask: a flex_attention BlockMask, built once per forward."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
 
-    B, _, T, _ = q.shape
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    B, T = doc_ids.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+
+
+def flex_attention(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)  # uncompiled flex is a slow reference path
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
@@ -103,7 +108,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, doc_ids=None, cache: KVCache | None = None, cache_mask=None):
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        """mask: None (causal, or nothing to hide in a 1-token cached step), a bool tensor, or a BlockMask."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -112,14 +118,11 @@ class Attention(nn.Module):
 
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=True)
-        elif doc_ids is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif q.is_cuda:
-            out = _flex_document_attention(q, k, v, doc_ids)
+        if mask is not None and not torch.is_tensor(mask):
+            out = flex_attention(q, k, v, mask)
         else:
-            mask = document_causal_mask(doc_ids)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            causal = mask is None and cache is None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -142,8 +145,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
 
-    def forward(self, x, cos, sin, doc_ids=None, cache=None, cache_mask=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache, cache_mask)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -197,21 +200,25 @@ class Transformer(nn.Module):
         last_only: return logits for the last position only (prefill during generation).
         """
         B, T = tokens.shape
-        cache_mask = None
+        mask = None
         if cache is not None:
             positions = cache.positions(T)
-            cache_mask = cache.attention_mask(T)
-        elif positions is None:
+            mask = cache.attention_mask(T)
+        elif positions is None and doc_ids is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        elif doc_ids is None:
-            doc_ids = doc_ids_from_positions(positions)
+        else:
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+            if doc_ids is None:
+                doc_ids = doc_ids_from_positions(positions)
+            mask = flex_document_block_mask(doc_ids) if tokens.is_cuda else document_causal_mask(doc_ids)
 
         if self.inv_freq.device != tokens.device:
             self.inv_freq = self.inv_freq.to(tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.inv_freq, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, doc_ids, cache, cache_mask)
+            h = layer(h, cos, sin, mask, cache)
         if last_only:
             h = h[:, -1:]
         return F.linear(self.norm(h), self.output_weight)
