@@ -76,7 +76,7 @@ def _log(mlflow, report: dict, classifier, out: Path) -> None:
 
         ds_source = CodeDatasetSource({"corpus": "python-stdlib-docs"})
     else:
-        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+        from mlflow.data.sources import LocalArtifactDatasetSource
 
         ds_source = LocalArtifactDatasetSource(str(Path(source).resolve()))
     # MLflow keeps at most 36 characters of a dataset digest; the full sha256 is a tag.

@@ -1,0 +1,128 @@
+"""The data flow end to end on a real local Ray and a real MLflow store in tmp_path."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flows.data.config import config_from_dict
+from flows.data.stages import validation_mask
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def english_docs() -> tuple[list[str], list[str]]:
+    """Real English every Python installation carries (the embedded corpus' first part):
+    (40 documents that pass the document filters, 10 that do not)."""
+    from flows.data.config import DataConfig
+    from flows.data.embedded import embedded_documents
+    from flows.data.stages import build_doc_filters
+    from flows.data.text import Doc, normalize
+
+    filters = build_doc_filters(DataConfig())
+    good, bad = [], []
+    for _, text in embedded_documents(0, 8):
+        doc = Doc("", normalize(text))
+        (good if all(f.filter(doc) is True for f in filters) else bad).append(text)
+    return good[:40], bad[:10]
+
+
+def write_input(path, docs) -> int:
+    """The documents as JSONL, with three malformed lines mixed in; returns the line count."""
+    lines = [json.dumps({"text": d, "id": f"doc{i}"}).encode() for i, d in enumerate(docs)]
+    lines.insert(3, b"{broken json")
+    lines.insert(7, json.dumps({"body": "no text field"}).encode())
+    lines.insert(9, b'{"text": "bad bytes \xff"}')
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return len(lines)
+
+
+def test_prep_end_to_end(tmp_path, ray_local, smollm2_dir):
+    from flows.data.cli import prep
+    from flows.data.shards import read_manifest, token_stream, verify
+    from model.tokenizer import load_tokenizer
+
+    good, bad = english_docs()
+    assert len(good) == 40
+    # exact copies (the second differs only in whitespace), near copies, filtered documents
+    docs = good + [good[0], good[1] + "  \n", good[2].replace(" the ", " a ", 3), good[3] + " Extra words here."] + bad
+    src = tmp_path / "in.jsonl"
+    n_lines = write_input(src, docs)
+    cfg = config_from_dict({
+        "name": "itest",
+        "input": {"paths": [str(src)]},
+        "semdedup": {"max_tokens": 32},
+        "quality": {"sample_size": 12, "max_tokens": 24, "model_dir": str(smollm2_dir), "threshold": 0.05},
+        "pack": {"seq_len": 256, "sequences_per_shard": 8, "validation_fraction": 0.2},
+        "output": {"write_documents": True},
+        "ray": {"num_cpus": 2, "batch_size": 16, "progress_bars": False},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "itest"},
+    })
+    out = tmp_path / "out"
+    report = prep(cfg, out)
+    print(json.dumps(report["phases"]))
+
+    # Accounting: every input line is kept or dropped with one reason.
+    assert report["input_documents"] == n_lines
+    assert report["kept"] + sum(report["dropped_by_reason"].values()) == n_lines
+    for reason in ("read:bad_json", "read:missing_text_field", "read:undecodable_bytes"):
+        assert report["dropped_by_reason"][reason] == 1
+    assert report["dropped_by_reason"]["exact_dedup:duplicate"] == 2
+    assert report["dropped_by_reason"]["minhash:near_duplicate"] == 2
+    assert report["dropped"] - 3 - 4 >= 10
+    assert report["kept"] >= 20
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert {r["reason"] for r in rejects} == {"read:bad_json", "read:missing_text_field", "read:undecodable_bytes"}
+
+    # Shards reproduce the kept documents' token stream, split by document.
+    verify(out)
+    manifest = read_manifest(out)
+    tok = load_tokenizer("llama3")
+    assert manifest["tokenizer"]["name"] == tok.name and manifest["seq_len"] == 256
+    kept = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
+    assert len(kept) == report["kept"]
+    val = validation_mask([d["id"] for d in kept], 0.2, 0)
+    for split, mask in (("train", ~val), ("validation", val)):
+        expected = [t for d, m in zip(kept, mask) if m for t in tok.encode(d["text"], eos=True)]
+        assert np.array_equal(token_stream(out, split), np.array(expected, dtype=np.uint32)), split
+        assert manifest["splits"][split]["documents"] == int(mask.sum())
+
+    # MLflow: params, per-stage metrics, artifacts, the input dataset and the classifier.
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    run = mlflow.get_run(report["mlflow_run_id"])
+    assert run.data.params["minhash.bands"] == "14"
+    assert run.data.metrics["input_documents"] == n_lines
+    assert run.data.metrics["stage.read.dropped"] == 3
+    assert "phase.filter.docs_per_s" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"report.json", "manifest.json", "rejects.jsonl", "dropped_samples.jsonl"} <= artifacts
+    models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    assert [m.name for m in models] == ["quality_classifier"]
+    inputs = run.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == report["input"]["digest"][:32]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("minhash: {bandz: 2}\n")
+    assert main(["data", "prep", "--config", str(cfg), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "herd: error: data config: unknown key 'minhash.bandz'"
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("name: x\n")
+    assert main(["data", "prep", "--config", str(ok), "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert "no such input file or directory" in capsys.readouterr().err
