@@ -111,9 +111,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         """mask: None (causal, or nothing to hide in a 1-token cached step), a bool tensor, or a BlockMask."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is not None:
@@ -189,6 +190,7 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        head=None,
     ) -> torch.Tensor:
         """Logits for `tokens` (B, T).
 
@@ -198,6 +200,10 @@ class Transformer(nn.Module):
         cache: write the new keys/values at each row's length and attend to the cache;
           the caller advances the lengths (KVCache.advance) once the step is accepted.
         last_only: return logits for the last position only (prefill during generation).
+        head: training hook, `head(hidden, output_weight)` replaces the output projection and
+          its result is returned (e.g. a loss fused with the projection, so the full logits
+          are never materialised). It runs inside forward, where sharded (FSDP) parameters
+          are gathered.
         """
         B, T = tokens.shape
         mask = None
@@ -221,4 +227,6 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, cache)
         if last_only:
             h = h[:, -1:]
+        if head is not None:
+            return head(self.norm(h), self.output_weight)
         return F.linear(self.norm(h), self.output_weight)
