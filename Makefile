@@ -26,6 +26,7 @@ test-unit: setup
 	$(PY) -m pytest -q -m "not slow and not integration" tests
 
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench $(BENCH)
 
 clean:
