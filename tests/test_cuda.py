@@ -46,6 +46,8 @@ def test_flex_document_masking_equals_separate_documents(lengths):
 
 
 def test_flex_document_masking_bf16():
+    """bf16 rounding flips near-ties (0.9885 agreement measured on an H100); a wrong mask would
+    change every later document's logits, so the unmasked run must agree far less."""
     model = gpu_model(dtype=torch.bfloat16)
     lengths = [100, 300, 124]
     docs = [torch.randint(0, 2048, (n,)).cuda() for n in lengths]
@@ -53,9 +55,13 @@ def test_flex_document_masking_bf16():
     with torch.no_grad():
         packed = model(torch.cat(docs)[None], positions=positions)[0].float()
         alone = torch.cat([model(d[None])[0] for d in docs]).float()
+        unmasked = model(torch.cat(docs)[None])[0].float()
     agree = (packed.argmax(-1) == alone.argmax(-1)).float().mean().item()
-    print(f"bf16 flex doc-mask argmax agreement: {agree:.4f}")
-    assert agree >= 0.99
+    later = slice(lengths[0], None)
+    agree_unmasked = (unmasked[later].argmax(-1) == alone[later].argmax(-1)).float().mean().item()
+    print(f"bf16 flex doc-mask argmax agreement: {agree:.4f} (unmasked, later docs: {agree_unmasked:.4f})")
+    assert agree >= 0.98
+    assert agree_unmasked < agree - 0.1
 
 
 def test_cpu_and_cuda_logits_agree():
