@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import itertools
-import string
 
-import pytest
 
 from flows.data.config import (BadWordsConfig, C4Config, FineWebConfig, GopherQualityConfig,
                                GopherRepetitionConfig, LangIdConfig, PIIConfig)
@@ -56,7 +54,7 @@ def test_gopher_symbol_ratio():
     # 50 words + k "#" tokens: k/(50+k) <= 0.1 holds up to k = 5
     assert run(GQ, gq_doc(50) + " #" * 5) is True
     assert run(GQ, gq_doc(50) + " #" * 6) == "too_many_hashes"
-    assert run(GQ, gq_doc(50) + " ... x" * 0 + " ..." * 5 + " end") is True
+    assert run(GQ, gq_doc(50) + " ..." * 5 + " end") is True
     assert run(GQ, gq_doc(50) + " ..." * 6 + " end") == "too_many_ellipsis"
 
 
@@ -109,7 +107,6 @@ def test_repetition_duplicate_paragraph_fraction():
 
 def test_repetition_duplicate_paragraph_chars():
     unique = paragraphs(12, words_each=10)
-    base = len("\n\n".join(unique))
     for n_words in range(5, 200):
         rep = " ".join(uniq(n_words, skip=10_000)) + "."
         text = "\n\n".join(unique + [rep, rep])
@@ -118,7 +115,6 @@ def test_repetition_duplicate_paragraph_chars():
         inside = text
     assert run(GR_LINES, inside) is True
     assert run(GR_LINES, text) == "dup_para_char_frac"
-    assert base > 0
 
 
 def test_repetition_duplicate_lines():

@@ -85,7 +85,9 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     ds = ds.map_batches(_read_batch, fn_kwargs={"cfg": cfg}, batch_size=1)
     if cfg.input.max_docs:
         ds = ds.limit(cfg.input.max_docs)
-    ds = ds.map_batches(FilterStage, fn_constructor_args=(cfg,), batch_size=bs, concurrency=(1, max(1, int(ray.available_resources().get("CPU", 1)))))
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    ds = ds.map_batches(FilterStage, fn_constructor_args=(cfg,), batch_size=bs,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
     ds = ds.materialize()
     n_input = ds.count()
     phases.record("filter", n_input, t0)
@@ -178,7 +180,10 @@ class _Embed:
 def _semdedup(ds, cfg: DataConfig):
     from flows.data.semdedup import semantic_duplicates
 
-    ds = ds.map_batches(_Embed, fn_constructor_args=(cfg,), batch_size=cfg.semdedup.batch_size, concurrency=1).materialize()
+    import ray
+
+    ds = ds.map_batches(_Embed, fn_constructor_args=(cfg,), batch_size=cfg.semdedup.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=1)).materialize()
     cols = _columns(ds, ["seq", "emb"])
     ds = ds.drop_columns(["emb"])
     seq = np.asarray(cols["seq"], dtype=np.int64)
@@ -253,8 +258,10 @@ def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: 
         from model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(p.tokenizer)
+        import ray
+
         ds = ds.map_batches(TokenizeStage, fn_constructor_args=(cfg,), batch_size=cfg.ray.batch_size,
-                            concurrency=(1, 2))
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
         writers = {s: ShardWriter(out, s, p.seq_len, p.sequences_per_shard, tok.eos_id, p.pad_last)
                    for s in ("train", "validation")}
     try:

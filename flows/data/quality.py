@@ -90,14 +90,3 @@ def score(clf, texts: list[str]) -> np.ndarray:
     if not texts:
         return np.zeros(0)
     return clf.predict_proba(texts)[:, list(clf.classes_).index(1)]
-
-
-class QualityFilter:
-    name = "quality"
-
-    def __init__(self, clf, threshold: float):
-        self.clf, self.threshold = clf, threshold
-
-    def filter_batch(self, texts: list[str]) -> tuple[np.ndarray, list[bool | str]]:
-        p = score(self.clf, texts)
-        return p, [True if x >= self.threshold else "low_score" for x in p]
