@@ -23,6 +23,7 @@ class KVCache:
         # Per-step facts computed once in positions(), read by every layer's update():
         self._span = 0  # keys attended: max over active rows of length + T
         self._uniform_start: int | None = None  # shared length when all rows are equal
+        self._range: tuple[int, int] | None = None  # active slots as a contiguous [start, stop)
 
     @classmethod
     def for_model(cls, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
@@ -31,8 +32,12 @@ class KVCache:
     # --- step set-up (called by the model's forward) ---
     def select(self, slots: torch.Tensor | list[int] | None) -> "KVCache":
         """Restrict the next forward step to these slots (None = every row)."""
+        self._range = None
         if slots is not None and not torch.is_tensor(slots):
-            slots = torch.tensor(slots, dtype=torch.long, device=self.lengths.device)
+            ids = list(slots)
+            if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+                self._range = (ids[0], ids[0] + len(ids))  # contiguous: read the cache through a view
+            slots = torch.tensor(ids, dtype=torch.long, device=self.lengths.device)
         self._active = slots
         return self
 
@@ -79,6 +84,9 @@ class KVCache:
         pos = self.lengths[slots][:, None] + torch.arange(T, device=k.device)
         self.k[layer, slots[:, None], :, pos] = k.transpose(1, 2)
         self.v[layer, slots[:, None], :, pos] = v.transpose(1, 2)
+        if self._range is not None:  # a view, no gather of the whole span
+            a, b = self._range
+            return self.k[layer, a:b, :, :span], self.v[layer, a:b, :, :span]
         return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
 
     # --- bookkeeping (called by the generation loop / scheduler) ---
@@ -91,6 +99,17 @@ class KVCache:
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+    def set_length(self, slot: int, n: int) -> None:
+        """Keep the first n cached tokens of a slot (a reused prefix); the rest is overwritten later."""
+        self.lengths[slot] = n
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the first n cached tokens of slot src into slot dst (prefix caching) and set dst's length."""
+        if n:
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
 
     def usage(self) -> float:
         return float(self.lengths.sum()) / (self.batch_size * self.max_len)

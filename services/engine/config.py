@@ -1,0 +1,22 @@
+"""Engine settings (the `engine` part of a Serve config's args)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32  # KV-cache slots = sequences decoded together
+    max_model_len: int = 2048  # prompt + completion, per sequence (<= the model's max_seq_len)
+    max_num_batched_tokens: int = 512  # token budget of one step (decode tokens + prefill chunks)
+    prefill_chunk: int = 256  # longest prefill chunk of one sequence in one step
+    block_size: int = 16  # prefix-cache granularity (tokens)
+    enable_prefix_caching: bool = True
+    max_queue: int = 256  # waiting requests beyond the slots; more are refused (503)
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"engine.max_queue must be >= 0, got {self.max_queue}")

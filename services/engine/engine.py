@@ -1,0 +1,165 @@
+"""LLMEngine: the scheduler and the model runner joined into `add_request` / `abort` / `step`.
+
+Synchronous and single-threaded; `AsyncLLMEngine` drives it from a background thread.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+from model.generate import SamplingParams
+from services.engine.config import EngineConfig
+from services.engine.errors import ContextLengthError, EngineError, QueueFullError
+from services.engine.metrics import EngineMetrics
+from services.engine.runner import ModelRunner
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import Detokenizer, Sequence, Status
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the last output
+    token_ids: list[int]  # new token ids since the last output
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        if config.max_model_len > model.config.max_seq_len:
+            config.max_model_len = model.config.max_seq_len
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(config)
+        self.runner = ModelRunner(model, config.max_num_seqs, config.max_model_len, pad=config.prefill_chunk)
+        self.model_stop_ids = frozenset(tokenizer.stop_ids) | frozenset(model.config.eos_token_ids or ())
+        self.seqs: dict[str, Sequence] = {}
+        self.metrics = EngineMetrics()
+        self._ids = itertools.count()
+
+    # --- requests ---
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise EngineError("the prompt is empty: it needs at least one token")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.config.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.config.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for the "
+                f"completion). Please reduce the prompt or max_tokens.")
+        vocab = self.runner.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise EngineError(f"prompt token ids must be in [0, {vocab})")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival: float | None = None) -> Sequence:
+        self.validate(prompt_ids, params)
+        in_flight = self.num_waiting + self.num_running
+        if in_flight >= self.config.max_queue + self.config.max_num_seqs:
+            self.metrics.rejected += 1
+            raise QueueFullError(f"the server is at capacity ({in_flight} requests in flight); retry later")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.seqs:
+            raise EngineError(f"duplicate request id {request_id}")
+        seq = Sequence(request_id, list(prompt_ids), params,
+                       stop_ids=self.model_stop_ids | frozenset(params.stop_ids),
+                       arrival=arrival if arrival is not None else time.monotonic(),
+                       detok=Detokenizer(self.tokenizer, params.stop_strings))
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its slot now. True if it was still live."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None or seq.finished:
+            return False
+        self._release(seq)
+        seq.finish_reason = "abort"
+        self.metrics.aborted += 1
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def _release(self, seq: Sequence) -> None:
+        slot = self.scheduler.free(seq)
+        if slot is not None:
+            self.runner.free(slot)
+
+    # --- one step ---
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        for src, dst, n in plan.copies:
+            self.runner.copy_prefix(src, dst, n)
+        for slot, n in plan.resets:
+            self.runner.set_length(slot, n)
+        if plan.empty:
+            return []
+        t0 = time.monotonic()
+        sampled: list[tuple[Sequence, int]] = []
+        if plan.decode:
+            logits = self.runner.decode([s.slot for s in plan.decode], plan.decode_tokens)
+            sampled += zip(plan.decode, self.runner.sample(logits, plan.decode))
+        if plan.prefill:
+            logits = self.runner.prefill([(s.slot, s.prompt_ids[a:b]) for s, a, b in plan.prefill])
+            done = [(i, s) for i, (s, a, b) in enumerate(plan.prefill) if b == len(s.prompt_ids)]
+            if done:
+                rows = [i for i, _ in done]
+                seqs = [s for _, s in done]
+                sampled += zip(seqs, self.runner.sample(logits[rows], seqs))
+        self.scheduler.step_done(plan)
+        now = time.monotonic()
+        self.metrics.step(now - t0, len(plan.decode), plan.num_tokens)
+        outputs = [self._append(seq, tok, now) for seq, tok in sampled]
+        self.metrics.kv_usage = self.runner.usage()
+        return outputs
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.ttft.observe(now - seq.arrival)
+        else:
+            self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        text, new_ids, stopped = "", [], False
+        if tok in seq.stop_ids:
+            seq.finish_reason = "stop"
+        else:
+            seq.output_ids.append(tok)
+            new_ids = [tok]
+            text, stopped = seq.detok.add(tok)
+            if stopped:
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if not stopped:  # held-back text that turned out not to start a stop string
+                text += seq.detok.flush()
+            self._release(seq)
+            self.seqs.pop(seq.request_id, None)
+            self.metrics.e2e.observe(now - seq.arrival)
+            self.metrics.finished += 1
+            self.metrics.generation_tokens += len(seq.output_ids)
+        return RequestOutput(seq.request_id, text, new_ids, seq.finish_reason is not None, seq.finish_reason,
+                             len(seq.prompt_ids), len(seq.output_ids), seq.num_cached)
+
+    # --- state for metrics ---
+    def snapshot(self) -> dict:
+        s = self.scheduler
+        return {"waiting": len(s.waiting), "running": len(s.running), "kv_usage": self.runner.usage(),
+                "slots_used": self.config.max_num_seqs - s.num_free_slots, "slots": self.config.max_num_seqs,
+                "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens, "hit_rate": s.hit_rate}
