@@ -102,7 +102,7 @@ def main() -> None:
     print(f"{'dtype':<9} {'herd tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'herd MB':>8} {'hf MB':>6}  same tokens")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        herd = build_model(cfg, state, args.weights, dtype=dtype, device=args.device)
+        herd = build_model(cfg, state, args.weights, dtype=dtype, device=args.device).fuse_projections()
         herd.config = dataclasses.replace(cfg, eos_token_ids=())  # run all n tokens
         hf = load_hf(dtype).to(args.device).eval()
         params = SamplingParams(max_tokens=n)

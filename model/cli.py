@@ -31,7 +31,7 @@ def load_for_inference(spec: str, dtype: str = "float32", device: str = "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_model_path(spec)
     model, _ = load_model(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
-    return model, load_tokenizer(path)
+    return model.fuse_projections(), load_tokenizer(path)
 
 
 def _cmd_import(args) -> int:

@@ -107,14 +107,20 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv: torch.Tensor | None = None  # set by Transformer.fuse_projections (inference)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         """mask: None (causal, or nothing to hide in a 1-token cached step), a bool tensor, or a BlockMask."""
         B, T, _ = x.shape
+        if self.wqkv is not None:
+            q, k, v = F.linear(x, self.wqkv).split([self.wq.out_features, self.wk.out_features,
+                                                    self.wv.out_features], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is not None:
@@ -133,8 +139,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w13: torch.Tensor | None = None  # set by Transformer.fuse_projections (inference)
 
     def forward(self, x):
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -165,6 +175,23 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
         with torch.device("cpu"):
             self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> "Transformer":
+        """Inference: one matmul for q/k/v and one for gate/up per layer (fewer kernel launches in
+        decode). The separate weights become views into the fused tensors, so memory does not grow
+        and state_dict() keeps its names. Call after placing the model (device, dtype); not for training."""
+        def fuse(linears):
+            fused = torch.cat([lin.weight for lin in linears])
+            for lin, part in zip(linears, fused.split([lin.out_features for lin in linears])):
+                lin.weight = nn.Parameter(part, requires_grad=False)
+            return fused
+
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            attn.wqkv = fuse([attn.wq, attn.wk, attn.wv])
+            ffn.w13 = fuse([ffn.w1, ffn.w3])
+        return self
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -161,3 +161,20 @@ def test_bf16_forward_close_to_fp32():
         low = model.to(torch.bfloat16)(tokens).float().softmax(-1)
     assert (ref - low).abs().max() < 0.05
     assert model.inv_freq.dtype == torch.float32
+
+
+def test_fused_projections_keep_logits_and_state_dict():
+    model = random_model(seed=5)
+    tokens = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        ref = model(tokens)
+        names = {k: v.clone() for k, v in model.state_dict().items()}
+        model.fuse_projections()
+        fused = model(tokens)
+    assert (ref - fused).abs().max() <= 1e-5
+    after = model.state_dict()
+    assert set(after) == set(names)
+    assert all(torch.equal(after[k], names[k]) for k in names)
+    # The separate weights are views into the fused tensor: no extra memory.
+    attn = model.layers[0].attention
+    assert attn.wk.weight.untyped_storage().data_ptr() == attn.wqkv.untyped_storage().data_ptr()
