@@ -1,0 +1,110 @@
+"""`herd eval`: evaluate a model, record the run in MLflow, optionally register and promote it."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from model.errors import HerdError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model (MMLU, CommonsenseQA, spec-file tasks, perplexity, red-team) into MLflow",
+        description="Evaluate a model and record one MLflow run. With --promote, register it as the "
+                    "'candidate' version and move 'champion' only if it beats the champion on the "
+                    "config's promotion metrics.")
+    p.add_argument("--model", required=True, help="herd/HF folder, .gguf file, smollm2, or models:/NAME@ALIAS")
+    p.add_argument("--config", default=None, help="eval config (YAML; default configs/eval/default.yaml)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated built-in task names (configs/eval/tasks) or spec files; replaces the config's")
+    p.add_argument("--data-dir", default=None, help="folder that relative data paths resolve against (e.g. ../shared/data)")
+    p.add_argument("--limit", type=int, default=None, help="at most N questions per subset (MMLU: per subject)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override every multiple-choice task's k")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-mlflow", action="store_true", help="print the metrics; record nothing")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment", default=None)
+    p.add_argument("--register", action="store_true", help="register the model folder as a new 'candidate' version")
+    p.add_argument("--promote", action="store_true",
+                   help="register (folder) or take (models:/) the candidate, then run the champion gate")
+    p.add_argument("--output", default=None, help="also write the metrics as JSON here")
+    p.set_defaults(func=eval_command)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from flows.eval.stage import load_config, run_eval, task_entries
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cfg = load_config(args.config)
+    for key in ("batch_size", "dtype", "device"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.num_fewshot is not None:
+        cfg["tasks"] = [{**e, "num_fewshot": args.num_fewshot} for e in task_entries(cfg, args.tasks)]
+        args.tasks = None
+    if args.no_mlflow:
+        if args.promote or args.register:
+            raise HerdError("--promote/--register need MLflow: drop --no-mlflow")
+        cfg["mlflow"]["enabled"] = False
+    model_uri = args.model
+    is_registry = model_uri.startswith("models:/")
+    result = run_eval(cfg, model_uri, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
+                      tracking_uri=args.tracking_uri, experiment=args.experiment,
+                      register=(args.register or args.promote) and not is_registry)
+    out = result.summary()
+    if args.promote:
+        out["promotion"] = promote_after_eval(cfg, result, args).__dict__
+    text = json.dumps(out, indent=2, default=str)
+    print(text)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def promote_after_eval(cfg: dict, result, args):
+    """The gate: candidate = the version just evaluated; champion metrics re-measured if stale."""
+    from flows.eval.registry import (
+        CANDIDATE,
+        CHAMPION,
+        _client,
+        get_version,
+        promote,
+        record_metrics,
+        version_metrics,
+    )
+    from flows.eval.stage import run_eval
+
+    name = cfg["registry"]["name"]
+    rules = cfg["promotion"]["metrics"]
+    tracking = args.tracking_uri or cfg["mlflow"]["tracking_uri"]
+    client = _client(tracking)
+    if result.model_version is None:
+        raise HerdError(f"{result.model_uri}: no registry version to promote")
+    if args.model.startswith("models:/"):
+        mv = get_version(args.model, tracking)
+        if mv.name != name:
+            raise HerdError(f"{args.model}: registered model {mv.name!r}, the config's registry.name is {name!r}")
+        record_metrics(name, mv.version, result.metrics, result.config_hash, tracking)
+        client.set_registered_model_alias(name, CANDIDATE, mv.version)
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:
+        champ = None
+    champion_metrics = None
+    if champ is not None and str(champ.version) != str(result.model_version):
+        stale = (champ.tags or {}).get("eval.config_hash") != result.config_hash
+        needed = [r["metric"] if isinstance(r, dict) else r for r in rules]
+        if stale or any(m not in version_metrics(champ) for m in needed):
+            print(f"champion v{champ.version}: no metrics under this eval config; evaluating it too", file=sys.stderr)
+            champ_result = run_eval(cfg, f"models:/{name}/{champ.version}", tasks=args.tasks, data_dir=args.data_dir,
+                                    limit=args.limit, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                                    run_name=f"eval-{cfg['name']}-champion")
+            record_metrics(name, champ.version, champ_result.metrics, champ_result.config_hash, tracking)
+            champion_metrics = champ_result.metrics
+    return promote(name, rules, require=cfg["promotion"]["require"], candidate_metrics=result.metrics,
+                   champion_metrics=champion_metrics, tracking_uri=tracking)

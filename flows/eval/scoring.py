@@ -1,0 +1,309 @@
+"""Log-likelihood scoring on herd's KV cache: every context computed once, choices scored from it.
+
+`Scorer.loglikelihood_tokens([(context, continuation), ...])` returns (log p(continuation |
+context), is_greedy) per request, exactly the quantity lm-evaluation-harness computes, but:
+
+  * requests with the same context are one group: the context goes through the model once;
+    single-token continuations (MMLU's " A") are read off its last logits, longer ones are
+    forked from the context's cache rows (copied keys/values) and only their own tokens run;
+  * groups are sorted by their tokens, so contexts that share a prefix sit together; a prefix
+    shared by a run of groups (the description and few-shot examples of an MMLU subject) is
+    computed once and copied into every row of every batch that starts with it;
+  * contexts are batched (right-padded; a row's padding sits after its last token, where the
+    causal mask keeps it invisible), and the output projection runs only at the positions
+    whose logits are used;
+  * a context longer than the model's window is truncated from the left, keeping the
+    continuation whole (as lm-eval: at most max_length + 1 tokens of context + continuation).
+
+Tokenisation follows lm-eval's `_encode_pair`: trailing spaces of the context move to the
+continuation, the pair is encoded whole, and the continuation is the whole minus the context's
+tokens. An empty context is replaced by the prefix token (BOS, else EOS).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from model.kv_cache import KVCache
+
+
+@dataclass
+class _Group:
+    context: list[int]
+    conts: list[list[int]]
+    index: list[int]  # request index of each continuation
+
+
+def _lcp(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@contextmanager
+def _hidden_at(model, rows: torch.Tensor, cols: torch.Tensor):
+    """Make the model's final norm (hence the output projection) see only h[rows, cols]."""
+    def pre_hook(_module, args):
+        h = args[0]
+        return (h[rows, cols][:, None],)
+
+    handle = model.norm.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Scorer:
+    """Batched log-likelihoods for a herd model (any object with herd's Transformer interface)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
+                 share_prefix: bool = True, min_prefix: int = 16, token_budget: int = 8192):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = max(1, int(batch_size))
+        self.max_length = int(max_length or model.config.max_seq_len)
+        self.share_prefix = share_prefix
+        self.min_prefix = min_prefix
+        self.token_budget = token_budget  # rows x tokens per forward in the continuation phase
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.stats = {"forward_tokens": 0, "prefix_tokens": 0, "truncated": 0}
+
+    # --- tokenisation (lm-eval's rules) ---
+    @property
+    def prefix_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.bos_id if tok.bos_id is not None else tok.eos_id
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            cont = self.tokenizer.encode(continuation)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.tokenizer.encode(context + continuation)
+        ctx = self.tokenizer.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs])
+
+    def score_choices(self, context: str, choices: list[str], delimiter: str = " ") -> list[tuple[float, bool]]:
+        return self.loglikelihood([(context, delimiter + c) for c in choices])
+
+    # --- scoring ---
+    @torch.inference_mode()
+    def loglikelihood_tokens(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        groups: dict[tuple, _Group] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            if not ctx:
+                raise ValueError("empty context: use the prefix token (Scorer.encode_pair does)")
+            if not cont:
+                out[i] = (0.0, True)
+                continue
+            key = tuple(ctx)
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = _Group(list(ctx), [], [])
+            g.conts.append(list(cont))
+            g.index.append(i)
+        ordered = sorted(groups.values(), key=lambda g: g.context)
+        for g in ordered:
+            self._truncate(g)
+        for prefix_len, family in self._families(ordered):
+            family.sort(key=lambda g: len(g.context))
+            prefix_kv = self._prefill_prefix(family[0].context[:prefix_len]) if prefix_len else None
+            for start in range(0, len(family), self.batch_size):
+                batch = family[start:start + self.batch_size]
+                for g, scores in zip(batch, self._score_batch(batch, prefix_len, prefix_kv)):
+                    for i, s in zip(g.index, scores):
+                        out[i] = s
+        return out  # type: ignore[return-value]
+
+    def _truncate(self, g: _Group) -> None:
+        longest = max(len(c) for c in g.conts)
+        if longest > self.max_length:
+            raise ValueError(f"continuation of {longest} tokens exceeds the window of {self.max_length}")
+        keep = self.max_length + 1 - longest
+        if len(g.context) > keep:
+            g.context = g.context[-keep:]
+            self.stats["truncated"] += 1
+
+    def _families(self, ordered: list[_Group]):
+        """Split the sorted groups into families sharing a prefix (>= min_prefix tokens).
+
+        With l[i] the common prefix of neighbours i and i+1, a segment is one family when its
+        smallest l is at least half its median; else it splits wherever l falls below that and
+        each part is looked at again. MMLU: ~500 shared tokens inside a subject, ~14 across.
+        Groups in no family come last, as family 0 (no shared prefix), batched together.
+        """
+        if not self.share_prefix or len(ordered) < 2:
+            yield 0, list(ordered)
+            return
+        l = [_lcp(ordered[i].context, ordered[i + 1].context) for i in range(len(ordered) - 1)]
+        loners: list[_Group] = []
+
+        def split(lo: int, hi: int):
+            if lo == hi:
+                loners.append(ordered[lo])
+                return
+            seg = l[lo:hi]
+            cut = max(self.min_prefix, sorted(seg)[len(seg) // 2] // 2)
+            if min(seg) >= cut:
+                members = ordered[lo:hi + 1]
+                P = self._prefix_len(members, min(seg))
+                if P:
+                    yield P, members
+                else:
+                    loners.extend(members)
+                return
+            start = lo
+            for i in range(lo, hi):
+                if l[i] < cut:
+                    yield from split(start, i)
+                    start = i + 1
+            yield from split(start, hi)
+
+        yield from split(0, len(ordered) - 1)
+        if loners:
+            yield 0, loners
+
+    def _prefix_len(self, run: list[_Group], common: int) -> int:
+        if len(run) < 2:
+            return 0
+        # every row keeps at least one token of its own: its last logits come from that step
+        common = min(common, min(len(g.context) for g in run) - 1)
+        return common if common >= self.min_prefix else 0
+
+    def _prefill_prefix(self, prefix: list[int]):
+        cache = KVCache.for_model(self.model.config, 1, len(prefix), dtype=self.dtype, device=self.device)
+        self.model(torch.tensor([prefix], device=self.device), cache=cache, last_only=True)
+        self.stats["prefix_tokens"] += len(prefix)
+        self.stats["forward_tokens"] += len(prefix)
+        return cache.k, cache.v
+
+    def _score_batch(self, batch: list[_Group], P: int, prefix_kv) -> list[list[tuple[float, bool]]]:
+        model, dev = self.model, self.device
+        suffixes = [g.context[P:] for g in batch]
+        S = max(len(s) for s in suffixes)
+        longest_cont = max(len(c) for g in batch for c in g.conts)
+        B = len(batch)
+        cache = KVCache.for_model(model.config, B, P + S + longest_cont, dtype=self.dtype, device=dev)
+        if P:
+            k, v = prefix_kv
+            cache.k[:, :, :, :P] = k
+            cache.v[:, :, :, :P] = v
+            cache.advance(P)
+        tokens = torch.zeros(B, S, dtype=torch.long)
+        for r, s in enumerate(suffixes):
+            tokens[r, :len(s)] = torch.tensor(s)
+        lens = torch.tensor([len(s) for s in suffixes])
+        rows = torch.arange(B)
+        with _hidden_at(model, rows.to(dev), (lens - 1).to(dev)):
+            last = model(tokens.to(dev), cache=cache)[:, 0].float().log_softmax(-1)  # (B, V)
+        cache.advance(lens.to(dev))
+        self.stats["forward_tokens"] += int(lens.sum())
+
+        results: list[list[tuple[float, bool] | None]] = [[None] * len(g.conts) for g in batch]
+        forks = []  # (batch row, choice idx, cont) for continuations longer than one token
+        for r, g in enumerate(batch):
+            greedy = int(last[r].argmax())
+            for j, cont in enumerate(g.conts):
+                if len(cont) == 1:
+                    results[r][j] = (float(last[r, cont[0]]), greedy == cont[0])
+                else:
+                    forks.append((r, j, cont))
+        if forks:
+            self._score_forks(cache, last, forks, results)
+        return results  # type: ignore[return-value]
+
+    def _score_forks(self, src: KVCache, last: torch.Tensor, forks, results) -> None:
+        """Each multi-token continuation gets a row holding a copy of its context's keys/values."""
+        model, dev = self.model, self.device
+        longest = max(len(c) for _, _, c in forks)
+        span = int(src.lengths.max()) + longest
+        per_call = max(1, self.token_budget // longest)
+        for start in range(0, len(forks), per_call):
+            chunk = forks[start:start + per_call]
+            R = len(chunk)
+            src_rows = torch.tensor([r for r, _, _ in chunk], device=dev)
+            cache = KVCache.for_model(model.config, R, span, dtype=self.dtype, device=dev)
+            width = int(src.lengths[src_rows].max())
+            cache.k[:, :, :, :width] = src.k[:, src_rows, :, :width]
+            cache.v[:, :, :, :width] = src.v[:, src_rows, :, :width]
+            cache.lengths[:] = src.lengths[src_rows]
+            C = max(len(c) for _, _, c in chunk) - 1
+            tokens = torch.zeros(R, C, dtype=torch.long)
+            for i, (_, _, cont) in enumerate(chunk):
+                tokens[i, :len(cont) - 1] = torch.tensor(cont[:-1])
+            logp = model(tokens.to(dev), cache=cache).float().log_softmax(-1)  # (R, C, V)
+            self.stats["forward_tokens"] += sum(len(c) - 1 for _, _, c in chunk)
+            for i, (r, j, cont) in enumerate(chunk):
+                target = torch.tensor(cont, device=dev)
+                step = torch.cat([last[r][None], logp[i, :len(cont) - 1]])  # (len(cont), V)
+                ll = float(step.gather(1, target[:, None]).sum())
+                greedy = bool((step.argmax(-1) == target).all())
+                results[r][j] = (ll, greedy)
+
+    # --- rolling (perplexity) ---
+    def rolling_windows(self, tokens: list[int], max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
+        """lm-eval's disjoint rolling windows (context_len 1): every token predicted exactly once."""
+        L = max_length or self.max_length
+        if not tokens:
+            return []
+        windows = []
+        first = min(L, len(tokens))
+        windows.append(([self.prefix_token_id] + tokens[:first - 1], tokens[:first]))
+        done = first
+        while done < len(tokens):
+            n = min(len(tokens) - done, L)
+            end = done + n
+            windows.append((tokens[end - L - 1:end - 1], tokens[end - n:end]))
+            done += n
+        # make the context disjoint from the prediction: keep what precedes the first predicted token
+        return [(ctx[: len(ctx) - (len(pred) - 1)], pred) for ctx, pred in windows]
+
+    def loglikelihood_rolling(self, texts: list[str], max_length: int | None = None) -> list[tuple[float, int]]:
+        """(sum of token log-likelihoods, token count) per text."""
+        reqs, owner = [], []
+        for t, text in enumerate(texts):
+            for w in self.rolling_windows(self.tokenizer.encode(text), max_length):
+                reqs.append(w)
+                owner.append(t)
+        scores = self.loglikelihood_tokens(reqs)
+        totals = [[0.0, 0] for _ in texts]
+        for (ll, _), t, (_, pred) in zip(scores, owner, reqs):
+            totals[t][0] += ll
+            totals[t][1] += len(pred)
+        return [(ll, n) for ll, n in totals]
+
+
+def reference_loglikelihood(model, requests: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[float, bool]]:
+    """One full forward per request, no cache, no batching: the obviously-correct baseline for tests."""
+    out = []
+    with torch.inference_mode():
+        for ctx, cont in requests:
+            inp = (ctx + cont)[-(max_length + 1):][:-1]
+            logits = model(torch.tensor([inp])).float().log_softmax(-1)[0, -len(cont):]
+            target = torch.tensor(cont)
+            out.append((float(logits.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())))
+    return out
+
+
+def acc_from_scores(lls: list[float], choices: list[str], gold: int) -> dict:
+    """acc (argmax log-likelihood) and acc_norm (divided by the choice's length in characters, as lm-eval)."""
+    pred = max(range(len(lls)), key=lambda i: lls[i])
+    norm = [ll / max(1, len(c)) for ll, c in zip(lls, choices)]
+    pred_norm = max(range(len(lls)), key=lambda i: norm[i])
+    return {"pred": pred, "pred_norm": pred_norm, "acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
+
+

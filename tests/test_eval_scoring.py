@@ -1,0 +1,109 @@
+"""The KV-cache scorer equals one plain forward per request: shared prefixes, forks, padding, truncation."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from flows.eval.scoring import Scorer, acc_from_scores, reference_loglikelihood
+from model.config import get_preset
+from model.model import Transformer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only adds synchronisation (30x slower on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class _Tok:
+    bos_id, eos_id = 1, 2
+
+
+def random_model(seed=0, **overrides) -> Transformer:
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=97, **overrides)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    model.init_weights(seed=seed, std=0.2)
+    return model.eval()
+
+
+def _requests(seed=0):
+    """Three 'subjects' (long shared few-shot prefixes), zero-shot questions, 1- and multi-token choices."""
+    rng = random.Random(seed)
+    reqs = []
+    for subject in range(3):
+        prefix = [rng.randrange(3, 97) for _ in range(rng.randrange(40, 70))]
+        for _ in range(rng.randrange(3, 6)):
+            ctx = prefix + [rng.randrange(3, 97) for _ in range(rng.randrange(1, 25))]
+            for letter in range(4):
+                reqs.append((ctx, [10 + letter]))
+    for _ in range(4):  # no shared prefix, choices of 1-5 tokens (one shared context, several forks)
+        ctx = [rng.randrange(3, 97) for _ in range(rng.randrange(1, 30))]
+        for _ in range(3):
+            reqs.append((ctx, [rng.randrange(3, 97) for _ in range(rng.randrange(1, 6))]))
+    rng.shuffle(reqs)
+    return reqs
+
+
+@pytest.mark.parametrize("batch_size,share", [(1, False), (4, True), (64, True)])
+def test_scorer_equals_plain_forward(batch_size, share):
+    model = random_model()
+    reqs = _requests()
+    scorer = Scorer(model, _Tok(), batch_size=batch_size, share_prefix=share, min_prefix=16)
+    got = scorer.loglikelihood_tokens(reqs)
+    want = reference_loglikelihood(model, reqs, model.config.max_seq_len)
+    for (g, gg), (w, wg) in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-4)
+        assert gg == wg
+    if share:
+        # the three subjects' prefixes were computed once each, not once per question
+        assert scorer.stats["prefix_tokens"] > 0
+        contexts = {tuple(c) for c, _ in reqs}
+        assert scorer.stats["forward_tokens"] < sum(len(c) for c in contexts)
+
+
+def test_families_split_at_subject_boundaries():
+    model = random_model()
+    scorer = Scorer(model, _Tok(), batch_size=8, min_prefix=16)
+    reqs = _requests(seed=3)
+    scorer.loglikelihood_tokens(reqs)
+    contexts = {tuple(c) for c, _ in reqs}
+    # prefill of 3 prefixes (one per subject) plus every context's own suffix
+    assert scorer.stats["forward_tokens"] < 0.6 * sum(len(c) for c in contexts)
+
+
+def test_left_truncation_matches_lm_eval_rule():
+    model = random_model(max_seq_len=32)
+    rng = random.Random(1)
+    reqs = [([rng.randrange(3, 97) for _ in range(n)], [rng.randrange(3, 97) for _ in range(m)])
+            for n, m in [(50, 1), (50, 3), (31, 2), (10, 1), (33, 1)]]
+    scorer = Scorer(model, _Tok(), batch_size=3)
+    got = scorer.loglikelihood_tokens(reqs)
+    want = reference_loglikelihood(model, reqs, 32)
+    assert [g for g, _ in got] == pytest.approx([w for w, _ in want], abs=1e-4)
+    assert scorer.stats["truncated"] == 3
+
+
+def test_rolling_windows_predict_every_token_once():
+    model = random_model(max_seq_len=16)
+    scorer = Scorer(model, _Tok())
+    tokens = list(range(3, 43))
+    windows = scorer.rolling_windows(tokens, 16)
+    assert [t for _, pred in windows for t in pred] == tokens
+    assert windows[0][0][0] == 1  # the prefix token (BOS) conditions the first token
+    assert all(len(ctx) + len(pred) <= 17 for ctx, pred in windows)
+    # equal to lm-eval's own windows where lm-eval is installed
+    lm_utils = pytest.importorskip("lm_eval.utils")
+    theirs = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(tokens, 1, 16, 1)]
+    assert windows == [(list(a), list(b)) for a, b in theirs]
+
+
+def test_acc_norm_divides_by_characters():
+    r = acc_from_scores([-4.0, -6.0], ["ab", "abcdef"], gold=1)
+    assert r["acc"] == 0.0 and r["acc_norm"] == 1.0
