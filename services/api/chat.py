@@ -1,0 +1,59 @@
+"""POST /v1/chat/completions, streaming (chat.completion.chunk events) and not."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends
+
+from model.errors import HerdError
+from services.api.auth import require_api_key
+from services.api.errors import ERROR_RESPONSES, APIError
+from services.api.generation import Run, json_response, request_id, sampling_params, sse, usage
+from services.api.schemas import ChatCompletionRequest
+from services.api.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    try:
+        return state.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+    except HerdError as e:
+        raise APIError(400, str(e), "invalid_value", "messages") from None
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported", "invalid_value", "logprobs")
+    ids = chat_prompt(state, body)
+    run = Run(state, ids, sampling_params(state, body, len(ids)), request_id("chatcmpl"))
+    rid, created = run.rid, int(time.time())
+
+    if body.stream:
+        def chunk(delta: dict, finish: str | None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""}, None)
+            async for out in run.outputs():
+                if out.text:
+                    yield chunk({"content": out.text}, None)
+                if out.finished:
+                    yield chunk({}, out.finish_reason)
+            if body.include_usage:
+                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                       "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
+
+        return sse(events())
+
+    text = "".join([out.text async for out in run.outputs()])
+    return json_response({
+        "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": run.finish_reason}],
+        "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens),
+    })

@@ -1,0 +1,90 @@
+"""POST /v1/completions (text completion), streaming and not."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends
+
+from services.api.auth import require_api_key
+from services.api.errors import ERROR_RESPONSES, APIError
+from services.api.generation import Run, json_response, request_id, sampling_params, sse, usage
+from services.api.schemas import CompletionRequest
+from services.api.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
+    tok = state.tokenizer
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
+    if len(prompts) > 16:
+        raise APIError(400, "at most 16 prompts per request", "invalid_value", "prompt")
+    out = []
+    for p in prompts:
+        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            if tok.bos_id is None:
+                raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
+            ids = [tok.bos_id]  # an empty prompt starts from BOS
+        vocab = state.engine.engine.runner.config.vocab_size
+        if any(t >= vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab}", "invalid_value",
+                           "prompt")
+        out.append(ids)
+    return out
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
+    prompts = prompt_token_lists(state, body.prompt)
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "streaming takes a single prompt", "invalid_value", "prompt")
+    rid, created = request_id("cmpl"), int(time.time())
+    runs = []
+    try:
+        for i, ids in enumerate(prompts):
+            runs.append(Run(state, ids, sampling_params(state, body, len(ids)), f"{rid}-{i}"))
+    except APIError:
+        for r in runs:
+            state.engine.abort(r.rid)
+        raise
+    echo = [state.tokenizer.decode(p) if body.echo else "" for p in prompts]
+
+    def chunk(text: str, index: int, finish: str | None) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+    if body.stream:
+        run = runs[0]
+
+        async def events():
+            if echo[0]:
+                yield chunk(echo[0], 0, None)
+            async for out in run.outputs():
+                if out.text or out.finished:
+                    yield chunk(out.text, 0, out.finish_reason if out.finished else None)
+            if body.include_usage:
+                yield {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                       "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
+
+        return sse(events())
+
+    async def collect(run: Run) -> str:
+        return "".join([out.text async for out in run.outputs()])
+
+    texts = await asyncio.gather(*(collect(r) for r in runs))
+    return json_response({
+        "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+        "choices": [{"index": i, "text": echo[i] + t, "logprobs": None, "finish_reason": r.finish_reason}
+                    for i, (t, r) in enumerate(zip(texts, runs))],
+        "usage": usage(sum(r.prompt_tokens for r in runs), sum(r.completion_tokens for r in runs),
+                       sum(r.cached_tokens for r in runs)),
+    })

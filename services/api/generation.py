@@ -1,0 +1,108 @@
+"""Shared by completions and chat: sampling settings, limits, streaming as server-sent events."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from model.errors import HerdError
+from model.generate import SamplingParams
+from services.api.errors import APIError, error_body, from_engine_error
+from services.api.schemas import SamplingFields
+from services.api.state import ServerState
+from services.engine.engine import RequestOutput
+from services.engine.errors import EngineError
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sampling_params(state: ServerState, body: SamplingFields, prompt_len: int) -> SamplingParams:
+    """Settings of one request; 400 when the prompt plus max_tokens exceeds the context."""
+    limit = state.max_model_len
+    if prompt_len >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                            f"{prompt_len} tokens, which leaves no room for the completion.",
+                       "context_length_exceeded", "messages" if hasattr(body, "messages") else "prompt")
+    wanted = body.requested_max_tokens
+    if wanted is None:
+        wanted = min(state.config.default_max_tokens, limit - prompt_len)
+    elif prompt_len + wanted > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{prompt_len + wanted} tokens ({prompt_len} in the prompt, {wanted} for the "
+                            f"completion). Please reduce the prompt or max_tokens.",
+                       "context_length_exceeded", "max_tokens")
+    try:
+        return body.sampling(wanted)
+    except HerdError as e:
+        raise APIError(400, str(e), "invalid_value") from None
+
+
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class Run:
+    """One engine request with a deadline. Leaving `outputs()` early (client disconnect, timeout,
+    error) aborts it, which frees its KV-cache slot at the engine's next step."""
+
+    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, rid: str):
+        self.state, self.rid = state, rid
+        self.deadline = time.monotonic() + state.config.request_timeout_s
+        try:  # validated and enqueued now, so limits fail before any response starts
+            self.queue = state.engine.submit(prompt_ids, params, rid)
+        except EngineError as e:
+            raise from_engine_error(e) from None
+        self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(prompt_ids), 0, 0
+        self.finish_reason: str | None = None
+        self.done = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                remaining = self.deadline - time.monotonic()
+                try:
+                    out = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    self.state.engine.engine.metrics.timeouts += 1
+                    raise APIError(408, f"the request ran past the server's timeout "
+                                        f"({self.state.config.request_timeout_s:g} s)", "timeout") from None
+                if isinstance(out, EngineError):
+                    self.done = True
+                    raise from_engine_error(out)
+                if isinstance(out, BaseException):
+                    self.done = True
+                    raise out
+                self.completion_tokens = out.completion_tokens
+                self.cached_tokens = out.cached_tokens
+                if out.finished:
+                    self.finish_reason, self.done = out.finish_reason, True
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not self.done:
+                self.state.engine.abort(self.rid)
+
+
+def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(error_body(e.status, e.message, e.code))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def json_response(doc: dict) -> JSONResponse:
+    return JSONResponse(doc)

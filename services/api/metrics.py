@@ -1,0 +1,16 @@
+"""GET /metrics: this replica's engine metrics in Prometheus text format."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse
+
+from services.api.state import ServerState, get_state
+from services.engine.metrics import render
+
+router = APIRouter()
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(state: ServerState = Depends(get_state)):
+    text = render(state.engine.engine.metrics, state.engine.snapshot(), state.model_name)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,45 @@
+"""What every handler needs: the engine, tokenizer and settings of this replica."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from services.config import ServerConfig
+from services.engine.async_engine import AsyncLLMEngine
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLMEngine
+    tokenizer: object
+    config: ServerConfig
+    api_key: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.config.max_model_len
+
+
+# The Ray Serve replica sets this (one process per replica); create_app(state) overrides it.
+_STATE: ServerState | None = None
+
+
+def set_state(state: ServerState | None) -> None:
+    global _STATE
+    _STATE = state
+
+
+def get_state(request: Request) -> ServerState:
+    state = getattr(request.app.state, "herd", None) or _STATE
+    if state is None:
+        from services.api.errors import APIError
+
+        raise APIError(503, "the model is still loading", "service_unavailable")
+    return state

@@ -1,0 +1,116 @@
+"""The Ray Serve application: deployment `HerdLLMServer` with the FastAPI ingress.
+
+    serve run configs/serve/default.yaml        # import_path services.app:build_app
+    herd serve --model smollm2 [--config configs/serve/local.yaml]
+
+`build_app(args)` is the import path's builder; `deploy()` / `shutdown()` are what `herd serve`
+and the lifecycle (flows) call to run it on the local Ray cluster.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import serve
+
+from model.errors import HerdError
+from services.api import state as api_state
+from services.config import load_server_config
+from services.server import build_state, create_app
+
+log = logging.getLogger("herd.serve")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "serve" / "default.yaml"
+DEPLOYMENT = "HerdLLMServer"
+
+app = create_app()
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=32, health_check_period_s=10,
+                  health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
+@serve.ingress(app)
+class HerdLLMServer:
+    def __init__(self, args: dict[str, Any]):
+        self.state = build_state(args)
+        api_state.set_state(self.state)
+
+    def check_health(self) -> None:
+        if not self.state.engine.healthy:
+            raise RuntimeError(f"herd engine stopped: {self.state.engine.error!r}")
+
+    def __del__(self):
+        state = getattr(self, "state", None)
+        if state is not None:
+            state.engine.shutdown()
+
+
+def build_app(args: dict[str, Any]):
+    """Serve's application builder: args `model` (folder, `smollm2`, models:/name@alias), optional
+    `config` (a YAML file of settings) and any ServerConfig field."""
+    load_server_config(args)  # fail at deploy time, with the field named, not in a replica
+    return HerdLLMServer.bind(dict(args))
+
+
+# --- local deployment (herd serve, the lifecycle) ----------------------------------------------
+
+def read_serve_config(config: str | Path | dict | None) -> dict:
+    """A Serve config (ServeDeploySchema) as a dict; None = configs/serve/default.yaml."""
+    if isinstance(config, dict):
+        return config
+    path = Path(config) if config else DEFAULT_CONFIG
+    if not path.is_file():
+        raise HerdError(f"{path}: serve config not found")
+    doc = yaml.safe_load(path.read_text())
+    if not isinstance(doc, dict) or not doc.get("applications"):
+        raise HerdError(f"{path}: not a Serve config (needs `applications:`)")
+    return doc
+
+
+def deploy(model_path: str | Path | None = None, config: str | Path | dict | None = None, *,
+           host: str | None = None, port: int | None = None, args: dict | None = None,
+           deployment: dict | None = None, blocking: bool = False) -> str:
+    """Run the herd app of a Serve config on the local Ray cluster; returns the endpoint URL.
+
+    model_path overrides the config's `args.model`; `args` / `deployment` override further args
+    and deployment options (e.g. autoscaling_config)."""
+    import ray
+
+    doc = read_serve_config(config)
+    apps = [a for a in doc["applications"] if a.get("import_path") == "services.app:build_app"]
+    if not apps:
+        raise HerdError("serve config: no application with import_path services.app:build_app")
+    spec = apps[0]
+    app_args = {**(spec.get("args") or {}), **(args or {})}
+    if model_path is not None:
+        app_args["model"] = str(model_path)
+    options = {}
+    for d in spec.get("deployments") or []:
+        if d.get("name") == DEPLOYMENT:
+            options = {k: v for k, v in d.items() if k != "name"}
+    options.update(deployment or {})
+    http = doc.get("http_options") or {}
+    host = host or http.get("host", "127.0.0.1")
+    port = int(port or http.get("port", 8000))
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == "HERD_API_KEY"}}
+                 if os.environ.get("HERD_API_KEY") else None)
+    serve.start(http_options={"host": host, "port": port})
+    load_server_config(app_args)
+    bound = HerdLLMServer.options(**options).bind(app_args)
+    name, prefix = spec.get("name", "herd"), spec.get("route_prefix", "/")
+    serve.run(bound, name=name, route_prefix=prefix, blocking=blocking)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}{prefix.rstrip('/')}"
+
+
+def shutdown(name: str | None = "herd") -> None:
+    """Delete the herd application (name=None: shut Serve down entirely)."""
+    if name is None:
+        serve.shutdown()
+    else:
+        serve.delete(name)

@@ -1,0 +1,42 @@
+"""The FastAPI app and the engine behind it, without Ray: `create_app(state)` for tests and
+`herd serve`'s replicas alike (services/app.py wraps it in a Ray Serve deployment)."""
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import FastAPI
+
+from services.api import chat, completions, errors, health, metrics, models, page
+from services.api.state import ServerState
+from services.config import ServerConfig, load_server_config
+from services.engine.async_engine import AsyncLLMEngine
+from services.engine.engine import LLMEngine
+from services.model_source import resolve_model
+
+log = logging.getLogger("herd.serve")
+
+
+def create_app(state: ServerState | None = None) -> FastAPI:
+    """The HTTP API. With `state` the app serves it; without, handlers use the replica's state
+    (services.api.state.set_state), as under Ray Serve."""
+    app = FastAPI(title="herd", version="0.1.0",
+                  description="OpenAI-compatible completions and chat for herd's Llama 3 models.")
+    app.state.herd = state
+    errors.install(app)
+    for module in (models, completions, chat, health, metrics, page):
+        app.include_router(module.router)
+    return app
+
+
+def build_state(args: dict | ServerConfig) -> ServerState:
+    """Load the model named by the config and start its engine thread."""
+    from model.cli import load_for_inference
+
+    config = load_server_config(args)
+    path = resolve_model(config.model)
+    log.info("loading %s from %s (%s, %s)", config.model, path, config.dtype, config.device)
+    model, tokenizer = load_for_inference(str(path), config.dtype, config.device)
+    engine = LLMEngine(model, tokenizer, config.engine.to_engine_config())
+    api_key = os.environ.get(config.api_key_env) or None
+    return ServerState(AsyncLLMEngine(engine, num_threads=config.num_threads), tokenizer, config, api_key)

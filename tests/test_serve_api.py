@@ -1,0 +1,252 @@
+"""The OpenAI-compatible HTTP API on uvicorn (no Ray): endpoints, SSE format, auth, limits, errors,
+disconnects, metrics, and >= 500 generated malformed/boundary requests (schemathesis)."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import pytest
+import torch
+
+from services.server import build_state, create_app
+from services.testing import ServerThread, tiny_model_dir
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    before = torch.get_num_threads()
+    model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+    state = build_state({"model": str(model_dir), "served_model_name": "herd-tiny", "num_threads": 1,
+                         "default_max_tokens": 16, "request_timeout_s": 30,
+                         "engine": {"max_num_seqs": 4, "max_model_len": 256, "max_queue": 4}})
+    state.api_key = KEY
+    with ServerThread(create_app(state)) as srv:
+        srv.state = state
+        yield srv
+    state.engine.shutdown()
+    torch.set_num_threads(before)
+
+
+def client(server, **kw):
+    return httpx.Client(base_url=server.url, timeout=60, **kw)
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    m = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def sse_events(resp) -> list:
+    events = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", line
+    return events
+
+
+# --- endpoints ---------------------------------------------------------------------------------
+
+def test_models_health_and_page(server):
+    with client(server, headers=AUTH) as c:
+        models = c.get("/v1/models").json()
+        assert models["object"] == "list" and models["data"][0]["id"] == "herd-tiny"
+        assert c.get("/v1/models/herd-tiny").json()["id"] == "herd-tiny"
+        assert c.get("/v1/models/other").status_code == 404
+        assert c.get("/health").json()["status"] == "ok"
+        page = c.get("/")
+        assert page.status_code == 200 and "v1/chat/completions" in page.text
+
+
+def test_auth_missing_or_wrong_key_gets_401(server):
+    with client(server) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            for method, path, body in [("GET", "/v1/models", None),
+                                       ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                                       ("POST", "/v1/chat/completions",
+                                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})]:
+                r = c.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401, (headers, path)
+                err = r.json()["error"]
+                assert err["code"] in ("missing_api_key", "invalid_api_key") and err["message"]
+        assert c.get("/health").status_code == 200  # probes need no key
+
+
+def test_completion_non_streaming_and_streaming(server):
+    with client(server, headers=AUTH) as c:
+        r = c.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 7, "temperature": 0})
+        body = r.json()
+        assert r.status_code == 200 and body["object"] == "text_completion"
+        choice = body["choices"][0]
+        assert body["usage"]["completion_tokens"] <= 7 and choice["finish_reason"] in ("stop", "length")
+        with c.stream("POST", "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 7,
+                                                       "temperature": 0, "stream": True,
+                                                       "stream_options": {"include_usage": True}}) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(s)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert chunks[-1]["usage"]["completion_tokens"] == body["usage"]["completion_tokens"]
+        assert "".join(e["choices"][0]["text"] for e in chunks if e["choices"]) == choice["text"]
+        assert [e["choices"][0]["finish_reason"] for e in chunks if e["choices"]][-1] == choice["finish_reason"]
+        # token-id prompts and several prompts
+        for prompt in ([[1, 2, 3], [4, 5]], ["hello", "world"]):
+            r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3})
+            assert [ch["index"] for ch in r.json()["choices"]] == [0, 1]
+
+
+def test_chat_non_streaming_and_streaming(server):
+    with client(server, headers=AUTH) as c:
+        req = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}],
+               "max_tokens": 6, "temperature": 0}
+        body = c.post("/v1/chat/completions", json=req).json()
+        assert body["object"] == "chat.completion"
+        msg = body["choices"][0]["message"]
+        assert msg["role"] == "assistant"
+        with c.stream("POST", "/v1/chat/completions", json={**req, "stream": True}) as s:
+            events = sse_events(s)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all(e["object"] == "chat.completion.chunk" for e in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in chunks) == msg["content"]
+
+
+# --- limits and errors -------------------------------------------------------------------------
+
+def test_context_overflow_is_400_with_openai_error(server):
+    with client(server, headers=AUTH) as c:
+        r = c.post("/v1/completions", json={"prompt": "word " * 100, "max_tokens": 200})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and "maximum context length is 256" in err["message"]
+        assert err["type"] == "invalid_request_error"
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 400}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "hi", "max_tokens": 0}, {"prompt": "hi", "temperature": -1}, {"prompt": "hi", "top_p": 0},
+    {"prompt": "hi", "n": 2}, {"prompt": 5}, {"max_tokens": 3}, {"prompt": [-1]}, {"prompt": [10**9]},
+    {"prompt": []}, {"prompt": "hi", "logprobs": 3}, {"prompt": "hi", "stop": 3},
+])
+def test_invalid_completion_bodies_are_400(server, body):
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_malformed_json_is_400(server):
+    for data, ctype in [(b"{not json", "application/json"), (b"\xff\xfe", "application/json"),
+                        (b"prompt=hi", "application/x-www-form-urlencoded"), (b"[]", "application/json")]:
+        r = httpx.post(f"{server.url}/v1/chat/completions", content=data, headers={**AUTH, "content-type": ctype})
+        assert r.status_code == 400, (data, r.status_code, r.text)
+        assert "error" in r.json()
+
+
+def test_full_queue_is_503_and_timeouts_are_408(server):
+    state = server.state
+    streams = []
+    with client(server, headers=AUTH) as c:
+        try:
+            # 4 slots + 4 queue places: fill them with long requests, then one more is refused.
+            for _ in range(8):
+                s = c.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 200, "stream": True})
+                streams.append(s)
+                s.__enter__()
+            r = c.post("/v1/completions", json={"prompt": "b", "max_tokens": 2})
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "server_overloaded" and r.headers["retry-after"] == "1"
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+        deadline = time.monotonic() + 30
+        while metric(server, "herd_num_requests_running") + metric(server, "herd_num_requests_waiting"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        old = state.config.request_timeout_s
+        state.config.request_timeout_s = 0.05
+        try:
+            r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 200})
+        finally:
+            state.config.request_timeout_s = old
+        assert r.status_code == 408 and r.json()["error"]["type"] == "timeout"
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    aborted = metric(server, "herd_request_aborted_total")
+    with client(server, headers=AUTH) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "tell", "max_tokens": 240, "stream": True}) as s:
+            lines = s.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert got[0].startswith("data: ")
+            assert metric(server, "herd_kv_cache_slots_used") == 1
+            assert metric(server, "herd_kv_cache_usage_ratio") > 0
+    # The client is gone: the slot is free long before 240 tokens could have been generated.
+    deadline = time.monotonic() + 10
+    while metric(server, "herd_kv_cache_slots_used") != 0 or metric(server, "herd_num_requests_running") != 0:
+        assert time.monotonic() < deadline, "slot not freed after disconnect"
+        time.sleep(0.05)
+    assert metric(server, "herd_request_aborted_total") == aborted + 1
+    assert metric(server, "herd_kv_cache_usage_ratio") == 0
+
+
+def test_metrics_are_prometheus_text(server):
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("herd_time_to_first_token_seconds_bucket", "herd_inter_token_latency_seconds_count",
+                 "herd_e2e_request_latency_seconds_sum", "herd_num_requests_waiting", "herd_num_requests_running",
+                 "herd_kv_cache_usage_ratio", "herd_prefix_cache_hit_rate"):
+        assert re.search(rf"^{name}{{", text, re.M), name
+    assert "# TYPE herd_time_to_first_token_seconds histogram" in text
+    assert metric(server, "herd_time_to_first_token_seconds_count") > 0
+
+
+def test_prefix_cache_hit_rate_rises_with_a_shared_system_prompt(server):
+    system = "You are a helpful assistant. " * 8
+    with client(server, headers=AUTH) as c:
+        before = metric(server, "herd_prefix_cache_hits_total")
+        for q in ("one", "two", "three"):
+            c.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": system},
+                                                              {"role": "user", "content": q}], "max_tokens": 2})
+    assert metric(server, "herd_prefix_cache_hits_total") - before >= 2 * 48
+
+
+# --- generated malformed / boundary requests ---------------------------------------------------
+
+def test_schemathesis_generated_requests_never_get_5xx(server):
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, settings
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    counts = {"requests": 0, "5xx": 0}
+    failures = []
+
+    @settings(max_examples=110, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    def check(case):
+        r = case.call(base_url=server.url, headers=AUTH, timeout=60)
+        counts["requests"] += 1
+        if r.status_code >= 500:
+            counts["5xx"] += 1
+            failures.append((case.method, case.path, case.body, r.status_code, r.text[:300]))
+
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in ("positive", "negative"):
+            strategy = op.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
+            from hypothesis import given
+
+            given(case=strategy)(check)()
+    print(f"schemathesis: {counts['requests']} requests, {counts['5xx']} with 5xx")
+    assert counts["requests"] >= 500
+    assert failures == []
