@@ -1,0 +1,216 @@
+"""Training checkpoints: written atomically with a checksum manifest, verified on restore.
+
+Layout of one checkpoint directory (`step-00000120`):
+  model/herd.json, model/model.safetensors, model/tokenizer.json   herd's native format:
+                                           the directory loads with model.checkpoint.load_model
+  optimizer.pt    AdamW state, full (unsharded), keyed by parameter name
+  trainer.json    step, scheduler, data position, config digest, metrics at save time
+  rng.pt          torch / numpy / Python RNG states of every rank
+  checkpoint.json format, step and the sha256 of every file above; written last
+
+Writing goes to `.tmp-<name>-<pid>` and ends with a rename, so a crash mid-write leaves no
+directory that looks complete; restore checks every sha256 and falls back to the previous
+checkpoint (with a warning) when the newest one is damaged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.errors import HerdError
+
+FORMAT = "herd.train-checkpoint/v1"
+MANIFEST = "checkpoint.json"
+_NAME = re.compile(r"^step-(\d{8})(?:-.*)?$")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped on restore (damaged or incomplete)."""
+
+
+def checkpoint_name(step: int, tag: str = "") -> str:
+    return f"step-{step:08d}" + (f"-{tag}" if tag else "")
+
+
+def step_of(path: str | Path) -> int | None:
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- RNG -------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- write -----------------------------------------------------------------------------------
+
+def write_checkpoint(parent: str | Path, name: str, *, model_state: dict, model_config, tokenizer,
+                     optimizer_state: dict, trainer_state: dict, rng_states: list) -> Path:
+    """Write a complete checkpoint to `parent/name` atomically; returns its path."""
+    from safetensors.torch import save_file
+
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / name
+    tmp = parent / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "model").mkdir(parents=True)
+    model_config.save(tmp / "model" / "herd.json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    save_file(state, str(tmp / "model" / "model.safetensors"), metadata={"format": "herd"})
+    if tokenizer is not None:
+        tokenizer.save(tmp / "model")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save({"ranks": rng_states}, tmp / "rng.pt")
+    (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, default=float) + "\n")
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    manifest = {"format": FORMAT, "step": trainer_state["step"],
+                "files": {f: sha256_file(tmp / f) for f in files}}
+    with open(tmp / MANIFEST, "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(parent)
+    return final
+
+
+def prune(parent: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (and stale temporary ones) in `parent`."""
+    parent = Path(parent)
+    found = sorted((p for p in parent.iterdir() if p.is_dir() and step_of(p) is not None),
+                   key=lambda p: (step_of(p), p.stat().st_mtime))
+    removed = found[:-keep] if keep > 0 else []
+    removed += [p for p in parent.iterdir() if p.name.startswith(".tmp-")]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+# --- verify and restore ----------------------------------------------------------------------
+
+def verify(path: str | Path) -> str | None:
+    """None when the checkpoint is complete and every checksum matches, else what is wrong."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        return f"no {MANIFEST} (incomplete write)"
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{MANIFEST} is not valid JSON ({e})"
+    if manifest.get("format") != FORMAT:
+        return f"format {manifest.get('format')!r}, expected {FORMAT!r}"
+    for rel, digest in manifest.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if sha256_file(f) != digest:
+            return f"sha256 mismatch in {rel}"
+    return None
+
+
+def candidates(parent: str | Path, newest: str | Path | None = None) -> list[Path]:
+    """Checkpoints in `parent`, newest first; with `newest`, only it and older ones."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    found = [p for p in parent.iterdir() if p.is_dir() and step_of(p) is not None]
+    if newest is not None:
+        limit = step_of(newest)
+        found = [p for p in found if step_of(p) <= limit]
+    return sorted(found, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True)
+
+
+def select_valid(paths: list[Path], warn=True) -> tuple[Path | None, list[str]]:
+    """The first checkpoint of `paths` that verifies; a warning for each one skipped."""
+    messages = []
+    for i, p in enumerate(paths):
+        problem = verify(p)
+        if problem is None:
+            return p, messages
+        nxt = paths[i + 1].name if i + 1 < len(paths) else None
+        msg = (f"checkpoint {p} is corrupt ({problem}); "
+               + (f"falling back to the previous checkpoint {nxt}" if nxt else "no earlier checkpoint to fall back to"))
+        messages.append(msg)
+        if warn:
+            warnings.warn(msg, CheckpointWarning, stacklevel=2)
+    return None, messages
+
+
+def load(path: str | Path) -> dict:
+    """Read a verified checkpoint: model state, optimizer state, trainer state, RNG states."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    return {
+        "model": load_file(str(path / "model" / "model.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+        "trainer": json.loads((path / "trainer.json").read_text()),
+        "rng": torch.load(path / "rng.pt", weights_only=True)["ranks"],
+        "path": str(path),
+    }
+
+
+def corrupt(path: str | Path, rel: str = "model/model.safetensors") -> None:
+    """Flip bytes in the middle of one file (fault-injection tests)."""
+    f = Path(path) / rel
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.seek(size // 2)
+        chunk = fh.read(64)
+        fh.seek(size // 2)
+        fh.write(bytes(b ^ 0xFF for b in chunk))
+    if not chunk:
+        raise HerdError(f"{f}: empty file, nothing to corrupt")

