@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "model.cli",
     "infra.k8s_cli",
     "flows.data.cli",
+    "flows.lifecycle",
 ]
 
 

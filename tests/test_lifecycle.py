@@ -1,0 +1,220 @@
+"""The lifecycle machinery on small stages of our own: real Ray, real MLflow (sqlite in tmp).
+
+Keys, wiring and --force closure are pure; the integration tests run one ray.dag per lifecycle
+run on one Ray instance (started once: Ray takes long to start on a busy 2-core machine).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import lifecycle as lcm
+from flows.lifecycle import Stage, StepContext
+from model.errors import HerdError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- toy stages (imported by the Ray workers from this module) ------------------------------------
+
+def toy_data(ctx: StepContext) -> dict:
+    text = "\n".join(f"doc {i} seed {ctx.seed} {ctx.config.get('words', 'x')}" for i in range(ctx.config.get("docs", 3)))
+    raw = hashlib.sha256(text.encode()).hexdigest()
+    (ctx.out_dir / "data.txt").write_text(text)
+    manifest = hashlib.sha256((ctx.out_dir / "data.txt").read_bytes() + b"manifest").hexdigest()
+    return {"outputs": {"data_dir": str(ctx.out_dir)}, "metrics": {"docs": ctx.config.get("docs", 3)},
+            "lineage": {"data.input_sha256": raw, "data.manifest_digest": manifest}}
+
+
+def toy_train(ctx: StepContext) -> dict:
+    marker = ctx.params.get("fail_if_exists")
+    if marker and Path(marker).exists():
+        raise RuntimeError("injected failure")
+    # resumable: a previous attempt's partial progress is visible here
+    (ctx.out_dir / "attempts").open("a").write("x")
+    data = Path(ctx.input("data")["outputs"]["data_dir"]) / "data.txt"
+    (ctx.out_dir / "model.txt").write_text(f"trained on {hashlib.sha256(data.read_bytes()).hexdigest()} lr={ctx.config['lr']}")
+    return {"outputs": {"model_dir": str(ctx.out_dir)}, "metrics": {"loss": 1.0 / ctx.config["lr"]}}
+
+
+def toy_eval(ctx: StepContext) -> dict:
+    model = Path(ctx.model_dir()) / "model.txt"
+    score = int(hashlib.sha256(model.read_bytes()).hexdigest()[:4], 16) / 65535
+    return {"outputs": {}, "metrics": {"score": score}}
+
+
+def toy_register(ctx: StepContext) -> dict:
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ctx.lifecycle["tracking_uri"], ctx.lifecycle["tracking_uri"])
+    mlflow.log_artifacts(ctx.model_dir(), "model")
+    name = ctx.config["name"]
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name)
+    run_id = mlflow.active_run().info.run_id
+    mv = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
+    client.set_registered_model_alias(name, "champion", mv.version)
+    lcm.tag_model_version(ctx, name, mv.version)
+    return {"outputs": {"version": str(mv.version)}, "digest": f"{name}/{mv.version}"}
+
+
+def toy_stages() -> dict[str, Stage]:
+    code = ["tests/test_lifecycle.py"]
+    return {
+        "data": Stage("data", toy_data, code=code),
+        "pretrain": Stage("pretrain", toy_train, {"data": ["data"]}, code=code, resumable=True),
+        "eval": Stage("eval", toy_eval, {"model": ["pretrain"]}, code=code),
+        "register": Stage("register", toy_register, {"model": ["pretrain"], "eval": ["eval"], "data": ["data"]}, code=code),
+    }
+
+
+def toy_config(tmp: Path, **stage_over) -> dict:
+    stages = {"data": {"config": "", "overrides": {"docs": 4}, "resources": {"num_cpus": 0}},
+              "pretrain": {"overrides": {"lr": 0.5}, "resources": {"num_cpus": 1},
+                           "params": {"fail_if_exists": str(tmp / "fail")}},
+              "eval": {"resources": {"num_cpus": 0}},
+              "register": {"overrides": {"name": "toy"}, "resources": {"num_cpus": 0}}}
+    for k, v in stage_over.items():
+        stages[k] = lcm.deep_merge(stages[k], v)
+    return {"name": "toy", "seed": 7, "workdir": str(tmp / "runs"), "mlflow": {"experiment": "toy"}, "stages": stages}
+
+
+# --- pure -----------------------------------------------------------------------------------------
+
+def test_step_key_covers_config_inputs_code_and_seed():
+    base = dict(stage="pretrain", config={"lr": 1}, params={}, inputs={"data": {"digest": "a"}}, code="c", seed=0)
+    k = lcm.step_key(**base)
+    assert k == lcm.step_key(**base)
+    for change in ({"config": {"lr": 2}}, {"inputs": {"data": {"digest": "b"}}}, {"code": "d"}, {"seed": 1},
+                   {"inputs": {"data": None}}, {"stage": "sft"}):
+        assert lcm.step_key(**{**base, **change}) != k, change
+    # key order in the config does not matter
+    assert lcm.step_key(**{**base, "config": {"a": 1, "b": 2}}) == lcm.step_key(**{**base, "config": {"b": 2, "a": 1}})
+
+
+def test_code_version_follows_the_stage_sources(tmp_path):
+    v = lcm.code_version(["flows/lifecycle.py"])
+    assert v == lcm.code_version(["flows/lifecycle.py"]) and len(v) == 64
+    assert v != lcm.code_version(["flows/tracking.py"])
+
+
+def test_wiring_takes_the_first_enabled_candidate_and_force_closes_downstream(tmp_path):
+    stages = toy_stages()
+    cfg = lcm.load_config(toy_config(tmp_path))
+    wires = lcm.wiring(cfg, stages)
+    assert wires["register"] == {"model": "pretrain", "eval": "eval", "data": "data"}
+    assert lcm.downstream(wires, {"pretrain"}) == {"pretrain", "eval", "register"}
+    assert lcm.downstream(wires, {"eval"}) == {"eval", "register"}
+    off = lcm.load_config(toy_config(tmp_path, pretrain={"enabled": False}))
+    wires = lcm.wiring(off, stages)
+    assert "pretrain" not in wires and wires["eval"] == {"model": None}
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(HerdError, match="unknown key.*bogus"):
+        lcm.load_config({**toy_config(tmp_path), "bogus": 1})
+    with pytest.raises(HerdError, match=r"stages.eval: unknown key.*cpus"):
+        lcm.load_config(toy_config(tmp_path, eval={"cpus": 1}))
+    cfg = toy_config(tmp_path)
+    cfg["stages"]["nope"] = {}
+    with pytest.raises(HerdError, match="unknown stage.*nope"):
+        lcm.run_lifecycle(cfg, stages=toy_stages(), tracking_uri=f"sqlite:///{tmp_path}/m.db")
+
+
+def test_default_config_resolves():
+    cfg = lcm.load_config(REPO / "configs" / "default.yaml")
+    assert list(cfg["stages"])[:2] == ["data", "pretrain"]
+    assert cfg["stages"]["data"]["config"]["name"] == "default"  # configs/data/default.yaml read in
+    assert len(lcm.config_hash(cfg)) == 64
+
+
+# --- integration: real Ray, real MLflow -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    lcm.init_ray(num_cpus=2, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()
+
+
+def _children(uri: str, parent: str):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_run(parent).info.experiment_id
+    return {r.data.tags["herd.stage"]: r for r in c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")}
+
+
+@pytest.mark.integration
+def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    stages = toy_stages()
+    cfg = toy_config(tmp_path)
+
+    first = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
+    assert [r["status"] for r in first.steps.values()] == ["ran"] * 4
+    kids = _children(uri, first.parent_run_id)
+    assert set(kids) == {"data", "pretrain", "eval", "register"}
+    assert all(r.info.status == "FINISHED" for r in kids.values())
+    assert kids["pretrain"].data.tags["herd.step.key"] == first.steps["pretrain"]["key"]
+    inputs = json.loads(kids["pretrain"].data.tags["herd.step.inputs"])
+    assert inputs["data"]["digest"] == first.steps["data"]["digest"]
+    assert json.loads(kids["pretrain"].data.tags["herd.step.outputs"])["model_dir"].endswith(first.steps["pretrain"]["key"][:16])
+    assert kids["eval"].data.metrics["score"] == first.steps["eval"]["metrics"]["score"]
+
+    # same config: every step cached, answered from MLflow without Ray, still one child run each
+    t = time.perf_counter()
+    again = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
+    took = time.perf_counter() - t
+    assert [r["status"] for r in again.steps.values()] == ["cached"] * 4
+    assert not again.used_ray and took < 30
+    kids = _children(uri, again.parent_run_id)
+    assert {k: r.data.tags["herd.step.status"] for k, r in kids.items()} == dict.fromkeys(kids, "cached")
+    assert kids["pretrain"].data.tags["herd.step.cached_from"] == first.steps["pretrain"]["run_id"]
+    assert again.steps["eval"]["metrics"] == first.steps["eval"]["metrics"]
+
+    # --force pretrain: pretrain and what reads it rerun, data stays cached
+    forced = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri, force=["pretrain"])
+    assert {n: r["status"] for n, r in forced.steps.items()} == {
+        "data": "cached", "pretrain": "ran", "eval": "ran", "register": "ran"}
+    assert forced.steps["eval"]["metrics"] == first.steps["eval"]["metrics"]  # same inputs, same result
+
+    # a config change in pretrain fails there; the rerun resumes at pretrain
+    changed = toy_config(tmp_path, pretrain={"overrides": {"lr": 0.25}})
+    (tmp_path / "fail").write_text("")
+    with pytest.raises(HerdError, match="stage pretrain failed.*injected failure"):
+        lcm.run_lifecycle(changed, stages=stages, tracking_uri=uri)
+    (tmp_path / "fail").unlink()
+    resumed = lcm.run_lifecycle(changed, stages=stages, tracking_uri=uri)
+    assert {n: r["status"] for n, r in resumed.steps.items()} == {
+        "data": "cached", "pretrain": "ran", "eval": "ran", "register": "ran"}
+    out = Path(resumed.steps["pretrain"]["outputs"]["model_dir"])
+    assert (out / "attempts").read_text() == "x"  # the failed attempt failed before its work; the folder is kept
+
+    # lineage: the registered version carries the data digest; `herd lineage` prints it
+    from flows.cli import main
+
+    capsys.readouterr()
+    assert main(["lineage", "models:/toy@champion", "--tracking-uri", uri]) == 0
+    text = capsys.readouterr().out
+    raw = resumed.steps["data"]["lineage"]["data.input_sha256"]
+    assert raw in text and resumed.parent_run_id in text
+    assert "pretrain step (ran)" in text and "data step (cached)" in text
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(uri, uri).get_model_version_by_alias("toy", "champion")
+    assert mv.tags["herd.lineage.data.input_sha256"] == raw
+    assert mv.tags["herd.lineage.parent_run_id"] == resumed.parent_run_id
+    assert mv.tags["herd.lineage.config_hash"] == resumed.config_hash
+    assert len(mv.tags["herd.lineage.git_sha"]) >= 7
