@@ -539,7 +539,9 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, lc, log) -> None:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=30)
             if not done:
-                log(f"  ... {', '.join(pending.values())} ({time.perf_counter() - t0:.0f}s)")
+                names = list(pending.values())
+                log(f"  ... {names[0]} running" + (f", then {', '.join(names[1:])}" if names[1:] else "")
+                    + f" ({time.perf_counter() - t0:.0f}s)")
                 continue
             name = pending.pop(done[0])
             try:
