@@ -13,6 +13,7 @@ import sys
 from model.errors import HerdError
 
 COMMAND_MODULES = [
+    "services.cli",
     "model.cli",
     "infra.k8s_cli",
     "flows.data.cli",

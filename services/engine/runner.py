@@ -9,11 +9,15 @@
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from model.generate import sample_next
 from model.kv_cache import KVCache
+
+log = logging.getLogger("herd.engine")
 
 
 class ModelRunner:
@@ -88,7 +92,11 @@ class ModelRunner:
                 continue
             if p.seed is not None and seq.generator is None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
-            out.append(int(sample_next(logits[row:row + 1], p, seq.generator)[0]))
+            try:
+                out.append(int(sample_next(logits[row:row + 1], p, seq.generator)[0]))
+            except RuntimeError:  # degenerate settings (nothing left to sample): one request, not the engine
+                log.warning("sampling failed for %s (%s); taking the argmax", seq.request_id, p)
+                out.append(greedy[row])
         return out
 
 
