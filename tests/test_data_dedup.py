@@ -96,11 +96,14 @@ def test_lsh_collision_probability_matches_theory():
 
 
 def test_cluster_is_transitive_and_keeps_first():
-    base = " ".join(f"word{i}" for i in range(200))
+    import itertools
+
+    letters = ["".join(p) for p in itertools.product("bcdfghjk", repeat=4)]  # digits would all read as 0
+    base = " ".join(letters[:200])
     a = base
-    b = base.replace("word50 ", "other ")
-    c = b.replace("word150 ", "other2 ")
-    d = " ".join(f"else{i}" for i in range(200))
+    b = base.replace(letters[50] + " ", "other ")
+    c = b.replace(letters[150] + " ", "another ")
+    d = " ".join(letters[200:400])
     short = "too short"
     cfg = MinHashConfig()
     sig, has = MinHasher(cfg).signatures([a, b, c, d, short])
@@ -111,7 +114,7 @@ def test_cluster_is_transitive_and_keeps_first():
 
 
 def test_signatures_do_not_depend_on_the_batch():
-    texts = [" ".join(f"w{i}_{j}" for j in range(30)) for i in range(20)]
+    texts = [" ".join(f"w{i} x{j}" for j in range(30)) for i in range(20)]
     m = MinHasher(MinHashConfig())
     whole, _ = m.signatures(texts)
     parts = np.concatenate([m.signatures(texts[i : i + 3])[0] for i in range(0, 20, 3)])

@@ -1,27 +1,38 @@
 """Exact and near-duplicate detection.
 
-Exact: a 64-bit hash of the normalised text. Near: MinHash over word n-grams of the
-simplified text (lower case, punctuation dropped, as FineWeb), banded LSH, and
-duplicate clusters found by sorting each band's keys and joining neighbours with equal keys
-(connected components over at most bands x n edges: O(n log n), never pairwise). Each
+Exact: a 64-bit hash of the normalised text. Near: MinHash over word 5-grams as FineWeb
+computes it (datatrove's scheme, so that the same documents get the same signatures):
+simplified text (lower case, numbers -> 0, punctuation -> space, diacritics stripped),
+xxh64 of each n-gram string, then num_perm hashes (a*x + b) mod (2^61 - 1) with a, b drawn
+from RandomState(seed). The permutation step is one vectorised numpy pass per batch.
+Duplicate clusters: per band, sort the band keys and join neighbours with equal keys, then
+connected components over at most bands x n edges -- O(n log n), never pairwise. Each
 cluster keeps its first document (smallest `seq`).
-
-Hashing is numpy-vectorised per batch: word hashes (xxh3, deterministic across processes),
-n-gram hashes as a wrapping polynomial of word hashes, then num_perm multiply-shift hashes
-h(x) = (a*x + b) mod 2^64 >> 32, i.e. 32-bit signatures.
 """
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import numpy as np
 import xxhash
 
 from flows.data.config import MinHashConfig
 
-_WORD_RE = re.compile(r"[^\W_]+")
-_MULT = np.uint64(0x9E3779B97F4A7C15)
-_CHUNK = 1 << 14  # shingles per (chunk, num_perm) block: ~15 MB of uint64 for 112 hashes
+SIG_DTYPE = np.uint64
+_MERSENNE = np.uint64((1 << 61) - 1)
+_PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»" + "".join(
+    map(chr, (x for a, b in ((0, 9), (11, 13), (13, 32), (127, 160)) for x in range(a, b)))
+)
+_PUNCT_TRANS = str.maketrans({**{c: " " for c in _PUNCTUATION}, "‘": " ‘ "})  # spaCy keeps ‘ as a token
+_NUMBERS_RE = re.compile(r"\d+(?:[.,،٫⎖⎗⎘]\d+)?")
+# spaCy's English tokenizer splits these even without punctuation.
+_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"), "wanna": ("wan", "na"),
+                "wont": ("wo", "nt"), "cant": ("ca", "nt"), "dont": ("do", "nt"), "aint": ("ai", "nt"),
+                **{w + "nt": (w, "nt") for w in ("did", "does", "is", "was", "are", "were", "could", "should",
+                                                 "would", "has", "have", "had", "must", "need")},
+                "im": ("i", "m"), "ive": ("i", "ve"), "wed": ("we", "d")}
+_CHUNK = 1 << 13  # shingles per (chunk, num_perm) block: ~7 MB of uint64 for 112 hashes
 
 
 def exact_hash(text: str) -> int:
@@ -29,37 +40,43 @@ def exact_hash(text: str) -> int:
 
 
 def simplify(text: str) -> list[str]:
-    return _WORD_RE.findall(text.lower())
+    text = _NUMBERS_RE.sub("0", text.lower()).translate(_PUNCT_TRANS)
+    if not text.isascii():
+        text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    words = text.split()
+    if any(w in _SPLIT_WORDS for w in words):
+        words = [part for w in words for part in _SPLIT_WORDS.get(w, (w,))]
+    return words
 
 
 class MinHasher:
     def __init__(self, cfg: MinHashConfig):
         self.cfg = cfg
         self.num_perm = cfg.bands * cfg.rows
-        rng = np.random.default_rng(cfg.seed)
-        self.a = rng.integers(1, 1 << 63, size=self.num_perm, dtype=np.uint64) | np.uint64(1)
-        self.b = rng.integers(0, 1 << 63, size=self.num_perm, dtype=np.uint64)
+        gen = np.random.RandomState(cfg.seed)
+        self.a = gen.randint(1, _MERSENNE, dtype=np.uint64, size=self.num_perm)
+        self.b = gen.randint(0, _MERSENNE, dtype=np.uint64, size=self.num_perm)
 
     def signatures(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(signatures uint32 (n, num_perm), has_signature bool (n,)). A text with fewer
+        """(signatures uint64 (n, num_perm), has_signature bool (n,)). A text with fewer
         words than the n-gram size has no shingle and so no signature (never a duplicate)."""
         n, k = len(texts), self.cfg.ngram
-        sig = np.full((n, self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
-        word_lists = [simplify(t) for t in texts]
-        counts = np.array([max(0, len(w) - k + 1) for w in word_lists], dtype=np.int64)
+        sig = np.full((n, self.num_perm), np.iinfo(SIG_DTYPE).max, dtype=SIG_DTYPE)
+        hashes, counts = [], np.zeros(n, dtype=np.int64)
+        for i, text in enumerate(texts):
+            ws = simplify(text)
+            grams = [" ".join(ws[j : j + k]) for j in range(len(ws) - k + 1)]
+            counts[i] = len(grams)
+            hashes += map(xxhash.xxh64_intdigest, grams)
         has = counts > 0
-        if not has.any():
-            return sig, has
-        flat = [w for ws, c in zip(word_lists, counts) if c for w in ws]
-        hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, flat), dtype=np.uint64, count=len(flat))
-        lengths = np.array([len(ws) for ws, c in zip(word_lists, counts) if c], dtype=np.int64)
-        shingles = _shingles(hashes, lengths, k)
-        starts = np.concatenate(([0], np.cumsum(counts[has])[:-1]))
-        sig[has] = self._min_hash(shingles, starts)
+        if has.any():
+            shingles = np.array(hashes, dtype=np.uint64)
+            starts = np.concatenate(([0], np.cumsum(counts[has])[:-1]))
+            sig[has] = self._min_hash(shingles, starts)
         return sig, has
 
     def _min_hash(self, shingles: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        out = np.empty((len(starts), self.num_perm), dtype=np.uint32)
+        out = np.empty((len(starts), self.num_perm), dtype=SIG_DTYPE)
         bounds = np.append(starts, len(shingles))
         buf = np.empty((min(len(shingles), _CHUNK) + 1, self.num_perm), dtype=np.uint64)
         doc = 0
@@ -69,31 +86,19 @@ class MinHasher:
             last = min(last, len(starts))
             lo, hi = bounds[doc], bounds[last]
             h = buf[: hi - lo] if hi - lo <= len(buf) else np.empty((hi - lo, self.num_perm), dtype=np.uint64)
-            np.multiply(shingles[lo:hi, None], self.a, out=h)
+            np.multiply(shingles[lo:hi, None], self.a, out=h)  # wraps mod 2^64, as the reference does
             np.add(h, self.b, out=h)
-            np.right_shift(h, np.uint64(32), out=h)
+            np.remainder(h, _MERSENNE, out=h)
             out[doc:last] = np.minimum.reduceat(h, bounds[doc:last] - lo, axis=0)
             doc = last
         return out
 
 
-def _shingles(hashes: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
-    """Hash of every k-word window that lies inside one document, in document order."""
-    total = len(hashes)
-    keys = hashes[: total - k + 1].copy()
-    for j in range(1, k):
-        keys = keys * _MULT + hashes[j : total - k + 1 + j]
-    # A window is valid when it starts at least k-1 words before its document's end.
-    ends = np.cumsum(lengths)
-    doc_of = np.repeat(np.arange(len(lengths)), lengths)[: total - k + 1]
-    valid = np.arange(total - k + 1) + k <= ends[doc_of]
-    return keys[valid]
-
-
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[np.ndarray]:
     """Per band, a (n,) void array of the band's raw bytes: equal keys <=> equal rows."""
     sig = np.ascontiguousarray(sig[:, : bands * rows]).reshape(len(sig), bands, rows)
-    return [np.ascontiguousarray(sig[:, b]).view(f"V{4 * rows}").ravel() for b in range(bands)]
+    width = rows * sig.dtype.itemsize
+    return [np.ascontiguousarray(sig[:, b]).view(f"V{width}").ravel() for b in range(bands)]
 
 
 def cluster_duplicates(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:

@@ -98,13 +98,13 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     seq = np.asarray(cols["seq"], dtype=np.int64)
     decisions: dict[int, str] = {}
     if cfg.exact_dedup.enabled or cfg.minhash.enabled:
-        from flows.data.dedup import dedup_decisions
+        from flows.data.dedup import SIG_DTYPE, dedup_decisions
 
         num_perm = cfg.minhash.bands * cfg.minhash.rows
         has = np.array([len(s) > 0 for s in cols["sig"]], dtype=bool)
-        sig = np.zeros((len(seq), num_perm), dtype=np.uint32)
+        sig = np.zeros((len(seq), num_perm), dtype=SIG_DTYPE)
         if has.any():
-            sig[has] = np.frombuffer(b"".join(s for s in cols["sig"] if len(s)), dtype=np.uint32).reshape(-1, num_perm)
+            sig[has] = np.frombuffer(b"".join(s for s in cols["sig"] if len(s)), dtype=SIG_DTYPE).reshape(-1, num_perm)
         decisions = dedup_decisions(seq, np.asarray(cols["exact"], dtype=np.uint64), sig, has,
                                     cfg.minhash if cfg.minhash.enabled else None, cfg.exact_dedup.enabled)
     ds = ds.drop_columns(["exact", "sig"])

@@ -14,9 +14,10 @@ _WORD_PATTERN = r"""(?:[^\W\d_]\.){2,}    # U.S.A., e.g.
     | (?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Mt|Prof|vs)\.     # titles spaCy keeps whole
     | (?<![^\W\d_])[A-Z]\.(?=\s)                 # initials: J. K.
     | \d+(?:[.,:]\d+)*                           # 3.5, 10,000, 10:30
-    | [^\W_]+(?=n't\b)                           # do|n't
-    | n't\b
-    | '(?:s|re|ve|ll|d|m|S|RE|VE|LL|D|M)\b      # people|'s
+    | (?<![^\W_])(?:[Cc]an(?=not\b)|not\b)       # can|not (spaCy's exception)
+    | [^\W_]+(?=n['’]t\b)                        # do|n't
+    | n['’]t\b
+    | ['’](?:s|re|ve|ll|d|m|S|RE|VE|LL|D|M)\b    # people|'s
     | [^\W_]+
     | -{2,} | \.{2,} | …
     | [^\w\s] | _
