@@ -62,7 +62,7 @@ def test_prep_end_to_end(tmp_path, ray_local, smollm2_dir):
         "name": "itest",
         "input": {"paths": [str(src)]},
         "semdedup": {"max_tokens": 32},
-        "quality": {"sample_size": 12, "max_tokens": 24, "model_dir": str(smollm2_dir), "threshold": 0.05},
+        "quality": {"sample_size": 8, "max_tokens": 16, "model_dir": str(smollm2_dir), "threshold": 0.05},
         "pack": {"seq_len": 256, "sequences_per_shard": 8, "validation_fraction": 0.2},
         "output": {"write_documents": True},
         "ray": {"num_cpus": 2, "batch_size": 16, "progress_bars": False},
