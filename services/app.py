@@ -72,11 +72,12 @@ def read_serve_config(config: str | Path | dict | None) -> dict:
 
 def deploy(model_path: str | Path | None = None, config: str | Path | dict | None = None, *,
            host: str | None = None, port: int | None = None, args: dict | None = None,
-           deployment: dict | None = None, blocking: bool = False) -> str:
+           deployment: dict | None = None, blocking: bool = False, ray_address: str | None = None) -> str:
     """Run the herd app of a Serve config on the local Ray cluster; returns the endpoint URL.
 
     model_path overrides the config's `args.model`; `args` / `deployment` override further args
-    and deployment options (e.g. autoscaling_config)."""
+    and deployment options (e.g. autoscaling_config). Without a Ray connection it starts a local
+    Ray (RAY_ADDRESS or `ray_address` to join a cluster instead)."""
     import ray
 
     doc = read_serve_config(config)
@@ -96,7 +97,7 @@ def deploy(model_path: str | Path | None = None, config: str | Path | dict | Non
     host = host or http.get("host", "127.0.0.1")
     port = int(port or http.get("port", 8000))
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == "HERD_API_KEY"}}
                  if os.environ.get("HERD_API_KEY") else None)
     serve.start(http_options={"host": host, "port": port})
