@@ -158,7 +158,14 @@ def deploy_stage(ctx: StepContext) -> dict:
 
     src = ctx.input("model_version")
     model = src["outputs"]["uri"] if src else ctx.model_dir()
-    url = deploy(model, ctx.config or None, deployment=ctx.params.get("deployment"), args=ctx.params.get("args"))
+    # the replica resolves models:/ against this lifecycle's MLflow, wherever it runs
+    dep = dict(ctx.params.get("deployment") or {})
+    opts = dict(dep.get("ray_actor_options") or {})
+    env = (opts.get("runtime_env") or {}).get("env_vars") or {}
+    opts["runtime_env"] = {**(opts.get("runtime_env") or {}),
+                           "env_vars": {**env, "MLFLOW_TRACKING_URI": ctx.lifecycle["tracking_uri"]}}
+    dep["ray_actor_options"] = opts
+    url = deploy(model, ctx.config or None, deployment=dep, args=ctx.params.get("args"))
     ctx.log(f"deployed {model} at {url}")
     lineage = lineage_tags(ctx)
     (ctx.out_dir / "lineage.json").write_text(json.dumps({"url": url, "model": model, **lineage}, indent=2) + "\n")
