@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "model.cli",
     "infra.k8s_cli",
     "flows.data.cli",
+    "flows.finetune.cli",
     "flows.lifecycle",
 ]
 

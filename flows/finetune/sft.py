@@ -1,0 +1,156 @@
+"""Supervised fine-tuning (full or LoRA) on chat data, through the pretraining loop.
+
+Data: files (messages / alpaca / sharegpt / pairs' chosen replies) or, with no files, the embedded
+verifiable tasks with their exact answers. Loss on assistant tokens only; conversations packed
+into rows with document masking. Evaluation: exact match and reward on held-out embedded tasks
+(greedy), before and after, and the held-out SFT loss.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from flows.finetune import chat
+from flows.finetune import tasks as T
+from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, export, heldout_tasks, load_policy,
+                                   pad_id_of, run_loop, set_threads, stage_run, train_tasks, win_rate)
+from flows.finetune.config import FinetuneConfig, load_config
+from flows.train.losses import causal_lm_loss
+from model.errors import HerdError
+
+
+class PackedChatData:
+    """The loop's batch source over packed chat rows: a permutation per epoch from the seed, a
+    cursor as the resumable state; weights 1 / (assistant targets of the step)."""
+
+    def __init__(self, rows, micro_batch: int, grad_accum: int = 1, seed: int = 0, shuffle: bool = True):
+        if not rows:
+            raise HerdError("SFT: no usable training conversations (see the drop counts)")
+        self.rows, self.micro_batch, self.grad_accum = rows, micro_batch, grad_accum
+        self.seed, self.shuffle, self.cursor = seed, shuffle, 0
+        self.seq_len = len(rows[0][0])
+
+    def _row(self, g: int):
+        n = len(self.rows)
+        epoch, i = divmod(g, n)
+        order = list(range(n))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return self.rows[order[i]]
+
+    def next_step(self):
+        per = self.micro_batch
+        rows = [self._row(self.cursor + k) for k in range(per * self.grad_accum)]
+        self.cursor += len(rows)
+        valid = sum(sum(1 for j in range(1, len(r[2])) if r[2][j] and r[1][j] > 0) for r in rows)
+        w = 1.0 / max(1, valid)
+        return [chat.rows_to_batch(rows[m * per:(m + 1) * per], w) for m in range(self.grad_accum)]
+
+    def eval_batches(self, n: int):
+        for m in range(min(n, (len(self.rows) + self.micro_batch - 1) // self.micro_batch)):
+            yield chat.rows_to_batch(self.rows[m * self.micro_batch:(m + 1) * self.micro_batch], 1.0)
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, s):
+        self.cursor = int(s["cursor"])
+
+
+def task_conversations(tasks: list[dict], system: str) -> list[list[dict]]:
+    return [T.messages(t, system) + [{"role": "assistant", "content": t["answer"]}] for t in tasks]
+
+
+def build_sft_data(fc: FinetuneConfig, tokenizer, conversations=None):
+    """(train rows, held-out rows, counts). Bad records are counted, never raised."""
+    counts = chat.Counts()
+    if conversations is not None:
+        convs = []
+        for c in conversations:
+            counts.read += 1
+            reason = chat.validate_messages(c) if isinstance(c, list) else "format:unknown"
+            if reason:
+                counts.drop(f"format:{reason}")
+            else:
+                convs.append(c)
+    elif fc.data.paths:
+        convs, counts = chat.load_conversations(fc.data.paths, counts, fc.data.limit)
+    else:
+        convs = task_conversations(train_tasks(fc), fc.data.system)
+        counts.read = len(convs)
+    examples = chat.tokenize_conversations(tokenizer, convs, fc.model.max_seq_len, counts)
+    n_val = int(len(examples) * fc.data.heldout_fraction) if len(examples) >= 10 else 0
+    rng = random.Random(fc.seed)
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    val = [examples[i] for i in sorted(idx[:n_val])]
+    train = [examples[i] for i in sorted(idx[n_val:])]
+    pad = pad_id_of(tokenizer)
+    seq_len = fc.model.max_seq_len
+    return chat.pack(train, seq_len, pad), chat.pack(val, seq_len, pad) if val else [], counts
+
+
+@torch.no_grad()
+def heldout_loss(model, rows, micro_batch: int) -> float:
+    from flows.train.losses import causal_lm_loss
+
+    if not rows:
+        return float("nan")
+    tot, cnt = 0.0, 0.0
+    for m in range(0, len(rows), micro_batch):
+        b = chat.rows_to_batch(rows[m:m + micro_batch], 1.0)
+        out = causal_lm_loss(model, b)
+        tot, cnt = tot + float(out.loss), cnt + float(out.count)
+    return tot / max(cnt, 1.0)
+
+
+def run_sft(config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
+            conversations=None, run_name: str | None = None) -> StageResult:
+    """SFT `base_model_dir` (default: config.model.base); returns the exported checkpoint, metrics
+    and MLflow run id. `conversations` (lists of messages) replaces the configured data (rejection
+    sampling passes its kept samples)."""
+    fc = config if isinstance(config, FinetuneConfig) else load_config(config, "sft")
+    set_threads(fc)
+    out = Path(out_dir) if out_dir else default_out_dir(fc)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model, tok = load_policy(base_model_dir or fc.model.base)
+    rows, val_rows, counts = build_sft_data(fc, tok, conversations)
+    if not rows:
+        raise HerdError(f"SFT: no usable training conversations; dropped {counts.report()['dropped']}")
+    heldout = heldout_tasks(fc) if fc.data.heldout else []
+    metrics: dict = {"data": counts.report(), "train_rows": len(rows), "heldout_rows": len(val_rows)}
+    with stage_run(fc, run_name or f"finetune-sft-{fc.name}") as log:
+        log.artifact_json(counts.report(), "data_report.json")
+        log.metrics({"data_read": counts.read, "data_kept": counts.kept,
+                     "data_dropped": sum(counts.dropped.values()), "train_rows": len(rows)})
+        before = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens) if heldout else None
+        metrics["heldout_loss_before"] = heldout_loss(model, val_rows, fc.train.micro_batch)
+        if fc.lora.enabled:
+            from flows.finetune.lora import apply_lora
+
+            metrics["lora_params"] = apply_lora(model, fc.lora.rank, fc.lora.alpha, fc.lora.target_modules,
+                                                fc.lora.dropout)
+        data = PackedChatData(rows, fc.train.micro_batch, fc.train.grad_accum, fc.seed)
+        val = PackedChatData(val_rows, fc.train.micro_batch, 1, fc.seed, False) if val_rows and fc.train.eval_every else None
+        from flows.train.loop import Task
+
+        task = Task(data, val, lambda m, b: causal_lm_loss(m, b))
+        result = run_loop(fc, model, tok, task, out, log.loop_logger, eval_every=fc.train.eval_every)
+        metrics["train_loss_first"], metrics["train_loss_last"] = result.losses[0], result.losses[-1]
+        metrics["heldout_loss_after"] = heldout_loss(model, val_rows, fc.train.micro_batch)
+        if heldout:
+            after = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens)
+            metrics.update(exact_match_before=before["exact_match"], exact_match_after=after["exact_match"],
+                           reward_before=before["reward"], reward_after=after["reward"],
+                           win_rate=win_rate(after["rewards"], before["rewards"]))
+            log.artifact_json({"tasks": heldout, "before": before["completions"], "after": after["completions"]},
+                              "heldout_completions.json")
+        ckpt = export(model, tok, out)
+        metrics["seconds"] = time.time() - t0
+        log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, fc.train.steps)
+        log.artifact_json(metrics, "metrics.json")
+        return StageResult(ckpt, metrics, log.run_id)
