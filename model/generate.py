@@ -55,6 +55,7 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token once the mass before it already reaches top_p (the first token always stays).
         drop = probs.cumsum(dim=-1) - probs >= p.top_p
+        drop[..., 0] = False  # also when top_p rounds to 0 in the logits' dtype (e.g. 5e-324 in float32)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

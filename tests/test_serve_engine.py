@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.config import get_preset
-from model.generate import SamplingParams, generate
+from model.generate import SamplingParams, generate, sample_next
 from model.model import Transformer
 from services.engine import ContextLengthError, EngineConfig, LLMEngine, QueueFullError
 from services.engine.scheduler import Scheduler
@@ -294,3 +294,19 @@ def test_16_concurrent_greedy_requests_equal_one_at_a_time(smollm2):
           f"batched {batched_s:.1f} s vs one-at-a-time {single_s:.1f} s")
     for i, w in enumerate(want):
         assert got[f"r{i}"] == w, (i, tok.decode(got[f"r{i}"]), tok.decode(w))
+
+
+def test_fast_sampling_matches_the_reference_distribution():
+    from services.engine.runner import sample_row
+
+    torch.manual_seed(0)
+    logits = torch.randn(5000) * 3
+    for params in (SamplingParams(temperature=0.7, top_p=0.5), SamplingParams(temperature=1.0, top_k=20),
+                   SamplingParams(temperature=1.3, top_k=50, top_p=0.8), SamplingParams(temperature=1.0, top_p=5e-324)):
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+        fast = torch.bincount(torch.tensor([sample_row(logits, params, g1) for _ in range(3000)]), minlength=5000)
+        ref = torch.bincount(sample_next(logits[None].expand(3000, -1), params, g2), minlength=5000)
+        assert set(fast.nonzero().flatten().tolist()) <= set((ref > 0).nonzero().flatten().tolist()) | set(
+            fast.topk(1).indices.tolist())
+        top = ref.topk(3).indices
+        assert torch.allclose(fast[top].float() / 3000, ref[top].float() / 3000, atol=0.05), params

@@ -93,7 +93,7 @@ class ModelRunner:
             if p.seed is not None and seq.generator is None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
             try:
-                out.append(int(sample_next(logits[row:row + 1], p, seq.generator)[0]))
+                out.append(sample_row(logits[row], p, seq.generator))
             except RuntimeError:  # degenerate settings (nothing left to sample): one request, not the engine
                 log.warning("sampling failed for %s (%s); taking the argmax", seq.request_id, p)
                 out.append(greedy[row])
@@ -115,3 +115,25 @@ def _pad_groups(lengths: list[int], waste: float = 0.25) -> list[list[int]]:
     if cur:
         groups.append(cur)
     return groups
+
+
+def sample_row(logits: torch.Tensor, p, generator=None, candidates: int = 1024) -> int:
+    """One token from (V,) logits, as model.generate.sample_next but without sorting the whole
+    vocabulary when the top `candidates` already hold the nucleus (the usual case)."""
+    x = logits.float() / p.temperature
+    V = x.shape[-1]
+    k = min(p.top_k or candidates, V)
+    if k == V or (p.top_k == 0 and p.top_p >= 1.0):
+        return int(sample_next(logits[None], p, generator)[0])
+    vals, idx = torch.topk(x, k)  # sorted, descending
+    if p.top_k:
+        probs = torch.softmax(vals, -1)  # top-k first, then top-p within it (as sample_next)
+    else:
+        probs = torch.exp(vals - torch.logsumexp(x, -1))
+        if float(probs.sum()) < p.top_p:  # the nucleus is wider than the candidates
+            return int(sample_next(logits[None], p, generator)[0])
+    if p.top_p < 1.0:
+        drop = probs.cumsum(-1) - probs >= p.top_p
+        drop[0] = False
+        probs = probs.masked_fill(drop, 0.0)
+    return int(idx[torch.multinomial(probs / probs.sum(), 1, generator=generator)[0]])
