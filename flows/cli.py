@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "model.cli",
     "infra.k8s_cli",
     "flows.data.cli",
+    "flows.train.cli",
+    "flows.eval.cli",
     "flows.finetune.cli",
     "flows.lifecycle",
 ]

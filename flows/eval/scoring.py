@@ -21,10 +21,10 @@ tokens. An empty context is replaced by the prefix token (BOS, else EOS).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model.kv_cache import KVCache
 
@@ -44,18 +44,12 @@ def _lcp(a, b) -> int:
     return i
 
 
-@contextmanager
-def _hidden_at(model, rows: torch.Tensor, cols: torch.Tensor):
-    """Make the model's final norm (hence the output projection) see only h[rows, cols]."""
-    def pre_hook(_module, args):
-        h = args[0]
-        return (h[rows, cols][:, None],)
+def _project_at(rows: torch.Tensor, cols: torch.Tensor):
+    """A `head` for Transformer.forward: the output projection at (row, col) positions only, (B, 1, V)."""
+    def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden[rows, cols][:, None], weight)
 
-    handle = model.norm.register_forward_pre_hook(pre_hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return head
 
 
 class Scorer:
@@ -208,8 +202,8 @@ class Scorer:
             tokens[r, :len(s)] = torch.tensor(s)
         lens = torch.tensor([len(s) for s in suffixes])
         rows = torch.arange(B)
-        with _hidden_at(model, rows.to(dev), (lens - 1).to(dev)):
-            last = model(tokens.to(dev), cache=cache)[:, 0].float().log_softmax(-1)  # (B, V)
+        head = _project_at(rows.to(dev), (lens - 1).to(dev))
+        last = model(tokens.to(dev), cache=cache, head=head)[:, 0].float().log_softmax(-1)  # (B, V)
         cache.advance(lens.to(dev))
         self.stats["forward_tokens"] += int(lens.sum())
 
