@@ -273,6 +273,11 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
     window_time, window_tokens, last_metrics = 0.0, 0, {}
     last_persisted = None
     params = [p for p in par.model.parameters() if p.requires_grad]
+    if step == 0 and task.eval_data is not None and cfg.eval.every:
+        val = evaluate(par, task, cfg.eval.batches, amp, dev)  # the starting point of the curve
+        last_metrics.update({"initial_" + k: v for k, v in val.items()})
+        if rt.rank == 0 and rt.logger:
+            rt.logger.metrics(val, 0)
     while step < t.steps:
         t0 = time.perf_counter()
         micro = task.train_data.next_step()
