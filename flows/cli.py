@@ -18,7 +18,6 @@ COMMAND_MODULES = [
     "infra.k8s_cli",
     "flows.data.cli",
     "flows.train.cli",
-    "flows.train.cli",
     "flows.eval.cli",
     "flows.finetune.cli",
     "flows.lifecycle",
