@@ -93,18 +93,19 @@ def evaluate_tasks(model, tokenizer, tasks: list[dict], system: str, max_tokens:
 
     was_training = model.training
     model.eval()
-    texts = []
+    texts, ids = [], []
     for s in range(0, len(tasks), batch):
         chunk = tasks[s:s + batch]
         prompts = [tokenizer.encode_chat(T.messages(t, system)) for t in chunk]
         gens = generate(model, prompts, SamplingParams(max_tokens=max_tokens), tokenizer)
         texts += [g.text for g in gens]
+        ids += [g.token_ids for g in gens]
     model.train(was_training)
     score = reward_fn or T.check
     rewards = [float(score(t, x)) for t, x in zip(tasks, texts)]
     em = [T.exact_match(t, x) for t, x in zip(tasks, texts)]
     return {"exact_match": sum(em) / max(1, len(em)), "reward": sum(rewards) / max(1, len(rewards)),
-            "rewards": rewards, "completions": texts}
+            "rewards": rewards, "completions": texts, "token_ids": ids}
 
 
 def win_rate(after: list[float], before: list[float]) -> float:

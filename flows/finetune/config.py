@@ -84,6 +84,7 @@ class RejectionSection:
 class DpoSection:
     beta: float = 0.1
     on_policy: bool = False  # pairs from policy samples ranked by the reward (embedded tasks)
+    include_gold: bool = False  # on-policy: the reference answer joins the ranked candidates
     pairs: int = 128  # embedded / on-policy pairs to build
     label_smoothing: float = 0.0
     cache_dir: str = ""  # reference log-prob cache ("" : inside the output directory)

@@ -201,6 +201,8 @@ def on_policy_pairs(model, tokenizer, tasks: list[dict], fc: FinetuneConfig, rew
     samples = sample_completions(model, tokenizer, tasks, fc)
     pairs = []
     for t, texts in zip(tasks, samples):
+        if fc.dpo.include_gold:
+            texts = list(texts) + [t["answer"]]
         scored = sorted(((reward_fn(t, x), x) for x in texts), key=lambda s: -s[0])
         (best, c), (worst, r) = scored[0], scored[-1]
         if best <= worst or not c.strip() or not r.strip():

@@ -219,19 +219,15 @@ def make_loss(fc: FinetuneConfig, data: RolloutData | None = None):
 
 
 @torch.no_grad()
-def heldout_kl(policy, ref, tokenizer, tasks, completions, system) -> float:
-    """Mean over held-out prompts of sum_t [log pi - log ref] on the policy's greedy completion."""
-    from flows.finetune import chat
-
+def heldout_kl(policy, ref, tokenizer, tasks, completion_ids, system) -> float:
+    """Mean over held-out prompts of sum_t [log pi - log ref] over the policy's greedy completion tokens
+    (a Monte-Carlo estimate of the sequence KL at temperature 0)."""
     kls = []
-    for t, text in zip(tasks, completions):
-        msgs = T.messages(t, system)
-        pr = chat.format_prompt(tokenizer, msgs)
-        try:
-            resp = chat.format_response(tokenizer, pr, msgs, text if text.strip() else " ")
-        except Exception:
+    for t, resp in zip(tasks, completion_ids):
+        if not resp:
             continue
-        toks = torch.tensor([pr + resp])
+        pr = tokenizer.encode_chat(T.messages(t, system))
+        toks = torch.tensor([pr + list(resp)])
         tg = toks[:, 1:].clone()
         tg[:, : len(pr) - 1] = -1
         kls.append(float((token_logps(policy(toks[:, :-1]), tg) - token_logps(ref(toks[:, :-1]), tg)).sum()))
@@ -274,7 +270,7 @@ def run_ppo(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
             metrics.update(reward_before=before["reward"], reward_after=after["reward"],
                            exact_match_before=before["exact_match"], exact_match_after=after["exact_match"],
                            win_rate=win_rate(after["rewards"], before["rewards"]),
-                           heldout_kl=heldout_kl(policy, ref, tok, heldout, after["completions"], fc.data.system))
+                           heldout_kl=heldout_kl(policy, ref, tok, heldout, after["token_ids"], fc.data.system))
             log.artifact_json({"tasks": heldout, "before": before["completions"], "after": after["completions"]},
                               "heldout_completions.json")
         ckpt = export(policy, tok, out)
