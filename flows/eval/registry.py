@@ -135,8 +135,9 @@ def register_model(model: str | Path, name: str = DEFAULT_NAME, *, run_id: str |
         if text.startswith("runs:/"):
             source, src_run = text, text[len("runs:/"):].split("/", 1)[0]
         else:
-            setup_mlflow(tracking_uri)
             active = mlflow.active_run()
+            if active is None:  # inside a run (the lifecycle's step) its URI and experiment stay
+                setup_mlflow(tracking_uri)
             if run_id is None and active is not None:
                 run_id = active.info.run_id
             if active is not None and active.info.run_id == run_id:

@@ -166,8 +166,10 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
 
     from flows.tracking import git_sha, setup_mlflow
 
-    setup_mlflow(tracking_uri or cfg["mlflow"]["tracking_uri"], experiment or cfg["mlflow"]["experiment"])
     nested = mlflow.active_run() is not None
+    exp = experiment or cfg["mlflow"]["experiment"]
+    if not nested or exp:  # a nested run (inside the lifecycle's step) keeps its parent's store and experiment
+        setup_mlflow(tracking_uri or cfg["mlflow"]["tracking_uri"], exp)
     with mlflow.start_run(run_name=run_name or f"eval-{cfg['name']}", nested=nested) as run:
         mlflow.set_tags({"herd.stage": "eval", "herd.git_sha": git_sha(), "herd.model_uri": uri,
                          "eval.config_hash": chash, **({"herd.model_version": version} if version else {}),
