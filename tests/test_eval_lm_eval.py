@@ -75,7 +75,8 @@ def test_generate_until_stops_at_until(tiny_lm):
     ])
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
     assert "\n" not in outs[0]
-    assert len(tiny_lm.tok_encode(outs[1])) <= 4
+    assert len(tiny_lm.tok_encode(outs[1], add_special_tokens=False)) <= 4
+    assert tiny_lm.tok_encode("Hi")[0] == tiny_lm.tok.bos_id  # Llama 3: BOS first, as transformers
 
 
 def test_lm_eval_task_on_herd_equals_herd_runner(tiny_lm, tmp_path):

@@ -83,8 +83,9 @@ def test_new_task_from_a_spec_file_alone(tiny, tmp_path):
         assert pred["question"] == f"Q: {row['q']}\nA:"
         reqs = []
         for c in row["opts"]:
-            whole = tok.encode(ctx + " " + c)
-            ctx_ids = tok.encode(ctx)
+            # Llama 3 text starts with <|begin_of_text|>, as transformers' tokenizer does by default
+            whole = tok.encode(ctx + " " + c, bos=True)
+            ctx_ids = tok.encode(ctx, bos=True)
             reqs.append((ctx_ids, whole[len(ctx_ids):]))
         lls = [ll for ll, _ in reference_loglikelihood(model, reqs, 512)]
         assert pred["loglikelihoods"] == pytest.approx(lls, abs=1e-3)

@@ -57,7 +57,10 @@ class HerdLM(TemplateLM):
         return self.scorer.max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tok.encode(string, bos=bool(add_special_tokens) and self.tok.bos_id is not None)
+        bos = self.scorer.add_bos if add_special_tokens is None else bool(add_special_tokens)
+        if bos and self.tok.bos_id is not None and string.startswith(self.tok.decode([self.tok.bos_id])):
+            bos = False  # the text already starts with BOS (lm-eval's has_bos_prefix rule)
+        return self.tok.encode(string, bos=bos and self.tok.bos_id is not None)
 
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tok.decode(list(tokens))

@@ -134,13 +134,16 @@ def generate_texts(model, tokenizer, prompts: list[str], max_tokens: int, until:
     """Greedy, batched; prompts longer than the window lose tokens from the left."""
     from model.generate import SamplingParams, generate
 
+    from flows.eval.scoring import default_add_bos
+
+    add_bos = default_add_bos(tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_strings=tuple(until))
     keep = model.config.max_seq_len - max_tokens
     if keep < 1:
         raise HerdError(f"max_tokens {max_tokens} leaves no room for a prompt in a {model.config.max_seq_len}-token window")
     encoded = []
     for p in prompts:
-        ids = tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p)
+        ids = tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p, bos=add_bos)
         encoded.append((ids or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id])[-keep:])
     out = []
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths decode together

@@ -17,7 +17,8 @@ context), is_greedy) per request, exactly the quantity lm-evaluation-harness com
 
 Tokenisation follows lm-eval's `_encode_pair`: trailing spaces of the context move to the
 continuation, the pair is encoded whole, and the continuation is the whole minus the context's
-tokens. An empty context is replaced by the prefix token (BOS, else EOS).
+tokens. An empty context is replaced by the prefix token (BOS, else EOS). Contexts start with
+BOS where transformers' tokenizer adds it by default (Llama 3; not SmolLM2), see default_add_bos.
 """
 from __future__ import annotations
 
@@ -52,12 +53,26 @@ def _project_at(rows: torch.Tensor, cols: torch.Tensor):
     return head
 
 
+def default_add_bos(tokenizer) -> bool:
+    """Whether a plain-text prompt starts with BOS, as transformers' tokenizer for the same model
+    does by default: Llama 3 (`<|begin_of_text|>`) yes; SmolLM2 and other GPT-2-style BPEs no."""
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is None or not hasattr(tokenizer, "decode"):
+        return False
+    try:
+        return tokenizer.decode([bos]) == "<|begin_of_text|>"
+    except Exception:  # a tokenizer without that id in its table
+        return False
+
+
 class Scorer:
     """Batched log-likelihoods for a herd model (any object with herd's Transformer interface)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
-                 share_prefix: bool = True, min_prefix: int = 16, token_budget: int = 8192):
+                 share_prefix: bool = True, min_prefix: int = 16, token_budget: int = 8192,
+                 add_bos: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.add_bos = default_add_bos(tokenizer) if add_bos is None else add_bos
         self.batch_size = max(1, int(batch_size))
         self.max_length = int(max_length or model.config.max_seq_len)
         self.share_prefix = share_prefix
@@ -83,8 +98,8 @@ class Scorer:
         if n_spaces:
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
-        whole = self.tokenizer.encode(context + continuation)
-        ctx = self.tokenizer.encode(context)
+        whole = self.tokenizer.encode(context + continuation, bos=self.add_bos)
+        ctx = self.tokenizer.encode(context, bos=self.add_bos)
         return ctx, whole[len(ctx):]
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:

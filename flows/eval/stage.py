@@ -177,8 +177,8 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
         mlflow.log_params({"tasks": ",".join(names), "limit": limit, "data_dir": data_dir,
                            "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], "model": uri,
                            "max_length": scorer.max_length,
-                           **{f"{e['task'] if isinstance(e['task'], str) else s.name}.num_fewshot":
-                              e.get("num_fewshot", s.num_fewshot) for e, s in zip(entries, specs)}})
+                           **{f"{s.name}.num_fewshot": e.get("num_fewshot", s.num_fewshot)
+                              for e, s in zip(entries, specs) if s.type == "multiple_choice"}})
         mlflow.log_dict({**cfg, "resolved_tasks": entries}, "eval_config.yaml")
         for s in specs:
             mlflow.log_dict({k: v for k, v in dataclasses.asdict(s).items() if k != "source"}
