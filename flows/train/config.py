@@ -139,7 +139,7 @@ class PretrainConfig:
             (t.micro_batch >= 1 and t.grad_accum >= 1, "training.micro_batch and grad_accum must be >= 1"),
             (t.precision in ("auto", "bf16", "fp32"), "training.precision must be auto, bf16 or fp32"),
             (t.activation_checkpointing in ("none", "full"), "training.activation_checkpointing must be none or full"),
-            (t.loss_chunk >= 1, "training.loss_chunk must be >= 1"),
+            (t.loss_chunk >= 0, "training.loss_chunk must be >= 0 (0: automatic)"),
             (o.lr > 0, "optimizer.lr must be > 0"),
             (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)"),
             (set(o.no_decay) <= {"norm", "embedding", "output"}, "optimizer.no_decay may list norm, embedding, output"),
