@@ -9,7 +9,7 @@ aggregate output tok/s and time to first token p50/p99 for:
   its wait behind earlier ones; measured on --hf-requests requests, then replayed per concurrency);
 * (b) `transformers serve --continuous-batching`, if it starts here.
 
-    python -m bench serve [--dtype bfloat16] [--max-tokens 64] [--concurrency 1,8,32]
+    python -m bench.serve [--dtype float32] [--max-tokens 64] [--concurrency 1,8,32]
 """
 from __future__ import annotations
 
@@ -234,10 +234,11 @@ def bench_hf_serve(args, hf_dir: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="float32 by default: CPUs without AVX512-BF16/AMX emulate bf16 matmuls")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--requests", type=int, default=1, help="requests per client (concurrency 1: one more)")
     ap.add_argument("--hf-requests", type=int, default=6, help="requests measured for (a)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip", default="", help="comma list of herd,a,b to skip")

@@ -100,7 +100,14 @@ def deploy(model_path: str | Path | None = None, config: str | Path | dict | Non
         ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == "HERD_API_KEY"}}
                  if os.environ.get("HERD_API_KEY") else None)
-    serve.start(http_options={"host": host, "port": port})
+    for attempt in range(3):  # on a busy machine the proxy may miss Serve's 60 s start-up window
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            break
+        except ray.exceptions.RayActorError:
+            if attempt == 2:
+                raise
+            log.warning("Serve's HTTP proxy did not start; retrying")
     load_server_config(app_args)
     bound = HerdLLMServer.options(**options).bind(app_args)
     name, prefix = spec.get("name", "herd"), spec.get("route_prefix", "/")
