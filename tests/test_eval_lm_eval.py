@@ -51,7 +51,7 @@ def test_loglikelihood_equals_plain_forward(tiny_lm):
     enc = []
     for ctx, cont in reqs:
         if ctx == "":
-            enc.append(([tiny_lm.prefix_token_id], tiny_lm.tok_encode(cont)))
+            enc.append(([tiny_lm.prefix_token_id], tiny_lm.tok_encode(cont, add_special_tokens=False)))
         else:
             c = tiny_lm.tok_encode(ctx)
             enc.append((c, tiny_lm.tok_encode(ctx + cont)[len(c):]))
@@ -62,7 +62,7 @@ def test_loglikelihood_equals_plain_forward(tiny_lm):
 def test_loglikelihood_rolling_covers_long_texts(tiny_lm):
     text = " ".join(f"word{i}" for i in range(120))  # longer than the 64-token window
     (ll,) = tiny_lm.loglikelihood_rolling([_inst("loglikelihood_rolling", (text,))])
-    tokens = tiny_lm.tok_encode(text)
+    tokens = tiny_lm.tok_encode(text, add_special_tokens=False)  # the prefix token (BOS) conditions the first
     assert len(tokens) > 64
     windows = tiny_lm.scorer.rolling_windows(tokens)
     assert ll == pytest.approx(sum(w for w, _ in reference_loglikelihood(tiny_lm.model, windows, 64)), abs=1e-3)
