@@ -11,7 +11,7 @@ MODEL_FILES = ("herd.json", "config.json")
 def resolve_model(spec: str) -> Path:
     """A local path for `spec`: a herd/HF folder or .gguf file, `smollm2`, or `models:/name@alias`
     (`models:/name/version`), downloaded from the MLflow registry (MLFLOW_TRACKING_URI)."""
-    if spec.startswith("models:/"):
+    if spec.startswith(("models:/", "runs:/")):
         return resolve_registry_uri(spec)
     from model.cli import resolve_model_path
 
