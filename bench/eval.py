@@ -6,7 +6,7 @@ dequantises the same file), same questions (the first --limit test questions of 
 from the same CSVs). Reports questions/s for each, the ratio, both accuracies, per-question
 agreement and whether the prompts are identical. Needs `pip install lm-eval` (the bench extra).
 
-    python -m bench eval                       # 2 questions x 57 subjects
+    python -m bench eval                       # 10 questions x 57 subjects
     python -m bench.eval --limit 5 --subjects abstract_algebra,anatomy --adapter
 """
 from __future__ import annotations
@@ -98,7 +98,8 @@ def _samples(out: dict, prefix: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="bench.eval", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(DATA))
-    p.add_argument("--limit", type=int, default=2, help="test questions per subject")
+    p.add_argument("--limit", type=int, default=10,
+                   help="test questions per subject (the full test set averages 246: more amortises each subject's shared few-shot prefix)")
     p.add_argument("--subjects", default="", help="comma-separated (default all 57)")
     p.add_argument("--batch-size", type=int, default=16, help="herd's batch size")
     p.add_argument("--hf-batch-size", type=int, default=8, help="lm-eval HF backend batch size")
