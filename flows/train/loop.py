@@ -270,12 +270,12 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
 
     # --- train -------------------------------------------------------------------------------
     losses: list[float] = []
-    window_time, window_tokens, last_metrics = 0.0, 0, {}
+    window_time, window_tokens, last_metrics, initial = 0.0, 0, {}, {}
     last_persisted = None
     params = [p for p in par.model.parameters() if p.requires_grad]
     if step == 0 and task.eval_data is not None and cfg.eval.every:
         val = evaluate(par, task, cfg.eval.batches, amp, dev)  # the starting point of the curve
-        last_metrics.update({"initial_" + k: v for k, v in val.items()})
+        initial = {"initial_" + k: v for k, v in val.items()}
         if rt.rank == 0 and rt.logger:
             rt.logger.metrics(val, 0)
     while step < t.steps:
@@ -311,7 +311,7 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
             last_metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
                             "tokens_per_s_per_device": tps / rt.world_size, "step_time_s": window_time / max(1, cfg.logging.every),
                             "mfu": tps * flops_tok / (peak * rt.world_size) if flops_tok else 0.0,
-                            "tokens_seen": step * global_tokens, **memory_gb(dev)}
+                            "tokens_seen": step * global_tokens, **memory_gb(dev), **initial}
             window_time, window_tokens = 0.0, 0
             if rt.rank == 0 and rt.logger:
                 rt.logger.metrics(last_metrics, step)
@@ -325,7 +325,7 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
                                   {**last_metrics, "loss": loss})
         _maybe_inject_fault(cfg, rt, step)
 
-    final = {**last_metrics, "loss": losses[-1] if losses else float("nan"), "step": step}
+    final = {**initial, **last_metrics, "loss": losses[-1] if losses else float("nan"), "step": step}
     return TrainResult(step, final["loss"], final, last_persisted, resumed_from, warn_msgs, losses)
 
 
