@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.herd-installed
 
-.PHONY: setup run test test-unit bench clean
+.PHONY: setup run test test-acceptance test-unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,8 +24,13 @@ run: setup
 	$(VENV)/bin/herd generate --model $(RUN_DIR)/smollm2 --chat --max-tokens 48 \
 		--prompt "What is the capital of France? Answer in one sentence."
 
+# CI tier: unit, slow and integration tests. The acceptance tier (long measurement runs whose
+# figures go in issue notes) is separate: `make test-acceptance`.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not acceptance" tests
+
+test-acceptance: setup
+	$(PY) -m pytest -q -s -m acceptance tests
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not slow and not integration" tests

@@ -107,6 +107,7 @@ def test_lm_eval_task_on_herd_equals_herd_runner(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.acceptance
 def test_mmlu_matches_lm_eval_hf_on_smollm2(smollm2_dir, smollm2_gguf, shared_data, tmp_path):
     """herd's MMLU (5-shot) vs lm-eval's HF backend on the same GGUF, questions and prompt:
     identical prompts and the same per-question verdicts on a small subset."""

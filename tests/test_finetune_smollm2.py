@@ -9,7 +9,7 @@ import pytest
 
 from flows.finetune.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.acceptance]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -16,7 +16,7 @@ from flows import lifecycle as lcm
 
 REPO = Path(__file__).resolve().parents[1]
 E2E = REPO / "configs" / "lifecycle" / "e2e.yaml"
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.acceptance]
 
 
 @pytest.fixture(scope="module")
