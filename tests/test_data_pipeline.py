@@ -55,7 +55,8 @@ def test_prep_end_to_end(tmp_path, ray_local, smollm2_dir):
     good, bad = english_docs()
     assert len(good) == 40
     # exact copies (the second differs only in whitespace), near copies, filtered documents
-    docs = good + [good[0], good[1] + "  \n", good[2].replace(" the ", " a ", 3), good[3] + " Extra words here."] + bad
+    longest = sorted(good, key=len)[-2:]  # near copies of long documents: Jaccard well above 0.8
+    docs = good + [good[0], good[1] + "  \n", longest[0].replace(" the ", " a ", 1), longest[1] + " Extra words here."] + bad
     src = tmp_path / "in.jsonl"
     n_lines = write_input(src, docs)
     cfg = config_from_dict({
