@@ -6,10 +6,10 @@ that names the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.configs import build, read_yaml_mapping
 from model.errors import HerdError
 
 
@@ -231,61 +231,9 @@ class DataConfig:
         return out
 
 
-def _coerce(value, hint, where: str):
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise HerdError(f"data config: {where} must be a mapping")
-        return _build(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise HerdError(f"data config: {where} must be a list")
-        (item,) = typing.get_args(hint) or (object,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise HerdError(f"data config: {where} must be true or false, not {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise HerdError(f"data config: {where} must be an integer, not {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise HerdError(f"data config: {where} must be a number, not {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise HerdError(f"data config: {where} must be a string, not {value!r}")
-        return value
-    return value
-
-
-def _build(cls, data: dict, where: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise HerdError(f"data config: unknown key '{key}'")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict | None) -> DataConfig:
-    return _build(DataConfig, data or {})
+    return build(DataConfig, data or {}, "data")
 
 
 def load_config(path: str | Path) -> DataConfig:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise HerdError(f"data config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise HerdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is not None and not isinstance(data, dict):
-        raise HerdError(f"{path}: the top level must be a mapping")
-    return config_from_dict(data)
+    return config_from_dict(read_yaml_mapping(path, "data"))

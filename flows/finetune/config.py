@@ -6,10 +6,10 @@ wrongly typed value is a one-line HerdError naming it.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.configs import build
 from model.errors import HerdError
 
 
@@ -173,47 +173,8 @@ class FinetuneConfig:
         return config_from_dict(d)
 
 
-def _coerce(value, hint, where: str):
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise HerdError(f"finetune config: {where} must be a mapping")
-        return _build(hint, value, where)
-    if origin is list or hint is list:
-        if not isinstance(value, list):
-            raise HerdError(f"finetune config: {where} must be a list")
-        (item,) = typing.get_args(hint) or (object,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise HerdError(f"finetune config: {where} must be true or false, not {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise HerdError(f"finetune config: {where} must be an integer, not {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise HerdError(f"finetune config: {where} must be a number, not {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise HerdError(f"finetune config: {where} must be a string, not {value!r}")
-        return value
-    return value
-
-
-def _build(cls, data: dict, where: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise HerdError(f"finetune config: unknown key '{where + '.' if where else ''}{unknown[0]}'")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()})
-
-
 def config_from_dict(data: dict | None) -> FinetuneConfig:
-    return _build(FinetuneConfig, data or {})
+    return build(FinetuneConfig, data or {}, "finetune")
 
 
 def load_config(path: str | Path | None, stage: str | None = None) -> FinetuneConfig:
