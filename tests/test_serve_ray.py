@@ -138,6 +138,7 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.acceptance
 def test_autoscaling_up_under_load_and_back_down(tmp_path):
     """64 concurrent streaming clients on 127.0.0.1 until a second replica runs (at most 150 s: a
     replica starts slowly on a busy 2-core machine): 1 -> 2 replicas, then back to 1 without load."""

@@ -9,7 +9,7 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.acceptance]
 
 
 def _need_shared():
