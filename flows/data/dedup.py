@@ -36,7 +36,8 @@ _CHUNK = 1 << 13  # shingles per (chunk, num_perm) block: ~7 MB of uint64 for 11
 
 
 def exact_hash(text: str) -> int:
-    return xxhash.xxh3_64_intdigest(text)
+    # xxhash 4 hashes bytes only; utf-8 is what 3.x hashed for a str, so digests are unchanged.
+    return xxhash.xxh3_64_intdigest(text.encode())
 
 
 def simplify(text: str) -> list[str]:
@@ -67,7 +68,7 @@ class MinHasher:
             ws = simplify(text)
             grams = [" ".join(ws[j : j + k]) for j in range(len(ws) - k + 1)]
             counts[i] = len(grams)
-            hashes += map(xxhash.xxh64_intdigest, grams)
+            hashes += (xxhash.xxh64_intdigest(g.encode()) for g in grams)
         has = counts > 0
         if has.any():
             shingles = np.array(hashes, dtype=np.uint64)

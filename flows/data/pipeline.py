@@ -196,9 +196,9 @@ def _semdedup(ds, cfg: DataConfig):
 
 def _quality(ds, cfg: DataConfig, out: Path, log):
     import ray
-    import xxhash
 
     from flows.data import quality
+    from flows.data.dedup import exact_hash
 
     q = cfg.quality
     cols = _columns(ds, ["seq", "id"])
@@ -207,7 +207,7 @@ def _quality(ds, cfg: DataConfig, out: Path, log):
         log(f"quality: {n} documents left, too few to label; stage skipped")
         return ds, None, n, {"skipped": "too few documents"}
     # A stable sample: the documents whose hashed id is smallest.
-    order = sorted(range(n), key=lambda i: xxhash.xxh3_64_intdigest(f"{q.seed}:{cols['id'][i]}"))
+    order = sorted(range(n), key=lambda i: exact_hash(f"{q.seed}:{cols['id'][i]}"))
     pick = np.array(sorted(int(cols["seq"][i]) for i in order[: q.sample_size]), dtype=np.int64)
     texts = _texts_for(ds, pick)
     t = time.perf_counter()

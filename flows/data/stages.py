@@ -104,12 +104,12 @@ def decisions_to_arrays(decisions: dict[int, str]) -> tuple[np.ndarray, np.ndarr
 
 def validation_mask(ids: list[str], fraction: float, seed: int) -> np.ndarray:
     """Split by document: a stable hash of (seed, id) decides, whatever the order or batch."""
-    import xxhash
+    from flows.data.dedup import exact_hash
 
     if fraction <= 0:
         return np.zeros(len(ids), dtype=bool)
     limit = int(fraction * (1 << 64))
-    return np.array([xxhash.xxh3_64_intdigest(f"{seed}:{i}") < limit for i in ids], dtype=bool)
+    return np.array([exact_hash(f"{seed}:{i}") < limit for i in ids], dtype=bool)
 
 
 class TokenizeStage:
