@@ -8,12 +8,13 @@ into a run nested under it where they open their own.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 from model.errors import HerdError
 
-from flows.lifecycle import Stage, StepContext, lineage_tags, tag_model_version
+from flows.lifecycle import Stage, StepContext, lineage_tags, tag_model_version, tree_digest
 
 MODEL_FROM = ["ppo", "dpo", "rs", "sft", "pretrain"]
 
@@ -72,29 +73,72 @@ def pretrain_stage(ctx: StepContext) -> dict:
                        storage_path=str(storage), resume=resume, mlflow=False, export_dir=ctx.out_dir / "model")
     if not res.model_dir:
         raise HerdError("pretrain produced no model")
-    metrics = {k: float(v) for k, v in (res.metrics or {}).items() if isinstance(v, (int, float))}
-    from flows.lifecycle import tree_digest
-
+    metrics = _flat_metrics(res.metrics)
     return {"outputs": {"model_dir": res.model_dir, "checkpoint": res.checkpoint}, "metrics": metrics,
             "digest": tree_digest([Path(res.model_dir)]),
             "summary": f"loss {metrics.get('loss', float('nan')):.3f}" + (" (resumed)" if resume else "")}
 
 
+# flows.finetune's entry point per lifecycle stage (each returns StageResult(checkpoint, metrics, run_id))
+FINETUNE_FNS = {"sft": "run_sft", "rs": "run_rejection_sampling", "dpo": "run_dpo", "ppo": "run_ppo"}
+
+
+def _flat_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers of a stage's metrics (finetune's also hold dicts, strings and run ids, which stay
+    in its own MLflow run); non-finite values are dropped so cached and fresh results compare equal."""
+    out = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def finetune_config(kind: str, ctx: StepContext):
+    """The stage's FinetuneConfig: its YAML with the lifecycle's seed, and MLflow pointed at the
+    lifecycle's store and experiment (so its run nests under the step run)."""
+    from flows.finetune.config import config_from_dict
+
+    stage = ctx.config.get("stage", kind)
+    if stage != kind:
+        raise HerdError(f"lifecycle config: stages.{kind}.config: stage is {stage!r}, expected {kind!r}")
+    sampling = {**(ctx.config.get("sampling") or {}), "seed": ctx.seed}
+    mlflow = {"enabled": True, "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}
+    try:
+        return config_from_dict({**ctx.config, "stage": kind, "seed": ctx.seed, "sampling": sampling, "mlflow": mlflow})
+    except HerdError as e:
+        raise HerdError(f"lifecycle config: stages.{kind}: {e}") from None
+
+
 def _finetune(kind: str):
     def stage(ctx: StepContext) -> dict:
-        try:
-            import flows.finetune as ft
-            fn = getattr(ft, f"run_{kind}")
-        except (ImportError, AttributeError):
-            raise HerdError(f"stage {kind}: flows.finetune.run_{kind} is not available in this checkout; "
-                            f"set stages.{kind}.enabled: false") from None
-        res = fn(ctx.config, model=ctx.model_dir(), output=str(ctx.out_dir / "model"), seed=ctx.seed)
-        model_dir = getattr(res, "model_dir", None) or (res.get("model_dir") if isinstance(res, dict) else None)
-        metrics = getattr(res, "metrics", None) or (res.get("metrics") if isinstance(res, dict) else {}) or {}
-        return {"outputs": {"model_dir": str(model_dir or ctx.out_dir / "model")},
-                "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+        import flows.finetune as ft
+
+        fc = finetune_config(kind, ctx)
+        fn = getattr(ft, FINETUNE_FNS[kind])
+        base = ctx.model_dir()
+        ctx.log(f"{FINETUNE_FNS[kind]} on {base}: {fc.train.steps} steps, seed {fc.seed}")
+        res = fn(fc, base, ctx.out_dir, run_name=f"{kind}-{ctx.lifecycle['name']}")
+        metrics = _flat_metrics(res.metrics)
+        ctx.log(f"done: {_finetune_summary(metrics)}; MLflow run {res.run_id}")
+        return {"outputs": {"model_dir": str(res.checkpoint), "finetune_run_id": res.run_id or ""},
+                "metrics": metrics, "digest": tree_digest([Path(res.checkpoint)]),
+                "summary": _finetune_summary(metrics)}
     stage.__name__ = f"{kind}_stage"
     return stage
+
+
+def _finetune_summary(m: dict) -> str:
+    parts = []
+    for name, before, after in (("exact", "exact_match_before", "exact_match_after"),
+                                ("reward", "reward_before", "reward_after"),
+                                ("margin", "heldout_margin_before", "heldout_margin_after")):
+        if before in m and after in m:
+            parts.append(f"{name} {m[before]:.3g}->{m[after]:.3g}")
+    if "train_loss_first" in m:
+        parts.append(f"loss {m['train_loss_first']:.3g}->{m['train_loss_last']:.3g}")
+    if "kept" in m:
+        parts.append(f"kept {m['kept']:.0f}/{m.get('prompts', 0):.0f}")
+    return ", ".join(parts[:3])
 
 
 # --- evaluation and registry -------------------------------------------------------------------
@@ -207,7 +251,7 @@ MODEL = {"model": MODEL_FROM}
 STAGES: dict[str, Stage] = {
     "data": Stage("data", data_stage, code=["flows/data", "model/tokenizer.py"]),
     "pretrain": Stage("pretrain", pretrain_stage, {"data": ["data"]}, code=["flows/train", "model"], resumable=True),
-    "sft": Stage("sft", _finetune("sft"), {"model": _after("sft"), "data": ["data"]}, code=["flows/finetune", "model"], resumable=True),
+    "sft": Stage("sft", _finetune("sft"), {"model": _after("sft")}, code=["flows/finetune", "model"], resumable=True),
     "rs": Stage("rs", _finetune("rs"), {"model": _after("rs")}, code=["flows/finetune", "model"], resumable=True),
     "dpo": Stage("dpo", _finetune("dpo"), {"model": _after("dpo")}, code=["flows/finetune", "model"], resumable=True),
     "ppo": Stage("ppo", _finetune("ppo"), {"model": _after("ppo")}, code=["flows/finetune", "model"], resumable=True),

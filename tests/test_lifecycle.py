@@ -218,3 +218,89 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     assert mv.tags["herd.lineage.parent_run_id"] == resumed.parent_run_id
     assert mv.tags["herd.lineage.config_hash"] == resumed.config_hash
     assert len(mv.tags["herd.lineage.git_sha"]) >= 7
+
+
+# --- the real finetune adapters on a tiny random model ---------------------------------------------
+
+# Tiny post-training configs (tests/test_finetune_stages.py's sizes): mechanics, not quality.
+TINY_FT = {"model": {"max_seq_len": 96}, "data": {"tasks": 12, "heldout": 3},
+           "train": {"steps": 2, "micro_batch": 2, "lr": 1.0e-3, "warmup_steps": 0},
+           "sampling": {"n": 2, "max_tokens": 3}, "eval_max_tokens": 3,
+           "rejection": {"prompts": 4, "workers": 0}, "reward": {"threshold": 0.0}, "dpo": {"pairs": 6},
+           "ppo": {"iterations": 1, "prompts_per_iter": 2, "group_size": 2, "minibatch": 4, "epochs": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import dataclasses
+
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import get_preset
+    from model.model import Transformer
+    from model.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    m = Transformer(dataclasses.replace(get_preset("tiny"), max_seq_len=256))
+    m.init_weights(seed=0)
+    return str(save_checkpoint(m, tmp_path_factory.mktemp("tiny") / "model", load_tokenizer("llama3")))
+
+
+def test_finetune_config_takes_the_lifecycle_seed_and_store(tmp_path):
+    from flows import lifecycle_stages as ls
+
+    ctx = StepContext("dpo", "k" * 64, {**TINY_FT, "seed": 3, "sampling": {"seed": 5}}, {}, {}, tmp_path, 11, {},
+                      {"tracking_uri": "sqlite:////x/m.db", "experiment": "e", "base_model": "b", "name": "n"})
+    fc = ls.finetune_config("dpo", ctx)
+    assert (fc.stage, fc.seed, fc.sampling.seed) == ("dpo", 11, 11)
+    assert (fc.mlflow.enabled, fc.mlflow.tracking_uri, fc.mlflow.experiment) == (True, "sqlite:////x/m.db", "e")
+    with pytest.raises(HerdError, match=r"stages.dpo.config: stage is 'sft', expected 'dpo'"):
+        ls.finetune_config("dpo", dataclasses_replace(ctx, config={"stage": "sft"}))
+    with pytest.raises(HerdError, match=r"stages.dpo: .*train.steps"):
+        ls.finetune_config("dpo", dataclasses_replace(ctx, config={"train": {"steps": 0}}))
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+@pytest.mark.integration
+def test_sft_rs_dpo_ppo_chain_through_the_finetune_entry_points(ray_local, tiny_model, tmp_path):
+    """Each finetune stage starts from the previous one's checkpoint, logs a finetune run nested
+    under its step run in the lifecycle's store, and a rerun is fully cached."""
+    from mlflow import MlflowClient
+
+    from flows.lifecycle_stages import STAGES
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    stages = {k: STAGES[k] for k in ("sft", "rs", "dpo", "ppo")}
+    ft = {"config": "", "overrides": TINY_FT, "resources": {"num_cpus": 1}}
+    cfg = {"name": "ft", "seed": 5, "workdir": str(tmp_path / "runs"), "base_model": tiny_model,
+           "mlflow": {"experiment": "ft"}, "stages": {k: ft for k in stages}}
+    res = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
+    assert [r["status"] for r in res.steps.values()] == ["ran"] * 4
+    c = MlflowClient(uri)
+    prev = tiny_model
+    for name in ("sft", "rs", "dpo", "ppo"):
+        step = res.steps[name]
+        got = json.loads(c.get_run(step["run_id"]).data.tags["herd.step.inputs"])["model"]
+        upstream = {"sft": None, "rs": "sft", "dpo": "rs", "ppo": "dpo"}[name]
+        assert (got and got["stage"]) == upstream  # sft starts from base_model, the rest from the one before
+        ft_run = c.get_run(step["outputs"]["finetune_run_id"])
+        assert ft_run.data.tags["mlflow.parentRunId"] == step["run_id"]  # nested under the step run
+        assert ft_run.data.tags["herd.stage"] == f"finetune/{name}"
+        assert ft_run.data.params["seed"] == "5"
+        assert all(isinstance(v, float) for v in step["metrics"].values()) and step["metrics"]
+        assert c.get_run(step["run_id"]).data.metrics.keys() == step["metrics"].keys()
+        model_dir = Path(step["outputs"]["model_dir"])
+        assert (model_dir / "model.safetensors").is_file() and str(model_dir).startswith(str(tmp_path / "runs"))
+        assert step["outputs"]["model_dir"] != prev
+        prev = step["outputs"]["model_dir"]
+    assert "train_loss_last" in res.steps["sft"]["metrics"] and "heldout_margin_after" in res.steps["dpo"]["metrics"]
+
+    again = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
+    assert [r["status"] for r in again.steps.values()] == ["cached"] * 4 and not again.used_ray
+    assert again.steps["dpo"]["outputs"] == res.steps["dpo"]["outputs"]
