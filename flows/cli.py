@@ -20,7 +20,7 @@ COMMAND_MODULES = [
     "flows.train.cli",
     "flows.eval.cli",
     "flows.finetune.cli",
-    "flows.lifecycle",
+    "flows.lifecycle_cli",
 ]
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from model.errors import HerdError
 
-from flows.lifecycle import Stage, StepContext, lineage_tags, tag_model_version, tree_digest
+from flows.lifecycle_core import Stage, StepContext, tree_digest
+from flows.lifecycle_lineage import lineage_tags, tag_model_version
 
 MODEL_FROM = ["ppo", "dpo", "rs", "sft", "pretrain"]
 
@@ -66,17 +67,20 @@ def pretrain_stage(ctx: StepContext) -> dict:
     init = cfg.model.init_from or (ctx.lifecycle["base_model"] if ctx.params.get("from_base", True) else "")
     storage = ctx.out_dir / "ray_train"
     name = f"lifecycle-{ctx.key[:16]}"
-    resume = (storage / name).is_dir()  # a killed attempt left checkpoints: continue from them
+    resume = (storage / name).is_dir()  # a killed attempt left its run folder: Ray Train continues it
+    # what a killed attempt persisted (Ray Train restores the newest valid one of them)
+    left = sorted(p.name for p in (storage / name).glob("step-*") if p.is_dir()) if resume else []
     if resume:
-        ctx.log(f"resuming from {storage / name}")
+        ctx.log(f"resuming {storage / name}: checkpoints on disk {', '.join(left) or 'none'}")
     res = run_pretrain(cfg, data_dir=data["outputs"]["data_dir"], init_from=init or None, name=name,
                        storage_path=str(storage), resume=resume, mlflow=False, export_dir=ctx.out_dir / "model")
     if not res.model_dir:
         raise HerdError("pretrain produced no model")
     metrics = _flat_metrics(res.metrics)
-    return {"outputs": {"model_dir": res.model_dir, "checkpoint": res.checkpoint}, "metrics": metrics,
-            "digest": tree_digest([Path(res.model_dir)]),
-            "summary": f"loss {metrics.get('loss', float('nan')):.3f}" + (" (resumed)" if resume else "")}
+    return {"outputs": {"model_dir": res.model_dir, "checkpoint": res.checkpoint, "resumed_with": left},
+            "metrics": metrics, "digest": tree_digest([Path(res.model_dir)]),
+            "summary": f"loss {metrics.get('loss', float('nan')):.3f}" + (f" (resumed: {left[-1]})" if left else
+                                                                         " (resumed)" if resume else "")}
 
 
 # flows.finetune's entry point per lifecycle stage (each returns StageResult(checkpoint, metrics, run_id))
@@ -209,7 +213,8 @@ def deploy_stage(ctx: StepContext) -> dict:
     opts["runtime_env"] = {**(opts.get("runtime_env") or {}),
                            "env_vars": {**env, "MLFLOW_TRACKING_URI": ctx.lifecycle["tracking_uri"]}}
     dep["ray_actor_options"] = opts
-    url = deploy(model, ctx.config or None, deployment=dep, args=ctx.params.get("args"))
+    port = ctx.params.get("port")  # default: the serve config's http_options.port, else 8000
+    url = deploy(model, ctx.config or None, deployment=dep, args=ctx.params.get("args"), port=int(port) if port else None)
     ctx.log(f"deployed {model} at {url}")
     lineage = lineage_tags(ctx)
     (ctx.out_dir / "lineage.json").write_text(json.dumps({"url": url, "model": model, **lineage}, indent=2) + "\n")

@@ -142,8 +142,7 @@ def test_default_config_resolves():
 def ray_local():
     import ray
 
-    lcm.init_ray(num_cpus=2, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    lcm.init_ray(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=lcm.ray_runtime_env())
     yield ray
     ray.shutdown()
 
@@ -164,6 +163,10 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
 
     first = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
     assert [r["status"] for r in first.steps.values()] == ["ran"] * 4
+    from mlflow import MlflowClient
+
+    # artifacts beside the database, not in the working directory (a job's is a temporary copy)
+    assert MlflowClient(uri).get_experiment_by_name("toy").artifact_location == str(tmp_path / "mlruns" / "toy")
     kids = _children(uri, first.parent_run_id)
     assert set(kids) == {"data", "pretrain", "eval", "register"}
     assert all(r.info.status == "FINISHED" for r in kids.values())

@@ -1,0 +1,61 @@
+"""`herd run` and `herd lineage` (flows/cli.py registers them; `python -m flows.lifecycle` is `herd run`)."""
+from __future__ import annotations
+
+import sys
+import time
+
+from flows.lifecycle import run_lifecycle
+from flows.lifecycle_lineage import lineage_command
+
+def _add_run_args(p) -> None:
+    p.add_argument("--config", default="configs/default.yaml", help="lifecycle YAML (configs/default.yaml, configs/lifecycle/*.yaml)")
+    p.add_argument("--force", nargs="+", action="extend", default=[], metavar="STAGE",
+                   help="rerun STAGE and everything downstream of it, cached or not")
+    p.add_argument("--workdir", default=None, help="where step folders go (default: the config's workdir, or $HERD_RUN_DIR)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--serve", action="store_true", help="keep the endpoint up after the run (Ctrl-C stops it)")
+
+
+def register(subparsers) -> None:
+    run = subparsers.add_parser("run", help="the lifecycle: data -> train -> eval -> register -> serve, cached")
+    _add_run_args(run)
+    run.set_defaults(func=run_command)
+    lin = subparsers.add_parser("lineage", help="print the chain from a model back to its raw data")
+    lin.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a run id")
+    lin.add_argument("--tracking-uri", default=None)
+    lin.set_defaults(func=lineage_command)
+
+
+def run_command(args) -> int:
+    res = run_lifecycle(args.config, force=args.force, workdir=args.workdir, tracking_uri=args.tracking_uri)
+    print()
+    print(_table(res.summary_rows(), ["stage", "status", "seconds", "key", "run", "result"]))
+    ran = sum(r["status"] == "ran" for r in res.steps.values())
+    print(f"\n{len(res.steps)} steps: {ran} ran, {len(res.steps) - ran} cached, {res.seconds:.1f}s "
+          f"(parent run {res.parent_run_id})")
+    print(f"MLflow: mlflow server --backend-store-uri {res.tracking_uri} --port 5000   ->  http://127.0.0.1:5000")
+    dep = res.steps.get("deploy")
+    if dep:
+        answer = dep["outputs"].get("smoke_answer")
+        lives = ("; it stops when this command ends (--serve keeps it up)" if res.local_ray and not args.serve else "")
+        print(f"endpoint: {dep['outputs'].get('url')}" + (f"  (smoke answer {answer!r})" if answer else "") + lives)
+        if args.serve:
+            print("serving; Ctrl-C stops", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    return 0
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flows.cli import main as herd_main
+
+    return herd_main(["run", *(sys.argv[1:] if argv is None else argv)])
