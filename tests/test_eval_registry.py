@@ -103,6 +103,23 @@ def test_promotion_moves_champion_only_when_candidate_is_better(store, tmp_path)
     assert promote("herd", rules, tracking_uri=store).reason.endswith("is already champion")
 
 
+def test_same_version_number_in_two_stores_resolves_to_each_stores_model(store, tmp_path):
+    """Version 1 of "herd" exists in every store: the download cache must not hand one store's
+    model to another (it did, when the cache folder was named by name and version alone)."""
+    import mlflow
+
+    other = f"sqlite:///{tmp_path}/other.db"
+    register_model(tiny_checkpoint(tmp_path / "a", seed=1), "herd", tracking_uri=store)
+    mlflow.set_tracking_uri(other)
+    mlflow.set_experiment("herd-test")
+    register_model(tiny_checkpoint(tmp_path / "b", seed=2), "herd", tracking_uri=other)
+    here = load_model(resolve_model_uri("models:/herd/1", tracking_uri=store))[0].state_dict()
+    there = load_model(resolve_model_uri("models:/herd/1", tracking_uri=other))[0].state_dict()
+    assert torch.equal(here["norm.weight"], there["norm.weight"])  # both ones: same architecture
+    assert not torch.equal(here["tok_embeddings.weight"], there["tok_embeddings.weight"])
+    assert torch.equal(here["tok_embeddings.weight"], load_model(tmp_path / "a")[0].state_dict()["tok_embeddings.weight"])
+
+
 def test_registry_errors_are_clear(store, tmp_path):
     with pytest.raises(HerdError, match="models:/herd@champion: not in the registry"):
         resolve_model_uri("models:/herd@champion", tracking_uri=store)

