@@ -85,9 +85,15 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     stop_ids = set(params.stop_ids) | set(cfg.eos_token_ids if tokenizer is None else tokenizer.stop_ids)
 
-    # Prefill row by row: no padding, and each row's last logits are its own.
-    last = []
+    # Prefill row by row: no padding, and each row's last logits are its own. A prompt repeated in the
+    # batch (n samples of one prompt: rejection sampling, GRPO groups) is prefilled once, its cache copied.
+    last, first_row = [], {}
     for i, prompt in enumerate(prompts):
+        j = first_row.setdefault(tuple(prompt), i)
+        if j != i:
+            cache.copy_prefix(j, i, len(prompt))
+            last.append(last[j])
+            continue
         cache.select([i])
         last.append(model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1])
         cache.advance(len(prompt))

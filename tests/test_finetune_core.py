@@ -87,6 +87,31 @@ def test_token_logps_ignores_negative_targets():
     assert out[0, 1] == 0 and out[0, 0] < 0
 
 
+def test_repeated_prompts_share_one_prefill(tiny):
+    """Group sampling (GRPO, rejection sampling) prefills a repeated prompt once: the copies decode
+    exactly as the prompt alone does, and sample independently."""
+    from model.generate import SamplingParams, generate
+
+    p, q = [5, 6, 7, 8], [9, 10, 11]
+    greedy = SamplingParams(max_tokens=5)
+    alone = {tuple(x): generate(tiny, [x], greedy)[0].token_ids for x in (p, q)}
+    prefills = []
+
+    def count_prefill(_module, args):
+        if args[0].shape[1] > 1:  # decode steps feed one token per row
+            prefills.append(args[0].shape[1])
+
+    hook = tiny.register_forward_pre_hook(count_prefill)
+    try:
+        batch = generate(tiny, [p, p, q, p], greedy)
+    finally:
+        hook.remove()
+    assert prefills == [len(p), len(q)]  # one prefill per distinct prompt
+    assert [g.token_ids for g in batch] == [alone[tuple(p)], alone[tuple(p)], alone[tuple(q)], alone[tuple(p)]]
+    sampled = generate(tiny, [p] * 4, SamplingParams(temperature=1.0, max_tokens=5, seed=0))
+    assert len({tuple(g.token_ids) for g in sampled}) > 1
+
+
 # --- masking -------------------------------------------------------------------------------------
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
