@@ -105,3 +105,37 @@ def test_mlflow_child_runs_and_curves(tiny_dir, tmp_path):
     for key in ("margin", "reward_margin", "reward_accuracy", "loss", "heldout_margin_after", "win_rate"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(res.run_id, "margin")) == 2  # a curve: one point per step
+
+
+def test_grpo_dynamic_sampling_keeps_only_informative_groups(tiny_dir):
+    """DAPO-style filtering: groups whose samples all score the same carry no advantage and are
+    replaced by more sampled prompts, up to ppo.max_rounds rounds; the step count does not change."""
+    import copy
+    import zlib
+
+    from flows.finetune.common import load_policy, train_tasks
+    from flows.finetune.ppo import PolicyValue, RolloutData
+
+    fc = cfg(tiny_dir, "ppo", ppo={"algorithm": "grpo", "filter_groups": True, "max_rounds": 4,
+                                   "prompts_per_iter": 2, "group_size": 2, "minibatch": 2},
+             sampling={"n": 2, "max_tokens": 3, "temperature": 1.0})
+    policy, tok = load_policy(tiny_dir)
+    pv = PolicyValue(policy, value_head=False)
+    ref = copy.deepcopy(policy).eval()
+
+    def parity(_task, text):  # a reward that a random model's samples get about half the time
+        return float(zlib.crc32(text.encode()) % 2)
+
+    data = RolloutData(pv, ref, tok, train_tasks(fc), fc, parity)
+    data.rollout()
+    st = data.history[-1]
+    assert st["informative_groups"] == 2 and 2 <= st["sampled_prompts"] <= 8
+    assert len(data.buffer) == data.steps_per_iteration() == 2
+    for b in data.buffer:
+        assert (b.advantages.abs().sum(-1) > 0).all()  # no zero-advantage sample left in the update
+
+    flat = RolloutData(pv, ref, tok, train_tasks(fc), fc, lambda _t, _x: 0.0)
+    flat.rollout()
+    st = flat.history[-1]
+    assert st["informative_groups"] == 0 and st["sampling_rounds"] == 4 and st["sampled_prompts"] == 8
+    assert len(flat.buffer) == 2 and all((b.advantages == 0).all() for b in flat.buffer)

@@ -105,6 +105,10 @@ class PpoSection:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    # grpo: drop groups whose samples all score the same (zero advantage) and sample more prompts,
+    # up to max_rounds rounds of prompts_per_iter (DAPO's dynamic sampling)
+    filter_groups: bool = False
+    max_rounds: int = 4
 
 
 @dataclass
@@ -148,6 +152,8 @@ class FinetuneConfig:
             (self.ppo.group_size >= 1 and self.ppo.epochs >= 1 and self.ppo.minibatch >= 1,
              "ppo.group_size, epochs and minibatch must be >= 1"),
             (0 < self.ppo.clip_eps < 1, "ppo.clip_eps must be in (0, 1)"),
+            (self.ppo.max_rounds >= 1, "ppo.max_rounds must be >= 1"),
+            (not self.ppo.filter_groups or self.ppo.algorithm == "grpo", "ppo.filter_groups needs ppo.algorithm: grpo"),
             (0 <= self.data.heldout_fraction < 1, "data.heldout_fraction must be in [0, 1)"),
         ]
         for ok, msg in checks:

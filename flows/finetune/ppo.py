@@ -68,6 +68,11 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mu) * torch.rsqrt(var + 1e-8) * m
 
 
+def informative_groups(scores: list[float], group_size: int) -> list[int]:
+    """Start index of each group of `group_size` consecutive scores that are not all equal."""
+    return [i for i in range(0, len(scores), group_size) if len(set(scores[i:i + group_size])) > 1]
+
+
 class RolloutBatch:
     FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "old_values", "advantages", "returns", "weights")
 
@@ -100,19 +105,18 @@ class RolloutData:
         return p.epochs * ((n + p.minibatch - 1) // p.minibatch)
 
     @torch.no_grad()
-    def rollout(self):
+    def _sample(self, k: int, round_: int):
+        """`group_size` samples for each of the next k prompts: (rows, response masks, scores)."""
         from model.generate import SamplingParams, generate
 
-        fc, p = self.fc, self.fc.ppo
-        k = p.prompts_per_iter
+        fc, p, s = self.fc, self.fc.ppo, self.fc.sampling
         chosen = [self.tasks[(self.cursor + i) % len(self.tasks)] for i in range(k)]
         self.cursor += k
         prompts = [self.tok.encode_chat(T.messages(t, fc.data.system)) for t in chosen for _ in range(p.group_size)]
         group_tasks = [t for t in chosen for _ in range(p.group_size)]
-        s = fc.sampling
-        self.pv.eval()
-        gens = generate(self.pv.policy, prompts, SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                        max_tokens=s.max_tokens, seed=s.seed + 1000 * self.iteration), self.tok)
+        gens = generate(self.pv.policy, prompts, SamplingParams(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
+            seed=s.seed + 1000 * self.iteration + 100_003 * round_), self.tok)
         stop = next(iter(sorted(self.tok.stop_ids))) if self.tok.stop_ids else self.pad
         rows, masks, scores = [], [], []
         for pr, g, t in zip(prompts, gens, group_tasks):
@@ -122,6 +126,30 @@ class RolloutData:
             rows.append(pr + resp)
             masks.append([False] * len(pr) + [True] * len(resp))
             scores.append(float(self.reward_fn(t, g.text)))
+        return rows, masks, scores
+
+    @torch.no_grad()
+    def rollout(self):
+        p = self.fc.ppo
+        gs = p.group_size
+        self.pv.eval()
+        rows, masks, scores = self._sample(p.prompts_per_iter, 0)
+        sampled, rounds = p.prompts_per_iter, 1
+        if p.filter_groups:
+            # DAPO's dynamic sampling: a group whose samples all score the same has zero advantage and
+            # only dilutes the update, so drop it and sample more prompts (at most `max_rounds` rounds).
+            pool = ([], [], [])
+            while True:
+                for i in informative_groups(scores, gs):
+                    for j, xs in enumerate((rows, masks, scores)):
+                        pool[j].extend(xs[i:i + gs])
+                if len(pool[2]) >= p.prompts_per_iter * gs or rounds >= p.max_rounds:
+                    break
+                rows, masks, scores = self._sample(p.prompts_per_iter, rounds)
+                sampled, rounds = sampled + p.prompts_per_iter, rounds + 1
+            if pool[2]:  # none informative: keep the last round (its update is the KL term alone)
+                rows, masks, scores = (xs[:p.prompts_per_iter * gs] for xs in pool)
+        informative = len(informative_groups(scores, gs))
         tokens = pad_rows(rows, self.pad)
         L = tokens.shape[1]
         mask = torch.tensor([m + [False] * (L - len(m)) for m in masks])[:, 1:]  # over targets
@@ -147,20 +175,22 @@ class RolloutData:
         self.pv.train()
         stats = {"rollout_reward": scores_t.mean().item(), "rollout_kl": (kl_tok.sum(-1)).mean().item(),
                  "rollout_exact_match": (scores_t == 1.0).float().mean().item(),
-                 "response_tokens": mask.sum(-1).float().mean().item(), "iteration": self.iteration}
+                 "response_tokens": mask.sum(-1).float().mean().item(), "iteration": self.iteration,
+                 "informative_groups": informative, "sampled_prompts": sampled, "sampling_rounds": rounds}
         self.history.append(stats)
         if self.log is not None:
             self.log.metrics(stats, self.iteration)
         self.iteration += 1
-        # minibatches for `epochs` passes
-        n = len(rows)
+        # `epochs` passes of `steps_per_epoch` minibatches (fewer rows after filtering: smaller minibatches,
+        # so the loop's step count stays iterations x steps_per_iteration)
+        n, per_epoch = len(rows), self.steps_per_iteration() // p.epochs
         batches = []
         rng = random.Random(self.fc.seed * 31 + self.iteration)
         for _ in range(p.epochs):
             order = list(range(n))
             rng.shuffle(order)
-            for s0 in range(0, n, p.minibatch):
-                idx = torch.tensor(order[s0:s0 + p.minibatch])
+            for b in range(per_epoch):
+                idx = torch.tensor(order[b * n // per_epoch:(b + 1) * n // per_epoch] or order[:1])
                 m = mask[idx]
                 w = m.float() / m.float().sum().clamp(min=1)
                 batches.append(RolloutBatch(tokens=tokens[idx], mask=m, old_logp=old_logp[idx], ref_logp=ref_logp[idx],
