@@ -114,7 +114,7 @@ def test_grpo_dynamic_sampling_keeps_only_informative_groups(tiny_dir):
     import zlib
 
     from flows.finetune.common import load_policy, train_tasks
-    from flows.finetune.ppo import PolicyValue, RolloutData
+    from flows.finetune.ppo import PolicyValue, RolloutData, steps_per_iteration
 
     fc = cfg(tiny_dir, "ppo", ppo={"algorithm": "grpo", "filter_groups": True, "max_rounds": 4,
                                    "prompts_per_iter": 2, "group_size": 2, "minibatch": 2},
@@ -130,7 +130,7 @@ def test_grpo_dynamic_sampling_keeps_only_informative_groups(tiny_dir):
     data.rollout()
     st = data.history[-1]
     assert st["informative_groups"] == 2 and 2 <= st["sampled_prompts"] <= 8
-    assert len(data.buffer) == data.steps_per_iteration() == 2
+    assert len(data.buffer) == steps_per_iteration(fc) == 2
     for b in data.buffer:
         assert (b.advantages.abs().sum(-1) > 0).all()  # no zero-advantage sample left in the update
 

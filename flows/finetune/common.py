@@ -1,16 +1,14 @@
-"""Shared pieces of the post-training stages: policy loading, log-probs, generation-based evaluation,
-the bridge to the pretraining loop (flows/train/loop.py) and MLflow runs."""
+"""Shared pieces of the post-training stages: policy loading, log-probs, generation-based evaluation
+and MLflow runs (the bridge to the pretraining loop is flows/finetune/trainer.py)."""
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from flows.finetune.config import FinetuneConfig
 from model.errors import HerdError
@@ -115,55 +113,26 @@ def win_rate(after: list[float], before: list[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(after, before)) / len(after)
 
 
-# --- the pretraining loop, reused -----------------------------------------------------------------
-
-def loop_config(fc: FinetuneConfig, steps: int | None = None, eval_every: int = 0):
-    from flows.train.config import config_from_dict
-
-    t = fc.train
-    steps = steps or t.steps
-    return config_from_dict({
-        "name": fc.name, "seed": fc.seed,
-        "training": {"steps": steps, "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "precision": "fp32"},
-        "optimizer": {"lr": t.lr, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip, "no_decay": ["norm", "embedding"]},
-        "schedule": {"kind": t.schedule, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio},
-        "checkpoint": {"every": steps, "keep": 2},
-        "eval": {"every": eval_every, "batches": 4},
-        "logging": {"every": 1},
-        "ray": {"workers": 1},
-    })
-
-
-def run_loop(fc: FinetuneConfig, model, tokenizer, task, out_dir: Path, logger=None, steps: int | None = None,
-             eval_every: int = 0, keep_checkpoint: bool = False):
-    """Train `model` in this process with flows.train.loop.train and the stage's Task. The loop writes
-    its resumable checkpoint (weights + optimizer) at the end; unless kept, it is deleted once the
-    stage has exported its model (the export is the stage's product)."""
-    from flows.train.loop import Runtime, train
-
-    cfg = loop_config(fc, steps, eval_every)
-    staging = Path(out_dir) / "train_checkpoints"
-    rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), persist=None, latest=None,
-                 staging_dir=staging, run_dir=Path(out_dir), logger=logger)
-    model.train()
-    result = train(cfg, rt, task=task, model_builder=lambda _cfg: (model, tokenizer))
-    if not keep_checkpoint:
-        shutil.rmtree(staging, ignore_errors=True)
-    return result
-
-
 # --- MLflow ----------------------------------------------------------------------------------------
 
 class RunLog:
     """Metrics for one stage's MLflow run (a no-op when MLflow is off)."""
 
     def __init__(self, mlflow_mod=None, run_id: str | None = None, tracking_uri: str | None = None):
-        self.mlflow, self.run_id = mlflow_mod, run_id
+        self.mlflow, self.run_id, self.tracking_uri = mlflow_mod, run_id, tracking_uri
         self.loop_logger = None
         if run_id:
             from flows.train.metrics import MlflowLogger
 
             self.loop_logger = MlflowLogger(tracking_uri, run_id)
+
+    @classmethod
+    def for_logger(cls, logger) -> "RunLog":
+        """A RunLog over a loop's MlflowLogger (in a Ray Train worker: rank 0's, None elsewhere)."""
+        log = cls()
+        if logger is not None and logger.run_id:
+            log.run_id, log.loop_logger = logger.run_id, logger
+        return log
 
     def metrics(self, values: dict, step: int | None = None) -> None:
         if self.loop_logger is not None:
@@ -230,9 +199,3 @@ def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0
 
-
-def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
-    return model(tokens)
-
-
-__all__ = ["StageResult", "F"]

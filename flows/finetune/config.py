@@ -112,6 +112,17 @@ class PpoSection:
 
 
 @dataclass
+class RaySection:
+    # 0: the loop runs in this process; >= 1: on Ray Train (TorchTrainer, DDP over gloo/NCCL) with
+    # that many workers, each rebuilding the model and data from the stage's spec
+    workers: int = 0
+    cpus_per_worker: int = 1  # also the worker's torch threads
+    use_gpu: bool = False
+    max_failures: int = 0
+    storage_path: str = ""  # Ray Train's run folders ("": <out>/ray); removed after the export
+
+
+@dataclass
 class MlflowSection:
     enabled: bool = True
     tracking_uri: str = ""
@@ -132,6 +143,7 @@ class FinetuneConfig:
     rejection: RejectionSection = field(default_factory=RejectionSection)
     dpo: DpoSection = field(default_factory=DpoSection)
     ppo: PpoSection = field(default_factory=PpoSection)
+    ray: RaySection = field(default_factory=RaySection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
     eval_max_tokens: int = 16
 
@@ -153,6 +165,7 @@ class FinetuneConfig:
              "ppo.group_size, epochs and minibatch must be >= 1"),
             (0 < self.ppo.clip_eps < 1, "ppo.clip_eps must be in (0, 1)"),
             (self.ppo.max_rounds >= 1, "ppo.max_rounds must be >= 1"),
+            (self.ray.workers >= 0 and self.ray.cpus_per_worker >= 1, "ray.workers must be >= 0, ray.cpus_per_worker >= 1"),
             (not self.ppo.filter_groups or self.ppo.algorithm == "grpo", "ppo.filter_groups needs ppo.algorithm: grpo"),
             (0 <= self.data.heldout_fraction < 1, "data.heldout_fraction must be in [0, 1)"),
         ]

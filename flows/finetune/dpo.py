@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from flows.finetune import chat
 from flows.finetune import tasks as T
 from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, export, heldout_tasks, load_policy,
-                                   mean, pad_id_of, pad_masks, pad_rows, resolve_model, run_loop, sequence_logps,
+                                   mean, pad_id_of, pad_masks, pad_rows, resolve_model, sequence_logps,
                                    set_threads, stage_run, train_tasks, win_rate)
 from flows.finetune.config import FinetuneConfig, load_config
+from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
+from flows.train.loop import Task
 from flows.train.losses import LossOutput
 from model.errors import HerdError
 
@@ -137,16 +139,17 @@ def reference_logps(model, pairs: list[TokPair], pad_id: int, cache_dir: Path, m
 
 
 class PairData:
-    """The loop's batch source over preference pairs; weights 1 / (pairs in the step)."""
+    """The loop's batch source over preference pairs: a step takes dp_size x grad_accum x micro_batch
+    pairs (rank r's micro-step m: the micro_batch pairs at (m x dp_size + r) x micro_batch);
+    weights 1 / (pairs in the whole step)."""
 
-    def __init__(self, pairs: list[TokPair], micro_batch: int, grad_accum: int, pad_id: int, seed: int = 0):
+    def __init__(self, pairs: list[TokPair], micro_batch: int, grad_accum: int, pad_id: int, seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1):
         if not pairs:
             raise HerdError("DPO: no usable preference pairs (see the drop counts)")
         self.pairs, self.micro_batch, self.grad_accum, self.pad_id = pairs, micro_batch, grad_accum, pad_id
-        self.seed, self.cursor = seed, 0
+        self.seed, self.cursor, self.dp_rank, self.dp_size = seed, 0, dp_rank, dp_size
         self.seq_len = max(len(p.tokens[0]) for p in pairs)
-        self.pending: list[dict] = []  # per-micro-batch metrics from the loss, flushed each step
-        self.log, self.step = None, 0
 
     def _pair(self, g):
         epoch, i = divmod(g, len(self.pairs))
@@ -154,19 +157,12 @@ class PairData:
         random.Random(self.seed * 7 + epoch).shuffle(order)
         return self.pairs[order[i]]
 
-    def flush(self):
-        if self.pending and self.log is not None:
-            keys = self.pending[0].keys()
-            self.log.metrics({k: mean(m[k] for m in self.pending) for k in keys}, self.step)
-        self.pending = []
-
     def next_step(self):
-        self.flush()
-        self.step += 1
-        per = self.micro_batch
-        ps = [self._pair(self.cursor + k) for k in range(per * self.grad_accum)]
+        per, dp = self.micro_batch, self.dp_size
+        ps = [self._pair(self.cursor + k) for k in range(per * self.grad_accum * dp)]
         self.cursor += len(ps)
-        return [collate(ps[m * per:(m + 1) * per], self.pad_id, 1.0 / len(ps)) for m in range(self.grad_accum)]
+        starts = [(m * dp + self.dp_rank) * per for m in range(self.grad_accum)]
+        return [collate(ps[s:s + per], self.pad_id, 1.0 / len(ps)) for s in starts]
 
     def state_dict(self):
         return {"cursor": self.cursor}
@@ -175,7 +171,9 @@ class PairData:
         self.cursor = int(s["cursor"])
 
 
-def make_loss(beta: float, label_smoothing: float, data: PairData | None = None):
+def make_loss(beta: float, label_smoothing: float = 0.0):
+    """The loop's loss over a PairBatch; its metrics (the per-step curves) are the pairs' means."""
+
     def loss_fn(model, batch: PairBatch) -> LossOutput:
         lp = sequence_logps(model, batch.tokens, batch.masks)
         n = batch.ref_c.shape[0]
@@ -186,10 +184,27 @@ def make_loss(beta: float, label_smoothing: float, data: PairData | None = None)
             m = {"dpo_loss": losses.mean().item(), "margin": (pi_c - pi_r).mean().item(),
                  "reward_chosen": rc.mean().item(), "reward_rejected": rr.mean().item(),
                  "reward_margin": (rc - rr).mean().item(), "reward_accuracy": (rc > rr).float().mean().item()}
-        if data is not None:
-            data.pending.append(m)
         return LossOutput((losses * batch.weights).sum(), batch.weights.sum(), m)
     return loss_fn
+
+
+def dpo_spec(fc: FinetuneConfig, base, pairs: list[TokPair], pad: int) -> TrainSpec:
+    """What DPO trains (rebuildable in a Ray Train worker): the policy (LoRA-wrapped when enabled) on
+    pairs whose reference log-probs are already filled in."""
+    lora, t, d = fc.lora, fc.train, fc.dpo
+
+    def prepare(policy, _tok):
+        if lora.enabled:
+            from flows.finetune.lora import apply_lora
+
+            apply_lora(policy, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+        return policy
+
+    def make_task(module, _tok, rank, world, _log):
+        data = PairData(pairs, t.micro_batch, t.grad_accum, pad, fc.seed, rank, world)
+        return Task(data, None, make_loss(d.beta, d.label_smoothing))
+
+    return TrainSpec(str(base), prepare, make_task)
 
 
 # --- on-policy pairs -------------------------------------------------------------------------------
@@ -264,21 +279,12 @@ def run_dpo(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
         val_ref = pair_logps(model, val_pairs, pad) if val_pairs else []
         margin_before = mean(c - r for c, r in val_ref)
         before = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn) if heldout else None
-        if fc.lora.enabled:
-            from flows.finetune.lora import apply_lora
-
-            apply_lora(model, fc.lora.rank, fc.lora.alpha, fc.lora.target_modules, fc.lora.dropout)
-        data = PairData(tok_pairs, fc.train.micro_batch, fc.train.grad_accum, pad, fc.seed)
-        data.log = log
-        from flows.train.loop import Task
-
-        result = run_loop(fc, model, tok, Task(data, None, make_loss(fc.dpo.beta, fc.dpo.label_smoothing, data)),
-                          out, log.loop_logger)
-        data.flush()
+        spec = dpo_spec(fc, resolve_model(base), tok_pairs, pad)
+        run = run_loop(fc, spec, prepare_module(fc, spec, model, tok), tok, out, log)
         val_after = pair_logps(model, val_pairs, pad) if val_pairs else []
         margin_after = mean(c - r for c, r in val_after)
         acc = mean(float((a[0] - a[1]) > (b[0] - b[1])) for a, b in zip(val_after, val_ref))
-        metrics.update(train_loss_first=result.losses[0], train_loss_last=result.losses[-1],
+        metrics.update(trainer=run.trainer, train_loss_first=run.losses[0], train_loss_last=run.losses[-1],
                        heldout_margin_before=margin_before, heldout_margin_after=margin_after,
                        heldout_reward_accuracy=acc)
         if heldout:

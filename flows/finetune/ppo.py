@@ -16,9 +16,11 @@ from torch import nn
 
 from flows.finetune import tasks as T
 from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, export, heldout_tasks, load_policy,
-                                   mean, pad_id_of, pad_rows, run_loop, set_threads, stage_run, token_logps,
+                                   mean, pad_id_of, pad_rows, resolve_model, set_threads, stage_run, token_logps,
                                    train_tasks, win_rate)
 from flows.finetune.config import FinetuneConfig, load_config
+from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
+from flows.train.loop import Task
 from flows.train.losses import LossOutput
 
 
@@ -88,21 +90,23 @@ class RolloutBatch:
         return self.tokens.numel()
 
 
-class RolloutData:
-    """Batch source: rollouts from the live policy; one minibatch per loop step."""
+def steps_per_iteration(fc: FinetuneConfig) -> int:
+    p = fc.ppo
+    return p.epochs * ((p.prompts_per_iter * p.group_size + p.minibatch - 1) // p.minibatch)
 
-    def __init__(self, pv: PolicyValue, ref, tokenizer, tasks: list[dict], fc: FinetuneConfig, reward_fn, log=None):
+
+class RolloutData:
+    """Batch source: rollouts from the live policy; one minibatch per loop step. Each data-parallel
+    rank rolls out its own prompts; weights 1 / (response tokens of the minibatch x dp_size)."""
+
+    def __init__(self, pv: PolicyValue, ref, tokenizer, tasks: list[dict], fc: FinetuneConfig, reward_fn, log=None,
+                 dp_rank: int = 0, dp_size: int = 1):
         self.pv, self.ref, self.tok, self.tasks, self.fc, self.reward_fn, self.log = pv, ref, tokenizer, tasks, fc, reward_fn, log
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.buffer: list[RolloutBatch] = []
         self.iteration, self.cursor, self.history = 0, 0, []
-        self.pending: list[dict] = []
         self.pad = pad_id_of(tokenizer)
         self.seq_len = fc.model.max_seq_len
-
-    def steps_per_iteration(self) -> int:
-        p = self.fc.ppo
-        n = p.prompts_per_iter * p.group_size
-        return p.epochs * ((n + p.minibatch - 1) // p.minibatch)
 
     @torch.no_grad()
     def _sample(self, k: int, round_: int):
@@ -110,13 +114,14 @@ class RolloutData:
         from model.generate import SamplingParams, generate
 
         fc, p, s = self.fc, self.fc.ppo, self.fc.sampling
-        chosen = [self.tasks[(self.cursor + i) % len(self.tasks)] for i in range(k)]
-        self.cursor += k
+        first = self.cursor + self.dp_rank * k
+        chosen = [self.tasks[(first + i) % len(self.tasks)] for i in range(k)]
+        self.cursor += k * self.dp_size
         prompts = [self.tok.encode_chat(T.messages(t, fc.data.system)) for t in chosen for _ in range(p.group_size)]
         group_tasks = [t for t in chosen for _ in range(p.group_size)]
         gens = generate(self.pv.policy, prompts, SamplingParams(
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
-            seed=s.seed + 1000 * self.iteration + 100_003 * round_), self.tok)
+            seed=s.seed + 1000 * self.iteration + 100_003 * round_ + 7919 * self.dp_rank), self.tok)
         stop = next(iter(sorted(self.tok.stop_ids))) if self.tok.stop_ids else self.pad
         rows, masks, scores = [], [], []
         for pr, g, t in zip(prompts, gens, group_tasks):
@@ -183,7 +188,7 @@ class RolloutData:
         self.iteration += 1
         # `epochs` passes of `steps_per_epoch` minibatches (fewer rows after filtering: smaller minibatches,
         # so the loop's step count stays iterations x steps_per_iteration)
-        n, per_epoch = len(rows), self.steps_per_iteration() // p.epochs
+        n, per_epoch = len(rows), steps_per_iteration(self.fc) // p.epochs
         batches = []
         rng = random.Random(self.fc.seed * 31 + self.iteration)
         for _ in range(p.epochs):
@@ -192,30 +197,25 @@ class RolloutData:
             for b in range(per_epoch):
                 idx = torch.tensor(order[b * n // per_epoch:(b + 1) * n // per_epoch] or order[:1])
                 m = mask[idx]
-                w = m.float() / m.float().sum().clamp(min=1)
+                w = m.float() / (m.float().sum().clamp(min=1) * self.dp_size)
                 batches.append(RolloutBatch(tokens=tokens[idx], mask=m, old_logp=old_logp[idx], ref_logp=ref_logp[idx],
                                             old_values=values[idx], advantages=adv[idx], returns=ret[idx], weights=w))
         self.buffer = batches
 
-    def flush(self, step):
-        if self.pending and self.log is not None:
-            self.log.metrics({k: mean(d[k] for d in self.pending) for k in self.pending[0]}, step)
-        self.pending = []
-
     def next_step(self):
-        self.flush(self.iteration)
         if not self.buffer:
             self.rollout()
         return [self.buffer.pop(0)]
 
     def state_dict(self):
-        return {"cursor": self.cursor, "iteration": self.iteration}
+        return {"cursor": self.cursor, "iteration": self.iteration, "history": self.history}
 
     def load_state_dict(self, s):
         self.cursor, self.iteration = int(s["cursor"]), int(s["iteration"])
+        self.history = list(s.get("history", []))
 
 
-def make_loss(fc: FinetuneConfig, data: RolloutData | None = None):
+def make_loss(fc: FinetuneConfig):
     p = fc.ppo
 
     def loss_fn(model, b: RolloutBatch) -> LossOutput:
@@ -242,8 +242,6 @@ def make_loss(fc: FinetuneConfig, data: RolloutData | None = None):
             m.update(policy_loss=(pg * b.weights).sum().item(),
                      clip_frac=(((ratio - 1).abs() > p.clip_eps).float() * b.weights).sum().item(),
                      approx_kl_old=(((b.old_logp - logp) * b.mask) * b.weights).sum().item())
-        if data is not None:
-            data.pending.append(m)
         return LossOutput(loss, b.weights.sum(), m)
     return loss_fn
 
@@ -264,47 +262,64 @@ def heldout_kl(policy, ref, tokenizer, tasks, completion_ids, system) -> float:
     return mean(kls)
 
 
+def ppo_spec(fc: FinetuneConfig, base, tasks: list[dict]) -> TrainSpec:
+    """What PPO / GRPO trains (rebuildable in a Ray Train worker): the policy (LoRA-wrapped when
+    enabled) with a value head for PPO; rollouts against a frozen copy of the starting policy."""
+    lora = fc.lora
+
+    def prepare(policy, _tok):
+        if lora.enabled:
+            from flows.finetune.lora import apply_lora
+
+            apply_lora(policy, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+        return PolicyValue(policy, value_head=fc.ppo.algorithm == "ppo")
+
+    def make_task(pv, tok, rank, world, log):
+        from flows.finetune.rewards import build_reward
+
+        # made before any update (a restarted worker rebuilds it from the base, then restores the policy)
+        ref = copy.deepcopy(pv.policy).eval().requires_grad_(False)
+        data = RolloutData(pv, ref, tok, tasks, fc, build_reward(fc), log, rank, world)
+        return Task(data, None, make_loss(fc))
+
+    return TrainSpec(str(base), prepare, make_task)
+
+
 def run_ppo(config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
             run_name: str | None = None) -> StageResult:
     from flows.finetune.rewards import build_reward
-    from flows.train.loop import Task
 
     fc = config if isinstance(config, FinetuneConfig) else load_config(config, "ppo")
     set_threads(fc)
     out = Path(out_dir) if out_dir else default_out_dir(fc)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    policy, tok = load_policy(base_model_dir or fc.model.base)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    base = resolve_model(base_model_dir or fc.model.base)
+    policy, tok = load_policy(base)
     reward_fn = build_reward(fc)
     heldout = heldout_tasks(fc) if fc.data.heldout else []
-    tasks = train_tasks(fc)
     metrics: dict = {"algorithm": fc.ppo.algorithm}
     with stage_run(fc, run_name or f"finetune-{fc.ppo.algorithm}-{fc.name}") as log:
         before = evaluate_tasks(policy, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn) if heldout else None
-        if fc.lora.enabled:
-            from flows.finetune.lora import apply_lora
-
-            apply_lora(policy, fc.lora.rank, fc.lora.alpha, fc.lora.target_modules, fc.lora.dropout)
-        pv = PolicyValue(policy, value_head=fc.ppo.algorithm == "ppo")
-        data = RolloutData(pv, ref, tok, tasks, fc, reward_fn, log)
-        steps = fc.ppo.iterations * data.steps_per_iteration()
-        result = run_loop(fc, pv, tok, Task(data, None, make_loss(fc, data)), out, log.loop_logger, steps=steps)
-        data.flush(data.iteration)
-        metrics.update(iterations=data.iteration, steps=result.step,
-                       rollout_reward_first=data.history[0]["rollout_reward"],
-                       rollout_reward_last=data.history[-1]["rollout_reward"],
-                       rollout_kl_last=data.history[-1]["rollout_kl"])
+        spec = ppo_spec(fc, base, train_tasks(fc))
+        steps = fc.ppo.iterations * steps_per_iteration(fc)
+        run = run_loop(fc, spec, prepare_module(fc, spec, policy, tok), tok, out, log, steps=steps)
+        history = run.data_state["history"]
+        metrics.update(trainer=run.trainer, iterations=run.data_state["iteration"], steps=run.step,
+                       rollout_reward_first=history[0]["rollout_reward"],
+                       rollout_reward_last=history[-1]["rollout_reward"],
+                       rollout_kl_last=history[-1]["rollout_kl"])
         if heldout:
             after = evaluate_tasks(policy, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn)
+            ref, _ = load_policy(base)
             metrics.update(reward_before=before["reward"], reward_after=after["reward"],
                            exact_match_before=before["exact_match"], exact_match_after=after["exact_match"],
                            win_rate=win_rate(after["rewards"], before["rewards"]),
-                           heldout_kl=heldout_kl(policy, ref, tok, heldout, after["token_ids"], fc.data.system))
+                           heldout_kl=heldout_kl(policy, ref.eval(), tok, heldout, after["token_ids"], fc.data.system))
             log.artifact_json({"tasks": heldout, "before": before["completions"], "after": after["completions"]},
                               "heldout_completions.json")
         ckpt = export(policy, tok, out)
         metrics["seconds"] = time.time() - t0
         log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, steps)
-        log.artifact_json({**metrics, "history": data.history}, "metrics.json")
+        log.artifact_json({**metrics, "history": history}, "metrics.json")
         return StageResult(ckpt, metrics, log.run_id)

@@ -16,9 +16,11 @@ from torch import nn
 
 from flows.finetune import chat
 from flows.finetune import tasks as T
-from flows.finetune.common import (StageResult, default_out_dir, load_policy, mean, pad_id_of, pad_masks, pad_rows,
-                                   run_loop, set_threads, stage_run, train_tasks)
+from flows.finetune.common import (StageResult, default_out_dir, load_policy, mean, pad_id_of, pad_rows, resolve_model,
+                                   set_threads, stage_run, train_tasks)
 from flows.finetune.config import FinetuneConfig, load_config
+from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
+from flows.train.loop import Task
 from flows.train.losses import LossOutput
 from model.errors import HerdError
 
@@ -100,10 +102,15 @@ class RMBatch:
 
 
 class RMData:
-    def __init__(self, pairs: list[tuple[list[int], list[int]]], micro_batch: int, pad_id: int, seed: int):
+    """Preference pairs for the loop: a step takes dp_size x micro_batch pairs (rank r: the micro_batch
+    at r x micro_batch); weights 1 / (pairs in the whole step)."""
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], micro_batch: int, pad_id: int, seed: int,
+                 dp_rank: int = 0, dp_size: int = 1):
         if not pairs:
             raise HerdError("reward model: no usable preference pairs")
         self.pairs, self.micro_batch, self.pad_id, self.seed, self.cursor = pairs, micro_batch, pad_id, seed, 0
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seq_len = max(len(c) for c, _ in pairs)
 
     def batch(self, ps, weight):
@@ -111,15 +118,16 @@ class RMData:
         return RMBatch(pad_rows(rows, self.pad_id), torch.tensor([len(x) for x in rows]), torch.full((len(ps),), weight))
 
     def next_step(self):
-        n = len(self.pairs)
+        n, per = len(self.pairs), self.micro_batch
         ps = []
-        for k in range(self.micro_batch):
+        for k in range(per * self.dp_size):
             epoch, i = divmod(self.cursor + k, n)
             order = list(range(n))
             random.Random(self.seed + epoch).shuffle(order)
             ps.append(self.pairs[order[i]])
         self.cursor += len(ps)
-        return [self.batch(ps, 1.0 / len(ps))]
+        mine = ps[self.dp_rank * per:(self.dp_rank + 1) * per]
+        return [self.batch(mine, 1.0 / len(ps))]
 
     def state_dict(self):
         return {"cursor": self.cursor}
@@ -155,7 +163,8 @@ def run_reward_model(config, base_model_dir=None, out_dir=None, run_name: str | 
     set_threads(fc)
     out = Path(out_dir) if out_dir else default_out_dir(fc)
     t0 = time.time()
-    trunk, tok = load_policy(base_model_dir or fc.model.base)
+    base = base_model_dir or fc.model.base
+    trunk, tok = load_policy(base)
     counts = chat.Counts()
     if fc.data.paths:
         pairs, counts = chat.load_pairs(fc.data.paths, counts, fc.data.limit)
@@ -177,17 +186,22 @@ def run_reward_model(config, base_model_dir=None, out_dir=None, run_name: str | 
         tokd.append((c, r))
     n_val = max(1, int(len(tokd) * fc.data.heldout_fraction)) if len(tokd) > 4 else 0
     val, train = tokd[:n_val], tokd[n_val:]
-    rm = RewardModel(trunk).train()
-    data = RMData(train, fc.train.micro_batch, pad_id_of(tok), fc.seed)
+    pad = pad_id_of(tok)
     metrics = {"data": counts.report()}
     with stage_run(fc, run_name or f"finetune-rm-{fc.name}") as log:
-        acc_before = rm_accuracy(rm, data, val) if val else float("nan")
-        from flows.train.loop import Task
+        mb = fc.train.micro_batch
 
-        result = run_loop(fc, rm, tok, Task(data, None, bt_loss), out, log.loop_logger)
-        metrics.update(train_loss_first=result.losses[0], train_loss_last=result.losses[-1],
+        def make_task(_rm, _tok, rank, world, _log):
+            return Task(RMData(train, mb, pad, fc.seed, rank, world), None, bt_loss)
+
+        spec = TrainSpec(str(resolve_model(base)), lambda trunk_, _tok: RewardModel(trunk_), make_task)
+        rm = prepare_module(fc, spec, trunk, tok).train()
+        probe = RMData(train, mb, pad, fc.seed)
+        acc_before = rm_accuracy(rm, probe, val) if val else float("nan")
+        run = run_loop(fc, spec, rm, tok, out, log)
+        metrics.update(trainer=run.trainer, train_loss_first=run.losses[0], train_loss_last=run.losses[-1],
                        heldout_accuracy_before=acc_before,
-                       heldout_accuracy_after=rm_accuracy(rm, data, val) if val else float("nan"),
+                       heldout_accuracy_after=rm_accuracy(rm, probe, val) if val else float("nan"),
                        seconds=time.time() - t0)
         path = save_reward_model(rm, tok, out)
         log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, fc.train.steps)

@@ -16,21 +16,27 @@ import torch
 from flows.finetune import chat
 from flows.finetune import tasks as T
 from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, export, heldout_tasks, load_policy,
-                                   pad_id_of, run_loop, set_threads, stage_run, train_tasks, win_rate)
+                                   pad_id_of, resolve_model, set_threads, stage_run, train_tasks, win_rate)
 from flows.finetune.config import FinetuneConfig, load_config
+from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
+from flows.train.loop import Task
 from flows.train.losses import causal_lm_loss
 from model.errors import HerdError
 
 
 class PackedChatData:
     """The loop's batch source over packed chat rows: a permutation per epoch from the seed, a
-    cursor as the resumable state; weights 1 / (assistant targets of the step)."""
+    cursor as the resumable state. A step takes dp_size x grad_accum x micro_batch consecutive rows;
+    rank r's micro-step m gets the micro_batch rows at (m x dp_size + r) x micro_batch (as
+    flows/train/data.py); weights 1 / (assistant targets of the whole step, all ranks)."""
 
-    def __init__(self, rows, micro_batch: int, grad_accum: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(self, rows, micro_batch: int, grad_accum: int = 1, seed: int = 0, shuffle: bool = True,
+                 dp_rank: int = 0, dp_size: int = 1):
         if not rows:
             raise HerdError("SFT: no usable training conversations (see the drop counts)")
         self.rows, self.micro_batch, self.grad_accum = rows, micro_batch, grad_accum
         self.seed, self.shuffle, self.cursor = seed, shuffle, 0
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seq_len = len(rows[0][0])
 
     def _row(self, g: int):
@@ -42,16 +48,18 @@ class PackedChatData:
         return self.rows[order[i]]
 
     def next_step(self):
-        per = self.micro_batch
-        rows = [self._row(self.cursor + k) for k in range(per * self.grad_accum)]
+        per, dp = self.micro_batch, self.dp_size
+        rows = [self._row(self.cursor + k) for k in range(per * self.grad_accum * dp)]
         self.cursor += len(rows)
         valid = sum(sum(1 for j in range(1, len(r[2])) if r[2][j] and r[1][j] > 0) for r in rows)
         w = 1.0 / max(1, valid)
-        return [chat.rows_to_batch(rows[m * per:(m + 1) * per], w) for m in range(self.grad_accum)]
+        starts = [(m * dp + self.dp_rank) * per for m in range(self.grad_accum)]
+        return [chat.rows_to_batch(rows[s:s + per], w) for s in starts]
 
     def eval_batches(self, n: int):
-        for m in range(min(n, (len(self.rows) + self.micro_batch - 1) // self.micro_batch)):
-            yield chat.rows_to_batch(self.rows[m * self.micro_batch:(m + 1) * self.micro_batch], 1.0)
+        per, dp = self.micro_batch, self.dp_size
+        for m in range(self.dp_rank, min(n, (len(self.rows) + per - 1) // per), dp):
+            yield chat.rows_to_batch(self.rows[m * per:(m + 1) * per], 1.0)
 
     def state_dict(self):
         return {"cursor": self.cursor}
@@ -107,6 +115,28 @@ def heldout_loss(model, rows, micro_batch: int) -> float:
     return tot / max(cnt, 1.0)
 
 
+def sft_spec(fc: FinetuneConfig, base, rows, val_rows) -> TrainSpec:
+    """What SFT trains (rebuildable in a Ray Train worker): the policy, LoRA-wrapped when enabled, on
+    the packed rows with the causal LM loss on assistant tokens."""
+    lora = fc.lora
+    t = fc.train
+
+    def prepare(policy, _tok):
+        if lora.enabled:
+            from flows.finetune.lora import apply_lora
+
+            apply_lora(policy, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+        return policy
+
+    def make_task(module, _tok, rank, world, _log):
+        data = PackedChatData(rows, t.micro_batch, t.grad_accum, fc.seed, dp_rank=rank, dp_size=world)
+        val = (PackedChatData(val_rows, t.micro_batch, 1, fc.seed, False, rank, world)
+               if val_rows and t.eval_every else None)
+        return Task(data, val, causal_lm_loss)
+
+    return TrainSpec(str(base), prepare, make_task)
+
+
 def run_sft(config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
             conversations=None, run_name: str | None = None) -> StageResult:
     """SFT `base_model_dir` (default: config.model.base); returns the exported checkpoint, metrics
@@ -117,7 +147,8 @@ def run_sft(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
     out = Path(out_dir) if out_dir else default_out_dir(fc)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model, tok = load_policy(base_model_dir or fc.model.base)
+    base = base_model_dir or fc.model.base
+    model, tok = load_policy(base)
     rows, val_rows, counts = build_sft_data(fc, tok, conversations)
     if not rows:
         raise HerdError(f"SFT: no usable training conversations; dropped {counts.report()['dropped']}")
@@ -129,18 +160,13 @@ def run_sft(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
                      "data_dropped": sum(counts.dropped.values()), "train_rows": len(rows)})
         before = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens) if heldout else None
         metrics["heldout_loss_before"] = heldout_loss(model, val_rows, fc.train.micro_batch)
+        spec = sft_spec(fc, resolve_model(base), rows, val_rows)
+        module = prepare_module(fc, spec, model, tok)
         if fc.lora.enabled:
-            from flows.finetune.lora import apply_lora
-
-            metrics["lora_params"] = apply_lora(model, fc.lora.rank, fc.lora.alpha, fc.lora.target_modules,
-                                                fc.lora.dropout)
-        data = PackedChatData(rows, fc.train.micro_batch, fc.train.grad_accum, fc.seed)
-        val = PackedChatData(val_rows, fc.train.micro_batch, 1, fc.seed, False) if val_rows and fc.train.eval_every else None
-        from flows.train.loop import Task
-
-        task = Task(data, val, lambda m, b: causal_lm_loss(m, b))
-        result = run_loop(fc, model, tok, task, out, log.loop_logger, eval_every=fc.train.eval_every)
-        metrics["train_loss_first"], metrics["train_loss_last"] = result.losses[0], result.losses[-1]
+            metrics["lora_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        run = run_loop(fc, spec, module, tok, out, log, eval_every=fc.train.eval_every)
+        metrics["trainer"] = run.trainer
+        metrics["train_loss_first"], metrics["train_loss_last"] = run.losses[0], run.losses[-1]
         metrics["heldout_loss_after"] = heldout_loss(model, val_rows, fc.train.micro_batch)
         if heldout:
             after = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens)

@@ -4,7 +4,8 @@ local launcher (flows/train/launch.py) through a `Runtime`.
 Reuse (post-training): `train(cfg, runtime, task=...)` where a `Task` supplies the batch
 source (`next_step() -> [micro-batch]`, `eval_batches(n)`, `state_dict()`,
 `load_state_dict()`) and the loss function `loss_fn(model, batch) -> LossOutput`
-(flows/train/losses.py states the weighting contract).
+(flows/train/losses.py states the weighting contract). `LossOutput.metrics` (floats) are
+averaged over the step's micro-batches on rank 0 and logged with the step's metrics.
 """
 from __future__ import annotations
 
@@ -284,6 +285,7 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float32, device=dev)
         tokens = 0
+        loss_metrics: dict[str, list[float]] = {}  # the loss function's own (DPO margin, PPO clip fraction)
         for i, mb in enumerate(micro):
             mb = mb.to(dev)
             with par.grad_sync(i == len(micro) - 1):
@@ -292,6 +294,8 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
                 (out.loss * par.dp_size).backward()
             total += out.loss.detach().float()
             tokens += mb.num_tokens
+            for k, v in out.metrics.items():
+                loss_metrics.setdefault(k, []).append(float(v))
         grad_norm = clip_grad_norm_(params, o.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -311,7 +315,8 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
             last_metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
                             "tokens_per_s_per_device": tps / rt.world_size, "step_time_s": window_time / max(1, cfg.logging.every),
                             "mfu": tps * flops_tok / (peak * rt.world_size) if flops_tok else 0.0,
-                            "tokens_seen": step * global_tokens, **memory_gb(dev), **initial}
+                            "tokens_seen": step * global_tokens, **memory_gb(dev), **initial,
+                            **{k: sum(v) / len(v) for k, v in loss_metrics.items()}}
             window_time, window_tokens = 0.0, 0
             if rt.rank == 0 and rt.logger:
                 rt.logger.metrics(last_metrics, step)

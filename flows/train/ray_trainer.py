@@ -23,6 +23,7 @@ from model.errors import HerdError
 
 RUN_FILE = "herd-run.json"  # in the run folder: MLflow run id, config, for --resume
 WARNINGS_FILE = "herd-warnings.jsonl"
+RESULT_FILE = "herd-result.json"  # a `build` run's summary from rank 0 (losses, data-source state)
 
 
 @dataclass
@@ -104,8 +105,17 @@ def _ray_worker(config: dict) -> None:
     logger = MlflowLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     rt = Runtime(rank=rank, world_size=world, local_rank=ctx.get_local_rank(), device=device, persist=persist,
                  latest=latest, staging_dir=staging, run_dir=run_dir, logger=logger)
+    build = config.get("build")  # post-training: (rank, world, logger) -> (model, tokenizer, Task)
     try:
-        result = train(cfg, rt)
+        if build is None:
+            result = train(cfg, rt)
+        else:
+            model, tokenizer, task = build(rank, world, logger)
+            result = train(cfg, rt, task=task, model_builder=lambda _cfg: (model, tokenizer))
+            if rank == 0:
+                summary = {"step": result.step, "losses": result.losses, "metrics": result.metrics,
+                           "data_state": task.train_data.state_dict()}
+                (run_dir / RESULT_FILE).write_text(json.dumps(summary, default=float))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if rank == 0 and result.warnings:
@@ -246,7 +256,21 @@ def init_ray(attempts: int = 3) -> None:
             ray.shutdown()
 
 
-def _fit(cfg: PretrainConfig, run_name: str, storage: Path, run_dir: Path, uri: str | None, run_id: str | None):
+def fit_task(cfg: PretrainConfig, build, run_dir: str | Path, tracking_uri: str | None = None,
+             run_id: str | None = None):
+    """Run the loop on Ray Train with a model and Task that `build(rank, world, logger)` makes in each
+    worker (post-training). `cfg` gives the loop settings and `ray` scaling; the run folder is
+    `run_dir`. Returns (Ray's Result, rank 0's summary: step, losses, metrics, data_state)."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri = absolute_tracking_uri(tracking_uri) if tracking_uri else None
+    result = _fit(cfg, run_dir.name, run_dir.parent, run_dir, uri, run_id, build=build)
+    summary = json.loads((run_dir / RESULT_FILE).read_text())
+    return result, summary
+
+
+def _fit(cfg: PretrainConfig, run_name: str, storage: Path, run_dir: Path, uri: str | None, run_id: str | None,
+         build=None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -255,9 +279,12 @@ def _fit(cfg: PretrainConfig, run_name: str, storage: Path, run_dir: Path, uri: 
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
+    loop_config = {"cfg": cfg.to_dict(), "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id}
+    if build is not None:
+        loop_config["build"] = build
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name, storage_path=str(storage),
