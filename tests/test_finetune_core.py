@@ -211,6 +211,29 @@ def test_pair_loaders_and_bad_pairs(tmp_path):
     assert counts.report()["dropped"] == {"format:empty_assistant": 1, "format:identical_pair": 1}
 
 
+def test_bad_pairs_missing_roles_and_over_context_are_counted(tmp_path, llama3_tok):
+    from flows.finetune.dpo import tokenize_pairs
+
+    recs = [
+        {"prompt": [{"content": "no role"}], "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": None, "rejected": "b"},
+        {"prompt": "short", "chosen": "yes", "rejected": "no"},
+        {"prompt": "long " * 300, "chosen": "yes", "rejected": "no"},
+    ]
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in recs))
+    pairs, counts = chat.load_pairs([p])
+    toks = tokenize_pairs(llama3_tok, pairs, 128, counts)
+    r = counts.report()
+    assert len(toks) == 1 == r["kept"] and r["read"] == 4
+    assert r["dropped"] == {"format:missing_role": 1, "format:missing_response": 1, "length:over_context": 1}
+    # the kept pair's masks cover exactly its two replies (and their end-of-turn token)
+    (c, rj), (mc, mr) = toks[0].tokens, toks[0].masks
+    eot = "<|eot_id|>"
+    assert llama3_tok.decode([t for t, m in zip(c, mc) if m]) == f"yes{eot}"
+    assert llama3_tok.decode([t for t, m in zip(rj, mr) if m]) == f"no{eot}"
+
+
 def test_shared_samples_load():
     if not SHARED.is_dir():
         print(f"skip: shared data not found at {SHARED}")

@@ -107,6 +107,45 @@ def test_mlflow_child_runs_and_curves(tiny_dir, tmp_path):
     assert len(client.get_metric_history(res.run_id, "margin")) == 2  # a curve: one point per step
 
 
+def test_bad_records_are_counted_through_the_stages(tiny_dir, tmp_path):
+    """Missing roles, an empty assistant turn and over-long conversations reach the stages' data
+    reports as counts; the stages train on what is left, and say why when nothing is."""
+    import json
+
+    from flows.finetune import run_dpo, run_sft
+    from model.errors import HerdError
+
+    convs = [[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]
+             for w in ("one", "two", "three")]
+    convs += [
+        [{"content": "no role"}, {"role": "assistant", "content": "x"}],
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}],
+        [{"role": "user", "content": "long " * 200}, {"role": "assistant", "content": "ok"}],
+        "not a conversation",
+    ]
+    res = run_sft(cfg(tiny_dir, "sft"), None, tmp_path / "sft", conversations=convs)
+    d = res.metrics["data"]
+    assert d["read"] == 7 and d["kept"] == 3 and res.metrics["train_loss_last"] > 0
+    assert d["dropped"] == {"format:missing_role": 1, "format:empty_assistant": 1, "length:over_context": 1,
+                            "format:unknown": 1}
+    with pytest.raises(HerdError, match="no usable training conversations.*empty_assistant"):
+        run_sft(cfg(tiny_dir, "sft"), None, tmp_path / "none", conversations=convs[4:6])
+
+    pairs = tmp_path / "pairs.jsonl"
+    recs = [{"prompt": f"Pick {i}.", "chosen": "yes", "rejected": "no"} for i in range(5)] + [
+        {"prompt": [{"content": "no role"}], "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": " ", "rejected": "b"},
+        {"prompt": "long " * 200, "chosen": "a", "rejected": "b"},
+    ]
+    pairs.write_text("\n".join(json.dumps(r) for r in recs) + "\n{broken\n")
+    dpo = run_dpo(cfg(tiny_dir, "dpo", data={"paths": [str(pairs)]}), None, tmp_path / "dpo")
+    d = dpo.metrics["data"]
+    assert d["read"] == 9 and d["kept"] == 5 and d["kept"] + d["dropped_total"] == d["read"]
+    assert d["dropped"] == {"format:missing_role": 1, "format:empty_assistant": 1, "length:over_context": 1,
+                            "read:bad_json": 1}
+    assert dpo.metrics["train_pairs"] + dpo.metrics["heldout_pairs"] == 5
+
+
 def test_grpo_dynamic_sampling_keeps_only_informative_groups(tiny_dir):
     """DAPO-style filtering: groups whose samples all score the same carry no advantage and are
     replaced by more sampled prompts, up to ppo.max_rounds rounds; the step count does not change."""

@@ -79,7 +79,7 @@ def build_sft_data(fc: FinetuneConfig, tokenizer, conversations=None):
         convs = []
         for c in conversations:
             counts.read += 1
-            reason = chat.validate_messages(c) if isinstance(c, list) else "format:unknown"
+            reason = chat.validate_messages(c) if isinstance(c, list) else "unknown"
             if reason:
                 counts.drop(f"format:{reason}")
             else:
