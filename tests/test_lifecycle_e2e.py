@@ -49,7 +49,6 @@ def test_e2e_parent_children_registry_endpoint_cache_lineage(tmp_path, capsys):
         t = time.perf_counter()
         first = lcm.run_lifecycle(E2E, overrides=over, workdir=str(tmp_path / "runs"), tracking_uri=uri)
         first_s = time.perf_counter() - t
-        print(f"e2e first run: {first_s:.1f}s; steps: " + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in first.steps.items()))
         assert list(first.steps) == STAGES and [r["status"] for r in first.steps.values()] == ["ran"] * len(STAGES)
 
         client = MlflowClient(uri, uri)
@@ -83,7 +82,6 @@ def test_e2e_parent_children_registry_endpoint_cache_lineage(tmp_path, capsys):
         t = time.perf_counter()
         again = lcm.run_lifecycle(E2E, overrides=over, workdir=str(tmp_path / "runs"), tracking_uri=uri)
         again_s = time.perf_counter() - t
-        print(f"e2e cached rerun: {again_s:.1f}s")
         assert [r["status"] for r in again.steps.values()] == ["cached"] * len(STAGES)
         assert again_s < 30
         assert again.steps["eval"]["metrics"] == first.steps["eval"]["metrics"]
@@ -97,6 +95,9 @@ def test_e2e_parent_children_registry_endpoint_cache_lineage(tmp_path, capsys):
         assert first.steps["data"]["lineage"]["data.input_sha256"] in out
         assert first.steps["data"]["digest"] in out  # the manifest digest recorded at data prep
         assert "dpo step (ran)" in out and "sft step (ran)" in out
+        with capsys.disabled():  # the figures, shown without -s (readouterr above consumed the captured output)
+            print(f"\ne2e first run {first_s:.1f}s (" + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in first.steps.items())
+                  + f"); cached rerun {again_s:.1f}s")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -123,7 +124,7 @@ def _persisted_checkpoints(workdir: Path) -> list[str]:
     return names
 
 
-def test_killed_during_pretraining_resumes_at_pretraining(tmp_path):
+def test_killed_during_pretraining_resumes_at_pretraining(tmp_path, capsys):
     """The whole driver (and its local Ray) is SIGKILLed once pretraining has persisted a checkpoint;
     the rerun finds data cached, starts at pretraining and Ray Train continues from that checkpoint."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -161,3 +162,6 @@ def test_killed_during_pretraining_resumes_at_pretraining(tmp_path):
     assert set(before_kill) <= set(resumed_with)  # the killed attempt's checkpoints were there to continue from
     assert f"(resumed: {resumed_with[-1]})" in out.stdout
     assert set(before_kill) <= set(_persisted_checkpoints(workdir))  # Ray Train kept them registered
+    with capsys.disabled():
+        print(f"\nkilled with {before_kill} persisted; the rerun resumed pretraining with {resumed_with}, "
+              f"weights digest {done[0].data.tags['herd.step.digest'][:16]}")
