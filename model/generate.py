@@ -40,6 +40,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"  # "stop" at a stop id/string, "length" at max_tokens
+    stop_token_id: int | None = None  # the stop id that ended it (not in token_ids)
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -109,7 +110,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 continue
             r = results[i]
             if tok in stop_ids:
-                r.finish_reason, done[i] = "stop", True
+                r.finish_reason, r.stop_token_id, done[i] = "stop", tok, True
                 continue
             r.token_ids.append(tok)
             if params.stop_strings and tokenizer is not None:

@@ -178,3 +178,33 @@ def test_fused_projections_keep_logits_and_state_dict():
     # The separate weights are views into the fused tensor: no extra memory.
     attn = model.layers[0].attention
     assert attn.wk.weight.untyped_storage().data_ptr() == attn.wqkv.untyped_storage().data_ptr()
+
+
+def test_generation_records_the_stop_id_it_ended_on():
+    model = random_model(seed=3)
+    model.config = dataclasses.replace(model.config, eos_token_ids=())
+    prompt = [5, 6, 7]
+    free = generate(model, [prompt], SamplingParams(max_tokens=8))[0]
+    stop = free.token_ids[2]  # greedy reaches this id by step 3: make it a stop id
+    got = generate(model, [prompt], SamplingParams(max_tokens=8, stop_ids=(stop,)))[0]
+    assert got.token_ids == free.token_ids[:free.token_ids.index(stop)]
+    assert got.finish_reason == "stop" and got.stop_token_id == stop
+    assert generate(model, [prompt], SamplingParams(max_tokens=2))[0].stop_token_id is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_inference_path_equals_training_path(dtype):
+    """fuse_projections (one q/k/v and one gate/up matmul, joint rotary, mv for one bf16 row) computes
+    what the unfused modules compute, in prefill and in a one-token cached step."""
+    model = random_model(seed=4).to(dtype)
+    fused = random_model(seed=4).to(dtype).fuse_projections()
+    tokens = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        ref = model(tokens)
+        tol = 0 if dtype == torch.float32 else 0.05  # bf16: mv and GEMM round differently
+        assert (fused(tokens) - ref).abs().max() <= tol
+        cache = KVCache.for_model(fused.config, 1, 16, dtype=dtype)
+        fused(tokens[:, :11], cache=cache)
+        cache.advance(11)
+        step = fused(tokens[:, 11:], cache=cache)[0, -1]
+    assert (step.float() - ref[0, -1].float()).abs().max() <= max(tol, 1e-4)

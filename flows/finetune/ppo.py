@@ -122,12 +122,10 @@ class RolloutData:
         gens = generate(self.pv.policy, prompts, SamplingParams(
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
             seed=s.seed + 1000 * self.iteration + 100_003 * round_ + 7919 * self.dp_rank), self.tok)
-        stop = next(iter(sorted(self.tok.stop_ids))) if self.tok.stop_ids else self.pad
         rows, masks, scores = [], [], []
         for pr, g, t in zip(prompts, gens, group_tasks):
-            resp = g.token_ids + ([stop] if g.finish_reason == "stop" else [])
-            if not resp:
-                resp = [stop]
+            # The policy is trained on the token it stopped with (Llama 3: <|eot_id|>, not <|end_of_text|>).
+            resp = g.token_ids + ([g.stop_token_id] if g.stop_token_id is not None else [])
             rows.append(pr + resp)
             masks.append([False] * len(pr) + [True] * len(resp))
             scores.append(float(self.reward_fn(t, g.text)))
