@@ -4,12 +4,13 @@ For each concurrency (default 1, 8, 32), `concurrency` clients on 127.0.0.1 each
 `--requests` streaming chat requests back to back (greedy, `--max-tokens` each). Prints
 aggregate output tok/s and time to first token p50/p99 for:
 
-* herd: the FastAPI app and engine (services/) on uvicorn, as one Serve replica runs it;
+* herd: the FastAPI app and engine (services/) on uvicorn in its own process, as one Serve
+  replica runs them;
 * (a) transformers `generate`, one request at a time (a FIFO server: a request's TTFT includes
   its wait behind earlier ones; measured on --hf-requests requests, then replayed per concurrency);
 * (b) `transformers serve --continuous-batching`, if it starts here.
 
-    python -m bench.serve [--dtype float32] [--max-tokens 64] [--concurrency 1,8,32]
+    python -m bench.serve [--dtype bfloat16] [--max-tokens 64] [--concurrency 1,8,32]
 """
 from __future__ import annotations
 
@@ -121,20 +122,54 @@ def wait_health(url: str, proc=None, timeout: float = 300) -> bool:
 
 # --- herd ----------------------------------------------------------------------------------------
 
-def bench_herd(args, model_dir: Path) -> list[dict]:
-    from services.server import build_state, create_app
-    from services.testing import ServerThread
+def serve_herd(model_dir: str, port: int, dtype: str, threads: int | None, max_num_seqs: int) -> None:
+    """The herd server process: the FastAPI app and engine on uvicorn, as one Serve replica runs them."""
+    import uvicorn
 
-    state = build_state({"model": str(model_dir), "dtype": args.dtype, "num_threads": args.threads,
-                         "engine": {"max_num_seqs": max(args.concurrency), "max_model_len": 512,
+    from services.server import build_state, create_app
+
+    state = build_state({"model": model_dir, "dtype": dtype, "num_threads": threads,
+                         "engine": {"max_num_seqs": max_num_seqs, "max_model_len": 512,
                                     "max_num_batched_tokens": 512, "prefill_chunk": 256}})
+    uvicorn.run(create_app(state), host="127.0.0.1", port=port, log_level="warning")
+
+
+def bench_herd(args, model_dir: Path) -> list[dict]:
+    """herd in its own process (as `transformers serve` is), so the clients don't share its cores' GIL."""
+    from services.testing import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "bench.serve", "--herd-server", str(port), "--herd-model", str(model_dir),
+           "--dtype", args.dtype, "--concurrency", ",".join(map(str, args.concurrency))]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return run_server("herd", url, "herd", cmd, os.environ, args)
+
+
+def run_server(name: str, url: str, model: str, cmd: list[str], env: dict, args) -> list[dict]:
+    """Start a server process, wait for /health, run the clients at each concurrency, stop it."""
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     rows = []
-    with ServerThread(create_app(state)) as srv:
-        asyncio.run(run_clients(srv.url, "herd", 2, 1, 8))  # warm-up
+    try:
+        if not wait_health(url, proc, timeout=240):
+            log.seek(0)
+            print(f"{name}: not run (did not become healthy): {log.read()[-600:]}")
+            return []
+        warm = asyncio.run(run_clients(url, model, 2, 1, 8))
+        if warm["errors"] or not warm["tokens"]:
+            print(f"{name}: not run (warm-up failed: {warm['errors'][:1]})")
+            return []
         for c in args.concurrency:
-            per = max(1, args.requests) if c > 1 else args.requests + 1
-            rows.append(report("herd", c, asyncio.run(run_clients(srv.url, "herd", c, per, args.max_tokens))))
-    state.engine.shutdown()
+            per = args.requests if c > 1 else args.requests * 4
+            rows.append(report(name, c, asyncio.run(run_clients(url, model, c, per, args.max_tokens))))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     return rows
 
 
@@ -201,48 +236,29 @@ def bench_hf_serve(args, hf_dir: Path) -> list[dict]:
         return []
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     cmd = [str(exe), "serve", str(hf_dir), "--continuous-batching", "--dtype", args.dtype, "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    rows = []
-    try:
-        if not wait_health(url, proc, timeout=240):
-            log.seek(0)
-            print(f"(b) transformers serve: not run (did not become healthy): {log.read()[-600:]}")
-            return []
-        model = str(hf_dir)
-        warm = asyncio.run(run_clients(url, model, 1, 1, 8))
-        if warm["errors"] or not warm["tokens"]:
-            print(f"(b) transformers serve: not run (warm-up failed: {warm['errors'][:1]})")
-            return []
-        for c in args.concurrency:
-            per = max(1, args.requests) if c > 1 else args.requests + 1
-            rows.append(report("(b) transformers serve", c, asyncio.run(
-                run_clients(url, model, c, per, args.max_tokens))))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return rows
+    return run_server("(b) transformers serve", url, str(hf_dir), cmd, env, args)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="float32 by default: CPUs without AVX512-BF16/AMX emulate bf16 matmuls")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="float32 on CPUs without AVX512-BF16/AMX (they emulate bf16 matmuls)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=1, help="requests per client (concurrency 1: one more)")
+    ap.add_argument("--requests", type=int, default=1, help="requests per client (concurrency 1: four times as many)")
     ap.add_argument("--hf-requests", type=int, default=6, help="requests measured for (a)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip", default="", help="comma list of herd,a,b to skip")
+    ap.add_argument("--herd-server", type=int, default=None, help=argparse.SUPPRESS)  # the herd server process
+    ap.add_argument("--herd-model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.herd_server:
+        return serve_herd(args.herd_model, args.herd_server, args.dtype, args.threads, max(args.concurrency))
     skip = set(filter(None, args.skip.split(",")))
 
     import torch

@@ -23,7 +23,9 @@ class KVCache:
         # Per-step facts computed once in positions(), read by every layer's update():
         self._span = 0  # keys attended: max over active rows of length + T
         self._uniform_start: int | None = None  # shared length when all rows are equal
-        self._range: tuple[int, int] | None = None  # active slots as a contiguous [start, stop)
+        self._range: tuple[int, int] | None = None  # the step's rows as a contiguous [start, stop)
+        self._scratch: int | None = None  # select_hull: where the hull's unselected rows write
+        self._step_lengths: torch.Tensor | None = None  # each stepped row's length, set by positions()
 
     @classmethod
     def for_model(cls, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
@@ -32,7 +34,7 @@ class KVCache:
     # --- step set-up (called by the model's forward) ---
     def select(self, slots: torch.Tensor | list[int] | None) -> "KVCache":
         """Restrict the next forward step to these slots (None = every row)."""
-        self._range = None
+        self._range, self._scratch = None, None
         if slots is not None and not torch.is_tensor(slots):
             ids = list(slots)
             if ids and ids == list(range(ids[0], ids[0] + len(ids))):
@@ -41,14 +43,33 @@ class KVCache:
         self._active = slots
         return self
 
+    def select_hull(self, slots: list[int], scratch: int) -> tuple[int, int]:
+        """Step the slots' contiguous hull [lo, hi) instead of gathering the slots' keys/values: the
+        caller feeds hi - lo rows and reads slot s's output at row s - lo. Rows of the hull that are
+        not selected write at `scratch`, a position no real row ever attends (the cache's padding
+        past the longest sequence), and do not advance."""
+        lo, hi = min(slots), max(slots) + 1
+        if scratch < 0 or scratch >= self.max_len:
+            raise ValueError(f"scratch position {scratch} is outside the cache (max_len {self.max_len})")
+        self.select(slots)
+        self._range, self._scratch = (lo, hi), scratch
+        return lo, hi
+
     def _lengths(self) -> torch.Tensor:
+        """Each stepped row's length (select_hull: the scratch position for unselected rows)."""
+        if self._scratch is not None:
+            lo, hi = self._range
+            lengths = torch.full((hi - lo,), self._scratch, dtype=self.lengths.dtype, device=self.lengths.device)
+            lengths[self._active - lo] = self.lengths[self._active]
+            return lengths
         return self.lengths if self._active is None else self.lengths[self._active]
 
     def positions(self, T: int) -> torch.Tensor:
         lengths = self._lengths()
-        host = lengths.tolist()
+        self._step_lengths = lengths
+        host = (self.lengths[self._active] if self._scratch is not None else lengths).tolist()
         longest = max(host)
-        if longest + T > self.max_len:
+        if longest + T > self.max_len or (self._scratch is not None and self._scratch + T > self.max_len):
             raise ValueError(f"KV cache overflow: {longest} + {T} tokens > max_len {self.max_len}")
         self._span = longest + T
         uniform = self._active is None and min(host) == longest
@@ -58,7 +79,7 @@ class KVCache:
     def attention_mask(self, T: int) -> torch.Tensor | None:
         """(B, 1, T, span) bool, key j visible to query t iff j <= length + t.
         None when one causal mask fits every row: T == 1, or a single row starting empty."""
-        lengths = self._lengths()
+        lengths = self._step_lengths
         if T == 1 and (self._uniform_start is not None or len(lengths) == 1):
             return None
         q_pos = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, T)
@@ -80,13 +101,17 @@ class KVCache:
                 self.k[layer, rows, :, pos] = k.transpose(1, 2)
                 self.v[layer, rows, :, pos] = v.transpose(1, 2)
             return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+        if self._range is not None:  # contiguous rows (or a hull): a view, no gather of the whole span
+            a, b = self._range
+            rows = torch.arange(a, b, device=k.device)[:, None]
+            pos = self._step_lengths[:, None] + torch.arange(T, device=k.device)
+            self.k[layer, rows, :, pos] = k.transpose(1, 2)
+            self.v[layer, rows, :, pos] = v.transpose(1, 2)
+            return self.k[layer, a:b, :, :span], self.v[layer, a:b, :, :span]
         slots = self._active
         pos = self.lengths[slots][:, None] + torch.arange(T, device=k.device)
         self.k[layer, slots[:, None], :, pos] = k.transpose(1, 2)
         self.v[layer, slots[:, None], :, pos] = v.transpose(1, 2)
-        if self._range is not None:  # a view, no gather of the whole span
-            a, b = self._range
-            return self.k[layer, a:b, :, :span], self.v[layer, a:b, :, :span]
         return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
 
     # --- bookkeeping (called by the generation loop / scheduler) ---

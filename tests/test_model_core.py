@@ -9,7 +9,7 @@ import torch
 from model.config import ConfigError, ModelConfig, RopeScaling, get_preset
 from model.generate import SamplingParams, generate, sample_next
 from model.kv_cache import KVCache
-from model.model import Transformer
+from model.model import Transformer, pack_weight
 
 
 def random_model(seed=0, **overrides) -> Transformer:
@@ -136,6 +136,37 @@ def test_cache_slots_decode_independently():
     assert cache.lengths.tolist() == [10, 0, 6]
 
 
+def test_hull_step_equals_gathered_step_and_leaves_idle_rows_alone():
+    """select_hull (continuous batching with finished rows in between) gives the selected rows
+    the logits and cache a gathered step gives, and leaves the idle rows' keys and lengths as they were."""
+    import copy
+
+    model = random_model(seed=4)
+    cache = KVCache.for_model(model.config, batch_size=4, max_len=40)  # positions 32..39: padding
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for slot, n in ((0, 5), (1, 7), (3, 9)):
+            cache.select([slot])
+            model(torch.randint(0, 512, (1, n), generator=g), cache=cache)
+            cache.advance(n)
+        hull_cache = copy.deepcopy(cache)
+        nxt = torch.tensor([[11], [12]])
+        cache.select([0, 3])
+        gathered = model(nxt, cache=cache)[:, -1]
+        cache.advance(1)
+        lo, hi = hull_cache.select_hull([0, 3], scratch=39)
+        fed = torch.tensor([[11], [0], [0], [12]])
+        hull = model(fed, cache=hull_cache)[:, -1]
+        hull_cache.advance(1)
+    assert (lo, hi) == (0, 4)
+    assert torch.allclose(hull[[0, 3]], gathered, atol=1e-5)
+    assert hull_cache.lengths.tolist() == cache.lengths.tolist() == [6, 7, 0, 10]
+    for slot, n in ((0, 6), (1, 7), (3, 10)):
+        assert torch.allclose(hull_cache.k[:, slot, :, :n], cache.k[:, slot, :, :n], atol=1e-6)
+    with pytest.raises(ValueError, match="scratch"):
+        hull_cache.select_hull([0, 3], scratch=40)
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.randn(4, 100)
     p = SamplingParams(temperature=1.0, top_k=3, seed=0)
@@ -190,6 +221,25 @@ def test_generation_records_the_stop_id_it_ended_on():
     assert got.token_ids == free.token_ids[:free.token_ids.index(stop)]
     assert got.finish_reason == "stop" and got.stop_token_id == stop
     assert generate(model, [prompt], SamplingParams(max_tokens=2))[0].stop_token_id is None
+
+
+def test_packed_bf16_weights_give_the_unpacked_logits():
+    """fuse_projections(pack=True) (oneDNN-laid-out bf16 weights for several rows) changes the speed,
+    not the numbers: a batched prefill and a batched cached step equal the unpacked model's exactly."""
+    if pack_weight(torch.zeros(2, 2, dtype=torch.bfloat16)) is None:
+        pytest.skip("this CPU build has no oneDNN bf16 matmul to pack for")
+    plain = random_model(seed=5).to(torch.bfloat16).fuse_projections()
+    packed = random_model(seed=5).to(torch.bfloat16).fuse_projections(pack=True)
+    assert packed.packed and packed.layers[0].attention.packed and packed.layers[0].feed_forward.packed
+    tokens = torch.randint(0, 512, (3, 10))
+    with torch.no_grad():
+        outs = []
+        for model in (plain, packed):
+            cache = KVCache.for_model(model.config, 3, 16, dtype=torch.bfloat16)
+            prefill = model(tokens[:, :9], cache=cache)
+            cache.advance(9)
+            outs.append((prefill, model(tokens[:, 9:], cache=cache)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,6 +1,9 @@
 """The model runner: executes a scheduler step on the KV cache and samples.
 
-* decode: one token for each selected slot, one batched forward (`KVCache.select`);
+* decode: one token for each selected slot, one batched forward (`KVCache.select`). When the
+  slots are not contiguous (sequences finished in between) the forward runs over their hull
+  (`KVCache.select_hull`): the idle rows in between write to the padding, which costs less than
+  gathering every selected slot's keys and values in every layer;
 * prefill: chunks of several sequences, padded to a common length and run as one batch; each
   row's logits are read at its own last real token (padding writes past a row's length, which
   the cache overwrites later and the causal mask never shows to real tokens);
@@ -12,9 +15,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
-from model.generate import sample_next
+from model.generate import greedy, sample_next
 from model.kv_cache import KVCache
 
 log = logging.getLogger("herd.engine")
@@ -30,6 +32,7 @@ class ModelRunner:
         self.cache = KVCache.for_model(self.config, num_slots, max_model_len + pad, dtype=self.dtype,
                                        device=self.device)
         self.max_model_len = max_model_len
+        self.scratch = max_model_len + pad - 1 if pad else None  # a padding position no real token attends
 
     # --- cache bookkeeping ---
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
@@ -54,10 +57,21 @@ class ModelRunner:
             return self.model(tokens, cache=self.cache, last_only=True)[:, -1]
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         # The head hook projects only each row's last real token, never the padding.
-        return self.model(tokens, cache=self.cache, head=lambda h, w: F.linear(h[rows, last], w))
+        return self.model(tokens, cache=self.cache, head=lambda h, w: self.model.project(h[rows, last]))
 
+    @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        logits = self._forward(slots, torch.tensor(tokens, device=self.device)[:, None], None)
+        lo, hi = min(slots), max(slots) + 1
+        if self.scratch is None or hi - lo == len(slots) or hi - lo > 2 * len(slots):
+            logits = self._forward(slots, torch.tensor(tokens, device=self.device)[:, None], None)
+        else:
+            self.cache.select_hull(slots, self.scratch)
+            fed = [0] * (hi - lo)  # idle rows of the hull feed any token; their output is dropped
+            for slot, tok in zip(slots, tokens):
+                fed[slot - lo] = tok
+            rows = torch.tensor(slots, device=self.device) - lo
+            logits = self.model(torch.tensor(fed, device=self.device)[:, None], cache=self.cache, last_only=True,
+                                head=lambda h, w: self.model.project(h[rows, -1]))
         self.cache.advance(1)
         return logits
 
@@ -83,12 +97,12 @@ class ModelRunner:
 
     # --- sampling ---
     def sample(self, logits: torch.Tensor, seqs: list) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy_ids = greedy(logits).tolist()
         out = []
         for row, seq in enumerate(seqs):
             p = seq.params
             if p.temperature == 0:
-                out.append(greedy[row])
+                out.append(greedy_ids[row])
                 continue
             if p.seed is not None and seq.generator is None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
@@ -96,7 +110,7 @@ class ModelRunner:
                 out.append(sample_row(logits[row], p, seq.generator))
             except RuntimeError:  # degenerate settings (nothing left to sample): one request, not the engine
                 log.warning("sampling failed for %s (%s); taking the argmax", seq.request_id, p)
-                out.append(greedy[row])
+                out.append(greedy_ids[row])
         return out
 
 
