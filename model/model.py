@@ -221,8 +221,10 @@ class Transformer(nn.Module):
 
         for layer in self.layers:
             attn, ffn = layer.attention, layer.feed_forward
-            if attn.wqkv is None:
+            # Fuse again unless the weights still are views into the fused tensors (.to() replaces them).
+            if attn.wqkv is None or attn.wqkv.data_ptr() != attn.wq.weight.data_ptr():
                 attn.wqkv = fuse([attn.wq, attn.wk, attn.wv])
+            if ffn.w13 is None or ffn.w13.data_ptr() != ffn.w1.weight.data_ptr():
                 ffn.w13 = fuse([ffn.w1, ffn.w3])
             if pack:
                 for module, weights in ((attn, {"wqkv": attn.wqkv, "wo": attn.wo.weight}),
