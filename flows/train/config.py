@@ -38,7 +38,7 @@ class TrainingSection:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block (CUDA; CPU works but compiles slowly)
     activation_checkpointing: str = "none"  # none | full (recompute every block in backward)
-    loss_chunk: int = 0  # tokens per chunk of the fused projection + cross-entropy; 0: ~32M logits a chunk
+    loss_chunk: int = 0  # tokens per chunk of the fused projection + cross-entropy; 0: ~128M logits a chunk
 
 
 @dataclass
