@@ -69,7 +69,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
     """F.linear for inference. bf16 on CPU: one row goes through mv, which reads the weight ~1.3x
     faster (decode is bound by reading weights); several rows use `packed`, the weight in oneDNN's
     blocked layout (pack_weight), when given: the same result without re-laying the weight out
-    at every call (a batched decode step's matmuls ran ~2x faster)."""
+    at every call (SmolLM2's 32-row output projection ~2.5x faster alone, a 32-stream engine
+    run ~5-10%)."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         if x.numel() == x.shape[-1]:
             return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
