@@ -21,11 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "ray-test-key"
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 240) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 240, log=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"herd serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            output = proc.stdout.read() if proc.stdout else open(log.name).read()
+            raise RuntimeError(f"herd serve exited with {proc.returncode}:\n{output}")
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return
@@ -73,13 +74,15 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "HERD_API_KEY": KEY, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS")
+    # The server's output goes to a file: an unread pipe fills up and blocks the server's prints.
+    log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--model", str(smollm2_dir),
                              "--config", "configs/serve/local.yaml", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, log=log)
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
         question = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -125,7 +128,7 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
             aborted = float(re.search(r"^herd_request_aborted_total\{.*\} (\S+)$", text, re.M).group(1))
             if running == 0 and aborted >= 1:
                 break
-            assert time.monotonic() < deadline, text
+            assert time.monotonic() < deadline, f"{text}\nserver log:\n{open(log.name).read()[-3000:]}"
             time.sleep(0.5)
         print("disconnect: slot freed, herd_request_aborted_total", aborted)
     finally:
