@@ -108,11 +108,14 @@ class MlflowSection:
 class FaultSection:
     """Fault injection for tests: the worker of `rank` kills itself (SIGKILL) after step
     `kill_at_step`, once (a marker file next to the run records that it happened).
-    `corrupt_latest` first damages the newest persisted checkpoint."""
+    `corrupt_latest` first damages the newest persisted checkpoint. The worker waits
+    `delay_s` before dying, so that Ray Train's controller (it polls workers every 2 s) has
+    registered the checkpoints already reported and the restart starts from the newest one."""
 
     kill_at_step: int = 0
     rank: int = 1
     corrupt_latest: bool = False
+    delay_s: float = 5.0
 
 
 @dataclass

@@ -381,4 +381,5 @@ def _maybe_inject_fault(cfg: PretrainConfig, rt: Runtime, step: int) -> None:
             print(f"herd pretrain: fault injection: corrupted {found[0]}", file=sys.stderr, flush=True)
     print(f"herd pretrain: fault injection: rank {rt.rank} kills itself after step {step}", file=sys.stderr, flush=True)
     sys.stderr.flush()
+    time.sleep(f.delay_s)  # an unregistered report would make the restart start from an older checkpoint
     os.kill(os.getpid(), signal.SIGKILL)
