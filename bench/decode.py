@@ -100,7 +100,7 @@ def main() -> None:
     n = args.tokens
     print(f"SmolLM2-135M, prompt {len(ids)} tokens, {n} greedy tokens, batch 1, device {args.device}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'dtype':<9} {'herd tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'herd MB':>8} {'hf MB':>6}  same tokens")
+    print(f"{'dtype':<9} {'herd tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'herd MB':>8} {'hf MB':>6}  same leading tokens")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         params = SamplingParams(max_tokens=n)
@@ -133,9 +133,24 @@ def main() -> None:
             t_hf = min(t_hf, best_of(run_hf, 1))
         del herd, hf
         gc.collect()
-        same = sum(a == b for a, b in zip(herd_ids, hf_ids))
+        same = next((i for i, (a, b) in enumerate(zip(herd_ids, hf_ids)) if a != b), min(len(herd_ids), len(hf_ids)))
         print(f"{dtype_name:<9} {n / t_herd:>11.1f} {n / t_hf:>9.1f} {t_hf / t_herd:>6.2f} "
-              f"{herd_mem.added_mb:>8.1f} {hf_mem.added_mb:>6.1f}  {same}/{n}")
+              f"{herd_mem.added_mb:>8.1f} {hf_mem.added_mb:>6.1f}  {same}/{n}"
+              + (divergence(cfg, state, args, ids + herd_ids[:same], herd_ids[same], hf_ids[same]) if same < n else ""))
+
+
+def divergence(cfg, state, args, context: list[int], herd_tok: int, hf_tok: int) -> str:
+    """Where greedy paths part, the fp64 model's two best logits: a gap below the dtype's rounding is a tie."""
+    from model.checkpoint import build_model
+
+    ref = build_model(cfg, state, args.weights, dtype=torch.float64, device="cpu")
+    with torch.inference_mode():
+        logits = ref(torch.tensor([context]))[0, -1]
+    top = logits.topk(2)
+    gap = float(top.values[0] - top.values[1])
+    best = int(top.indices[0])
+    return (f" (there the fp64 model's top-2 logits differ by {gap:.4f}; herd took "
+            f"{'its' if herd_tok == best else 'another'} best token, transformers {'its' if hf_tok == best else 'another'})")
 
 if __name__ == "__main__":
     main()
