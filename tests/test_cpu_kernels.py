@@ -10,8 +10,7 @@ SHAPES = [(1, 1), (3, 100), (7, 37), (13, 1541), (960, 576), (4099, 64)]
 
 
 def available(dtype) -> bool:
-    fns = cpu_kernels._library()
-    return bool(fns) and dtype in fns
+    return ("gemv", dtype) in cpu_kernels._library() and ("rms_norm", dtype) in cpu_kernels._library()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -39,3 +38,26 @@ def test_gemv_declines_what_it_does_not_cover():
     assert cpu_kernels.gemv(w, x.double()) is None  # dtypes differ
     assert cpu_kernels.gemv(w.double(), x.double()) is None  # no float64 kernel
     assert cpu_kernels.gemv(w.requires_grad_(), x) is None  # autograd needs torch's op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,d", [(1, 576), (3, 37), (20, 64), (1, 1)])
+def test_rms_norm_matches_the_torch_path(dtype, rows, d):
+    """The kernel computes what model.RMSNorm's torch ops compute (bf16: the same two roundings)."""
+    from model.model import RMSNorm
+
+    if not available(dtype):
+        pytest.skip(f"herd's {dtype} kernels are not available here")
+    g = torch.Generator().manual_seed(rows * 31 + d)
+    norm = RMSNorm(d, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g))
+    x = (3 * torch.randn(rows, d, generator=g)).to(dtype)
+    with torch.no_grad():
+        got = cpu_kernels.rms_norm(x, norm.weight, norm.eps)
+    with torch.enable_grad():
+        ref = norm(x.requires_grad_())  # grad mode: torch's path
+    assert got.dtype == dtype and got.shape == x.shape
+    # fp32: summation order; bf16: at most one unit in the last place where that order flips a rounding.
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(got, ref.detach(), **tol)
