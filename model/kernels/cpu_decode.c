@@ -71,32 +71,15 @@ void herd_gemv_f32(const float *w, const float *x, float *y, int64_t n, int64_t 
 /* RMSNorm over the last dimension of contiguous rows, fp32 inside, written as model.RMSNorm
  * computes it: fp32 y = x * rstd * w; bf16 y = bf16(w * bf16(x * rstd)). A one-row decode step
  * runs two a layer, and torch's composite costs ~30 us each here, this ~1 us. */
-static inline float rstd_of(__m512 ss, int64_t d, float eps) {
-    return 1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(ss) / (float)d + eps);
+static inline __m512 load16(__mmask16 m, const void *p, int64_t j, int bf16) {
+    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + j);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + j);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-void herd_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps, int64_t threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 8)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * d;
-        float *yr = y + r * d;
-        __m512 ss = _mm512_setzero_ps();
-        for (int64_t j = 0; j < d; j += 16) {
-            __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
-            __m512 v = _mm512_maskz_loadu_ps(m, xr + j);
-            ss = _mm512_fmadd_ps(v, v, ss);
-        }
-        __m512 rs = _mm512_set1_ps(rstd_of(ss, d, eps));
-        for (int64_t j = 0; j < d; j += 16) {
-            __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
-            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + j), rs);
-            _mm512_mask_storeu_ps(yr + j, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + j)));
-        }
-    }
-}
-
-static inline __m512 load_bf16(__mmask16 m, const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+static inline void store16(__mmask16 m, void *p, int64_t j, __m512 v, int bf16) {
+    if (!bf16) _mm512_mask_storeu_ps((float *)p + j, m, v);
+    else _mm256_mask_storeu_epi16((uint16_t *)p + j, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 static inline __m512 round_bf16(__m512 v) {
@@ -104,23 +87,35 @@ static inline __m512 round_bf16(__m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
 }
 
-void herd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t d, float eps, int64_t threads) {
+/* bf16 is a constant in each caller, so the compiler emits one loop per dtype. */
+static inline void rms_norm(const void *x, const void *w, void *y, int64_t rows, int64_t d, float eps,
+                            int64_t threads, int bf16) {
+    const int64_t size = bf16 ? 2 : 4;
     #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 8)
     for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * d;
-        uint16_t *yr = y + r * d;
+        const char *xr = (const char *)x + r * d * size;
+        char *yr = (char *)y + r * d * size;
         __m512 ss = _mm512_setzero_ps();
         for (int64_t j = 0; j < d; j += 16) {
             __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
-            __m512 v = load_bf16(m, xr + j);
+            __m512 v = load16(m, xr, j, bf16);
             ss = _mm512_fmadd_ps(v, v, ss);
         }
-        __m512 rs = _mm512_set1_ps(rstd_of(ss, d, eps));
+        __m512 rs = _mm512_set1_ps(1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(ss) / (float)d + eps));
         for (int64_t j = 0; j < d; j += 16) {
             __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
-            __m512 v = round_bf16(_mm512_mul_ps(load_bf16(m, xr + j), rs));
-            __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(v, load_bf16(m, w + j)));
-            _mm256_mask_storeu_epi16(yr + j, m, (__m256i)out);
+            __m512 v = _mm512_mul_ps(load16(m, xr, j, bf16), rs);
+            if (bf16) v = round_bf16(v);
+            store16(m, yr, j, _mm512_mul_ps(v, load16(m, w, j, bf16)), bf16);
         }
     }
+}
+
+void herd_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps, int64_t threads) {
+    rms_norm(x, w, y, rows, d, eps, threads, 0);
+}
+
+void herd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t d, float eps,
+                        int64_t threads) {
+    rms_norm(x, w, y, rows, d, eps, threads, 1);
 }
