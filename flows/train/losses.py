@@ -64,14 +64,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # On CPU sized for a full chunk whatever n (only the pages used are touched): no
         # reallocation when the batch changes (training, then validation).
         size = torch.Size([V * (chunk if h.device.type == "cpu" else rows)])
-        shapes = {"logits": (size, cdt), "w": (torch.Size([V, D]), cdt)}
+        shapes = {"logits": (size, cdt)}
+        if w.dtype != cdt:
+            shapes["w"] = (torch.Size([V, D]), cdt)
         if cdt != torch.float32:
             shapes["logits32"] = (size, torch.float32)
         if need_w:
             shapes["grad_w_part"] = (torch.Size([V, D]), cdt)
         with torch.autocast(device_type, enabled=False):
             buf = _chunk_buffers(h.device, shapes)
-            wc = buf["w"].copy_(w)
+            wc = w if w.dtype == cdt else buf["w"].copy_(w)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
             grad_w = None  # fp32, from the first chunk's product (no zero-filled pass)
