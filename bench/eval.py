@@ -10,6 +10,7 @@ lm-eval` (the bench extra).
     python -m bench eval                       # MMLU, 10 questions x 57 subjects
     python -m bench.eval --limit 5 --subjects abstract_algebra,anatomy --adapter
     python -m bench.eval --tasks mmlu,commonsenseqa --limit 0 --dtype bfloat16   # the full parity run
+    python -m bench.eval --limit 0 --dtype bfloat16 --out-dir DIR    # the same MMLU run, resumable
 """
 from __future__ import annotations
 
@@ -128,7 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--adapter", action="store_true", help="also run lm-eval through herd's adapter (model=herd)")
     p.add_argument("--no-share-prefix", action="store_true", help="herd: per-question contexts only")
     p.add_argument("--output", default=None, help="write the report as JSON")
+    p.add_argument("--out-dir", default=None,
+                   help="MMLU in groups of --group-size subjects, one report each (a rerun skips the groups "
+                        "already written: the full run takes hours), then the totals over the groups written")
+    p.add_argument("--group-size", type=int, default=10)
     args = p.parse_args(argv if argv is not None else sys.argv[1:])
+    if args.out_dir:
+        return run_groups(args)
 
     import torch
 
@@ -204,6 +211,45 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def run_groups(args) -> dict:
+    """MMLU subject by subject group, each through main() with its own report; then the totals."""
+    data_dir = Path(args.data_dir)
+    subjects = [s for s in args.subjects.split(",") if s] or sorted(
+        f.name[: -len("_test.csv")] for f in (data_dir / "mmlu" / "test").glob("*_test.csv"))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common = ["--tasks", "mmlu", "--data-dir", str(data_dir), "--limit", str(args.limit), "--dtype", args.dtype,
+              "--batch-size", str(args.batch_size), "--hf-batch-size", str(args.hf_batch_size),
+              "--threads", str(args.threads)]
+    groups = [subjects[i:i + args.group_size] for i in range(0, len(subjects), args.group_size)]
+    for k, group in enumerate(groups):
+        out = out_dir / f"group-{k:02d}.json"
+        if not out.exists():
+            print(f"=== group {k + 1}/{len(groups)}: {', '.join(group)}", flush=True)
+            main(common + ["--subjects", ",".join(group), "--output", str(out)])
+    rows = [json.loads(f.read_text())["tasks"]["mmlu"] for f in sorted(out_dir.glob("group-*.json"))]
+    if not rows:
+        return {}
+    n = sum(r["questions"] for r in rows)
+    same = [tuple(map(int, r[key].split("/"))) for r in rows for key in ("same_correctness", "identical_prompts")]
+    total = {
+        "groups": f"{len(rows)}/{len(groups)}", "subjects": sum(r["subsets"] for r in rows), "questions": n,
+        "herd_acc": sum(r["herd_acc"] * r["questions"] for r in rows) / n,
+        "lm_eval_acc": sum(r["lm_eval_acc"] * r["questions"] for r in rows) / n,
+        "same_correctness": f"{sum(a for a, _ in same[0::2])}/{sum(b for _, b in same[0::2])}",
+        "identical_prompts": f"{sum(a for a, _ in same[1::2])}/{sum(b for _, b in same[1::2])}",
+        "herd_q_per_s": n / sum(r["herd"]["wall_s"] for r in rows),
+        "lm_eval_q_per_s": n / sum(r["lm_eval_hf"]["wall_s"] for r in rows),
+    }
+    total["acc_diff_points"] = 100 * (total["herd_acc"] - total["lm_eval_acc"])
+    print(f"MMLU over {total['groups']} groups ({total['subjects']} subjects, {n} questions): herd "
+          f"{total['herd_acc']:.4f} vs lm-eval {total['lm_eval_acc']:.4f} ({total['acc_diff_points']:+.2f} points), "
+          f"same verdicts {total['same_correctness']}, identical prompts {total['identical_prompts']}, "
+          f"{total['herd_q_per_s']:.2f} vs {total['lm_eval_q_per_s']:.2f} q/s")
+    (out_dir / "total.json").write_text(json.dumps(total, indent=2) + "\n")
+    return total
 
 
 if __name__ == "__main__":
