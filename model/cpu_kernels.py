@@ -4,7 +4,9 @@ For one-row decode steps, which read every weight once per token and run many ti
 * `gemv`: torch's bf16 `mv` streams weights at about half the machine's memory bandwidth
   (measured here: ~10-11 GB/s against ~20-25 for this kernel on SmolLM2's layer shapes; fp32
   ~10% faster than torch's);
-* `rms_norm`: torch's composite costs ~30 us a call on one 576-wide row, this ~1 us.
+* `rms_norm`: torch's composite costs ~30 us a call on one 576-wide row, this ~1 us;
+* `decode_step`: a whole one-sequence decode step (every layer and the output projection) in one
+  call, for the ~20 small torch ops a layer that cost more than the weight reads of small models.
 Where the CPU lacks AVX-512 (bf16: AVX512-BF16), no C compiler is found, or HERD_CPU_KERNELS=0,
 they return None and callers keep torch's path.
 
@@ -19,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_decode.c"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 
 def _cpu_flags() -> set[str]:
@@ -90,7 +93,10 @@ def _library() -> dict:
         gemv_fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
         norm_fn = getattr(lib, f"herd_rms_norm_{suffix}")
         norm_fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int64]
-        for name, fn in (("gemv", gemv_fn), ("rms_norm", norm_fn)):
+        step_fn = getattr(lib, f"herd_decode_{suffix}")
+        step_fn.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
+            [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+        for name, fn in (("gemv", gemv_fn), ("rms_norm", norm_fn), ("decode", step_fn)):
             fn.restype = None
             fns[(name, dtype)] = fn
     return fns
@@ -127,6 +133,107 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     d = x.shape[-1]
     fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps, torch.get_num_threads())
     return y
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2")]
+
+
+class _Model(ctypes.Structure):  # herd_model in cpu_decode.c
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab")] + [
+        ("eps", ctypes.c_float), ("inv_freq", ctypes.c_void_p), ("layers", ctypes.POINTER(_Layer)),
+        ("norm", ctypes.c_void_p), ("output", ctypes.c_void_p), ("embedding", ctypes.c_void_p)]
+
+
+class _DecodePlan:
+    """The C view of a fused model's weights (pointers, so it holds the tensors), built once, and the
+    step's scratch memory (one decoding thread per model, as generate() and the serving engine run)."""
+
+    def __init__(self, model):
+        cfg = model.config
+        self.tensors = [model.inv_freq, model.norm.weight, model.output_weight, model.tok_embeddings.weight]
+        layers = (_Layer * cfg.n_layers)()
+        for row, layer in zip(layers, model.layers):
+            attn, ffn = layer.attention, layer.feed_forward
+            weights = (layer.attention_norm.weight, attn.wqkv, attn.wo.weight, layer.ffn_norm.weight, ffn.w13,
+                       ffn.w2.weight)
+            self.tensors += weights
+            for (name, _), w in zip(_Layer._fields_, weights):
+                setattr(row, name, w.data_ptr())
+        self.layers = layers
+        self.model = _Model(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden_dim,
+                            cfg.vocab_size, cfg.norm_eps, model.inv_freq.data_ptr(), layers,
+                            model.norm.weight.data_ptr(), model.output_weight.data_ptr(),
+                            model.tok_embeddings.weight.data_ptr())
+        self.scratch = torch.empty(0)
+
+    def scratch_for(self, max_len: int) -> torch.Tensor:
+        cfg = self.model
+        n = (cfg.dim + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.head_dim + cfg.n_heads * max_len
+             + cfg.dim + cfg.hidden)
+        if self.scratch.numel() < n:
+            self.scratch = torch.empty(n, dtype=torch.float32)
+        return self.scratch
+
+
+def _plan_key(model) -> tuple:
+    """Changes when .to() or a reload moves the weights (then the plan is rebuilt)."""
+    first, last = model.layers[0], model.layers[-1]
+    return (model.tok_embeddings.weight.data_ptr(), first.attention.wq.weight.data_ptr(),
+            last.feed_forward.w2.weight.data_ptr(), model.output_weight.data_ptr())
+
+
+# Kept beside the model, not on it: ctypes pointers can be neither deep-copied nor pickled (Ray).
+# A model the kernel does not apply to is remembered too (None), until its weights move.
+_plans: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _plan(model, fn) -> _DecodePlan | None:
+    key = (_plan_key(model), fn)
+    known = _plans.get(model)
+    if known is not None and known[0] == key:
+        return known[1]
+    plan = _DecodePlan(model) if _fused_for_kernel(model) else None
+    _plans[model] = (key, plan)
+    return plan
+
+
+def _fused_for_kernel(model) -> bool:
+    cfg, dtype = model.config, model.tok_embeddings.weight.dtype
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        # Fused (fuse_projections) and still current: the separate weights are views into the fused ones.
+        if (attn.wqkv is None or ffn.w13 is None or attn.wqkv.data_ptr() != attn.wq.weight.data_ptr()
+                or ffn.w13.data_ptr() != ffn.w1.weight.data_ptr()
+                or attn.wqkv.shape != ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.dim)):
+            return False
+        weights = (layer.attention_norm.weight, attn.wqkv, attn.wo.weight, layer.ffn_norm.weight, ffn.w13,
+                   ffn.w2.weight)
+        if any(w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
+            return False
+    out = model.output_weight
+    return model.norm.weight.dtype == dtype and out.dtype == dtype and out.is_contiguous()
+
+
+def decode_step(model, token: torch.Tensor, cache) -> torch.Tensor | None:
+    """Logits (1, 1, vocab) of one token of one sequence through `model` (a fused model.Transformer),
+    its keys/values written into `cache` as the model's forward writes them; None where the kernel
+    does not apply (then use the model's torch path). The caller advances the cache, as after forward."""
+    emb = model.tok_embeddings.weight
+    fn = _kernel("decode", emb)
+    if (fn is None or model.config.head_dim > 512 or cache.k.dtype != emb.dtype or not cache.k.is_contiguous()
+            or cache.selected_count() != 1):
+        return None
+    plan = _plan(model, fn)
+    if plan is None:
+        return None
+    slot, pos = cache.single_row_step()
+    logits = torch.empty(1, 1, model.config.vocab_size, dtype=emb.dtype)
+    stride = cache.k.stride()
+    fn(ctypes.byref(plan.model), int(token), pos, cache.k[0, slot].data_ptr(), cache.v[0, slot].data_ptr(),
+       stride[0], stride[2], logits.data_ptr(), plan.scratch_for(cache.max_len).data_ptr(), torch.get_num_threads())
+    return logits
 
 
 if __name__ == "__main__":

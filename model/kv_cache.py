@@ -76,6 +76,20 @@ class KVCache:
         self._uniform_start = longest if uniform else None
         return lengths[:, None] + torch.arange(T, device=lengths.device)
 
+    def selected_count(self) -> int:
+        """Rows the next step feeds."""
+        return self.batch_size if self._active is None else len(self._active)
+
+    def single_row_step(self) -> tuple[int, int]:
+        """(slot, length) of a one-token step of one sequence (the fused decode kernel's positions())."""
+        if self.selected_count() != 1:
+            raise ValueError(f"single_row_step: the step selects {self.selected_count()} rows, not one")
+        slot = 0 if self._active is None else int(self._active[0])
+        length = int(self.lengths[slot])
+        if length + 1 > self.max_len:
+            raise ValueError(f"KV cache overflow: {length} + 1 tokens > max_len {self.max_len}")
+        return slot, length
+
     def attention_mask(self, T: int) -> torch.Tensor | None:
         """(B, 1, T, span) bool, key j visible to query t iff j <= length + t.
         None when one causal mask fits every row: T == 1, or a single row starting empty."""

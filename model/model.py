@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig, RopeScaling
-from model.cpu_kernels import gemv, rms_norm as rms_norm_kernel
+from model.cpu_kernels import decode_step, gemv, rms_norm as rms_norm_kernel
 from model.kv_cache import KVCache
 
 
@@ -288,6 +288,10 @@ class Transformer(nn.Module):
           are gathered.
         """
         B, T = tokens.shape
+        if cache is not None and B == T == 1 and head is None and tokens.device.type == "cpu":
+            logits = decode_step(self, tokens, cache)  # one C call for the whole step, where it applies
+            if logits is not None:
+                return logits
         mask = None
         if cache is not None:
             positions = cache.positions(T)

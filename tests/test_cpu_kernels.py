@@ -61,3 +61,73 @@ def test_rms_norm_matches_the_torch_path(dtype, rows, d):
     # fp32: summation order; bf16: at most one unit in the last place where that order flips a rounding.
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
     torch.testing.assert_close(got, ref.detach(), **tol)
+
+
+def _decode_model(dtype, tie: bool):
+    from model.config import ModelConfig, RopeScaling
+    from model.model import Transformer
+
+    # GQA (8 over 2), llama3 rope scaling, an FFN width that is odd and not a multiple of the vector width
+    cfg = ModelConfig(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1000, ffn_hidden_dim=301,
+                      max_seq_len=128, tie_embeddings=tie, rope_scaling=RopeScaling())
+    model = Transformer(cfg)
+    model.init_weights(seed=1)
+    return model.to(dtype).fuse_projections()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_equals_the_torch_path(monkeypatch, dtype, tie):
+    """The one-call decode step gives the model's torch-path logits and writes the same keys/values,
+    step after step, in a cache slot other than 0."""
+    from model.kv_cache import KVCache
+
+    if ("decode", dtype) not in cpu_kernels._library():
+        pytest.skip(f"herd's {dtype} decode kernel is not available here")
+    model = _decode_model(dtype, tie)
+    tokens = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    runs, calls = [], []
+    for use_kernel in (False, True):
+        if not use_kernel:
+            monkeypatch.setattr("model.model.decode_step", lambda *a: None)
+        else:
+            monkeypatch.setattr("model.model.decode_step",
+                                lambda *a: calls.append(1) or cpu_kernels.decode_step(*a))
+        cache = KVCache.for_model(model.config, 3, 40, dtype=dtype)
+        logits = []
+        with torch.inference_mode():
+            cache.select([1])
+            model(tokens[:, :12], cache=cache)
+            cache.advance(12)
+            for i in range(12, 24):
+                logits.append(model(tokens[:, i:i + 1], cache=cache).float())
+                cache.advance(1)
+        runs.append((torch.cat(logits), cache.k.float(), cache.v.float()))
+    assert len(calls) == 12
+    (ref, ref_k, ref_v), (got, got_k, got_v) = runs
+    # fp32: summation order only; bf16: a rounding flipped by that order, one unit in the last place
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -6)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(got_k, ref_k, **tol)
+    torch.testing.assert_close(got_v, ref_v, **tol)
+    assert got_k[:, [0, 2]].abs().max() == 0  # the other slots are untouched
+
+
+def test_decode_step_declines_what_it_does_not_cover():
+    from model.kv_cache import KVCache
+
+    if ("decode", torch.float32) not in cpu_kernels._library():
+        pytest.skip("herd's float32 decode kernel is not available here")
+    model = _decode_model(torch.float32, tie=True)
+    token = torch.tensor([[7]])
+    with torch.inference_mode():
+        assert cpu_kernels.decode_step(model, token, KVCache.for_model(model.config, 1, 8)) is not None
+        unfused = _decode_model(torch.float32, tie=True)
+        for layer in unfused.layers:
+            layer.attention.wqkv = layer.feed_forward.w13 = None
+        assert cpu_kernels.decode_step(unfused, token, KVCache.for_model(model.config, 1, 8)) is None
+        assert cpu_kernels.decode_step(model, token, KVCache.for_model(model.config, 1, 8, torch.bfloat16)) is None
+        moved = model.double()  # .to() replaces the weights the plan points at: the plan is rebuilt, then declined
+        assert cpu_kernels.decode_step(moved, token, KVCache.for_model(model.config, 1, 8, torch.float64)) is None
+        assert cpu_kernels.decode_step(_decode_model(torch.float32, True), token, KVCache.for_model(model.config, 2, 8)) is None
+    assert cpu_kernels.decode_step(_decode_model(torch.float32, True), token, KVCache.for_model(model.config, 1, 8)) is None  # autograd

@@ -7,6 +7,7 @@
  * matrices torch's bf16 mv streamed ~10 GB/s here, these loops ~20-25). Rows split over `threads`
  * OpenMP threads (this library resolves libgomp to the copy torch already loaded). */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 #ifndef PF
@@ -20,51 +21,78 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(v.u >> 16);
 }
 
-void herd_gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int64_t threads) {
+/* The dot products of up to 4 rows (row i at w[i]) with x: the inner loop of every matrix-vector
+ * product here. The rows share each load of x. */
+static inline void dot_rows_bf16(const uint16_t *const w[4], int64_t rows, const uint16_t *x, int64_t k,
+                                 float out[4]) {
     const int64_t full = k / 32 * 32;
     const __mmask32 tail = (__mmask32)((1ull << (k - full)) - 1);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = 0; j < full; j += 32) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
+        for (int64_t i = 0; i < rows; i++) {
+            _mm_prefetch((const char *)(w[i] + j) + PF, _MM_HINT_T0);
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(w[i] + j), xv);
+        }
+    }
+    if (tail) {
+        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + full);
+        for (int64_t i = 0; i < rows; i++)
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(tail, w[i] + full), xv);
+    }
+    for (int64_t i = 0; i < rows; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+static inline void dot_rows_f32(const float *const w[4], int64_t rows, const float *x, int64_t k, float out[4]) {
+    const int64_t full = k / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (k - full)) - 1);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = 0; j < full; j += 16) {
+        __m512 xv = _mm512_loadu_ps(x + j);
+        for (int64_t i = 0; i < rows; i++) {
+            _mm_prefetch((const char *)(w[i] + j) + PF, _MM_HINT_T0);
+            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(w[i] + j), xv, acc[i]);
+        }
+    }
+    if (tail) {
+        __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
+        for (int64_t i = 0; i < rows; i++)
+            acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w[i] + full), xv, acc[i]);
+    }
+    for (int64_t i = 0; i < rows; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* Rows r0.. r0+rows-1 of a row-major (n x k) matrix of either dtype; x in the same dtype. */
+static inline void dot_block(const void *w, int64_t r0, int64_t rows, int64_t k, const void *x, float out[4],
+                             int bf16) {
+    if (bf16) {
+        const uint16_t *p[4];
+        for (int64_t i = 0; i < rows; i++) p[i] = (const uint16_t *)w + (r0 + i) * k;
+        dot_rows_bf16(p, rows, (const uint16_t *)x, k, out);
+    } else {
+        const float *p[4];
+        for (int64_t i = 0; i < rows; i++) p[i] = (const float *)w + (r0 + i) * k;
+        dot_rows_f32(p, rows, (const float *)x, k, out);
+    }
+}
+
+void herd_gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int64_t threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r0 = 0; r0 < n; r0 += 4) {
         const int64_t rows = n - r0 < 4 ? n - r0 : 4;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t j = 0; j < full; j += 32) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
-            for (int64_t i = 0; i < rows; i++) {
-                const uint16_t *p = w + (r0 + i) * k + j;
-                _mm_prefetch((const char *)p + PF, _MM_HINT_T0);
-                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(p), xv);
-            }
-        }
-        if (tail) {
-            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + full);
-            for (int64_t i = 0; i < rows; i++)
-                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(tail, w + (r0 + i) * k + full), xv);
-        }
-        for (int64_t i = 0; i < rows; i++) y[r0 + i] = to_bf16(_mm512_reduce_add_ps(acc[i]));
+        float out[4];
+        dot_block(w, r0, rows, k, x, out, 1);
+        for (int64_t i = 0; i < rows; i++) y[r0 + i] = to_bf16(out[i]);
     }
 }
 
 void herd_gemv_f32(const float *w, const float *x, float *y, int64_t n, int64_t k, int64_t threads) {
-    const int64_t full = k / 16 * 16;
-    const __mmask16 tail = (__mmask16)((1u << (k - full)) - 1);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r0 = 0; r0 < n; r0 += 4) {
         const int64_t rows = n - r0 < 4 ? n - r0 : 4;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t j = 0; j < full; j += 16) {
-            __m512 xv = _mm512_loadu_ps(x + j);
-            for (int64_t i = 0; i < rows; i++) {
-                const float *p = w + (r0 + i) * k + j;
-                _mm_prefetch((const char *)p + PF, _MM_HINT_T0);
-                acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(p), xv, acc[i]);
-            }
-        }
-        if (tail) {
-            __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
-            for (int64_t i = 0; i < rows; i++)
-                acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + (r0 + i) * k + full), xv, acc[i]);
-        }
-        for (int64_t i = 0; i < rows; i++) y[r0 + i] = _mm512_reduce_add_ps(acc[i]);
+        float out[4];
+        dot_block(w, r0, rows, k, x, out, 0);
+        for (int64_t i = 0; i < rows; i++) y[r0 + i] = out[i];
     }
 }
 
@@ -87,28 +115,30 @@ static inline __m512 round_bf16(__m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
 }
 
+/* One row; x may be fp32 while w and y are bf16 (the decode step keeps its residual in fp32). */
+static inline void rms_norm_row(const void *x, int x_bf16, const void *w, void *y, int64_t d, float eps, int bf16) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) {
+        __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
+        __m512 v = load16(m, x, j, x_bf16);
+        ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    __m512 rs = _mm512_set1_ps(1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(ss) / (float)d + eps));
+    for (int64_t j = 0; j < d; j += 16) {
+        __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
+        __m512 v = _mm512_mul_ps(load16(m, x, j, x_bf16), rs);
+        if (bf16) v = round_bf16(v);
+        store16(m, y, j, _mm512_mul_ps(v, load16(m, w, j, bf16)), bf16);
+    }
+}
+
 /* bf16 is a constant in each caller, so the compiler emits one loop per dtype. */
 static inline void rms_norm(const void *x, const void *w, void *y, int64_t rows, int64_t d, float eps,
                             int64_t threads, int bf16) {
     const int64_t size = bf16 ? 2 : 4;
     #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 8)
-    for (int64_t r = 0; r < rows; r++) {
-        const char *xr = (const char *)x + r * d * size;
-        char *yr = (char *)y + r * d * size;
-        __m512 ss = _mm512_setzero_ps();
-        for (int64_t j = 0; j < d; j += 16) {
-            __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
-            __m512 v = load16(m, xr, j, bf16);
-            ss = _mm512_fmadd_ps(v, v, ss);
-        }
-        __m512 rs = _mm512_set1_ps(1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(ss) / (float)d + eps));
-        for (int64_t j = 0; j < d; j += 16) {
-            __mmask16 m = d - j >= 16 ? 0xffff : (__mmask16)((1u << (d - j)) - 1);
-            __m512 v = _mm512_mul_ps(load16(m, xr, j, bf16), rs);
-            if (bf16) v = round_bf16(v);
-            store16(m, yr, j, _mm512_mul_ps(v, load16(m, w, j, bf16)), bf16);
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        rms_norm_row((const char *)x + r * d * size, bf16, w, (char *)y + r * d * size, d, eps, bf16);
 }
 
 void herd_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps, int64_t threads) {
@@ -118,4 +148,177 @@ void herd_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, i
 void herd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t d, float eps,
                         int64_t threads) {
     rms_norm(x, w, y, rows, d, eps, threads, 1);
+}
+
+/* A whole decode step for one sequence: every layer and the output projection in one call and one
+ * OpenMP team. Decode reads each weight once per token; torch runs ~20 small ops a layer around
+ * those reads, whose dispatch cost here (~12-17 ms of a ~42 ms SmolLM2 fp32 token) is what this
+ * removes. Rounds where model.py's bf16 path rounds (each op's bf16 output), so the two agree up to
+ * summation order; fp32 is fp32 throughout. Layout as model.py: fused wqkv (q heads, k heads,
+ * v heads) and w13 (gate rows, up rows), rotate-half RoPE, the cache (n_kv_heads, max_len, head_dim)
+ * per layer for this sequence. */
+typedef struct {
+    const void *attn_norm, *wqkv, *wo, *ffn_norm, *w13, *w2;
+} herd_layer;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, vocab;
+    float eps;
+    const float *inv_freq; /* head_dim / 2 */
+    const herd_layer *layers;
+    const void *norm, *output, *embedding;
+} herd_model;
+
+static inline float rnd(float v, int bf16) {
+    if (!bf16) return v;
+    union { uint32_t u; float f; } r = { (uint32_t)to_bf16(v) << 16 };
+    return r.f;
+}
+
+static inline float elem(const void *p, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    union { uint32_t u; float f; } r = { (uint32_t)((const uint16_t *)p)[i] << 16 };
+    return r.f;
+}
+
+static inline void put(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* y = W x over the team (an orphaned omp for): into y (fp32, rounded as the dtype), added to a
+ * residual `acc` (acc = rnd(acc + rnd(y))), or stored in the dtype (`out`). */
+static inline void team_matvec(const void *w, const void *x, int64_t n, int64_t k, float *y, float *acc, void *out,
+                               int bf16) {
+    #pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < n; r0 += 4) {
+        const int64_t rows = n - r0 < 4 ? n - r0 : 4;
+        float o[4];
+        dot_block(w, r0, rows, k, x, o, bf16);
+        for (int64_t i = 0; i < rows; i++) {
+            if (y) y[r0 + i] = rnd(o[i], bf16);
+            else if (acc) acc[r0 + i] = rnd(acc[r0 + i] + rnd(o[i], bf16), bf16);
+            else put(out, r0 + i, o[i], bf16);
+        }
+    }
+}
+
+/* gate and up rows in one pass (they share x), then silu(gate) * up in the dtype. */
+static inline void team_gate_up(const void *w13, const void *x, int64_t hidden, int64_t k, void *h, int bf16) {
+    #pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < hidden; r0 += 2) {
+        const int64_t pairs = hidden - r0 < 2 ? 1 : 2;
+        const int64_t idx[4] = {r0, r0 + 1, hidden + r0, hidden + r0 + 1};
+        float o[4];
+        if (bf16) {
+            const uint16_t *p[4];
+            for (int i = 0; i < 2 * pairs; i++) p[i] = (const uint16_t *)w13 + idx[i < pairs ? i : 2 + i - pairs] * k;
+            dot_rows_bf16(p, 2 * pairs, (const uint16_t *)x, k, o);
+        } else {
+            const float *p[4];
+            for (int i = 0; i < 2 * pairs; i++) p[i] = (const float *)w13 + idx[i < pairs ? i : 2 + i - pairs] * k;
+            dot_rows_f32(p, 2 * pairs, (const float *)x, k, o);
+        }
+        for (int64_t i = 0; i < pairs; i++) {
+            const float g = rnd(o[i], bf16), u = rnd(o[pairs + i], bf16);
+            put(h, r0 + i, rnd(g / (1.0f + expf(-g)), bf16) * u, bf16);
+        }
+    }
+}
+
+/* One query against positions 0..pos of one kv head's cache; out in the dtype. */
+static inline void attend(const float *q, const void *kc, const void *vc, int64_t pos, int64_t hd, float *scores,
+                          void *out, int bf16) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    float best = -INFINITY;
+    for (int64_t t = 0; t <= pos; t++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < hd; j += 16) {
+            __mmask16 m = hd - j >= 16 ? 0xffff : (__mmask16)((1u << (hd - j)) - 1);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + j), load16(m, (const char *)kc + t * hd * (bf16 ? 2 : 4), j, bf16), acc);
+        }
+        scores[t] = _mm512_reduce_add_ps(acc) * scale;
+        best = scores[t] > best ? scores[t] : best;
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) total += scores[t] = expf(scores[t] - best);
+    for (int64_t j = 0; j < hd; j += 16) {
+        __mmask16 m = hd - j >= 16 ? 0xffff : (__mmask16)((1u << (hd - j)) - 1);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t t = 0; t <= pos; t++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), load16(m, (const char *)vc + t * hd * (bf16 ? 2 : 4), j, bf16), acc);
+        store16(m, out, j, _mm512_mul_ps(acc, _mm512_set1_ps(1.0f / total)), bf16);
+    }
+}
+
+/* scratch (fp32): dim + (n_heads + 2 n_kv_heads) head_dim + head_dim + n_heads (pos + 1) floats, then
+ * room for max(dim, hidden) elements of the dtype. k_cache/v_cache: this sequence's layer-0 cache;
+ * layer l at + l * layer_stride, kv head g at + g * head_stride (elements). */
+static inline void decode_step(const herd_model *m, int64_t token, int64_t pos, void *k_cache, void *v_cache,
+                               int64_t layer_stride, int64_t head_stride, void *logits, float *scratch,
+                               int64_t threads, int bf16) {
+    const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, size = bf16 ? 2 : 4;
+    float *x = scratch, *qkv = x + dim, *cs = qkv + (nh + 2 * nkv) * hd, *scores = cs + hd;
+    void *xin = scores + nh * (pos + 1);
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp single
+        {
+            for (int64_t j = 0; j < dim; j++) x[j] = elem(m->embedding, token * dim + j, bf16);
+            for (int64_t i = 0; i < hd / 2; i++) {
+                const float angle = (float)pos * m->inv_freq[i];
+                cs[i] = rnd(cosf(angle), bf16);
+                cs[hd / 2 + i] = rnd(sinf(angle), bf16);
+            }
+        }
+        for (int64_t l = 0; l < m->n_layers; l++) {
+            const herd_layer *L = &m->layers[l];
+            char *kl = (char *)k_cache + l * layer_stride * size, *vl = (char *)v_cache + l * layer_stride * size;
+            #pragma omp single
+            rms_norm_row(x, 0, L->attn_norm, xin, dim, m->eps, bf16);
+            team_matvec(L->wqkv, xin, (nh + 2 * nkv) * hd, dim, qkv, NULL, NULL, bf16);
+            #pragma omp single
+            {
+                for (int64_t h = 0; h < nh + nkv; h++) { /* rotary on q and k heads, as apply_rope */
+                    float *v = qkv + h * hd;
+                    for (int64_t i = 0; i < hd / 2; i++) {
+                        const float a = v[i], b = v[hd / 2 + i], c = cs[i], s = cs[hd / 2 + i];
+                        v[i] = rnd(rnd(a * c, bf16) + rnd(-b * s, bf16), bf16);
+                        v[hd / 2 + i] = rnd(rnd(b * c, bf16) + rnd(a * s, bf16), bf16);
+                    }
+                }
+                for (int64_t g = 0; g < nkv; g++)
+                    for (int64_t j = 0; j < hd; j++) {
+                        put(kl + (g * head_stride + pos * hd) * size, j, qkv[(nh + g) * hd + j], bf16);
+                        put(vl + (g * head_stride + pos * hd) * size, j, qkv[(nh + nkv + g) * hd + j], bf16);
+                    }
+            }
+            #pragma omp for schedule(static)
+            for (int64_t h = 0; h < nh; h++) {
+                const int64_t g = h / (nh / nkv);
+                attend(qkv + h * hd, kl + g * head_stride * size, vl + g * head_stride * size, pos, hd,
+                       scores + h * (pos + 1), (char *)xin + h * hd * size, bf16);
+            }
+            team_matvec(L->wo, xin, dim, nh * hd, NULL, x, NULL, bf16);
+            #pragma omp single
+            rms_norm_row(x, 0, L->ffn_norm, xin, dim, m->eps, bf16);
+            /* the gated hidden goes after xin's dim elements: xin is still being read */
+            void *h = (char *)xin + dim * size;
+            team_gate_up(L->w13, xin, m->hidden, dim, h, bf16);
+            team_matvec(L->w2, h, dim, m->hidden, NULL, x, NULL, bf16);
+        }
+        #pragma omp single
+        rms_norm_row(x, 0, m->norm, xin, dim, m->eps, bf16);
+        team_matvec(m->output, xin, m->vocab, dim, NULL, NULL, logits, bf16);
+    }
+}
+
+void herd_decode_f32(const herd_model *m, int64_t token, int64_t pos, void *k_cache, void *v_cache,
+                     int64_t layer_stride, int64_t head_stride, void *logits, float *scratch, int64_t threads) {
+    decode_step(m, token, pos, k_cache, v_cache, layer_stride, head_stride, logits, scratch, threads, 0);
+}
+
+void herd_decode_bf16(const herd_model *m, int64_t token, int64_t pos, void *k_cache, void *v_cache,
+                      int64_t layer_stride, int64_t head_stride, void *logits, float *scratch, int64_t threads) {
+    decode_step(m, token, pos, k_cache, v_cache, layer_stride, head_stride, logits, scratch, threads, 1);
 }
