@@ -26,6 +26,7 @@ class KVCache:
         self._range: tuple[int, int] | None = None  # the step's rows as a contiguous [start, stop)
         self._scratch: int | None = None  # select_hull: where the hull's unselected rows write
         self._step_lengths: torch.Tensor | None = None  # each stepped row's length, set by positions()
+        self._decode_rows: tuple | None = None  # decode_rows() of the current step
 
     @classmethod
     def for_model(cls, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
@@ -66,7 +67,7 @@ class KVCache:
 
     def positions(self, T: int) -> torch.Tensor:
         lengths = self._lengths()
-        self._step_lengths = lengths
+        self._step_lengths, self._decode_rows = lengths, None
         host = (self.lengths[self._active] if self._scratch is not None else lengths).tolist()
         longest = max(host)
         if longest + T > self.max_len or (self._scratch is not None and self._scratch + T > self.max_len):
@@ -75,6 +76,26 @@ class KVCache:
         uniform = self._active is None and min(host) == longest
         self._uniform_start = longest if uniform else None
         return lengths[:, None] + torch.arange(T, device=lengths.device)
+
+    def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a one-token step after positions(): each fed row's slot, its write position, and
+        whether it is a real sequence (uint8; 0 for a hull's idle rows). The CPU attention kernel's
+        view of update()."""
+        if self._decode_rows is None:
+            if self._range is not None:
+                slots = torch.arange(*self._range, device=self.lengths.device)
+            elif self._active is None:
+                slots = torch.arange(self.batch_size, device=self.lengths.device)
+            else:
+                slots = self._active
+            pos = self._step_lengths.contiguous()
+            if self._scratch is None:
+                active = torch.ones(len(slots), dtype=torch.uint8, device=self.lengths.device)
+            else:
+                active = torch.zeros(len(slots), dtype=torch.uint8, device=self.lengths.device)
+                active[self._active - self._range[0]] = 1
+            self._decode_rows = (slots, pos, active)
+        return self._decode_rows
 
     def selected_count(self) -> int:
         """Rows the next step feeds."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig, RopeScaling
-from model.cpu_kernels import decode_step, gemv, rms_norm as rms_norm_kernel
+from model.cpu_kernels import attention_step, decode_step, gemv, rms_norm as rms_norm_kernel
 from model.kv_cache import KVCache
 
 
@@ -148,8 +148,13 @@ class Attention(nn.Module):
         """mask: None (causal, or nothing to hide in a 1-token cached step), a bool tensor, or a BlockMask."""
         B, T, _ = x.shape
         if self.wqkv is not None:  # inference: one matmul, and one rotary pass over the q and k heads
-            qkv = linear(x, self.wqkv, self.packed.get("wqkv")).view(B, T, -1, self.head_dim)
+            qkv = linear(x, self.wqkv, self.packed.get("wqkv"))
             nq, nk = self.wq.out_features // self.head_dim, self.wk.out_features // self.head_dim
+            if cache is not None and T == 1 and x.device.type == "cpu":  # batched decode: one C call
+                out = attention_step(qkv, cos, sin, cache, self.layer_idx, nq)
+                if out is not None:
+                    return linear(out.view(B, T, -1), self.wo.weight, self.packed.get("wo"))
+            qkv = qkv.view(B, T, -1, self.head_dim)
             qk = apply_rope(qkv[:, :, :nq + nk], cos, sin)
             q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nk:]
         else:

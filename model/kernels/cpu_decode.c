@@ -8,6 +8,7 @@
  * OpenMP threads (this library resolves libgomp to the copy torch already loaded). */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 #ifndef PF
@@ -251,6 +252,85 @@ static inline void attend(const float *q, const void *kc, const void *vc, int64_
     }
 }
 
+/* Rotary (rotate-half, as apply_rope) on the q and k heads of one token's fp32 q|k|v, in place;
+ * then its k and v heads into this sequence's layer cache at pos. cs: cos then sin, head_dim / 2 each. */
+static inline void rope_and_store(float *qkv, const float *cs, int64_t nh, int64_t nkv, int64_t hd, char *kc,
+                                  char *vc, int64_t head_stride, int64_t pos, int bf16) {
+    const int64_t size = bf16 ? 2 : 4;
+    for (int64_t h = 0; h < nh + nkv; h++) {
+        float *v = qkv + h * hd;
+        for (int64_t i = 0; i < hd / 2; i++) {
+            const float a = v[i], b = v[hd / 2 + i], c = cs[i], s = cs[hd / 2 + i];
+            v[i] = rnd(rnd(a * c, bf16) + rnd(-b * s, bf16), bf16);
+            v[hd / 2 + i] = rnd(rnd(b * c, bf16) + rnd(a * s, bf16), bf16);
+        }
+    }
+    for (int64_t g = 0; g < nkv; g++)
+        for (int64_t j = 0; j < hd; j++) {
+            put(kc + (g * head_stride + pos * hd) * size, j, qkv[(nh + g) * hd + j], bf16);
+            put(vc + (g * head_stride + pos * hd) * size, j, qkv[(nh + nkv + g) * hd + j], bf16);
+        }
+}
+
+/* The attention of a batched decode step (one new token in each of `rows` sequences), from the fused
+ * q|k|v projection to the heads' outputs: rotary, the cache write at each row's own position, and
+ * attention over each row's own keys. torch runs this as ~12 ops a layer, and its CPU SDPA over a
+ * padded, masked span cost ~1.2 ms a layer at 32 SmolLM2 rows, where the work is ~10 MFLOP.
+ * qkv (rows x (nh + 2 nkv) hd), cos/sin (rows x hd, the model's rope_cos_sin) and out (rows x nh hd) in
+ * the dtype; row r is cache slot slots[r] and writes at pos[r]; a row with active[r] == 0 (a hull
+ * step's idle row) writes but attends nothing (zeros out). k/v: this layer's cache, slot s at
+ * + s * slot_stride. scratch: rows (nh + 2 nkv + 1) hd + threads max_keys floats. */
+static inline void attention_step(const void *qkv, const void *cos, const void *sin, int64_t rows,
+                                  const int64_t *slots, const int64_t *pos, const uint8_t *active, void *k, void *v,
+                                  int64_t slot_stride, int64_t head_stride, int64_t nh, int64_t nkv, int64_t hd,
+                                  void *out, float *scratch, int64_t max_keys, int64_t threads, int bf16) {
+    const int64_t size = bf16 ? 2 : 4, width = (nh + 2 * nkv) * hd;
+    float *q = scratch, *scores = scratch + rows * (width + hd);
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *x = q + r * width, *cs = q + rows * width + r * hd;
+            for (int64_t j = 0; j < width; j++) x[j] = elem(qkv, r * width + j, bf16);
+            for (int64_t i = 0; i < hd / 2; i++) {
+                cs[i] = elem(cos, r * hd + i, bf16);
+                cs[hd / 2 + i] = elem(sin, r * hd + i, bf16);
+            }
+            rope_and_store(x, cs, nh, nkv, hd, (char *)k + slots[r] * slot_stride * size,
+                           (char *)v + slots[r] * slot_stride * size, head_stride, pos[r], bf16);
+        }
+        float *mine = scores + omp_get_thread_num() * max_keys;
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t h = 0; h < nh; h++) {
+                char *o = (char *)out + (r * nh + h) * hd * size;
+                if (!active[r]) {
+                    for (int64_t j = 0; j < hd; j++) put(o, j, 0.0f, bf16);
+                    continue;
+                }
+                const int64_t g = h / (nh / nkv), base = slots[r] * slot_stride + g * head_stride;
+                attend(q + r * width + h * hd, (char *)k + base * size, (char *)v + base * size, pos[r], hd, mine, o,
+                       bf16);
+            }
+    }
+}
+
+void herd_attention_step_f32(const void *qkv, const void *cos, const void *sin, int64_t rows, const int64_t *slots,
+                             const int64_t *pos, const uint8_t *active, void *k, void *v, int64_t slot_stride,
+                             int64_t head_stride, int64_t nh, int64_t nkv, int64_t hd, void *out, float *scratch,
+                             int64_t max_keys, int64_t threads) {
+    attention_step(qkv, cos, sin, rows, slots, pos, active, k, v, slot_stride, head_stride, nh, nkv, hd, out, scratch,
+                   max_keys, threads, 0);
+}
+
+void herd_attention_step_bf16(const void *qkv, const void *cos, const void *sin, int64_t rows, const int64_t *slots,
+                              const int64_t *pos, const uint8_t *active, void *k, void *v, int64_t slot_stride,
+                              int64_t head_stride, int64_t nh, int64_t nkv, int64_t hd, void *out, float *scratch,
+                              int64_t max_keys, int64_t threads) {
+    attention_step(qkv, cos, sin, rows, slots, pos, active, k, v, slot_stride, head_stride, nh, nkv, hd, out, scratch,
+                   max_keys, threads, 1);
+}
+
 /* scratch (fp32): dim + (n_heads + 2 n_kv_heads) head_dim + head_dim + n_heads (pos + 1) floats, then
  * room for max(dim, hidden) elements of the dtype. k_cache/v_cache: this sequence's layer-0 cache;
  * layer l at + l * layer_stride, kv head g at + g * head_stride (elements). */
@@ -278,21 +358,7 @@ static inline void decode_step(const herd_model *m, int64_t token, int64_t pos, 
             rms_norm_row(x, 0, L->attn_norm, xin, dim, m->eps, bf16);
             team_matvec(L->wqkv, xin, (nh + 2 * nkv) * hd, dim, qkv, NULL, NULL, bf16);
             #pragma omp single
-            {
-                for (int64_t h = 0; h < nh + nkv; h++) { /* rotary on q and k heads, as apply_rope */
-                    float *v = qkv + h * hd;
-                    for (int64_t i = 0; i < hd / 2; i++) {
-                        const float a = v[i], b = v[hd / 2 + i], c = cs[i], s = cs[hd / 2 + i];
-                        v[i] = rnd(rnd(a * c, bf16) + rnd(-b * s, bf16), bf16);
-                        v[hd / 2 + i] = rnd(rnd(b * c, bf16) + rnd(a * s, bf16), bf16);
-                    }
-                }
-                for (int64_t g = 0; g < nkv; g++)
-                    for (int64_t j = 0; j < hd; j++) {
-                        put(kl + (g * head_stride + pos * hd) * size, j, qkv[(nh + g) * hd + j], bf16);
-                        put(vl + (g * head_stride + pos * hd) * size, j, qkv[(nh + nkv + g) * hd + j], bf16);
-                    }
-            }
+            rope_and_store(qkv, cs, nh, nkv, hd, kl, vl, head_stride, pos, bf16);
             #pragma omp for schedule(static)
             for (int64_t h = 0; h < nh; h++) {
                 const int64_t g = h / (nh / nkv);
