@@ -25,7 +25,7 @@ run: setup
 # CI tier: unit, slow and integration tests. The acceptance tier (long measurement runs whose
 # figures go in issue notes) is separate: `make test-acceptance`.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not acceptance" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not acceptance" tests
 
 test-acceptance: setup
 	$(PY) -m pytest -q -s -m acceptance tests
