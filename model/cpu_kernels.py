@@ -18,6 +18,7 @@ they return None and callers keep torch's path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -88,6 +89,9 @@ def _library() -> dict:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("herd CPU kernels off: building %s failed: %s", SOURCE.name, detail.strip()[-500:])
         return {}
+    lib.herd_attention_step.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + \
+        [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.herd_attention_step.restype = None
     fns = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
         if dtype == torch.bfloat16 and "avx512_bf16" not in flags:
@@ -99,12 +103,10 @@ def _library() -> dict:
         step_fn = getattr(lib, f"herd_decode_{suffix}")
         step_fn.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
             [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
-        attn_fn = getattr(lib, f"herd_attention_step_{suffix}")
-        attn_fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 5 + \
-            [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-        for name, fn in (("gemv", gemv_fn), ("rms_norm", norm_fn), ("decode", step_fn), ("attention", attn_fn)):
+        for name, fn in (("gemv", gemv_fn), ("rms_norm", norm_fn), ("decode", step_fn)):
             fn.restype = None
             fns[(name, dtype)] = fn
+        fns[("attention", dtype)] = functools.partial(lib.herd_attention_step, int(dtype == torch.bfloat16))
     return fns
 
 

@@ -131,3 +131,46 @@ def test_decode_step_declines_what_it_does_not_cover():
         assert cpu_kernels.decode_step(moved, token, KVCache.for_model(model.config, 1, 8, torch.float64)) is None
         assert cpu_kernels.decode_step(_decode_model(torch.float32, True), token, KVCache.for_model(model.config, 2, 8)) is None
     assert cpu_kernels.decode_step(_decode_model(torch.float32, True), token, KVCache.for_model(model.config, 1, 8)) is None  # autograd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_step_equals_the_torch_path(monkeypatch, dtype):
+    """A batched one-token step through the attention kernel gives the torch path's logits and cache,
+    for rows of different lengths, and for a hull step whose idle rows must stay untouched."""
+    from model.kv_cache import KVCache
+
+    if ("attention", dtype) not in cpu_kernels._library():
+        pytest.skip(f"herd's {dtype} attention kernel is not available here")
+    model = _decode_model(dtype, tie=False)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (1, n), generator=g) for n in (3, 11, 6, 17)]
+    steps = torch.randint(0, 1000, (3, 4, 1), generator=g)
+    scratch = 39
+    runs, used = [], []
+    for use_kernel in (False, True):
+        step = (lambda *a: used.append(cpu_kernels.attention_step(*a)) or used[-1]) if use_kernel else (lambda *a: None)
+        monkeypatch.setattr("model.model.attention_step", step)
+        cache = KVCache.for_model(model.config, 4, 40, dtype=dtype)
+        logits = []
+        with torch.inference_mode():
+            for slot, prompt in enumerate(prompts):
+                cache.select([slot])
+                model(prompt, cache=cache)
+                cache.advance(prompt.shape[1])
+            for tokens in steps[:2]:  # all four rows, each at its own length
+                cache.select([0, 1, 2, 3])
+                logits.append(model(tokens, cache=cache).float())
+                cache.advance(1)
+            lo, hi = cache.select_hull([0, 3], scratch)  # rows 1 and 2 idle
+            logits.append(model(steps[2], cache=cache)[[0, 3]].float())
+            cache.advance(1)
+        runs.append((logits, cache.k[:, :, :, :scratch].float(), cache.v[:, :, :, :scratch].float(),
+                     cache.lengths.clone()))
+    (ref, ref_k, ref_v, ref_len), (got, got_k, got_v, got_len) = runs
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -6)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(got_k, ref_k, **tol)
+    torch.testing.assert_close(got_v, ref_v, **tol)
+    assert torch.equal(got_len, ref_len) and got_len.tolist() == [6, 13, 8, 20]
+    assert len(used) == 3 * model.config.n_layers and all(u is not None for u in used)

@@ -319,20 +319,17 @@ static inline void attention_step(const void *qkv, const void *cos, const void *
     }
 }
 
-void herd_attention_step_f32(const void *qkv, const void *cos, const void *sin, int64_t rows, const int64_t *slots,
-                             const int64_t *pos, const uint8_t *active, void *k, void *v, int64_t slot_stride,
-                             int64_t head_stride, int64_t nh, int64_t nkv, int64_t hd, void *out, float *scratch,
-                             int64_t max_keys, int64_t threads) {
-    attention_step(qkv, cos, sin, rows, slots, pos, active, k, v, slot_stride, head_stride, nh, nkv, hd, out, scratch,
-                   max_keys, threads, 0);
-}
-
-void herd_attention_step_bf16(const void *qkv, const void *cos, const void *sin, int64_t rows, const int64_t *slots,
-                              const int64_t *pos, const uint8_t *active, void *k, void *v, int64_t slot_stride,
-                              int64_t head_stride, int64_t nh, int64_t nkv, int64_t hd, void *out, float *scratch,
-                              int64_t max_keys, int64_t threads) {
-    attention_step(qkv, cos, sin, rows, slots, pos, active, k, v, slot_stride, head_stride, nh, nkv, hd, out, scratch,
-                   max_keys, threads, 1);
+/* One entry for both dtypes: each branch passes a constant, so each compiles its own loop. */
+void herd_attention_step(int64_t bf16, const void *qkv, const void *cos, const void *sin, int64_t rows,
+                         const int64_t *slots, const int64_t *pos, const uint8_t *active, void *k, void *v,
+                         int64_t slot_stride, int64_t head_stride, int64_t nh, int64_t nkv, int64_t hd, void *out,
+                         float *scratch, int64_t max_keys, int64_t threads) {
+    if (bf16)
+        attention_step(qkv, cos, sin, rows, slots, pos, active, k, v, slot_stride, head_stride, nh, nkv, hd, out,
+                       scratch, max_keys, threads, 1);
+    else
+        attention_step(qkv, cos, sin, rows, slots, pos, active, k, v, slot_stride, head_stride, nh, nkv, hd, out,
+                       scratch, max_keys, threads, 0);
 }
 
 /* scratch (fp32): dim + (n_heads + 2 n_kv_heads) head_dim + head_dim + n_heads (pos + 1) floats, then
