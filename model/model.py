@@ -8,7 +8,9 @@ Attention paths:
   * packed documents (`positions` restart at 0 per document): a block-diagonal causal
     mask on CPU, flex_attention with a block mask on CUDA;
   * KV cache (generation, serving): each row writes at its own length, so rows of
-    different lengths share one step.
+    different lengths share one step. On CPU, inference of a fused model (fuse_projections)
+    hands one-token steps to herd's C kernels (model/cpu_kernels.py): one sequence runs its
+    whole step as one call, several run each layer's attention as one call.
 """
 from __future__ import annotations
 
