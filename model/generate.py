@@ -23,6 +23,7 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False  # only stop_ids / stop_strings / max_tokens end it (fixed-length benchmarks)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -90,7 +91,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     B = len(prompts)
     cache = KVCache.for_model(cfg, B, longest + params.max_tokens, dtype=dtype, device=device)
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    stop_ids = set(params.stop_ids) | set(cfg.eos_token_ids if tokenizer is None else tokenizer.stop_ids)
+    stop_ids = set(params.stop_ids)
+    if not params.ignore_eos:
+        stop_ids |= set(cfg.eos_token_ids if tokenizer is None else tokenizer.stop_ids)
 
     # Prefill row by row: no padding, and each row's last logits are its own. A prompt repeated in the
     # batch (n samples of one prompt: rejection sampling, GRPO groups) is prefilled once, its cache copied.

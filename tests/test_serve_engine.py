@@ -233,6 +233,27 @@ def test_stop_ids_and_stop_strings(tiny):
     assert "".join(pieces) == text[:text.find(stop)] and reason == "stop"
 
 
+def test_ignore_eos_runs_past_the_models_stop_ids(tiny):
+    model, tok = tiny
+    prompt = [5, 6, 7]
+    free = reference(model, tok, prompt, 20)
+    eos = free[4]
+    saved = model.config
+    model.config = dataclasses.replace(saved, eos_token_ids=(eos,))  # greedy now meets an EOS at step 5
+    try:
+        engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=2, max_model_len=128))
+        engine.add_request(prompt, SamplingParams(max_tokens=20), "eos")
+        engine.add_request(prompt, SamplingParams(max_tokens=20, ignore_eos=True), "ignored")
+        got = run_all(engine)
+        assert got["eos"] == free[:free.index(eos)] and run_all.reasons["eos"] == "stop"
+        assert got["ignored"] == free and run_all.reasons["ignored"] == "length"
+        plain = generate(model, [prompt], SamplingParams(max_tokens=20))[0]
+        assert plain.token_ids == free[:free.index(eos)] and plain.stop_token_id == eos
+        past = generate(model, [prompt], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+        assert past.token_ids == free and past.finish_reason == "length"
+    finally:
+        model.config = saved
+
 def test_detokenizer_joins_utf8_split_across_tokens():
     from model.tokenizer import llama3_tokenizer
 

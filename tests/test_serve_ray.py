@@ -116,7 +116,8 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
 
         # A client that disconnects mid-stream frees its slot (through the Serve proxy too).
         with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                          json={"prompt": "Write a long story.", "max_tokens": 1000, "stream": True},
+                          json={"prompt": "Write a long story.", "max_tokens": 1000, "stream": True,
+                                "ignore_eos": True},  # a sampled EOS would end it before the disconnect
                           timeout=120) as s:
             lines = s.iter_lines()
             for _ in range(4):

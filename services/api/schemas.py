@@ -1,5 +1,5 @@
 """Request bodies of the OpenAI API subset herd serves (unknown fields are ignored, as OpenAI's
-clients send optional ones freely). Extensions as in vLLM: top_k, stop_token_ids."""
+clients send optional ones freely). Extensions as in vLLM: top_k, stop_token_ids, ignore_eos."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -29,6 +29,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=256)
     stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
+    ignore_eos: bool = False
     seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
@@ -45,6 +46,7 @@ class SamplingFields(BaseModel):
             seed=None if self.seed is None else self.seed % 2**63,
             stop_ids=tuple(self.stop_token_ids or ()),
             stop_strings=tuple(s for s in stops if s),
+            ignore_eos=self.ignore_eos,
         )
 
     @property
