@@ -167,6 +167,9 @@ def test_full_queue_is_503_and_timeouts_are_408(server):
             r = c.post("/v1/completions", json={"prompt": "b", "max_tokens": 2})
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "server_overloaded" and r.headers["retry-after"] == "1"
+            # More prompts in one request than the server ever holds is the client's error, not a retry.
+            r = c.post("/v1/completions", json={"prompt": ["b"] * 9, "max_tokens": 2})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
