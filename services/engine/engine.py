@@ -66,8 +66,8 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise EngineError(f"duplicate request id {request_id}")
-        seq = Sequence(request_id, list(prompt_ids), params,
-                       stop_ids=frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else self.model_stop_ids),
+        stop_ids = frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else self.model_stop_ids)
+        seq = Sequence(request_id, list(prompt_ids), params, stop_ids=stop_ids,
                        arrival=arrival if arrival is not None else time.monotonic(),
                        detok=Detokenizer(self.tokenizer, params.stop_strings))
         self.seqs[request_id] = seq
