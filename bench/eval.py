@@ -9,8 +9,12 @@ lm-eval` (the bench extra).
 
     python -m bench eval                       # MMLU, 10 questions x 57 subjects
     python -m bench.eval --limit 5 --subjects abstract_algebra,anatomy --adapter
-    python -m bench.eval --tasks mmlu,commonsenseqa --limit 0 --dtype bfloat16   # the full parity run
-    python -m bench.eval --limit 0 --dtype bfloat16 --out-dir DIR    # the same MMLU run, resumable
+    python -m bench.eval --tasks mmlu,commonsenseqa --limit 0    # the full parity run (fp32)
+    python -m bench.eval --limit 0 --group-size 4 --out-dir DIR      # the same MMLU run, resumable
+
+Parity runs in fp32: lm-eval's HF backend takes log_softmax in the model's dtype, and in bf16 the
+best choice ties another on ~18% of MMLU questions (its argmax then takes the first), which with
+bf16 rounding alone moves its score by a point either way on a few hundred questions.
 """
 from __future__ import annotations
 
@@ -87,8 +91,10 @@ def run_lm_eval(lm, task_dir: Path, task_names: list[str], limit: int):
 
 
 def _samples(out: dict, task: str) -> dict:
-    """{(subset, doc_id): (correct, context)} from lm-eval's logged samples; MMLU's subset is the
-    subject, CommonsenseQA's the task name (as in herd's predictions)."""
+    """{(subset, doc_id): (correct, context, tied)} from lm-eval's logged samples; MMLU's subset is
+    the subject, CommonsenseQA's the task name (as in herd's predictions). tied: the best choice's
+    log-likelihood equals another's (lm-eval's HF backend takes log_softmax in the model's dtype,
+    so bf16 ties are common; argmax then picks the first)."""
     got = {}
     for name, samples in out["samples"].items():
         subset = name.split("_mmlu_", 1)[1] if "_mmlu_" in name else task
@@ -96,7 +102,8 @@ def _samples(out: dict, task: str) -> dict:
             args = s["arguments"]
             first = args[0] if isinstance(args, list) else next(iter(args.values()))
             ctx = first[0] if isinstance(first, (list, tuple)) else first.get("arg_0")
-            got[(subset, s["doc_id"])] = (float(s["acc"]), ctx)
+            lls = [r[0] for r in s["filtered_resps"]]
+            got[(subset, s["doc_id"])] = (float(s["acc"]), ctx, lls.count(max(lls)) > 1)
     return got
 
 
@@ -107,11 +114,14 @@ def compare(task: str, herd_res, herd_ctx: dict, hf_samples: dict) -> dict:
         idx = seen[p_["subset"]] = seen.get(p_["subset"], -1) + 1
         herd_rows[(p_["subset"], idx)] = (float(p_["correct"]), herd_ctx[(p_["subset"], p_["where"])])
     common = sorted(set(herd_rows) & set(hf_samples))
-    hf_acc = sum(a for a, _ in hf_samples.values()) / len(hf_samples)
+    hf_acc = sum(v[0] for v in hf_samples.values()) / len(hf_samples)
+    differ = [k for k in common if herd_rows[k][0] != hf_samples[k][0]]
     return {"herd_acc": herd_res.metrics["acc"], "lm_eval_acc": hf_acc,
             "acc_diff_points": 100 * (herd_res.metrics["acc"] - hf_acc),
             "same_correctness": f"{sum(herd_rows[k][0] == hf_samples[k][0] for k in common)}/{len(common)}",
-            "identical_prompts": f"{sum(herd_rows[k][1] == hf_samples[k][1] for k in common)}/{len(common)}"}
+            "identical_prompts": f"{sum(herd_rows[k][1] == hf_samples[k][1] for k in common)}/{len(common)}",
+            "lm_eval_tied": sum(v[2] for v in hf_samples.values()),
+            "differ_at_lm_eval_ties": f"{sum(hf_samples[k][2] for k in differ)}/{len(differ)}"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
             lm = HerdLM(model=m, tokenizer=tok, batch_size=args.batch_size)
             out2, wall2, model2 = run_lm_eval(lm, work / "tasks", names[task], limit)
             s2 = _samples(out2, task)
-            row["lm_eval_herd_adapter"] = {"acc": sum(a for a, _ in s2.values()) / len(s2), "wall_s": wall2,
+            row["lm_eval_herd_adapter"] = {"acc": sum(v[0] for v in s2.values()) / len(s2), "wall_s": wall2,
                                            "loglikelihood_s": model2, "q_per_s": len(s2) / wall2}
         report["tasks"][task] = row
         print(f"{task}: herd {row['herd_acc']:.4f} vs lm-eval {row['lm_eval_acc']:.4f} "
@@ -240,6 +250,7 @@ def run_groups(args) -> dict:
         "lm_eval_acc": sum(r["lm_eval_acc"] * r["questions"] for r in rows) / n,
         "same_correctness": f"{sum(a for a, _ in same[0::2])}/{sum(b for _, b in same[0::2])}",
         "identical_prompts": f"{sum(a for a, _ in same[1::2])}/{sum(b for _, b in same[1::2])}",
+        "lm_eval_tied": sum(r.get("lm_eval_tied", 0) for r in rows),
         "herd_q_per_s": n / sum(r["herd"]["wall_s"] for r in rows),
         "lm_eval_q_per_s": n / sum(r["lm_eval_hf"]["wall_s"] for r in rows),
     }
