@@ -47,10 +47,10 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
     prompts = prompt_token_lists(state, body.prompt)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "streaming takes a single prompt", "invalid_value", "prompt")
-    cfg = state.engine.engine.config
-    if len(prompts) > cfg.max_num_seqs + cfg.max_queue:  # could never be admitted: not a retryable 503
-        raise APIError(400, f"{len(prompts)} prompts in one request; this server holds at most "
-                            f"{cfg.max_num_seqs + cfg.max_queue} requests in flight", "invalid_value", "prompt")
+    limit = state.engine.engine.config.max_in_flight
+    if len(prompts) > limit:  # could never be admitted: not a retryable 503
+        raise APIError(400, f"{len(prompts)} prompts in one request; this server holds at most {limit} requests "
+                            "in flight", "invalid_value", "prompt")
     rid, created = request_id("cmpl"), int(time.time())
     runs = []
     try:

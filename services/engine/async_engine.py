@@ -64,7 +64,7 @@ class AsyncLLMEngine:
         eng.validate(prompt_ids, params)
         with self._cond:
             pending = len(self._incoming) + eng.num_waiting + eng.num_running
-            if pending >= eng.config.max_queue + eng.config.max_num_seqs:
+            if pending >= eng.config.max_in_flight:
                 eng.metrics.rejected += 1
                 raise QueueFullError(f"the server is at capacity ({pending} requests in flight); retry later")
             queue: asyncio.Queue = asyncio.Queue()

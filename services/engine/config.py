@@ -14,6 +14,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_queue: int = 256  # waiting requests beyond the slots; more are refused (503)
 
+    @property
+    def max_in_flight(self) -> int:
+        """Requests the engine holds at once (running and waiting); one more is refused."""
+        return self.max_num_seqs + self.max_queue
+
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk", "block_size"):
             if getattr(self, name) < 1:

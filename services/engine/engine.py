@@ -60,7 +60,7 @@ class LLMEngine:
                     arrival: float | None = None) -> Sequence:
         self.validate(prompt_ids, params)
         in_flight = self.num_waiting + self.num_running
-        if in_flight >= self.config.max_queue + self.config.max_num_seqs:
+        if in_flight >= self.config.max_in_flight:
             self.metrics.rejected += 1
             raise QueueFullError(f"the server is at capacity ({in_flight} requests in flight); retry later")
         request_id = request_id or f"req-{next(self._ids)}"
