@@ -52,7 +52,8 @@ def run_herd(model_dir: Path, data_dir: Path, task: str, subjects, limit: int | 
              share_prefix: bool = True, dtype: str = "float32"):
     from flows.eval.runners import run_multiple_choice
     from flows.eval.scoring import Scorer
-    from flows.eval.tasks import load_multiple_choice, load_spec
+    from flows.eval.task_spec import load_spec
+    from flows.eval.tasks import load_multiple_choice
     from model.cli import load_for_inference
 
     model, tok = load_for_inference(str(model_dir), dtype, "cpu")

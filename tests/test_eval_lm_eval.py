@@ -84,7 +84,7 @@ def test_lm_eval_task_on_herd_equals_herd_runner(tiny_lm, tmp_path):
     from lm_eval.tasks import TaskManager
 
     from flows.eval.runners import run_task
-    from flows.eval.tasks import load_spec
+    from flows.eval.task_spec import load_spec
 
     rows = [{"question": f"Pick the number {i}.", "choices": [str(i), str(i + 1), str(i + 2)], "answer": 0}
             for i in range(6)]
@@ -116,12 +116,13 @@ def test_mmlu_matches_lm_eval_hf_on_smollm2(smollm2_dir, smollm2_gguf, shared_da
 
     from flows.eval.runners import run_task
     from flows.eval.scoring import Scorer
-    from flows.eval.tasks import load_spec
+    from flows.eval.task_spec import load_spec
     from model.cli import load_for_inference
 
     subjects, limit = ["abstract_algebra", "marketing"], 3
     names = write_local_tasks(shared_data, tmp_path / "tasks", subjects=subjects)["mmlu"]
-    hf = HFLM(pretrained=str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype="float32", batch_size=4)
+    hf = HFLM(pretrained=str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype="float32", device="cpu",
+              batch_size=4)
     out = lm_eval.simple_evaluate(model=hf, tasks=names, limit=limit, log_samples=True, bootstrap_iters=0,
                                   task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
     data = tmp_path / "data" / "mmlu"

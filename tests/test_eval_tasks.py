@@ -10,7 +10,8 @@ import torch
 
 from flows.eval.runners import run_task
 from flows.eval.scoring import Scorer, reference_loglikelihood
-from flows.eval.tasks import load_multiple_choice, load_spec
+from flows.eval.task_spec import load_spec
+from flows.eval.tasks import load_multiple_choice
 from model.config import get_preset
 from model.errors import HerdError
 from model.model import Transformer

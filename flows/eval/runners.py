@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from flows.eval.redteam import Rubric, rates
 from flows.eval.scoring import Scorer, acc_from_scores
+from flows.eval.task_spec import TaskSpec
 from flows.eval.tasks import (
     Skip,
-    TaskSpec,
     load_generate,
     load_multiple_choice,
     load_texts,

@@ -126,7 +126,7 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
     from flows.eval.registry import resolve_model_uri
     from flows.eval.runners import run_task
     from flows.eval.scoring import Scorer
-    from flows.eval.tasks import load_spec
+    from flows.eval.task_spec import load_spec
 
     cfg = load_config(config)
     entries = task_entries(cfg, tasks)
