@@ -95,3 +95,40 @@ def load_yaml(cls, path: str | Path, kind: str):
         return build(cls, data, kind)
     except HerdError as e:
         raise HerdError(f"{path}: {e}") from None
+
+
+class StageConfig:
+    """What every stage's top-level config dataclass shares; a subclass names its KIND."""
+
+    KIND: typing.ClassVar[str]
+    PARAM_CHARS: typing.ClassVar[int] = 500  # an MLflow param value past this is noise on the run page
+
+    @classmethod
+    def from_dict(cls, data: dict | None):
+        return build(cls, data or {}, cls.KIND)
+
+    def check(self, checks: list[tuple[bool, str]]) -> None:
+        """Raise for the first (ok, message) pair that failed."""
+        for ok, message in checks:
+            if not ok:
+                raise HerdError(f"{self.KIND} config: {message}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, str]:
+        """section.key -> value, the shape MLflow params want."""
+        out = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": str(v)[: self.PARAM_CHARS] for k, v in values.items()})
+            else:
+                out[section] = str(values)[: self.PARAM_CHARS]
+        return out
+
+    def replace(self, **sections):
+        """A copy with some fields changed: replace(training={"steps": 5}, seed=1) merges sections."""
+        d = self.to_dict()
+        for key, value in sections.items():
+            d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
+        return type(self).from_dict(d)

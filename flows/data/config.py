@@ -5,12 +5,10 @@ that names the key, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.configs import build, read_yaml_mapping
-from model.errors import HerdError
+from flows.configs import StageConfig, read_yaml_mapping
 
 
 @dataclass
@@ -180,7 +178,9 @@ class MlflowConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(StageConfig):
+    KIND = "data"
+
     name: str = "default"
     input: InputConfig = field(default_factory=InputConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
@@ -213,26 +213,11 @@ class DataConfig:
             (0 <= self.pack.validation_fraction < 1, "pack.validation_fraction must be in [0, 1)"),
             (self.ray.batch_size >= 1, "ray.batch_size must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise HerdError(f"data config: {message}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, str]:
-        """section.key -> value, the shape MLflow params want."""
-        out = {}
-        for section, values in self.to_dict().items():
-            if isinstance(values, dict):
-                out.update({f"{section}.{k}": str(v) for k, v in values.items()})
-            else:
-                out[section] = str(values)
-        return out
+        self.check(checks)
 
 
 def config_from_dict(data: dict | None) -> DataConfig:
-    return build(DataConfig, data or {}, "data")
+    return DataConfig.from_dict(data)
 
 
 def load_config(path: str | Path) -> DataConfig:

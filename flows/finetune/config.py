@@ -5,11 +5,10 @@ wrongly typed value is a one-line HerdError naming it.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.configs import build
+from flows.configs import StageConfig, read_yaml_mapping
 from model.errors import HerdError
 
 
@@ -130,7 +129,9 @@ class MlflowSection:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(StageConfig):
+    KIND = "finetune"
+
     name: str = "finetune"
     stage: str = "sft"  # sft | rs | dpo | ppo | rm
     seed: int = 0
@@ -169,48 +170,16 @@ class FinetuneConfig:
             (not self.ppo.filter_groups or self.ppo.algorithm == "grpo", "ppo.filter_groups needs ppo.algorithm: grpo"),
             (0 <= self.data.heldout_fraction < 1, "data.heldout_fraction must be in [0, 1)"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise HerdError(f"finetune config: {msg}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, str]:
-        out = {}
-        for k, v in self.to_dict().items():
-            if isinstance(v, dict):
-                out.update({f"{k}.{kk}": str(vv)[:500] for kk, vv in v.items()})
-            else:
-                out[k] = str(v)
-        return out
-
-    def replace(self, **sections) -> "FinetuneConfig":
-        d = self.to_dict()
-        for key, value in sections.items():
-            d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
-        return config_from_dict(d)
+        self.check(checks)
 
 
 def config_from_dict(data: dict | None) -> FinetuneConfig:
-    return build(FinetuneConfig, data or {}, "finetune")
+    return FinetuneConfig.from_dict(data)
 
 
 def load_config(path: str | Path | None, stage: str | None = None) -> FinetuneConfig:
     """A YAML file (or defaults when path is None); `stage` overrides the file's stage."""
-    import yaml
-
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise HerdError(f"finetune config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise HerdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise HerdError(f"{path}: the top level must be a mapping")
+    data = read_yaml_mapping(path, "finetune") if path is not None else {}
     if stage:
         data = {**data, "stage": stage}
     try:

@@ -5,11 +5,10 @@ naming the key (`pretrain config: unknown key 'optimizer.lr_max'`).
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.configs import StageConfig, read_yaml_mapping
 from model.errors import HerdError
 
 
@@ -50,8 +49,12 @@ class OptimizerSection:
     # Parameter groups without weight decay: "norm" (RMSNorm weights), "embedding"
     # (tok_embeddings, tied output), "output" (untied output projection).
     no_decay: list[str] = field(default_factory=lambda: ["norm", "embedding"])
-    fused: str = "auto"  # auto (fused kernel where supported) | true | false
+    fused: bool | str = "auto"  # auto (fused kernel where supported) | true | false
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+
+    def __post_init__(self):
+        if isinstance(self.fused, bool):  # YAML reads an unquoted true/false as a bool
+            self.fused = "true" if self.fused else "false"
 
 
 @dataclass
@@ -119,7 +122,9 @@ class FaultSection:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(StageConfig):
+    KIND = "pretrain"
+
     name: str = "pretrain"
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
@@ -162,97 +167,15 @@ class PretrainConfig:
             (self.ray.workers >= 1, "ray.workers must be >= 1"),
             (self.ray.max_failures >= -1, "ray.max_failures must be >= -1 (-1: unlimited)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise HerdError(f"pretrain config: {message}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, str]:
-        """section.key -> value, the shape MLflow params want."""
-        out = {}
-        for section, values in self.to_dict().items():
-            if isinstance(values, dict):
-                out.update({f"{section}.{k}": str(v) for k, v in values.items()})
-            else:
-                out[section] = str(values)
-        return out
-
-    def replace(self, **sections) -> "PretrainConfig":
-        """A copy with some fields changed: replace(training={"steps": 5}, seed=1)."""
-        d = self.to_dict()
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(d.get(key), dict):
-                d[key] = {**d[key], **value}
-            else:
-                d[key] = value
-        return config_from_dict(d)
-
-
-def _coerce(value, hint, where: str):
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise HerdError(f"pretrain config: {where} must be a mapping")
-        return _build(hint, value, where)
-    if origin is list or hint is list:
-        if not isinstance(value, list):
-            raise HerdError(f"pretrain config: {where} must be a list")
-        (item,) = typing.get_args(hint) or (object,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise HerdError(f"pretrain config: {where} must be a mapping")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise HerdError(f"pretrain config: {where} must be true or false, not {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise HerdError(f"pretrain config: {where} must be an integer, not {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise HerdError(f"pretrain config: {where} must be a number, not {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, bool) and where.endswith("fused"):
-            return "true" if value else "false"
-        if not isinstance(value, str):
-            raise HerdError(f"pretrain config: {where} must be a string, not {value!r}")
-        return value
-    return value
-
-
-def _build(cls, data: dict, where: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise HerdError(f"pretrain config: unknown key '{key}'")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+        self.check(checks)
 
 
 def config_from_dict(data: dict | None) -> PretrainConfig:
-    return _build(PretrainConfig, data or {})
+    return PretrainConfig.from_dict(data)
 
 
 def load_config(path: str | Path) -> PretrainConfig:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise HerdError(f"pretrain config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise HerdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is not None and not isinstance(data, dict):
-        raise HerdError(f"{path}: the top level must be a mapping")
+    data = read_yaml_mapping(path, "pretrain")
     try:
         return config_from_dict(data)
     except HerdError as e:
