@@ -15,6 +15,7 @@ from typing import Callable
 
 import yaml
 
+from flows.digest import sha256_file
 from model.errors import HerdError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,11 +91,7 @@ def tree_digest(paths: list[Path], root: Path | None = None) -> str:
         elif p.is_dir():
             files += [(str(f.relative_to(root or p)), f) for f in p.rglob("*") if f.is_file()]
     for rel, f in sorted(files):
-        fh = hashlib.sha256()
-        with open(f, "rb") as fd:
-            for chunk in iter(lambda: fd.read(1 << 20), b""):
-                fh.update(chunk)
-        h.update(f"{rel}\0{fh.hexdigest()}\n".encode())
+        h.update(f"{rel}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 

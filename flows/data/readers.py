@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from model.errors import HerdError
-
 from flows.data.config import InputConfig
+from flows.digest import update_from_file
+from model.errors import HerdError
 
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text", ".text": "text"}
 RAW_SAMPLE_BYTES = 300
@@ -225,9 +225,7 @@ def input_digest(tasks: list[ReadTask], embedded=None) -> str:
     h = hashlib.sha256()
     for path in sorted({t.path for t in tasks}):
         h.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        update_from_file(h, path)
     return h.hexdigest()
 
 

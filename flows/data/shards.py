@@ -10,27 +10,19 @@ token: mask it out of the loss with `positions >= 0`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from flows.digest import sha256_file
 from model.errors import HerdError
 
 FORMAT = "herd.packed/v1"
 TOKEN_DTYPE = np.uint32
 POSITION_DTYPE = np.int32
 PAD_POSITION = -1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -14,7 +14,6 @@ checkpoint (with a warning) when the newest one is damaged.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flows.digest import sha256_file
 from model.errors import HerdError
 
 FORMAT = "herd.train-checkpoint/v1"
@@ -44,14 +44,6 @@ def checkpoint_name(step: int, tag: str = "") -> str:
 def step_of(path: str | Path) -> int | None:
     m = _NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
