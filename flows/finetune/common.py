@@ -174,6 +174,25 @@ def export(model, tokenizer, out_dir: Path) -> str:
     return str(path)
 
 
+def heldout_comparison(log: RunLog, heldout: list[dict], before: dict, after: dict) -> dict:
+    """Before/after metrics on the held-out tasks; both sets of completions go to the run."""
+    log.artifact_json({"tasks": heldout, "before": before["completions"], "after": after["completions"]},
+                      "heldout_completions.json")
+    return {"reward_before": before["reward"], "reward_after": after["reward"],
+            "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
+            "win_rate": win_rate(after["rewards"], before["rewards"])}
+
+
+def finish_stage(log: RunLog, model, tokenizer, out_dir: Path, metrics: dict, t0: float, step: int,
+                 **report) -> StageResult:
+    """Export the model, then log the stage's numbers and metrics.json (`report` adds to the file only)."""
+    checkpoint = export(model, tokenizer, out_dir)
+    metrics["seconds"] = time.time() - t0
+    log.metrics(metrics, step)
+    log.artifact_json({**metrics, **report}, "metrics.json")
+    return StageResult(checkpoint, metrics, log.run_id)
+
+
 def default_out_dir(fc: FinetuneConfig) -> Path:
     root = Path(os.environ.get("HERD_OUTPUT", "outputs"))
     return root / "finetune" / f"{fc.name}-{fc.stage}-{time.strftime('%Y%m%d-%H%M%S')}"

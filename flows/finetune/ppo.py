@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from flows.finetune import tasks as T
-from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, export, heldout_tasks, load_policy,
-                                   mean, pad_id_of, pad_rows, resolve_model, set_threads, stage_run, token_logps,
-                                   train_tasks, win_rate)
+from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, finish_stage, heldout_comparison,
+                                   heldout_tasks, load_policy, mean, pad_id_of, pad_rows, resolve_model, set_threads,
+                                   stage_run, token_logps, train_tasks)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
 from flows.train.loop import Task
@@ -310,14 +310,6 @@ def run_ppo(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
         if heldout:
             after = evaluate_tasks(policy, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn)
             ref, _ = load_policy(base)
-            metrics.update(reward_before=before["reward"], reward_after=after["reward"],
-                           exact_match_before=before["exact_match"], exact_match_after=after["exact_match"],
-                           win_rate=win_rate(after["rewards"], before["rewards"]),
+            metrics.update(heldout_comparison(log, heldout, before, after),
                            heldout_kl=heldout_kl(policy, ref.eval(), tok, heldout, after["token_ids"], fc.data.system))
-            log.artifact_json({"tasks": heldout, "before": before["completions"], "after": after["completions"]},
-                              "heldout_completions.json")
-        ckpt = export(policy, tok, out)
-        metrics["seconds"] = time.time() - t0
-        log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, steps)
-        log.artifact_json({**metrics, "history": history}, "metrics.json")
-        return StageResult(ckpt, metrics, log.run_id)
+        return finish_stage(log, policy, tok, out, metrics, t0, steps, history=history)

@@ -129,7 +129,7 @@ def run_rejection_sampling(config, base_model_dir: str | Path | None = None, out
             log.metrics({"prompt_best_reward": max(s["rewards"]), "prompt_mean_reward": mean(s["rewards"])}, i)
         (out / "kept.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in kept))
         log.artifact_json({"samples": stats[:50]}, "samples.json")
-        log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log.metrics(metrics)
         ckpt = str(model_dir)
         if fc.rejection.then_sft and kept:
             res = run_sft(fc.replace(stage="sft"), model_dir, out / "sft", conversations=kept,

@@ -15,8 +15,9 @@ import torch
 
 from flows.finetune import chat
 from flows.finetune import tasks as T
-from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, export, heldout_tasks, load_policy,
-                                   pad_id_of, resolve_model, set_threads, stage_run, train_tasks, win_rate)
+from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, finish_stage, heldout_comparison,
+                                   heldout_tasks, load_policy, pad_id_of, resolve_model, set_threads, stage_run,
+                                   train_tasks)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
 from flows.train.loop import Task
@@ -170,13 +171,5 @@ def run_sft(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
         metrics["heldout_loss_after"] = heldout_loss(model, val_rows, fc.train.micro_batch)
         if heldout:
             after = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens)
-            metrics.update(exact_match_before=before["exact_match"], exact_match_after=after["exact_match"],
-                           reward_before=before["reward"], reward_after=after["reward"],
-                           win_rate=win_rate(after["rewards"], before["rewards"]))
-            log.artifact_json({"tasks": heldout, "before": before["completions"], "after": after["completions"]},
-                              "heldout_completions.json")
-        ckpt = export(model, tok, out)
-        metrics["seconds"] = time.time() - t0
-        log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, fc.train.steps)
-        log.artifact_json(metrics, "metrics.json")
-        return StageResult(ckpt, metrics, log.run_id)
+            metrics.update(heldout_comparison(log, heldout, before, after))
+        return finish_stage(log, model, tok, out, metrics, t0, fc.train.steps)
