@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: a second thread only adds OpenMP synchronisation (30x slower on a busy 2-core box)."""
+    import torch  # not at the top: torch must start after OMP_NUM_THREADS is set above
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -1,11 +1,9 @@
 """The lm-evaluation-harness adapter (model=herd), and herd's MMLU against lm-eval's HF backend."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
-import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -13,26 +11,15 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from flows.eval.lm_eval_adapter import HerdLM, write_local_tasks  # noqa: E402
 from flows.eval.scoring import reference_loglikelihood  # noqa: E402
-from model.config import get_preset  # noqa: E402
-from model.model import Transformer  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
+from tests.tiny import random_tiny  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    cfg = dataclasses.replace(get_preset("tiny"), max_seq_len=64)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.init_weights(seed=0, std=0.2)
-    return HerdLM(model=model.eval(), tokenizer=load_tokenizer("llama3"), batch_size=4)
+    return HerdLM(model=random_tiny(max_seq_len=64), tokenizer=load_tokenizer("llama3"), batch_size=4)
 
 
 def _inst(kind, args, i=0):

@@ -1,7 +1,6 @@
 """Registry and promotion gate against a real local MLflow store (sqlite + local artifacts)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -9,28 +8,12 @@ import torch
 
 from flows.eval.registry import GateRule, gate, promote, register_model, resolve_model_uri, version_metrics
 from model.checkpoint import load_model, save_checkpoint
-from model.config import get_preset
 from model.errors import HerdError
-from model.model import Transformer
 from model.tokenizer import load_tokenizer
+from tests.tiny import tiny_checkpoint
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_checkpoint(path, seed: int):
-    cfg = dataclasses.replace(get_preset("tiny"), max_seq_len=256)
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    model.init_weights(seed=seed, std=0.2)
-    return save_checkpoint(model, path, load_tokenizer("llama3"))
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
+SHARP = {"std": 0.2, "max_seq_len": 256}  # sharp logits: different seeds score differently
 
 
 @pytest.fixture
@@ -67,7 +50,7 @@ def test_promotion_moves_champion_only_when_candidate_is_better(store, tmp_path)
 
     client = MlflowClient(store)
     rules = [{"metric": "herd_mc/acc"}]
-    dirs = [tiny_checkpoint(tmp_path / f"m{i}", seed=i) for i in range(3)]
+    dirs = [tiny_checkpoint(tmp_path / f"m{i}", seed=i, **SHARP) for i in range(3)]
 
     v1 = register_model(dirs[0], "herd", metrics={"herd_mc/acc": 0.50}, tracking_uri=store)
     d1 = promote("herd", rules, tracking_uri=store)
@@ -109,10 +92,10 @@ def test_same_version_number_in_two_stores_resolves_to_each_stores_model(store, 
     import mlflow
 
     other = f"sqlite:///{tmp_path}/other.db"
-    register_model(tiny_checkpoint(tmp_path / "a", seed=1), "herd", tracking_uri=store)
+    register_model(tiny_checkpoint(tmp_path / "a", seed=1, **SHARP), "herd", tracking_uri=store)
     mlflow.set_tracking_uri(other)
     mlflow.set_experiment("herd-test")
-    register_model(tiny_checkpoint(tmp_path / "b", seed=2), "herd", tracking_uri=other)
+    register_model(tiny_checkpoint(tmp_path / "b", seed=2, **SHARP), "herd", tracking_uri=other)
     here = load_model(resolve_model_uri("models:/herd/1", tracking_uri=store))[0].state_dict()
     there = load_model(resolve_model_uri("models:/herd/1", tracking_uri=other))[0].state_dict()
     assert torch.equal(here["norm.weight"], there["norm.weight"])  # both ones: same architecture
@@ -142,7 +125,7 @@ def test_herd_eval_cli_promote_flow(store, tmp_path, capsys):
         "name": "gate-test", "tasks": ["herd_mc", "herd_ppl"], "batch_size": 8,
         "promotion": {"metrics": [{"metric": "herd_ppl/bits_per_byte", "higher_is_better": False}]},
     }))
-    good = tiny_checkpoint(tmp_path / "good", seed=1)
+    good = tiny_checkpoint(tmp_path / "good", seed=1, **SHARP)
     # a worse model: the same weights with the output scaled up, so its predictions are over-confident
     bad_model, _ = load_model(good)
     with torch.no_grad():

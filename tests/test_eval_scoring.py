@@ -1,24 +1,15 @@
 """The KV-cache scorer equals one plain forward per request: shared prefixes, forks, padding, truncation."""
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
-import torch
 
 from flows.eval.scoring import Scorer, acc_from_scores, reference_loglikelihood
-from model.config import get_preset
 from model.model import Transformer
+from tests.tiny import random_tiny
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds synchronisation (30x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Tok:
@@ -26,11 +17,7 @@ class _Tok:
 
 
 def random_model(seed=0, **overrides) -> Transformer:
-    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=97, **overrides)
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    model.init_weights(seed=seed, std=0.2)
-    return model.eval()
+    return random_tiny(seed, vocab_size=97, **overrides)
 
 
 def _requests(seed=0):

@@ -1,36 +1,21 @@
 """The evaluation stage as the lifecycle calls it: default config, embedded tasks, one MLflow run."""
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest
-import torch
 
 from flows.eval import run_eval
 from flows.eval.redteam import Rubric, rates
-from model.checkpoint import save_checkpoint
-from model.config import get_preset
 from model.errors import HerdError
-from model.model import Transformer
-from model.tokenizer import load_tokenizer
+from tests.tiny import tiny_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    cfg = dataclasses.replace(get_preset("tiny"), max_seq_len=512)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.init_weights(seed=0, std=0.02)
-    return save_checkpoint(model, tmp_path_factory.mktemp("tiny"), load_tokenizer("llama3"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), max_seq_len=512)
 
 
 def test_rubric_labels():

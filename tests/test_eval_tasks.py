@@ -1,39 +1,26 @@
 """Tasks from spec files: a new benchmark needs no code; prompts as lm-eval lays them out; bad input."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from flows.eval.runners import run_task
 from flows.eval.scoring import Scorer, reference_loglikelihood
 from flows.eval.task_spec import load_spec
 from flows.eval.tasks import load_multiple_choice
-from model.config import get_preset
 from model.errors import HerdError
-from model.model import Transformer
 from model.tokenizer import load_tokenizer
+from tests.tiny import random_tiny
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """A random tiny Llama 3 with the real Llama 3 tokenizer: fast, and its answers are not all the same."""
-    cfg = dataclasses.replace(get_preset("tiny"), max_seq_len=512)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.init_weights(seed=0, std=0.2)
-    return model.eval(), load_tokenizer("llama3")
+    return random_tiny(max_seq_len=512), load_tokenizer("llama3")
 
 
 def _write_jsonl(path: Path, rows) -> Path:

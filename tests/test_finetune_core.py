@@ -2,7 +2,6 @@
 Fast: fixed tensors, a tiny random model, tokenizers only."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from flows.finetune import chat
 from flows.finetune import tasks as T
 from flows.finetune.common import sequence_logps, token_logps
 from flows.finetune.dpo import dpo_loss
+from tests.tiny import random_tiny
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -27,13 +27,7 @@ def llama3_tok():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from model.config import get_preset
-    from model.model import Transformer
-
-    torch.manual_seed(0)
-    m = Transformer(dataclasses.replace(get_preset("tiny"), vocab_size=512, max_seq_len=128))
-    m.init_weights(seed=0)
-    return m.eval()
+    return random_tiny(std=0.02, vocab_size=512, max_seq_len=128)
 
 
 # --- loss formulas ------------------------------------------------------------------------------

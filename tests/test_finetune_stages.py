@@ -2,12 +2,11 @@
 loop runs it, a native checkpoint comes out, MLflow child runs carry the curves."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from flows.finetune.config import config_from_dict
+from tests.tiny import tiny_checkpoint
 
 BASE = {
     "data": {"tasks": 12, "heldout": 3},
@@ -25,15 +24,7 @@ BASE = {
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from model.checkpoint import save_checkpoint
-    from model.config import get_preset
-    from model.model import Transformer
-    from model.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    m = Transformer(dataclasses.replace(get_preset("tiny"), max_seq_len=256))
-    m.init_weights(seed=0)
-    return save_checkpoint(m, tmp_path_factory.mktemp("tiny") / "model", load_tokenizer("llama3"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", max_seq_len=256)
 
 
 def cfg(tiny_dir, stage, **over):

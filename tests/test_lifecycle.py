@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from flows import lifecycle as lcm
-from flows.lifecycle import Stage, StepContext
+from flows.lifecycle import Stage
+from flows.lifecycle_core import StepContext, deep_merge
+from flows.lifecycle_lineage import tag_model_version
 from model.errors import HerdError
+from tests.tiny import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +64,7 @@ def toy_register(ctx: StepContext) -> dict:
     run_id = mlflow.active_run().info.run_id
     mv = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
     client.set_registered_model_alias(name, "champion", mv.version)
-    lcm.tag_model_version(ctx, name, mv.version)
+    tag_model_version(ctx, name, mv.version)
     return {"outputs": {"version": str(mv.version)}, "digest": f"{name}/{mv.version}"}
 
 
@@ -82,7 +85,7 @@ def toy_config(tmp: Path, **stage_over) -> dict:
               "eval": {"resources": {"num_cpus": 0}},
               "register": {"overrides": {"name": "toy"}, "resources": {"num_cpus": 0}}}
     for k, v in stage_over.items():
-        stages[k] = lcm.deep_merge(stages[k], v)
+        stages[k] = deep_merge(stages[k], v)
     return {"name": "toy", "seed": 7, "workdir": str(tmp / "runs"), "mlflow": {"experiment": "toy"}, "stages": stages}
 
 
@@ -234,19 +237,7 @@ TINY_FT = {"model": {"max_seq_len": 96}, "data": {"tasks": 12, "heldout": 3},
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    import dataclasses
-
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    from model.config import get_preset
-    from model.model import Transformer
-    from model.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    m = Transformer(dataclasses.replace(get_preset("tiny"), max_seq_len=256))
-    m.init_weights(seed=0)
-    return str(save_checkpoint(m, tmp_path_factory.mktemp("tiny") / "model", load_tokenizer("llama3")))
+    return str(tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", max_seq_len=256))
 
 
 def test_finetune_config_takes_the_lifecycle_seed_and_store():

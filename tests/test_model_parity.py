@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flows.cli import main as herd_main
-from model.checkpoint import export_hf, save_checkpoint
+from model.checkpoint import save_checkpoint
 from model.config import RopeScaling, get_preset
 from model.model import Transformer
 

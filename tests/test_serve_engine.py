@@ -8,21 +8,13 @@ import time
 import pytest
 import torch
 
-from model.config import get_preset
 from model.generate import SamplingParams, generate, sample_next
-from model.model import Transformer
 from services.engine import ContextLengthError, EngineConfig, LLMEngine, QueueFullError
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Detokenizer, Sequence
+from tests.tiny import random_tiny
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: one intra-op thread avoids OpenMP spin-waiting on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -47,11 +39,7 @@ def tiny():
     """A random tiny Llama 3 model (sharp logits) with the real Llama 3 tokenizer."""
     from model.tokenizer import llama3_tokenizer
 
-    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=128256)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.init_weights(seed=0, std=0.2)
-    return model.eval(), llama3_tokenizer()
+    return random_tiny(vocab_size=128256), llama3_tokenizer()
 
 
 def prompts_of(n, vocab=5000, seed=0, lo=3, hi=60):
