@@ -32,10 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.lifecycle_core import (LINEAGE, MODEL_STAGES, REPO, STAGE_ORDER, TAG, Stage, StepContext, absolute_tracking_uri,
-                                  check_configs, code_version, config_hash, deep_merge, downstream, load_config, sha256_text, step_key,
-                                  tree_digest, wiring)
-from flows.lifecycle_lineage import lineage_chain, lineage_tags, tag_model_version
+from flows.lifecycle_core import (REPO, Stage, absolute_tracking_uri, check_configs, code_version, config_hash, downstream,
+                                  load_config, step_key, wiring)
 from flows.lifecycle_steps import _client, ensure_experiment, execute_step, find_cached, record_cached, still_valid
 from model.errors import HerdError
 

@@ -14,7 +14,7 @@ from services.engine.errors import ContextLengthError, EngineError, QueueFullErr
 from services.engine.metrics import EngineMetrics
 from services.engine.runner import ModelRunner
 from services.engine.scheduler import Scheduler
-from services.engine.sequence import Detokenizer, Sequence, Status
+from services.engine.sequence import Detokenizer, Sequence
 
 
 @dataclass
