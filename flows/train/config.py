@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.configs import StageConfig, read_yaml_mapping
-from model.errors import HerdError
+from flows.configs import StageConfig, load_yaml
 
 
 @dataclass
@@ -175,8 +174,4 @@ def config_from_dict(data: dict | None) -> PretrainConfig:
 
 
 def load_config(path: str | Path) -> PretrainConfig:
-    data = read_yaml_mapping(path, "pretrain")
-    try:
-        return config_from_dict(data)
-    except HerdError as e:
-        raise HerdError(f"{path}: {e}") from None
+    return load_yaml(PretrainConfig, path, "pretrain")
