@@ -97,6 +97,14 @@ def load_yaml(cls, path: str | Path, kind: str):
         raise HerdError(f"{path}: {e}") from None
 
 
+@dataclasses.dataclass
+class MlflowSection:
+    """Where a stage logs its MLflow run; "" keeps the ambient tracking URI or experiment."""
+    enabled: bool = True
+    tracking_uri: str = ""
+    experiment: str = ""
+
+
 class StageConfig:
     """What every stage's top-level config dataclass shares; a subclass names its KIND."""
 

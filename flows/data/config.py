@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.configs import StageConfig, read_yaml_mapping
+from flows.configs import MlflowSection, StageConfig, read_yaml_mapping
 
 
 @dataclass
@@ -171,13 +171,6 @@ class RayConfig:
 
 
 @dataclass
-class MlflowConfig:
-    enabled: bool = True
-    tracking_uri: str = ""
-    experiment: str = ""
-
-
-@dataclass
 class DataConfig(StageConfig):
     KIND = "data"
 
@@ -198,7 +191,7 @@ class DataConfig(StageConfig):
     pack: PackConfig = field(default_factory=PackConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
 
     def __post_init__(self):
         checks = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.configs import StageConfig, read_yaml_mapping
+from flows.configs import MlflowSection, StageConfig, read_yaml_mapping
 from model.errors import HerdError
 
 
@@ -119,13 +119,6 @@ class RaySection:
     use_gpu: bool = False
     max_failures: int = 0
     storage_path: str = ""  # Ray Train's run folders ("": <out>/ray); removed after the export
-
-
-@dataclass
-class MlflowSection:
-    enabled: bool = True
-    tracking_uri: str = ""
-    experiment: str = ""
 
 
 @dataclass

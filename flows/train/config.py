@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.configs import StageConfig, load_yaml
+from flows.configs import MlflowSection, StageConfig, load_yaml
 
 
 @dataclass
@@ -97,13 +97,6 @@ class RaySection:
     max_failures: int = 1
     storage_path: str = ""  # "" : Ray's default (~/ray_results)
     name: str = ""  # the Ray Train run name; "": pretrain-<config name>-<time>
-
-
-@dataclass
-class MlflowSection:
-    enabled: bool = True
-    tracking_uri: str = ""
-    experiment: str = ""
 
 
 @dataclass
