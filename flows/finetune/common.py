@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,43 @@ class StageResult:
     checkpoint: str  # native herd model directory (model.checkpoint.save_checkpoint)
     metrics: dict = field(default_factory=dict)
     run_id: str | None = None
+
+
+class EpochSampler:
+    """The loop's resumable batch source: a permutation of `items` per epoch from the seed, the
+    cursor as the state. A step takes dp_size x grad_accum x micro_batch consecutive items; rank r's
+    micro-step m gets the micro_batch items at (m x dp_size + r) x micro_batch (as flows/train/data.py)."""
+
+    def __init__(self, items: list, micro_batch: int, grad_accum: int = 1, seed: int = 0, shuffle: bool = True,
+                 dp_rank: int = 0, dp_size: int = 1):
+        self.items, self.micro_batch, self.grad_accum = items, micro_batch, grad_accum
+        self.seed, self.shuffle, self.cursor = seed, shuffle, 0
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
+
+    def _item(self, g: int):
+        epoch, i = divmod(g, len(self.items))
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(self.items)))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self.items[self._epoch_order[1][i]]
+
+    def take_step(self) -> tuple[list, list[list]]:
+        """The whole step's items (every rank's: step-level loss weights count them) and this rank's
+        micro-batches."""
+        per, dp = self.micro_batch, self.dp_size
+        items = [self._item(self.cursor + k) for k in range(per * self.grad_accum * dp)]
+        self.cursor += len(items)
+        starts = [(m * dp + self.dp_rank) * per for m in range(self.grad_accum)]
+        return items, [items[s:s + per] for s in starts]
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, s):
+        self.cursor = int(s["cursor"])
 
 
 # --- models ------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from flows.finetune import chat
 from flows.finetune import tasks as T
-from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, finish_stage, heldout_comparison,
-                                   heldout_tasks, load_policy, mean, pad_id_of, pad_masks, pad_rows, resolve_model,
-                                   sequence_logps, set_threads, stage_run, train_tasks)
+from flows.finetune.common import (EpochSampler, StageResult, default_out_dir, evaluate_tasks, finish_stage,
+                                   heldout_comparison, heldout_tasks, load_policy, mean, pad_id_of, pad_masks,
+                                   pad_rows, resolve_model, sequence_logps, set_threads, stage_run, train_tasks)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
 from flows.train.loop import Task
@@ -138,37 +138,20 @@ def reference_logps(model, pairs: list[TokPair], pad_id: int, cache_dir: Path, m
     return len(pairs), hit
 
 
-class PairData:
-    """The loop's batch source over preference pairs: a step takes dp_size x grad_accum x micro_batch
-    pairs (rank r's micro-step m: the micro_batch pairs at (m x dp_size + r) x micro_batch);
-    weights 1 / (pairs in the whole step)."""
+class PairData(EpochSampler):
+    """Preference pairs for the loop; each micro-batch weighs 1 / (pairs in the whole step, all ranks)."""
 
     def __init__(self, pairs: list[TokPair], micro_batch: int, grad_accum: int, pad_id: int, seed: int = 0,
                  dp_rank: int = 0, dp_size: int = 1):
         if not pairs:
             raise HerdError("DPO: no usable preference pairs (see the drop counts)")
-        self.pairs, self.micro_batch, self.grad_accum, self.pad_id = pairs, micro_batch, grad_accum, pad_id
-        self.seed, self.cursor, self.dp_rank, self.dp_size = seed, 0, dp_rank, dp_size
+        super().__init__(pairs, micro_batch, grad_accum, seed, True, dp_rank, dp_size)
+        self.pad_id = pad_id
         self.seq_len = max(len(p.tokens[0]) for p in pairs)
 
-    def _pair(self, g):
-        epoch, i = divmod(g, len(self.pairs))
-        order = list(range(len(self.pairs)))
-        random.Random(self.seed * 7 + epoch).shuffle(order)
-        return self.pairs[order[i]]
-
     def next_step(self):
-        per, dp = self.micro_batch, self.dp_size
-        ps = [self._pair(self.cursor + k) for k in range(per * self.grad_accum * dp)]
-        self.cursor += len(ps)
-        starts = [(m * dp + self.dp_rank) * per for m in range(self.grad_accum)]
-        return [collate(ps[s:s + per], self.pad_id, 1.0 / len(ps)) for s in starts]
-
-    def state_dict(self):
-        return {"cursor": self.cursor}
-
-    def load_state_dict(self, s):
-        self.cursor = int(s["cursor"])
+        pairs, micro = self.take_step()
+        return [collate(m, self.pad_id, 1.0 / len(pairs)) for m in micro]
 
 
 def make_loss(beta: float, label_smoothing: float = 0.0):

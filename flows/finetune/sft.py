@@ -15,9 +15,9 @@ import torch
 
 from flows.finetune import chat
 from flows.finetune import tasks as T
-from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, finish_stage, heldout_comparison,
-                                   heldout_tasks, load_policy, pad_id_of, resolve_model, set_threads, stage_run,
-                                   train_tasks)
+from flows.finetune.common import (EpochSampler, StageResult, default_out_dir, evaluate_tasks, finish_stage,
+                                   heldout_comparison, heldout_tasks, load_policy, pad_id_of, resolve_model,
+                                   set_threads, stage_run, train_tasks)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
 from flows.train.loop import Task
@@ -25,48 +25,26 @@ from flows.train.losses import causal_lm_loss
 from model.errors import HerdError
 
 
-class PackedChatData:
-    """The loop's batch source over packed chat rows: a permutation per epoch from the seed, a
-    cursor as the resumable state. A step takes dp_size x grad_accum x micro_batch consecutive rows;
-    rank r's micro-step m gets the micro_batch rows at (m x dp_size + r) x micro_batch (as
-    flows/train/data.py); weights 1 / (assistant targets of the whole step, all ranks)."""
+class PackedChatData(EpochSampler):
+    """Packed chat rows for the loop; each micro-batch weighs 1 / (assistant targets of the whole step,
+    all ranks)."""
 
     def __init__(self, rows, micro_batch: int, grad_accum: int = 1, seed: int = 0, shuffle: bool = True,
                  dp_rank: int = 0, dp_size: int = 1):
         if not rows:
             raise HerdError("SFT: no usable training conversations (see the drop counts)")
-        self.rows, self.micro_batch, self.grad_accum = rows, micro_batch, grad_accum
-        self.seed, self.shuffle, self.cursor = seed, shuffle, 0
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        super().__init__(rows, micro_batch, grad_accum, seed, shuffle, dp_rank, dp_size)
         self.seq_len = len(rows[0][0])
 
-    def _row(self, g: int):
-        n = len(self.rows)
-        epoch, i = divmod(g, n)
-        order = list(range(n))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return self.rows[order[i]]
-
     def next_step(self):
-        per, dp = self.micro_batch, self.dp_size
-        rows = [self._row(self.cursor + k) for k in range(per * self.grad_accum * dp)]
-        self.cursor += len(rows)
+        rows, micro = self.take_step()
         valid = sum(sum(1 for j in range(1, len(r[2])) if r[2][j] and r[1][j] > 0) for r in rows)
-        w = 1.0 / max(1, valid)
-        starts = [(m * dp + self.dp_rank) * per for m in range(self.grad_accum)]
-        return [chat.rows_to_batch(rows[s:s + per], w) for s in starts]
+        return [chat.rows_to_batch(m, 1.0 / max(1, valid)) for m in micro]
 
     def eval_batches(self, n: int):
         per, dp = self.micro_batch, self.dp_size
-        for m in range(self.dp_rank, min(n, (len(self.rows) + per - 1) // per), dp):
-            yield chat.rows_to_batch(self.rows[m * per:(m + 1) * per], 1.0)
-
-    def state_dict(self):
-        return {"cursor": self.cursor}
-
-    def load_state_dict(self, s):
-        self.cursor = int(s["cursor"])
+        for m in range(self.dp_rank, min(n, (len(self.items) + per - 1) // per), dp):
+            yield chat.rows_to_batch(self.items[m * per:(m + 1) * per], 1.0)
 
 
 def task_conversations(tasks: list[dict], system: str) -> list[list[dict]]:
