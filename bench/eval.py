@@ -10,7 +10,7 @@ lm-eval` (the bench extra).
     python -m bench eval                       # MMLU, 10 questions x 57 subjects
     python -m bench.eval --limit 5 --subjects abstract_algebra,anatomy --adapter
     python -m bench.eval --tasks mmlu,commonsenseqa --limit 0    # the full parity run (fp32)
-    python -m bench.eval --limit 0 --group-size 4 --out-dir DIR      # the same MMLU run, resumable
+    python -m bench.eval --limit 0 --group-size 4 --out-dir DIR      # the same MMLU run, resumable by subject
 
 Parity runs in fp32: lm-eval's HF backend takes log_softmax in the model's dtype, and in bf16 the
 best choice ties another on ~18% of MMLU questions (its argmax then takes the first), which with
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-share-prefix", action="store_true", help="herd: per-question contexts only")
     p.add_argument("--output", default=None, help="write the report as JSON")
     p.add_argument("--out-dir", default=None,
-                   help="MMLU in groups of --group-size subjects, one report each (a rerun skips the groups "
-                        "already written: the full run takes hours), then the totals over the groups written")
+                   help="MMLU in groups of --group-size subjects, one report each, each kept per subject too (a "
+                        "rerun skips what is written: the full run takes hours), then the totals over the groups")
     p.add_argument("--group-size", type=int, default=10)
     args = p.parse_args(argv if argv is not None else sys.argv[1:])
     if args.out_dir:
@@ -233,8 +233,53 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def _fraction_sum(rows: list[dict], key: str) -> str:
+    pairs = [tuple(map(int, r[key].split("/"))) for r in rows]
+    return f"{sum(a for a, _ in pairs)}/{sum(b for _, b in pairs)}"
+
+
+def _herd_macro(row: dict) -> float:
+    """herd's macro accuracy of a row; its metrics give none for a single subject, whose macro is its accuracy."""
+    macro = row["herd"].get("acc_macro")
+    return row["herd_acc"] if macro is None and row["subsets"] == 1 else macro
+
+
+def merge_rows(rows: list[dict]) -> dict:
+    """One MMLU report row over several (subject or group) rows: question-weighted accuracies, herd's
+    macro average over subjects, summed agreement counts and times."""
+    n = sum(r["questions"] for r in rows)
+    subsets = sum(r["subsets"] for r in rows)
+    herd_s, hf_s = sum(r["herd"]["wall_s"] for r in rows), sum(r["lm_eval_hf"]["wall_s"] for r in rows)
+    herd_acc = sum(r["herd_acc"] * r["questions"] for r in rows) / n
+    lm_eval_acc = sum(r["lm_eval_acc"] * r["questions"] for r in rows) / n
+    return {
+        "herd_acc": herd_acc, "lm_eval_acc": lm_eval_acc, "acc_diff_points": 100 * (herd_acc - lm_eval_acc),
+        **{k: _fraction_sum(rows, k) for k in ("same_correctness", "identical_prompts", "differ_at_lm_eval_ties")},
+        "lm_eval_tied": sum(r["lm_eval_tied"] for r in rows), "questions": n, "subsets": subsets,
+        "herd": {"acc_macro": sum(_herd_macro(r) * r["subsets"] for r in rows) / subsets, "wall_s": herd_s,
+                 "scoring_s": sum(r["herd"]["scoring_s"] for r in rows), "q_per_s": n / herd_s},
+        "lm_eval_hf": {"wall_s": hf_s, "loglikelihood_s": sum(r["lm_eval_hf"]["loglikelihood_s"] for r in rows),
+                       "q_per_s": n / hf_s},
+        "speedup_wall": hf_s / herd_s}
+
+
+def run_group(common: list[str], group: list[str], out: Path) -> None:
+    """One group, subject by subject (`<out stem>/<subject>.json`, kept: a killed group resumes at
+    its first unfinished subject), merged into `out`."""
+    parts = out.with_suffix("")
+    parts.mkdir(exist_ok=True)
+    for s in group:
+        if not (parts / f"{s}.json").exists():
+            main(common + ["--subjects", s, "--output", str(parts / f"{s}.json")])
+    reports = [json.loads((parts / f"{s}.json").read_text()) for s in group]
+    merged = {k: v for k, v in reports[0].items() if k not in ("tasks", "lm_eval_model_load_s")}
+    merged["tasks"] = {"mmlu": merge_rows([r["tasks"]["mmlu"] for r in reports])}
+    merged["subjects"] = group
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+
+
 def run_groups(args) -> dict:
-    """MMLU subject by subject group, each through main() with its own report; then the totals."""
+    """MMLU group by group of subjects, one report each; then the totals over the groups written."""
     data_dir = Path(args.data_dir)
     subjects = [s for s in args.subjects.split(",") if s] or sorted(
         f.name[: -len("_test.csv")] for f in (data_dir / "mmlu" / "test").glob("*_test.csv"))
@@ -248,30 +293,17 @@ def run_groups(args) -> dict:
         out = out_dir / f"group-{k:02d}.json"
         if not out.exists():
             print(f"=== group {k + 1}/{len(groups)}: {', '.join(group)}", flush=True)
-            main(common + ["--subjects", ",".join(group), "--output", str(out)])
+            run_group(common, group, out)
     rows = [json.loads(f.read_text())["tasks"]["mmlu"] for f in sorted(out_dir.glob("group-*.json"))]
     if not rows:
         return {}
-    n = sum(r["questions"] for r in rows)
-    same = [tuple(map(int, r[key].split("/"))) for r in rows for key in ("same_correctness", "identical_prompts")]
-    total = {
-        "groups": f"{len(rows)}/{len(groups)}", "subjects": sum(r["subsets"] for r in rows), "questions": n,
-        "herd_acc": sum(r["herd_acc"] * r["questions"] for r in rows) / n,
-        "lm_eval_acc": sum(r["lm_eval_acc"] * r["questions"] for r in rows) / n,
-        "same_correctness": f"{sum(a for a, _ in same[0::2])}/{sum(b for _, b in same[0::2])}",
-        "identical_prompts": f"{sum(a for a, _ in same[1::2])}/{sum(b for _, b in same[1::2])}",
-        "lm_eval_tied": sum(r.get("lm_eval_tied", 0) for r in rows),
-        "herd_q_per_s": n / sum(r["herd"]["wall_s"] for r in rows),
-        "lm_eval_q_per_s": n / sum(r["lm_eval_hf"]["wall_s"] for r in rows),
-    }
-    total["acc_diff_points"] = 100 * (total["herd_acc"] - total["lm_eval_acc"])
-    print(f"MMLU over {total['groups']} groups ({total['subjects']} subjects, {n} questions): herd "
+    total = {"groups": f"{len(rows)}/{len(groups)}", **merge_rows(rows)}
+    print(f"MMLU over {total['groups']} groups ({total['subsets']} subjects, {total['questions']} questions): herd "
           f"{total['herd_acc']:.4f} vs lm-eval {total['lm_eval_acc']:.4f} ({total['acc_diff_points']:+.2f} points), "
           f"same verdicts {total['same_correctness']}, identical prompts {total['identical_prompts']}, "
-          f"{total['herd_q_per_s']:.2f} vs {total['lm_eval_q_per_s']:.2f} q/s")
+          f"{total['herd']['q_per_s']:.2f} vs {total['lm_eval_hf']['q_per_s']:.2f} q/s")
     (out_dir / "total.json").write_text(json.dumps(total, indent=2) + "\n")
     return total
-
 
 if __name__ == "__main__":
     main()
