@@ -305,5 +305,6 @@ def run_groups(args) -> dict:
     (out_dir / "total.json").write_text(json.dumps(total, indent=2) + "\n")
     return total
 
+
 if __name__ == "__main__":
     main()
