@@ -87,7 +87,7 @@ def run_herd(model_dir: Path, data_dir: Path, task: str, subjects, limit: int | 
     return result, wall, model_time[0], scorer.stats, contexts
 
 
-def run_lm_eval(lm, task_dir: Path, task_names: list[str], limit: int):
+def run_lm_eval(lm, task_dir: Path, task_names: list[str], limit: int, cache: str | None = None):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -95,7 +95,8 @@ def run_lm_eval(lm, task_dir: Path, task_names: list[str], limit: int):
     _timed(lm, "loglikelihood", model_time)
     t = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=task_names, limit=limit, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(task_dir)), bootstrap_iters=0)
+                                  task_manager=TaskManager(include_path=str(task_dir)), bootstrap_iters=0,
+                                  use_cache=cache)
     wall = time.perf_counter() - t
     return out, wall, model_time[0]
 
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--adapter", action="store_true", help="also run lm-eval through herd's adapter (model=herd)")
     p.add_argument("--no-share-prefix", action="store_true", help="herd: per-question contexts only")
     p.add_argument("--output", default=None, help="write the report as JSON")
+    p.add_argument("--lm-eval-cache", default=None,
+                   help="lm-eval's request cache (PATH_rank0.db, written per request): a killed run resumes "
+                        "there, and its lm-eval time then covers only the requests this call computed")
     p.add_argument("--out-dir", default=None,
                    help="MMLU in groups of --group-size subjects, one report each, each kept per subject too (a "
                         "rerun skips what is written: the full run takes hours), then the totals over the groups")
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
         n = int(herd_res.metrics["n"])
         print(f"{task} herd: {n} questions in {herd_wall:.1f} s ({n / herd_wall:.2f} q/s; scoring {herd_model_s:.1f} s), "
               f"acc {herd_res.metrics['acc']:.4f}", flush=True)
-        out, hf_wall, hf_model_s = run_lm_eval(hf, work / "tasks", names[task], limit)
+        resumed = bool(args.lm_eval_cache) and Path(f"{args.lm_eval_cache}_rank0.db").exists()
+        out, hf_wall, hf_model_s = run_lm_eval(hf, work / "tasks", names[task], limit, args.lm_eval_cache)
         hf_samples = _samples(out, task)
         row = compare(task, herd_res, herd_ctx, hf_samples)
         print(f"{task} lm-eval HF: {len(hf_samples)} questions in {hf_wall:.1f} s ({len(hf_samples) / hf_wall:.2f} q/s; "
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "q_per_s": n / herd_wall, "batch_size": args.batch_size, "share_prefix": not args.no_share_prefix,
                      "stats": stats},
             "lm_eval_hf": {"wall_s": hf_wall, "loglikelihood_s": hf_model_s, "q_per_s": len(hf_samples) / hf_wall,
-                           "batch_size": args.hf_batch_size},
+                           "batch_size": args.hf_batch_size, "resumed_from_cache": resumed},
             "speedup_wall": (n / herd_wall) / (len(hf_samples) / hf_wall),
             "speedup_scoring": hf_model_s / herd_model_s if herd_model_s else None})
         if args.adapter:
@@ -265,12 +270,14 @@ def merge_rows(rows: list[dict]) -> dict:
 
 def run_group(common: list[str], group: list[str], out: Path) -> None:
     """One group, subject by subject (`<out stem>/<subject>.json`, kept: a killed group resumes at
-    its first unfinished subject), merged into `out`."""
+    its first unfinished subject, and within it at lm-eval's cached requests), merged into `out`."""
     parts = out.with_suffix("")
     parts.mkdir(exist_ok=True)
     for s in group:
         if not (parts / f"{s}.json").exists():
-            main(common + ["--subjects", s, "--output", str(parts / f"{s}.json")])
+            cache = parts / f"{s}.lm-eval-cache"
+            main(common + ["--subjects", s, "--output", str(parts / f"{s}.json"), "--lm-eval-cache", str(cache)])
+            Path(f"{cache}_rank0.db").unlink(missing_ok=True)
     reports = [json.loads((parts / f"{s}.json").read_text()) for s in group]
     merged = {k: v for k, v in reports[0].items() if k not in ("tasks", "lm_eval_model_load_s")}
     merged["tasks"] = {"mmlu": merge_rows([r["tasks"]["mmlu"] for r in reports])}
