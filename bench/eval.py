@@ -87,6 +87,11 @@ def run_herd(model_dir: Path, data_dir: Path, task: str, subjects, limit: int | 
     return result, wall, model_time[0], scorer.stats, contexts
 
 
+def lm_eval_cache_db(cache: str | Path) -> Path:
+    """The file lm-eval's use_cache=PATH writes (one per rank; the bench runs rank 0 only)."""
+    return Path(f"{cache}_rank0.db")
+
+
 def run_lm_eval(lm, task_dir: Path, task_names: list[str], limit: int, cache: str | None = None):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = int(herd_res.metrics["n"])
         print(f"{task} herd: {n} questions in {herd_wall:.1f} s ({n / herd_wall:.2f} q/s; scoring {herd_model_s:.1f} s), "
               f"acc {herd_res.metrics['acc']:.4f}", flush=True)
-        resumed = bool(args.lm_eval_cache) and Path(f"{args.lm_eval_cache}_rank0.db").exists()
+        resumed = bool(args.lm_eval_cache) and lm_eval_cache_db(args.lm_eval_cache).exists()
         out, hf_wall, hf_model_s = run_lm_eval(hf, work / "tasks", names[task], limit, args.lm_eval_cache)
         hf_samples = _samples(out, task)
         row = compare(task, herd_res, herd_ctx, hf_samples)
@@ -277,7 +282,7 @@ def run_group(common: list[str], group: list[str], out: Path) -> None:
         if not (parts / f"{s}.json").exists():
             cache = parts / f"{s}.lm-eval-cache"
             main(common + ["--subjects", s, "--output", str(parts / f"{s}.json"), "--lm-eval-cache", str(cache)])
-            Path(f"{cache}_rank0.db").unlink(missing_ok=True)
+            lm_eval_cache_db(cache).unlink(missing_ok=True)
     reports = [json.loads((parts / f"{s}.json").read_text()) for s in group]
     merged = {k: v for k, v in reports[0].items() if k not in ("tasks", "lm_eval_model_load_s")}
     merged["tasks"] = {"mmlu": merge_rows([r["tasks"]["mmlu"] for r in reports])}
