@@ -34,6 +34,9 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = self.k.device
+        # One-token steps through the Triton kernel: on CUDA; tests turn it on for CPU tensors under
+        # TRITON_INTERPRET=1.
+        self.triton_decode = self.device.type == "cuda"
         self._tables: torch.Tensor | None = None
         self._lengths: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
@@ -84,7 +87,7 @@ class PagedKVCache:
         kl, vl = self.k[layer], self.v[layer]
         kl[self._write_blocks, :, self._write_offsets] = k.transpose(1, 2).to(kl.dtype)
         vl[self._write_blocks, :, self._write_offsets] = v.transpose(1, 2).to(vl.dtype)
-        if q.shape[2] == 1 and q.is_cuda:
+        if q.shape[2] == 1 and self.triton_decode:
             from model.paged_attention import paged_decode
 
             out = paged_decode(q[:, :, 0], kl, vl, self._tables, self._lengths + 1)
