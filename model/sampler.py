@@ -6,8 +6,9 @@ come to the host in one copy.
 
 Truncation, in vLLM's order: min-p keeps x >= max + log(min_p), top-k the k largest, top-p (over
 what those kept, renormalised) the smallest prefix of the sorted distribution whose mass before a token
-is below top_p. Only tokens that can be kept are sorted: on CPU those above a bound that no kept token
-is below ((1 - top_p) / V for top-p); on CUDA the whole vocabulary, which needs no host round trip.
+is below top_p. On CPU a row is cut from its top 128 logits when its kept set lies inside them (the
+usual case), else through a histogram of its mass that leaves only one narrow band of logits to sort;
+on CUDA the whole vocabulary is sorted, which needs no host round trip.
 
 The draw is an inverse-CDF lookup with one uniform number per row, a hash of (seed, step): a row's
 token depends on its own logits, seed and step only, never on the rows beside it. Requests without a
@@ -103,11 +104,13 @@ def apply_penalties(x: torch.Tensor, rows: Sequence[RowSettings], prompts: Seque
 
 
 class Sampler:
-    """`sampler(logits, rows, seeds, steps)`: one token per row. Truncated rows sort only the tokens
-    that can be kept (CPU), or, `dense` and on CUDA, the whole vocabulary (no host round trip)."""
+    """`sampler(logits, rows, seeds, steps)`: one token per row. On CPU a truncated row draws from its
+    `top` largest logits when its kept set lies inside them (usual for a language model), else from
+    the tokens that can be kept; `dense`, and on CUDA, it sorts the whole vocabulary (no host round
+    trip)."""
 
-    def __init__(self, dense: bool = False):
-        self.dense = dense
+    def __init__(self, dense: bool = False, top: int = 128):
+        self.dense, self.top = dense, top
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[RowSettings], seeds: Sequence[int],
                  steps: Sequence[int], prompts: Sequence[Sequence[int]] | None = None,
@@ -118,10 +121,13 @@ class Sampler:
         x = raw
         if any(r.penalized for r in rows):
             x = apply_penalties(raw, rows, prompts or [[]] * B, outputs or [[]] * B)
-        ids = x.argmax(-1)
-        if any(r.temperature > 0 for r in rows):
-            ids = torch.where(torch.tensor([r.temperature > 0 for r in rows], device=dev), self._draw(x, rows, seeds, steps),
-                              ids)
+        greedy = [r.temperature == 0 for r in rows]
+        if all(greedy):
+            ids = x.argmax(-1)
+        elif not any(greedy):
+            ids = self._draw(x, rows, seeds, steps)
+        else:
+            ids = torch.where(torch.tensor(greedy, device=dev), x.argmax(-1), self._draw(x, rows, seeds, steps))
         n_top = max((r.logprobs or 0 for r in rows), default=0)
         want_logprobs = any(r.logprobs is not None for r in rows)
         parts = [ids.to(torch.float64)[:, None]]
@@ -148,14 +154,16 @@ class Sampler:
         B, V = x.shape
         dev = x.device
         temp = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=dev)
-        x = x / temp[:, None]
         u = torch.tensor([uniform(s, t) for s, t in zip(seeds, steps)], dtype=torch.float64, device=dev)
         truncating = [r.top_k > 0 or r.top_p < 1 or r.min_p > 0 for r in rows]
-        plain = _inverse_cdf(x, u) if not all(truncating) else None
+        plain = _inverse_cdf(x / temp[:, None], u) if not all(truncating) else None
         if not any(truncating):
             return plain
         cut = _Truncation.of(rows, dev)
-        ids = _draw_sorted(x, cut, u) if self.dense or dev.type == "cuda" else _draw_candidates(x, cut, u, truncating)
+        if self.dense or dev.type == "cuda":
+            ids = _draw_sorted(x / temp[:, None], cut, u)
+        else:
+            ids = _draw_top(x, temp, cut, u, self.top)
         return ids if plain is None else torch.where(torch.tensor(truncating, device=dev), ids, plain)
 
 
@@ -179,10 +187,7 @@ class _Truncation:
 
 def _inverse_cdf(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """An index of each row drawn from softmax(x): where u * total falls in the cumulative mass."""
-    mass = torch.exp(x - x.max(-1, keepdim=True).values).double()
-    cum = mass.cumsum(-1)
-    i = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
-    return i.clamp(max=x.shape[-1] - 1)
+    return _inverse_cdf_mass(torch.exp(x - x.max(-1, keepdim=True).values), u)
 
 
 def _segments(rows: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,9 +205,11 @@ def _segment_cumsum(v: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) ->
 
 
 def _pick(rows: torch.Tensor, start: torch.Tensor, vals: torch.Tensor, keep: torch.Tensor, rank: torch.Tensor,
-          top: torch.Tensor, cut: _Truncation, lse_full: torch.Tensor, u: torch.Tensor, B: int) -> torch.Tensor:
+          top: torch.Tensor, cut: _Truncation, lse_full: torch.Tensor, u: torch.Tensor,
+          B: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-p over each row's elements (grouped by row, each row sorted by value, descending, starting
-    at `start`), then the draw. Returns the position (into the elements) of each row's drawn token."""
+    at `start`), then the draw. Returns the position (into the elements) of each row's drawn token,
+    and how many of its elements each row kept."""
     mass = torch.exp((vals - top[rows]).double()) * keep
     kept_mass = torch.zeros(B, dtype=torch.float64, device=mass.device).index_add_(0, rows, mass)
     norm = torch.where(cut.renormalised, kept_mass, torch.exp((lse_full - top).double()))
@@ -212,6 +219,7 @@ def _pick(rows: torch.Tensor, start: torch.Tensor, vals: torch.Tensor, keep: tor
     mass = mass * keep
     total = torch.zeros(B, dtype=torch.float64, device=mass.device).index_add_(0, rows, mass)
     upto = _segment_cumsum(mass, rows, start)
+    kept = torch.zeros(B, dtype=torch.long, device=rows.device).index_add_(0, rows, keep.long())
     hit = keep & (upto > (u * total)[rows])
     # The first hit of each row; the row's last kept element when rounding leaves none.
     last_kept = torch.zeros(B, dtype=torch.long, device=rows.device).scatter_reduce_(
@@ -219,7 +227,7 @@ def _pick(rows: torch.Tensor, start: torch.Tensor, vals: torch.Tensor, keep: tor
     n = len(rows)
     first = torch.full((B,), n, dtype=torch.long, device=rows.device).scatter_reduce_(
         0, rows, torch.where(hit, torch.arange(n, device=rows.device), n), "amin")
-    return torch.where(first < n, first, last_kept)
+    return torch.where(first < n, first, last_kept), kept
 
 
 def _draw_sorted(x: torch.Tensor, cut: _Truncation, u: torch.Tensor) -> torch.Tensor:
@@ -230,33 +238,81 @@ def _draw_sorted(x: torch.Tensor, cut: _Truncation, u: torch.Tensor) -> torch.Te
     rank = torch.arange(V, device=x.device).expand(B, V)
     keep = (vals >= (top + cut.log_min_p)[:, None]) & ((cut.top_k == 0)[:, None] | (rank < cut.top_k[:, None]))
     rows = torch.arange(B, device=x.device).repeat_interleave(V)
-    pos = _pick(rows, torch.arange(B, device=x.device) * V, vals.flatten(), keep.flatten(), rank.flatten(), top, cut,
-                torch.logsumexp(x, -1), u, B)
+    pos, _ = _pick(rows, torch.arange(B, device=x.device) * V, vals.flatten(), keep.flatten(), rank.flatten(), top,
+                   cut, torch.logsumexp(x, -1), u, B)
     return idx.flatten()[pos]
 
 
-def _draw_candidates(x: torch.Tensor, cut: _Truncation, u: torch.Tensor, truncating: list[bool]) -> torch.Tensor:
-    """Only the tokens that can be kept, sorted: a token of probability below (1 - top_p) / V cannot be
-    in the nucleus (all of those together hold less than 1 - top_p), min-p's bound is exact, and top-k's
-    is the row's k-th value. The CPU path (a host round trip costs nothing there)."""
+_BIN = 0.125  # nats per histogram bin of _draw_histogram
+_BINS = 256  # the last bin holds every token more than 32 nats below the row's best
+
+
+def _draw_histogram(x: torch.Tensor, cut: _Truncation, u: torch.Tensor) -> torch.Tensor:
+    """Any row, exactly, without sorting its kept set: min-p and top-k are thresholds; top-p's cut is
+    found in a histogram of the row's mass by distance to its best logit (_BIN nats a bin), and only
+    the tokens of the bin where the cut falls are sorted. Then one inverse-CDF draw over the kept
+    tokens. The CPU fallback (nonzero() needs the host)."""
     B, V = x.shape
     dev = x.device
-    top = x.max(-1).values
-    lse_full = torch.logsumexp(x, -1)
-    bound = torch.where(cut.top_p < 1, lse_full + torch.log((1 - cut.top_p) / V).float(), float("-inf"))
-    bound = torch.maximum(bound, top + cut.log_min_p)
+    best = x.max(-1).values
+    base = x >= (best + cut.log_min_p)[:, None]
     k_rows = (cut.top_k > 0).nonzero()[:, 0]
     if len(k_rows):
         k = cut.top_k[k_rows].clamp(max=V)
-        kth = torch.topk(x[k_rows], int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])[:, 0]
-        bound[k_rows] = torch.maximum(bound[k_rows], kth)
-    mask = (x >= bound[:, None]) & torch.tensor(truncating, device=dev)[:, None]
-    rows, cols = mask.nonzero(as_tuple=True)
-    vals = x[rows, cols]
-    order = torch.argsort(vals, descending=True, stable=True)
-    order = order[torch.argsort(rows[order], stable=True)]
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    start, rank = _segments(rows, B)
-    keep = (vals >= (top + cut.log_min_p)[rows]) & ((cut.top_k[rows] == 0) | (rank < cut.top_k[rows]))
-    pos = _pick(rows, start, vals, keep, rank, top, cut, lse_full, u, B)
-    return cols[pos.clamp(max=max(len(cols) - 1, 0))]
+        kth = torch.topk(x[k_rows], int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        base[k_rows] &= x[k_rows] >= kth
+    mass = torch.exp(x - best[:, None]) * base  # top-p reads the mass min-p and top-k kept
+    tau = torch.full((B,), float("-inf"), device=dev)
+    p_rows = (cut.top_p < 1).nonzero()[:, 0]
+    if len(p_rows):
+        xp, mp, bp = x[p_rows], mass[p_rows], best[p_rows]
+        target = cut.top_p[p_rows] * mp.sum(-1, dtype=torch.float64)
+        bins = ((bp[:, None] - xp) / _BIN).clamp(max=_BINS - 1).long()
+        hist = torch.zeros(len(p_rows), _BINS, dtype=torch.float64, device=dev).scatter_add_(1, bins, mp.double())
+        before = hist.cumsum(1) - hist
+        c = (before < target[:, None]).sum(1) - 1  # the cut bin: bins before it are kept, bins after not
+        rows, cols = ((bins == c[:, None]) & (mp > 0)).nonzero(as_tuple=True)
+        vals = xp[rows, cols]
+        key = rows.double() * 2 + ((bp[rows] - vals) / _BIN - c[rows]).double().clamp(0, 1)  # row, then value down
+        order = torch.argsort(key)
+        rows, vals, p = rows[order], vals[order], mp[rows[order], cols[order]].double()
+        start, _ = _segments(rows, len(p_rows))
+        kept = before[rows, c[rows]] + _segment_cumsum(p, rows, start) - p < target[rows]
+        tau_p = torch.full((len(p_rows),), float("inf"), device=dev).scatter_reduce_(
+            0, rows[kept], vals[kept], "amin")
+        tau[p_rows] = tau_p
+    return _inverse_cdf_mass(mass * (x >= tau[:, None]), u)
+
+
+def _inverse_cdf_mass(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    cum = mass.double().cumsum(-1)
+    i = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+    return i.clamp(max=mass.shape[-1] - 1)
+
+
+def _draw_top(x: torch.Tensor, temp: torch.Tensor, cut: _Truncation, u: torch.Tensor, top: int) -> torch.Tensor:
+    """Draw among each row's `top` largest logits (found on the raw logits: temperature keeps the
+    order), exact when the row's kept set lies inside them; the other rows go to _draw_histogram."""
+    B, V = x.shape
+    dev = x.device
+    K = min(V, max(top, int(cut.top_k.max())))
+    vals, idx = torch.topk(x, K, dim=-1)
+    vals = vals / temp[:, None]
+    lse_full = torch.logsumexp(x / temp[:, None], -1)
+    rank = torch.arange(K, device=dev).expand(B, K)
+    best = vals[:, 0]
+    keep = (vals >= (best + cut.log_min_p)[:, None]) & ((cut.top_k == 0)[:, None] | (rank < cut.top_k[:, None]))
+    rows = torch.arange(B, device=dev).repeat_interleave(K)
+    pos, kept = _pick(rows, torch.arange(B, device=dev) * K, vals.flatten(), keep.flatten(), rank.flatten(), best,
+                      cut, lse_full, u, B)
+    ids = idx.flatten()[pos]
+    if K == V:
+        return ids
+    # Inside: the last candidate is not kept, and min-p's set (what top-p renormalised) ends before it.
+    inside = (kept < K) & ((cut.top_k > 0) | ~torch.isfinite(cut.log_min_p) | (best + cut.log_min_p > vals[:, -1]))
+    if bool(inside.all()):
+        return ids
+    redo = (~inside).nonzero()[:, 0]
+    sub = _Truncation(cut.top_k[redo], cut.top_p[redo], cut.log_min_p[redo])
+    ids[redo] = _draw_histogram(x[redo] / temp[redo, None], sub, u[redo])
+    return ids
