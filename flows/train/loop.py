@@ -88,7 +88,9 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
 # --- model construction ----------------------------------------------------------------------
 
 def build_model(cfg: PretrainConfig):
-    """(model fp32 on CPU, tokenizer): from scratch (preset + overrides, seeded init) or from a checkpoint."""
+    """(model, tokenizer). From scratch (preset + overrides): the model on the meta device, no
+    memory; the loop shards it, then allocates and draws each rank's shards (seeded by
+    `cfg.seed`). From a checkpoint: fp32 on CPU."""
     import dataclasses
 
     from model.config import ModelConfig, get_preset
@@ -110,9 +112,8 @@ def build_model(cfg: PretrainConfig):
     mc = ModelConfig.from_dict({**base.to_dict(), **m.overrides}) if m.overrides else base
     if m.tokenizer:
         mc = dataclasses.replace(mc, tokenizer=m.tokenizer if m.tokenizer in ("llama3", "gguf") else mc.tokenizer)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(mc)
-    model.init_weights(seed=cfg.seed)
+    with torch.device("meta"):  # allocated shard by shard after parallelize (train: materialize)
+        model = Transformer(mc)
     tok = load_tokenizer(m.tokenizer) if m.tokenizer else None
     return model.train(), tok
 
@@ -215,10 +216,12 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
     seed_everything(cfg.seed)  # the same init everywhere; per-rank streams after restore/setup
     model, tokenizer = model_builder(cfg)
     model_config = model.config
-    model.to(dev)
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(dev)
     par = parallelize(model, device=dev, world_size=rt.world_size, strategy=cfg.parallel.strategy,
                       tp=cfg.parallel.tp, activation_checkpointing=t.activation_checkpointing,
-                      compile=t.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
+                      compile=t.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward,
+                      seed=cfg.seed)
     o, s = cfg.optimizer, cfg.schedule
     optimizer = build_optimizer(par.model, o.lr, o.betas, o.eps, o.weight_decay, o.no_decay, o.fused)
     scheduler = build_scheduler(optimizer, kind=s.kind, total=t.steps, warmup=s.warmup_steps,

@@ -106,8 +106,12 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype, reshard_after_forward: bo
 
 def parallelize(model: nn.Module, *, device: torch.device, world_size: int, strategy: str, tp: int = 1,
                 activation_checkpointing: str = "none", compile: bool = False, bf16: bool = False,
-                reshard_after_forward: bool = True) -> Parallelized:
-    """Shard/replicate `model` (on `device`, fp32) over `world_size` ranks (process group up)."""
+                reshard_after_forward: bool = True, seed: int = 0) -> Parallelized:
+    """Shard/replicate `model` (on `device`, fp32; or on the meta device) over `world_size` ranks
+    (process group up). A model on the meta device is allocated once sharded (before DDP, which
+    replicates it) and drawn from `seed` (materialize): no rank holds more than its shards."""
+    if strategy == "ddp" and tp > 1 and world_size > tp:
+        raise HerdError("parallel: tp > 1 with data parallelism needs strategy fsdp (FSDP2 + TP)")
     mesh = build_mesh(device.type, world_size, tp)
     param_dtype = None
     if mesh is not None and tp > 1:
@@ -122,12 +126,39 @@ def parallelize(model: nn.Module, *, device: torch.device, world_size: int, stra
     if strategy == "fsdp" and dp_size > 1:
         param_dtype = torch.bfloat16 if bf16 else None
         apply_fsdp(model, mesh["dp"], param_dtype, reshard_after_forward)
-    elif strategy == "ddp" and dp_size > 1:
-        if tp > 1:
-            raise HerdError("parallel: tp > 1 with data parallelism needs strategy fsdp (FSDP2 + TP)")
+    if any(p.is_meta for p in model.parameters()):
+        materialize(model, device, seed)
+    if strategy == "ddp" and dp_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         module = nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=mesh["dp"].get_group())
     return Parallelized(module, model, mesh, dp_rank, dp_size, strategy, param_dtype)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the plain Transformer (wrappers add path segments)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def local_pieces(model: nn.Module):
+    """(name, local tensor, global shape, global offset) of every parameter this rank holds."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            yield canonical_name(name), p.to_local(), tuple(p.shape), tuple(offset)
+        else:
+            yield canonical_name(name), p.data, tuple(p.shape), (0,) * p.dim()
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate a model built on the meta device (and sharded there) and draw its from-scratch
+    weights: each rank allocates and fills only its own shards (model/init.py)."""
+    from model.init import init_parameters
+
+    model.to_empty(device=device)
+    init_parameters(local_pieces(model), model.config.n_layers, seed)
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
