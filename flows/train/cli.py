@@ -44,6 +44,7 @@ def _local(cfg, args) -> int:
 
     from flows.train.launch import run_local
     from flows.train.loop import resolve_init_from
+    from model.checkpoint import consolidate
 
     over = {}
     if args.data:
@@ -63,7 +64,7 @@ def _local(cfg, args) -> int:
     if r.checkpoint:
         model_dir = out / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(Path(r.checkpoint) / "model", model_dir)
+        consolidate(Path(r.checkpoint) / "model", model_dir)
     print(json.dumps({"model_dir": str(model_dir), "checkpoint": r.checkpoint, "metrics": r.metrics,
                       "warnings": r.warnings}, indent=2))
     return 0

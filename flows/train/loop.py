@@ -41,12 +41,13 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # Persist a checkpoint written (by rank 0) at `path`, or report metrics only (path None).
-    # Every rank calls it at the same steps. Returns the persisted location (rank 0) or None.
-    persist: Callable[[Path | None, dict, int], str | None] = None
+    # Persist the checkpoint folder this rank wrote its shards into (`path`, the same folder on
+    # ranks that share a staging dir). Every rank calls it at the same steps. Returns the
+    # persisted location.
+    persist: Callable[[Path, dict, int], str | None] = None
     # Newest persisted checkpoint and the folder that holds its siblings: (path, parent) or None.
     latest: Callable[[], tuple[Path, Path] | None] = None
-    staging_dir: Path = Path("/tmp")  # where rank 0 writes checkpoints before persisting
+    staging_dir: Path = Path("/tmp")  # where each rank writes its shards of a checkpoint before persisting
     run_dir: Path | None = None  # shared run folder (fault-injection marker, checkpoints)
     logger: MlflowLogger | None = None
 
@@ -190,19 +191,20 @@ def _barrier():
 
 # --- state dicts -----------------------------------------------------------------------------
 
-def full_state(par, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state dicts on rank 0's CPU (collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def sharded_state(par, optimizer) -> tuple[dict, dict]:
+    """This rank's model and optimizer state dicts (DTensor shards under FSDP2 / TP), keyed by
+    herd's parameter names: what torch.distributed.checkpoint writes and reads in place."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(par.model, optimizer, options=opts)
+    return get_state_dict(par.model, optimizer)
 
 
-def load_full_state(par, optimizer, model_state: dict, optim_state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def load_sharded_state(par, optimizer, path: str) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(par.model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True, strict=True))
+    model_state, optim_state = sharded_state(par, optimizer)
+    ckpt.load_sharded(path, model_state, optim_state)
+    set_state_dict(par.model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -246,8 +248,8 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
         chosen = str(path)
     chosen, warn_msgs = _broadcast_object((chosen, warn_msgs), rt.rank)
     if chosen is not None:
-        state = ckpt.load(chosen)
-        load_full_state(par, optimizer, state["model"], state["optimizer"])
+        state = ckpt.load_trainer(chosen)
+        load_sharded_state(par, optimizer, chosen)
         tr = state["trainer"]
         scheduler.load_state_dict(tr["scheduler"])
         task.train_data.load_state_dict(tr["data"])
@@ -353,19 +355,19 @@ def evaluate(par, task: Task, batches: int, amp, dev) -> dict:
 
 
 def save(cfg, rt: Runtime, par, optimizer, scheduler, task, step, model_config, tokenizer, metrics) -> str | None:
-    model_state, optim_state = full_state(par, optimizer)
+    """Every rank writes its shards (collective); persisted as one checkpoint."""
+    model_state, optim_state = sharded_state(par, optimizer)
     rngs = _gather_objects(ckpt.rng_state(), rt.world_size)
-    path = None
-    if rt.rank == 0:
-        trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "data": task.train_data.state_dict(),
-                         "world_size": rt.world_size, "metrics": {k: float(v) for k, v in metrics.items()},
-                         "config_name": cfg.name, "seed": cfg.seed}
-        name = ckpt.checkpoint_name(step, f"{int(time.time() * 1000) % 10**10:010d}")
-        path = ckpt.write_checkpoint(rt.staging_dir, name, model_state=model_state, model_config=model_config,
-                                     tokenizer=tokenizer, optimizer_state=optim_state,
-                                     trainer_state=trainer_state, rng_states=rngs)
+    trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "data": task.train_data.state_dict(),
+                     "world_size": rt.world_size, "metrics": {k: float(v) for k, v in metrics.items()},
+                     "config_name": cfg.name, "seed": cfg.seed}
+    name = _broadcast_object(ckpt.checkpoint_name(step, f"{int(time.time() * 1000) % 10**10:010d}"), rt.rank)
+    path = ckpt.write_checkpoint(rt.staging_dir, name, rank=rt.rank, model_state=model_state,
+                                 optimizer_state=optim_state, model_config=model_config, tokenizer=tokenizer,
+                                 trainer_state=trainer_state, rng_states=rngs,
+                                 gather=lambda obj: _gather_objects(obj, rt.world_size))
     del model_state, optim_state
-    return rt.persist(path, {**metrics, "step": step}, step) if rt.persist else (str(path) if path else None)
+    return rt.persist(path, {**metrics, "step": step}, step) if rt.persist else str(path)
 
 
 def _maybe_inject_fault(cfg: PretrainConfig, rt: Runtime, step: int) -> None:
