@@ -209,6 +209,22 @@ def test_checkpoint_atomic_layout_and_sharded_model(tmp_path):
     assert ckpt.load_trainer(path)["trainer"]["data"]["cursor"] == 32
 
 
+def test_model_export_hf_consolidates_a_sharded_checkpoint(tmp_path):
+    """`herd model export --to hf` on a training checkpoint: its DCP shards become one HF safetensors file."""
+    from safetensors.torch import load_file
+
+    from flows.cli import main as herd_main
+    from model.checkpoint import herd_to_hf_name
+
+    path, model = _write(tmp_path, 2)
+    assert herd_main(["model", "export", "--to", "hf", str(path), str(tmp_path / "hf")]) == 0
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_size"] == 64
+    for name, w in model.state_dict().items():  # herd's rotary layout is transformers' (rotate-half)
+        assert torch.equal(hf[herd_to_hf_name(name)], w), name
+    assert set(hf) == {herd_to_hf_name(n) for n in model.state_dict()}
+
+
 def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path):
     from flows.train import checkpoint as ckpt
 
