@@ -66,3 +66,34 @@ def test_meta_build_peak_rss_per_rank_is_a_shard(tmp_path):
     assert sum(n for _, n in sharded) == full_n  # the shards cover the model once
     assert full_rss > 0.9 * full_n * 4  # the single rank does hold the whole fp32 model
     assert max(ratios) <= 0.6
+
+
+# --- the 8B preset's memory plan -----------------------------------------------------------------
+
+def test_llama3_8b_preset_plan_fits_80gb_per_rank():
+    """configs/pretrain/llama3-8b.yaml on 8 ranks (FSDP2 4 x TP 2): built on the meta device and
+    sharded with the real plan over a fake 8-rank group; nothing is allocated."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "pretrain", "--config", "configs/pretrain/llama3-8b.yaml",
+                        "--plan", "--seq", "8192", "--gpu-gb", "80"], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+    print(r.stdout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "8 ranks = dp 4 x tp 2" in r.stdout and "8.030B total" in r.stdout
+    local = float(re.search(r"([\d.]+)B on the largest rank", r.stdout).group(1))
+    # TP halves the blocks, FSDP quarters everything: (blocks / 2 + embeddings and output) / 4
+    assert 1.0 < local < 1.2
+    total = float(re.search(r"total\s+([\d.]+) of 80: fits", r.stdout).group(1))
+    assert 20 < total < 80
+
+
+def test_plan_refuses_a_layout_that_does_not_fit():
+    from flows.train.config import load_config
+    from flows.train.plan import plan_memory
+
+    repo = Path(__file__).resolve().parents[1]
+    plan = plan_memory(load_config(repo / "configs/pretrain/llama3-8b.yaml").replace(parallel={"tp": 1}), 1, 8192)
+    assert plan.params_per_rank == plan.params_total and plan.state_gb > 110 and not plan.fits

@@ -18,6 +18,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
     p.add_argument("--local", metavar="DIR", default=None,
                    help="run without Ray: local processes, checkpoints and the export under DIR")
+    p.add_argument("--plan", action="store_true",
+                   help="build the model on the meta device with the config's parallel layout over --workers "
+                        "ranks and print parameters and estimated GPU memory per rank (no allocation, no training)")
+    p.add_argument("--seq", type=int, default=8192, help="--plan: tokens per sequence")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="--plan: memory of one GPU, GB")
     p.set_defaults(func=pretrain_command)
 
 
@@ -25,6 +30,12 @@ def pretrain_command(args: argparse.Namespace) -> int:
     from flows.train.config import load_config
 
     cfg = load_config(args.config)
+    if args.plan:
+        from flows.train.plan import plan_memory
+
+        plan = plan_memory(cfg, args.workers or cfg.ray.workers, args.seq, args.gpu_gb)
+        print(plan.report())
+        return 0 if plan.fits else 1
     if args.local:
         return _local(cfg, args)
     from flows.train.ray_trainer import run_pretrain

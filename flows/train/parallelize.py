@@ -106,10 +106,11 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype, reshard_after_forward: bo
 
 def parallelize(model: nn.Module, *, device: torch.device, world_size: int, strategy: str, tp: int = 1,
                 activation_checkpointing: str = "none", compile: bool = False, bf16: bool = False,
-                reshard_after_forward: bool = True, seed: int = 0) -> Parallelized:
+                reshard_after_forward: bool = True, seed: int | None = 0) -> Parallelized:
     """Shard/replicate `model` (on `device`, fp32; or on the meta device) over `world_size` ranks
     (process group up). A model on the meta device is allocated once sharded (before DDP, which
-    replicates it) and drawn from `seed` (materialize): no rank holds more than its shards."""
+    replicates it) and drawn from `seed` (materialize): no rank holds more than its shards.
+    seed None leaves it on the meta device (flows/train/plan.py: memory plans, no allocation)."""
     if strategy == "ddp" and tp > 1 and world_size > tp:
         raise HerdError("parallel: tp > 1 with data parallelism needs strategy fsdp (FSDP2 + TP)")
     mesh = build_mesh(device.type, world_size, tp)
@@ -126,9 +127,11 @@ def parallelize(model: nn.Module, *, device: torch.device, world_size: int, stra
     if strategy == "fsdp" and dp_size > 1:
         param_dtype = torch.bfloat16 if bf16 else None
         apply_fsdp(model, mesh["dp"], param_dtype, reshard_after_forward)
-    if any(p.is_meta for p in model.parameters()):
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and seed is not None:
         materialize(model, device, seed)
-    if strategy == "ddp" and dp_size > 1:
+        on_meta = False
+    if strategy == "ddp" and dp_size > 1 and not on_meta:
         ids = [device.index] if device.type == "cuda" else None
         module = nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=mesh["dp"].get_group())
     return Parallelized(module, model, mesh, dp_rank, dp_size, strategy, param_dtype)
