@@ -220,10 +220,17 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
     model_config = model.config
     if not any(p.is_meta for p in model.parameters()):
         model.to(dev)
-    par = parallelize(model, device=dev, world_size=rt.world_size, strategy=cfg.parallel.strategy,
-                      tp=cfg.parallel.tp, activation_checkpointing=t.activation_checkpointing,
-                      compile=t.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward,
-                      seed=cfg.seed)
+    p = cfg.parallel
+    if p.pp > 1 and task is not None:
+        raise HerdError("parallel.pp > 1 runs pretraining's causal LM loss only (its last stage computes it)")
+    par = parallelize(model, device=dev, world_size=rt.world_size, strategy=p.strategy, tp=p.tp, pp=p.pp,
+                      virtual_stages=p.virtual_stages, microbatches=p.microbatches, loss_chunk=t.loss_chunk,
+                      activation_checkpointing=t.activation_checkpointing, compile=t.compile, bf16=bf16,
+                      reshard_after_forward=p.reshard_after_forward, seed=cfg.seed)
+    if par.pipeline is not None and rt.rank == 0:
+        print(f"herd pretrain: {par.pipeline.describe()}", flush=True)
+        if rt.logger:
+            rt.logger.tag("herd.pipeline_bubble", f"{par.pipeline.bubble:.4f}")
     o, s = cfg.optimizer, cfg.schedule
     optimizer = build_optimizer(par.model, o.lr, o.betas, o.eps, o.weight_decay, o.no_decay, o.fused)
     scheduler = build_scheduler(optimizer, kind=s.kind, total=t.steps, warmup=s.warmup_steps,
@@ -288,24 +295,12 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
         t0 = time.perf_counter()
         micro = task.train_data.next_step()
         optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float32, device=dev)
-        tokens = 0
-        loss_metrics: dict[str, list[float]] = {}  # the loss function's own (DPO margin, PPO clip fraction)
-        for i, mb in enumerate(micro):
-            mb = mb.to(dev)
-            with par.grad_sync(i == len(micro) - 1):
-                with amp():
-                    out = task.loss_fn(par.module, mb)
-                (out.loss * par.dp_size).backward()
-            total += out.loss.detach().float()
-            tokens += mb.num_tokens
-            for k, v in out.metrics.items():
-                loss_metrics.setdefault(k, []).append(float(v))
-        grad_norm = clip_grad_norm_(params, o.grad_clip)
+        total, tokens, loss_metrics = forward_backward(par, task, micro, amp, dev)
+        grad_norm = clip_grad_norm_(params, o.grad_clip, par.pp_group)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        loss = _all_reduce_sum(total, par.dp_group).item()
+        loss = _all_reduce_sum(_all_reduce_sum(total, par.pp_group), par.dp_group).item()
         step_time = time.perf_counter() - t0
         step += 1
         losses.append(loss)
@@ -339,12 +334,37 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
     return TrainResult(step, final["loss"], final, last_persisted, resumed_from, warn_msgs, losses)
 
 
+def forward_backward(par, task: Task, micro: list, amp, dev) -> tuple[torch.Tensor, int, dict]:
+    """One step's forward and backward over its micro-batches: (this rank's loss sum, tokens,
+    the loss function's own metrics per micro-batch, e.g. DPO margin, PPO clip fraction)."""
+    micro = [mb.to(dev) for mb in micro]
+    tokens = sum(mb.num_tokens for mb in micro)
+    if par.pipeline is not None:
+        with amp():
+            return par.pipeline.step(micro), tokens, {}
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    loss_metrics: dict[str, list[float]] = {}
+    for i, mb in enumerate(micro):
+        with par.grad_sync(i == len(micro) - 1):
+            with amp():
+                out = task.loss_fn(par.module, mb)
+            (out.loss * par.dp_size).backward()
+        total += out.loss.detach().float()
+        for k, v in out.metrics.items():
+            loss_metrics.setdefault(k, []).append(float(v))
+    return total, tokens, loss_metrics
+
+
 @torch.no_grad()
 def evaluate(par, task: Task, batches: int, amp, dev) -> dict:
     """Validation loss (mean over valid targets, all ranks) and perplexity."""
     sums = torch.zeros(2, dtype=torch.float64, device=dev)
-    for mb in task.eval_data.eval_batches(batches):
-        mb = mb.to(dev)
+    eval_batches = [mb.to(dev) for mb in task.eval_data.eval_batches(batches)]
+    if par.pipeline is not None:
+        with amp():
+            sums += par.pipeline.evaluate(eval_batches)
+        sums = _all_reduce_sum(sums, par.pp_group)
+    for mb in eval_batches if par.pipeline is None else []:
         with amp():
             out = task.loss_fn(par.module, mb)
         sums[0] += out.loss.double()
