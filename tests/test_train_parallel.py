@@ -104,6 +104,7 @@ def test_resume_at_another_world_size(corpus64, tmp_path, preset):
     assert full.losses[-1] < full.losses[0]  # it learns
 
 
+@pytest.mark.acceptance  # 4 processes: minutes on 2 cores
 def test_fsdp_x_tp_2x2_matches_single_process(corpus64, tmp_path):
     """One DeviceMesh (dp 2, tp 2), 4 processes: FSDP2 over dp, the TP plan over tp; built on the
     meta device. Loss after 10 steps equals a single process's (same global batch) within 1e-5."""
@@ -121,7 +122,11 @@ def test_fsdp_x_tp_2x2_matches_single_process(corpus64, tmp_path):
     assert diff <= 1e-5
 
 
-@pytest.mark.parametrize("layout,workers,virtual", [("pp2", 2, 1), ("pp2xdp2", 4, 1), ("pp2-interleaved", 2, 2)])
+@pytest.mark.parametrize("layout,workers,virtual", [
+    ("pp2", 2, 1),
+    pytest.param("pp2xdp2", 4, 1, marks=pytest.mark.acceptance),  # 4 processes: minutes on 2 cores
+    pytest.param("pp2-interleaved", 2, 2, marks=pytest.mark.acceptance),
+])
 def test_pipeline_matches_single_process(corpus64, tmp_path, capfd, layout, workers, virtual):
     """torch.distributed.pipelining: PP = 2 (1F1B), PP = 2 x DP = 2 (FSDP2 inside each stage), and
     PP = 2 with 2 virtual stages per rank (interleaved 1F1B): loss after 10 steps equals a single
@@ -141,6 +146,6 @@ def test_pipeline_matches_single_process(corpus64, tmp_path, capfd, layout, work
     diff = abs(single.final_loss - pipe.final_loss)
     print(f"{layout}: {bubble.group(0)}; loss {pipe.losses[0]:.4f} -> {pipe.final_loss:.7f}, single process "
           f"{single.final_loss:.7f}, |diff| after 10 steps = {diff:.1e}")
-    assert float(bubble.group(1)) == pytest.approx(1 / (4 * virtual + 1))
+    assert float(bubble.group(1)) == pytest.approx(1 / (4 * virtual + 1), abs=1e-3)
     assert len(pipe.losses) == 10 and pipe.final_loss < pipe.losses[0]
     assert diff <= 1e-5
