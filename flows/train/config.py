@@ -35,7 +35,9 @@ class TrainingSection:
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block (CUDA; CPU works but compiles slowly)
-    activation_checkpointing: str = "none"  # none | full (recompute every block in backward)
+    # none | full (recompute every block in backward) | selective (keep matmul and attention outputs,
+    # recompute the elementwise ops)
+    activation_checkpointing: str = "none"
     loss_chunk: int = 0  # tokens per chunk of the fused projection + cross-entropy; 0: ~128M logits a chunk
 
 
@@ -140,7 +142,8 @@ class PretrainConfig(StageConfig):
             (t.steps >= 1, "training.steps must be >= 1"),
             (t.micro_batch >= 1 and t.grad_accum >= 1, "training.micro_batch and grad_accum must be >= 1"),
             (t.precision in ("auto", "bf16", "fp32"), "training.precision must be auto, bf16 or fp32"),
-            (t.activation_checkpointing in ("none", "full"), "training.activation_checkpointing must be none or full"),
+            (t.activation_checkpointing in ("none", "full", "selective"),
+             "training.activation_checkpointing must be none, full or selective"),
             (t.loss_chunk >= 0, "training.loss_chunk must be >= 0 (0: automatic)"),
             (o.lr > 0, "optimizer.lr must be > 0"),
             (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)"),

@@ -300,7 +300,9 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        loss = _all_reduce_sum(_all_reduce_sum(total, par.pp_group), par.dp_group).item()
+        if par.pp_group is not None:  # the loss is on the last stage's ranks
+            total = _all_reduce_sum(total, par.pp_group)
+        loss = _all_reduce_sum(total, par.dp_group).item()
         step_time = time.perf_counter() - t0
         step += 1
         losses.append(loss)

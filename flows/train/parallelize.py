@@ -92,12 +92,36 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, plan)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block in backward. The wrapper's state-dict hooks keep herd's names."""
+def _selective_policy():
+    """Op-level selective AC: keep the matmul and attention outputs (the costly ops), recompute the
+    cheap elementwise rest (norms, rotary, SiLU, residual adds) in backward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default,
+            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_cudnn_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None:
+    """Recompute each block in backward: all of it (full) or its elementwise ops (selective).
+    The wrapper's state-dict hooks keep herd's names."""
+    import functools
+
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    kwargs = {}
+    if mode == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy())
     for key, block in _blocks(model):
-        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
+        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -139,8 +163,8 @@ def parallelize(model: nn.Module, *, device: torch.device, world_size: int, stra
     for part in parts:
         if tp > 1:
             apply_tp(part, mesh["tp"])
-        if activation_checkpointing == "full":
-            apply_activation_checkpointing(part)
+        if activation_checkpointing != "none":
+            apply_activation_checkpointing(part, activation_checkpointing)
         if compile:
             apply_compile(part)
     if pp > 1:
