@@ -156,29 +156,20 @@ def main() -> None:
                                    lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
         labels = tokens.to(device)  # transformers shifts the labels itself
 
-        def hf_step():
-            hf_opt.zero_grad(set_to_none=True)
-            with amp():
-                loss = hf(input_ids=labels[:, :-1], labels=labels[:, :-1]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            hf_opt.step()
-            return loss
-
-        contenders = {"transformers": hf_step, **contenders}
-        if args.compile:
-            hf_compiled = torch.compile(hf)
-
-            def hf_compiled_step():
+        def hf_step_of(forward):
+            def step():
                 hf_opt.zero_grad(set_to_none=True)
                 with amp():
-                    loss = hf_compiled(input_ids=labels[:, :-1], labels=labels[:, :-1]).loss
+                    loss = forward(input_ids=labels[:, :-1], labels=labels[:, :-1]).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
                 hf_opt.step()
                 return loss
+            return step
 
-            contenders = {"transformers+compile": hf_compiled_step, **contenders}
+        contenders = {"transformers": hf_step_of(hf), **contenders}
+        if args.compile:  # the same weights and optimizer, compiled forward (and backward)
+            contenders = {"transformers+compile": hf_step_of(torch.compile(hf)), **contenders}
 
     peak_sheet = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak_measured = peak_bf16 if bf16 else peak_fp32

@@ -135,7 +135,7 @@ def test_pipeline_matches_single_process(corpus64, tmp_path, capfd, layout, work
 
     dp = workers // 2
     model = {"overrides": {"n_layers": 4}}  # 4 stages when interleaved
-    over = dict(model=model, schedule={"kind": "constant", "warmup_steps": 0})
+    over = dict(model=model, schedule={"kind": "constant", "warmup_steps": 0}, eval={"every": 10, "batches": 3})
     single = run_local(_cfg(corpus64, training={"steps": 10, "micro_batch": 2, "grad_accum": 2 * dp}, **over),
                        1, tmp_path / "single", threads=2)
     pipe = run_local(_cfg(corpus64, training={"steps": 10, "micro_batch": 2, "grad_accum": 2},
@@ -149,3 +149,6 @@ def test_pipeline_matches_single_process(corpus64, tmp_path, capfd, layout, work
     assert float(bubble.group(1)) == pytest.approx(1 / (4 * virtual + 1), abs=1e-3)
     assert len(pipe.losses) == 10 and pipe.final_loss < pipe.losses[0]
     assert diff <= 1e-5
+    # validation, forward-only through the schedule (3 micro-batches padded to the micro-batch count)
+    for k in ("initial_val_loss", "val_loss"):
+        assert pipe.metrics[k] == pytest.approx(single.metrics[k], abs=1e-5), k

@@ -3,6 +3,7 @@ resume at another world size, FSDP2 x TP on one mesh, pipeline parallelism, and 
 per-rank memory estimate (meta device, no allocation)."""
 from __future__ import annotations
 
+import multiprocessing
 import re
 from pathlib import Path
 
@@ -56,7 +57,10 @@ def test_meta_build_peak_rss_per_rank_is_a_shard(tmp_path):
 
     cfg = config_from_dict({"name": "rss", "model": {"preset": "small", "tokenizer": ""},
                             "parallel": {"strategy": "fsdp"}})
-    full = run_local(cfg, 1, tmp_path / "one", threads=1, train_fn=_build_peak_rss)
+    # A fresh process for the single rank too (run_local runs 1 worker in this one, whose freed memory
+    # from earlier tests would be reused without growing the RSS).
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        full = pool.apply(run_local, (cfg, 1, tmp_path / "one"), {"threads": 1, "train_fn": _build_peak_rss})
     sharded = run_local(cfg, 2, tmp_path / "two", threads=1, train_fn=_build_peak_rss)
     (full_rss, full_n), = full
     ratios = [rss / full_rss for rss, _ in sharded]
@@ -97,3 +101,19 @@ def test_plan_refuses_a_layout_that_does_not_fit():
     repo = Path(__file__).resolve().parents[1]
     plan = plan_memory(load_config(repo / "configs/pretrain/llama3-8b.yaml").replace(parallel={"tp": 1}), 1, 8192)
     assert plan.params_per_rank == plan.params_total and plan.state_gb > 110 and not plan.fits
+
+
+def test_plan_of_a_pipeline_layout_holds_the_first_stage():
+    """FSDP2 4 x PP 2 on 8 ranks: rank 0 holds the embedding and the first 16 of 32 blocks, a quarter of them."""
+    from flows.train.config import load_config
+    from flows.train.plan import plan_memory
+    from model.config import get_preset
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs/pretrain/llama3-8b.yaml").replace(parallel={"tp": 1, "pp": 2})
+    plan = plan_memory(cfg, 8, 8192)
+    mc = get_preset("llama3-8b")
+    block = (mc.num_params() - 2 * mc.vocab_size * mc.dim - mc.dim) // mc.n_layers
+    assert (plan.dp, plan.tp, plan.pp) == (4, 1, 2)
+    assert plan.params_per_rank == (mc.vocab_size * mc.dim + 16 * block) // 4
+    assert plan.fits

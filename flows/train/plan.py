@@ -9,6 +9,7 @@ Per rank, in bytes (bf16 training with fp32 master weights, as the loop runs on 
   gathered     FSDP2's bf16 unsharded weights in flight: the root unit (embeddings, norm, output,
                held through the forward) and two blocks (the current one and the prefetched one),
                with their bf16 grads before the fp32 reduce-scatter
+  (with pipeline stages the plan is rank 0's: the first stage, with up to pp micro-batches in flight)
   activations  per micro-batch of b x s tokens in bf16: with activation checkpointing each block
                keeps its input (2sbh) and one block at a time recomputes its full set; without it
                every block keeps the full set, ~ sb(8h + (4(h + 2 h_kv) + 4h + 8f) / tp)
@@ -94,23 +95,29 @@ def plan_memory(cfg: PretrainConfig, world_size: int, seq_len: int, capacity_gb:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         par = parallelize(model, device=torch.device("cpu"), world_size=world_size, strategy=p.strategy, tp=p.tp,
+                          pp=p.pp, virtual_stages=p.virtual_stages,
                           activation_checkpointing=cfg.training.activation_checkpointing, seed=None)
         local = sum(_local_numel(q) for q in par.model.parameters())
+        local_layers = len(par.model.layers)
     finally:
         dist.destroy_process_group()
-    tp, dp = p.tp, world_size // p.tp
+    tp, dp = p.tp, world_size // (p.tp * p.pp)
     fsdp = p.strategy == "fsdp" and dp > 1
     b, s, h, f, L = cfg.training.micro_batch, seq_len, mc.dim, mc.ffn_hidden_dim, mc.n_layers
+    if p.pp > 1:  # the pipeline's micro-batches re-split the step's rows
+        b = cfg.training.micro_batch * cfg.training.grad_accum // (p.microbatches or p.pp)
     kv = mc.n_kv_heads * mc.head_dim
     emb = mc.vocab_size * h
     block = (mc.num_params() - emb * (1 if mc.tie_embeddings else 2) - h) // L
     root = emb * (1 if mc.tie_embeddings else 2) + h
     gathered = ((root + 2 * block / tp) * (2 + 2)) if fsdp else 0  # bf16 weights + bf16 grads
     per_block_full = s * b * (8 * h + (4 * (h + 2 * kv) + 4 * h + 8 * f) / tp)
+    # 1F1B keeps up to pp micro-batches in flight on the first pipeline rank (rank 0, planned here)
+    in_flight = min(p.pp, p.microbatches or p.pp)
     if cfg.training.activation_checkpointing == "full":
-        acts = L * 2 * s * b * h + per_block_full
+        acts = in_flight * local_layers * 2 * s * b * h + per_block_full
     else:
-        acts = L * per_block_full
+        acts = in_flight * local_layers * per_block_full
     rows = max(1, min(s * b, LOSS_CHUNK_ELEMENTS // mc.vocab_size))
     loss = rows * mc.vocab_size * (2 + 4) + emb * (2 + 4)
     known = (local * 16 + gathered + acts + loss) / GIB
