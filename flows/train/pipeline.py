@@ -138,10 +138,8 @@ class Pipeline:
         # Targets travel with the activations (the loss runs inside the last stage, where FSDP2 has
         # gathered the output weight); the schedule still wants a target on the last stage.
         kw = {"target": batch.weights} if self.has_last else {}
-        if train:
-            self.schedule.step(*args, losses=losses, return_outputs=False, **kw)
-        else:
-            self.schedule.eval(*args, losses=losses, **kw)
+        run = self.schedule.step if train else self.schedule.eval
+        run(*args, losses=losses, return_outputs=False, **kw)
         if not self.has_last:
             return torch.zeros((), dtype=torch.float32, device=batch.tokens.device)
         return torch.stack([x.detach().float() for x in losses]).sum() / self.grad_scale
