@@ -10,6 +10,14 @@ herd's cost of document masking (packed rows, positions restarting at each docum
     python -m bench.train                                  # small (~155M) at 4 x 512 on CPU
     python -m bench.train --device cuda --preset 1b        # 1B-class (dim 2048, 16 layers), 4 x 2048
     python -m bench.train --device cuda --preset 1b --compile
+    # the issue-21 target, >= 400 TFLOP/s per GPU at sequence 8192 (torchtitan's flop count):
+    python -m bench.train --device cuda --preset 1b --seq 8192 --batch 2 --compile --ac selective --steps 10 --warmup 3
+
+With --compile, transformers runs both eager and compiled (its best settings: SDPA, and
+torch.compile when it helps); herd's ratio is against the faster of the two. Levers on herd's side:
+per-block torch.compile, `--ac` (activation checkpointing, flows/train/parallelize.py: selective
+keeps matmul and attention outputs), the document mask built once per batch (flex BlockMask), and
+no host syncs in the step (the loss and grad norm stay on the device until the step is timed).
 
 Needs torch and transformers only (no Ray, no MLflow, no downloads).
 """
@@ -65,7 +73,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per contender")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mean-doc", type=int, default=128, help="mean document length for the masking run")
-    ap.add_argument("--compile", action="store_true", help="torch.compile herd's blocks (CUDA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile herd's blocks (CUDA); transformers then also runs compiled, beside eager")
+    ap.add_argument("--ac", choices=("none", "full", "selective"), default="none",
+                    help="herd's activation checkpointing per block (memory for longer sequences)")
     ap.add_argument("--no-hf", action="store_true", help="herd only")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -108,6 +119,10 @@ def main() -> None:
     h_opt = build_optimizer(herd, 3e-4, [0.9, 0.95], 1e-8, 0.1, ["norm", "embedding"], "auto")
     h_params = [p for p in herd.parameters()]
     compiled = False
+    if args.ac != "none":
+        from flows.train.parallelize import apply_activation_checkpointing
+
+        apply_activation_checkpointing(herd, args.ac)
     if args.compile:
         for block in herd.layers:
             block.compile()
@@ -141,16 +156,20 @@ def main() -> None:
                                    lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
         labels = tokens.to(device)  # transformers shifts the labels itself
 
-        def hf_step():
-            hf_opt.zero_grad(set_to_none=True)
-            with amp():
-                loss = hf(input_ids=labels[:, :-1], labels=labels[:, :-1]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            hf_opt.step()
-            return loss
+        def hf_step_of(forward):
+            def step():
+                hf_opt.zero_grad(set_to_none=True)
+                with amp():
+                    loss = forward(input_ids=labels[:, :-1], labels=labels[:, :-1]).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+                hf_opt.step()
+                return loss
+            return step
 
-        contenders = {"transformers": hf_step, **contenders}
+        contenders = {"transformers": hf_step_of(hf), **contenders}
+        if args.compile:  # the same weights and optimizer, compiled forward (and backward)
+            contenders = {"transformers+compile": hf_step_of(torch.compile(hf)), **contenders}
 
     peak_sheet = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak_measured = peak_bf16 if bf16 else peak_fp32
@@ -158,7 +177,7 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), "
           f"preset {args.preset}: {n_params / 1e6:.1f}M params, batch {B} x {T}, "
           f"{'bf16 autocast' if bf16 else 'fp32'}, AdamW fused, clip 1.0"
-          + (", herd blocks compiled" if compiled else ""))
+          + (", herd blocks compiled" if compiled else "") + (f", herd AC {args.ac}" if args.ac != "none" else ""))
     print(f"flops/token (torchtitan: 6N + 12 L H Dh T) = {flops_tok / 1e9:.3f} GFLOP; measured matmul peak "
           f"({n_mm}^3): bf16 {peak_bf16 / 1e9:.2f} GFLOP/s, fp32 {peak_fp32 / 1e9:.2f} GFLOP/s"
           + (f"; datasheet bf16 {peak_sheet / 1e12:.0f} TFLOP/s" if peak_sheet else ""), flush=True)
@@ -188,10 +207,14 @@ def main() -> None:
         print(f"{name:13s} {tps[name]:9.1f} tok/s  {tps[name] * flops_tok / 1e9:8.1f} GFLOP/s  MFU {100 * mfu:5.1f}% "
               f"(vs measured {'bf16' if bf16 else 'fp32'} peak {100 * tps[name] * flops_tok / peak_measured:.1f}%)  "
               f"(median of {len(times[name])} steps; first-step loss {losses[name]:.4f})")
-    if "transformers" in tps:
-        print(f"herd / transformers: {tps['herd'] / tps['transformers']:.2f}x (goal >= 1.3x)")
+    hf_best = max((k for k in tps if k.startswith("transformers")), key=tps.get, default=None)
+    if hf_best:
+        print(f"herd / transformers' best ({hf_best}): {tps['herd'] / tps[hf_best]:.2f}x (goal > 1)")
     overhead = tps["herd"] / tps["herd+docmask"] - 1
     print(f"document masking overhead (mean document {args.mean_doc} tokens): {100 * overhead:+.1f}% step time")
+    print(f"herd {tps['herd']:.0f} tok/s = {tps['herd'] * flops_tok / 1e12:.1f} TFLOP/s per device (no masking; "
+          f"goal on an H200 at 8192: >= 400); document-masked {tps['herd+docmask']:.0f} tok/s = "
+          f"{100 * tps['herd+docmask'] / tps['herd']:.1f}% of it (goal >= 90%)")
     if device.type == "cuda":
         print(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 

@@ -4,6 +4,9 @@ Native layout (a directory):
   herd.json          ModelConfig fields
   model.safetensors  state dict with herd's (Meta-style) names, rotate-half rotary layout
   tokenizer.json     the tokenizer (model/tokenizer.py's own format)
+A training checkpoint's `model/` folder holds the weights as torch.distributed.checkpoint (DCP)
+shards (`.metadata`, `__<rank>_<n>.distcp`) in place of model.safetensors; `read_weights` and
+`load_model` consolidate them offline, in one process, and `consolidate` writes the native folder.
 
 Only safetensors and `torch.load(weights_only=True)` touch weight files.
 """
@@ -21,6 +24,7 @@ from model.model import Transformer
 
 NATIVE_CONFIG = "herd.json"
 WEIGHTS = "model.safetensors"
+DCP_METADATA = ".metadata"
 
 
 # --- native format ---------------------------------------------------------------------------
@@ -47,9 +51,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         cfg, state = read_gguf(path)
     elif (path / NATIVE_CONFIG).is_file():
         cfg = ModelConfig.load(path / NATIVE_CONFIG)
-        state = _read_safetensors(path / WEIGHTS)
+        state = read_weights(path)
     elif (path / "config.json").is_file():
         cfg, state = read_hf(path)
+    elif (path / "model" / NATIVE_CONFIG).is_file():  # a training checkpoint: its model/ folder
+        return load_model(path / "model", dtype, device)
     else:
         raise HerdError(f"{path}: not a herd checkpoint ({NATIVE_CONFIG}), HF directory (config.json) or .gguf file")
     return build_model(cfg, state, source=path, dtype=dtype, device=device), cfg
@@ -72,6 +78,42 @@ def build_model(cfg: ModelConfig, state: dict, source, dtype=torch.float32, devi
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     model.init_rope()
     return model.to(dtype=dtype).eval()
+
+
+def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A native folder's weights: model.safetensors, or DCP shards consolidated (no processes)."""
+    model_dir = Path(model_dir)
+    if (model_dir / WEIGHTS).is_file() or not (model_dir / DCP_METADATA).is_file():
+        return _read_safetensors(model_dir / WEIGHTS)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(model_dir))
+    try:
+        meta = reader.read_metadata()
+        state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+                 for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise HerdError(f"{model_dir}: unreadable sharded (DCP) weights ({e})") from None
+    return state
+
+
+def consolidate(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A training checkpoint's model/ folder (DCP shards) as a native folder (one safetensors file)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src, out = Path(model_dir), Path(out_dir)
+    cfg = ModelConfig.load(src / NATIVE_CONFIG)
+    state = build_model(cfg, read_weights(src), source=src).state_dict()  # checks names and shapes
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != DCP_METADATA and f.suffix != ".distcp":
+            shutil.copy2(f, out / f.name)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS), metadata={"format": "herd"})
+    return out
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -261,17 +261,14 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
-        """From-scratch init: N(0, std), residual projections scaled by depth (as torchtitan)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                    continue
-                s = std
-                if name.endswith(("wo.weight", "w2.weight")):
-                    s = std / math.sqrt(2 * self.config.n_layers)
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+        """From-scratch init (model/init.py): N(0, std), residual projections scaled by depth,
+        drawn in seeded blocks so that a sharded model gets the same values (seed None: random)."""
+        from model.init import init_parameters
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        init_parameters(((n, p.data, p.shape, (0,) * p.dim()) for n, p in self.named_parameters()),
+                        self.config.n_layers, seed, std)
 
     def forward(
         self,

@@ -32,7 +32,6 @@ def test_configs_in_repo_load():
     ({"optimizer": {"lr_max": 1}}, "unknown key 'optimizer.lr_max'"),
     ({"training": {"steps": "ten"}}, "training.steps must be an integer"),
     ({"parallel": {"strategy": "zero"}}, "parallel.strategy must be ddp or fsdp"),
-    ({"parallel": {"pp": 2}}, "pipeline parallelism is a documented design"),
     ({"checkpoint": {"keep": 1}}, "checkpoint.keep must be >= 2"),
 ])
 def test_config_errors_name_the_key(data, message):
@@ -183,24 +182,47 @@ def _write(parent, step, tag=""):
     model = Transformer(get_preset("tiny"))
     model.init_weights(seed=step)
     opt = torch.optim.AdamW(model.parameters())
-    return ckpt.write_checkpoint(parent, ckpt.checkpoint_name(step, tag), model_state=model.state_dict(),
-                                 model_config=model.config, tokenizer=None, optimizer_state=opt.state_dict(),
-                                 trainer_state={"step": step, "data": {"cursor": step * 8}}, rng_states=[ckpt.rng_state()])
+    return ckpt.write_checkpoint(parent, ckpt.checkpoint_name(step, tag), rank=0, model_state=model.state_dict(),
+                                 optimizer_state=opt.state_dict(), model_config=model.config, tokenizer=None,
+                                 trainer_state={"step": step, "data": {"cursor": step * 8}},
+                                 rng_states=[ckpt.rng_state()], gather=lambda obj: [obj]), model
 
 
-def test_checkpoint_atomic_layout_and_native_model(tmp_path):
+def test_checkpoint_atomic_layout_and_sharded_model(tmp_path):
     from flows.train import checkpoint as ckpt
-    from model.checkpoint import load_model
+    from model.checkpoint import consolidate, load_model
 
-    path = _write(tmp_path, 4)
+    path, model = _write(tmp_path, 4)
     assert path.name == "step-00000004" and not list(tmp_path.glob(".tmp-*"))
     manifest = json.loads((path / "checkpoint.json").read_text())
-    assert set(manifest["files"]) == {"model/herd.json", "model/model.safetensors", "optimizer.pt", "rng.pt", "trainer.json"}
+    assert manifest["format"] == "herd.train-checkpoint/v2"
+    assert set(manifest["files"]) == {"model/herd.json", "model/.metadata", "model/__0_0.distcp",
+                                      "optimizer/.metadata", "optimizer/__0_0.distcp", "rng.pt", "trainer.json"}
     assert ckpt.verify(path) is None
-    model, cfg = load_model(path / "model")  # the model/ folder is herd's native format
+    loaded, cfg = load_model(path)  # the DCP shards consolidated offline, in this one process
     assert cfg.dim == 64
-    state = ckpt.load(path)
-    assert state["trainer"]["data"]["cursor"] == 32
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    native = consolidate(path / "model", tmp_path / "native")
+    assert (native / "model.safetensors").is_file() and not list(native.glob("*.distcp"))
+    assert torch.equal(load_model(native)[0].tok_embeddings.weight, model.tok_embeddings.weight)
+    assert ckpt.load_trainer(path)["trainer"]["data"]["cursor"] == 32
+
+
+def test_model_export_hf_consolidates_a_sharded_checkpoint(tmp_path):
+    """`herd model export --to hf` on a training checkpoint: its DCP shards become one HF safetensors file."""
+    from safetensors.torch import load_file
+
+    from flows.cli import main as herd_main
+    from model.checkpoint import herd_to_hf_name
+
+    path, model = _write(tmp_path, 2)
+    assert herd_main(["model", "export", "--to", "hf", str(path), str(tmp_path / "hf")]) == 0
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_size"] == 64
+    for name, w in model.state_dict().items():  # herd's rotary layout is transformers' (rotate-half)
+        assert torch.equal(hf[herd_to_hf_name(name)], w), name
+    assert set(hf) == {herd_to_hf_name(n) for n in model.state_dict()}
 
 
 def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path):
@@ -216,7 +238,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path):
         path, messages = ckpt.select_valid(cands)
     assert path.name == "step-00000004"
     text = str(rec[0].message)
-    assert "step-00000006 is corrupt (sha256 mismatch in model/model.safetensors)" in text
+    assert "step-00000006 is corrupt (sha256 mismatch in model/__0_0.distcp)" in text
     assert "falling back to the previous checkpoint step-00000004" in text
     print("corruption warning:", text)
     # incomplete: no manifest

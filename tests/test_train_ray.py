@@ -132,7 +132,7 @@ def test_corrupt_newest_checkpoint_falls_back(ray_cluster, corpus64, reference, 
     assert len(r.warnings) == 1
     w = r.warnings[0]
     print("corruption warning:", w)
-    assert re.search(r"step-00000004-\d+ is corrupt \(sha256 mismatch in model/model\.safetensors\); "
+    assert re.search(r"step-00000004-\d+ is corrupt \(sha256 mismatch in model/__0_0\.distcp\); "
                      r"falling back to the previous checkpoint step-00000002-\d+", w)
     tags = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri).get_run(r.mlflow_run_id).data.tags
     assert "step-00000002" in tags["herd.resumed_from"] and "is corrupt" in tags["herd.checkpoint_warning"]

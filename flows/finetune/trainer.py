@@ -95,9 +95,8 @@ def run_loop(fc: FinetuneConfig, spec: TrainSpec, module, tokenizer, out_dir: Pa
 
 
 def _run_on_ray(fc: FinetuneConfig, cfg, spec: TrainSpec, module, out: Path, log: RunLog) -> LoopOutcome:
-    from safetensors.torch import load_file
-
     from flows.train.ray_trainer import fit_task
+    from model.checkpoint import read_weights
 
     storage = Path(fc.ray.storage_path or out / "ray").resolve()
     run_dir = storage / f"finetune-{fc.stage}-{fc.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -107,7 +106,7 @@ def _run_on_ray(fc: FinetuneConfig, cfg, spec: TrainSpec, module, out: Path, log
     try:
         result, summary = fit_task(cfg, build, run_dir, log.tracking_uri, log.run_id)
         with result.checkpoint.as_directory() as d:
-            state = load_file(str(Path(d) / "model" / "model.safetensors"))
+            state = read_weights(Path(d) / "model")
         module.load_state_dict(state, strict=True)
     finally:
         shutil.rmtree(run_dir if fc.ray.storage_path else storage, ignore_errors=True)

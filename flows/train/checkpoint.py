@@ -1,16 +1,21 @@
-"""Training checkpoints: written atomically with a checksum manifest, verified on restore.
+"""Training checkpoints: sharded with torch.distributed.checkpoint (DCP), a checksum manifest,
+verified on restore.
 
-Layout of one checkpoint directory (`step-00000120`):
-  model/herd.json, model/model.safetensors, model/tokenizer.json   herd's native format:
-                                           the directory loads with model.checkpoint.load_model
-  optimizer.pt    AdamW state, full (unsharded), keyed by parameter name
-  trainer.json    step, scheduler, data position, config digest, metrics at save time
+Layout of one checkpoint directory (`step-00000120-<ms>`):
+  model/herd.json, model/tokenizer.json   the config and tokenizer (herd's native files)
+  model/.metadata, model/__<rank>_<n>.distcp   the weights, DCP: each rank writes the shards it
+                                holds, keyed by herd's parameter names; model.checkpoint.load_model
+                                reads (consolidates) the folder offline, without processes
+  optimizer/.metadata, optimizer/__<rank>_<n>.distcp   AdamW state, DCP, keyed by parameter name
+  trainer.json    step, scheduler, data position, world size, metrics at save time
   rng.pt          torch / numpy / Python RNG states of every rank
   checkpoint.json format, step and the sha256 of every file above; written last
 
-Writing goes to `.tmp-<name>-<pid>` and ends with a rename, so a crash mid-write leaves no
-directory that looks complete; restore checks every sha256 and falls back to the previous
-checkpoint (with a warning) when the newest one is damaged.
+DCP reshards on load, so a checkpoint resumes under another world size or layout (DDP, FSDP2,
+TP, PP). Every rank writes into `.tmp-<name>` of its staging folder; each hashes the shard
+files it wrote, rank 0 the rest, and rank 0 writes the manifest from all of them, then renames
+the folder, so a crash mid-write leaves no directory that looks complete. Restore checks every
+sha256 and falls back to the previous checkpoint (with a warning) when the newest is damaged.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import torch
 from flows.digest import sha256_file
 from model.errors import HerdError
 
-FORMAT = "herd.train-checkpoint/v1"
+FORMAT = "herd.train-checkpoint/v2"
 MANIFEST = "checkpoint.json"
 _NAME = re.compile(r"^step-(\d{8})(?:-.*)?$")
 
@@ -81,41 +86,62 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# --- write -----------------------------------------------------------------------------------
+# --- write ---------------------------------------------------------------------------------
 
-def write_checkpoint(parent: str | Path, name: str, *, model_state: dict, model_config, tokenizer,
-                     optimizer_state: dict, trainer_state: dict, rng_states: list) -> Path:
-    """Write a complete checkpoint to `parent/name` atomically; returns its path."""
-    from safetensors.torch import save_file
+def _hash_files(root: Path, rank: int) -> dict[str, str]:
+    """sha256 of the files this rank wrote: its own DCP shards; rank 0 also every other file."""
+    own = re.compile(rf"^__{rank}_\d+\.distcp$")
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        if own.match(p.name) or (rank == 0 and not p.name.endswith(".distcp")):
+            out[str(p.relative_to(root))] = sha256_file(p)
+    return out
+
+
+def write_checkpoint(parent: str | Path, name: str, *, rank: int, model_state: dict, optimizer_state: dict,
+                     model_config, tokenizer, trainer_state: dict, rng_states: list, gather) -> Path:
+    """Write a checkpoint to `parent/name` (collective: every rank calls it with the same `name`;
+    `gather(obj)` returns every rank's obj on rank 0). `model_state` and `optimizer_state` are
+    this rank's (sharded) state dicts, from torch.distributed.checkpoint.state_dict. Returns the
+    folder this rank wrote (the same one on ranks that share `parent`)."""
+    import torch.distributed.checkpoint as dcp
 
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
     final = parent / name
-    tmp = parent / f".tmp-{name}-{os.getpid()}"
+    tmp = parent / f".tmp-{name}"
+    (tmp / "model").mkdir(parents=True, exist_ok=True)
+    single = not torch.distributed.is_initialized()
+    dcp.save(model_state, checkpoint_id=str(tmp / "model"), no_dist=single)
+    dcp.save(optimizer_state, checkpoint_id=str(tmp / "optimizer"), no_dist=single)
+    if rank == 0:
+        model_config.save(tmp / "model" / "herd.json")
+        if tokenizer is not None:
+            tokenizer.save(tmp / "model")
+        torch.save({"ranks": rng_states}, tmp / "rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, default=float) + "\n")
+    hashes = gather(_hash_files(tmp, rank))  # also the barrier: every rank has written
+    if rank == 0:
+        files = {k: v for h in hashes for k, v in h.items()}
+        manifest = {"format": FORMAT, "step": trainer_state["step"], "files": dict(sorted(files.items()))}
+        with open(tmp / MANIFEST, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _rename(tmp, final)
+    gather(None)  # rank 0 has renamed a shared folder; a rank with its own staging renames its part
     if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "model").mkdir(parents=True)
-    model_config.save(tmp / "model" / "herd.json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-    save_file(state, str(tmp / "model" / "model.safetensors"), metadata={"format": "herd"})
-    if tokenizer is not None:
-        tokenizer.save(tmp / "model")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({"ranks": rng_states}, tmp / "rng.pt")
-    (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, default=float) + "\n")
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    manifest = {"format": FORMAT, "step": trainer_state["step"],
-                "files": {f: sha256_file(tmp / f) for f in files}}
-    with open(tmp / MANIFEST, "w") as f:
-        f.write(json.dumps(manifest, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        _rename(tmp, final)
+    return final
+
+
+def _rename(tmp: Path, final: Path) -> None:
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(parent)
-    return final
+    _fsync_dir(final.parent)
 
 
 def prune(parent: str | Path, keep: int) -> list[Path]:
@@ -181,21 +207,24 @@ def select_valid(paths: list[Path], warn=True) -> tuple[Path | None, list[str]]:
     return None, messages
 
 
-def load(path: str | Path) -> dict:
-    """Read a verified checkpoint: model state, optimizer state, trainer state, RNG states."""
-    from safetensors.torch import load_file
-
+def load_trainer(path: str | Path) -> dict:
+    """The trainer state and RNG states of a verified checkpoint (the sharded parts: load_sharded)."""
     path = Path(path)
-    return {
-        "model": load_file(str(path / "model" / "model.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-        "trainer": json.loads((path / "trainer.json").read_text()),
-        "rng": torch.load(path / "rng.pt", weights_only=True)["ranks"],
-        "path": str(path),
-    }
+    return {"trainer": json.loads((path / "trainer.json").read_text()),
+            "rng": torch.load(path / "rng.pt", weights_only=True)["ranks"], "path": str(path)}
 
 
-def corrupt(path: str | Path, rel: str = "model/model.safetensors") -> None:
+def load_sharded(path: str | Path, model_state: dict, optimizer_state: dict) -> None:
+    """Read the checkpoint's weights and optimizer state into this rank's state dicts, in place
+    (collective); DCP reshards from whatever layout wrote them."""
+    import torch.distributed.checkpoint as dcp
+
+    single = not torch.distributed.is_initialized()
+    dcp.load(model_state, checkpoint_id=str(Path(path) / "model"), no_dist=single)
+    dcp.load(optimizer_state, checkpoint_id=str(Path(path) / "optimizer"), no_dist=single)
+
+
+def corrupt(path: str | Path, rel: str = "model/__0_0.distcp") -> None:
     """Flip bytes in the middle of one file (fault-injection tests)."""
     f = Path(path) / rel
     size = f.stat().st_size

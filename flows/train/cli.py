@@ -18,6 +18,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
     p.add_argument("--local", metavar="DIR", default=None,
                    help="run without Ray: local processes, checkpoints and the export under DIR")
+    p.add_argument("--plan", action="store_true",
+                   help="build the model on the meta device with the config's parallel layout over --workers "
+                        "ranks and print parameters and estimated GPU memory per rank (no allocation, no training)")
+    p.add_argument("--seq", type=int, default=8192, help="--plan: tokens per sequence")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="--plan: memory of one GPU, GB")
     p.set_defaults(func=pretrain_command)
 
 
@@ -25,6 +30,12 @@ def pretrain_command(args: argparse.Namespace) -> int:
     from flows.train.config import load_config
 
     cfg = load_config(args.config)
+    if args.plan:
+        from flows.train.plan import plan_memory
+
+        plan = plan_memory(cfg, args.workers or cfg.ray.workers, args.seq, args.gpu_gb)
+        print(plan.report())
+        return 0 if plan.fits else 1
     if args.local:
         return _local(cfg, args)
     from flows.train.ray_trainer import run_pretrain
@@ -44,6 +55,7 @@ def _local(cfg, args) -> int:
 
     from flows.train.launch import run_local
     from flows.train.loop import resolve_init_from
+    from model.checkpoint import consolidate
 
     over = {}
     if args.data:
@@ -63,7 +75,7 @@ def _local(cfg, args) -> int:
     if r.checkpoint:
         model_dir = out / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(Path(r.checkpoint) / "model", model_dir)
+        consolidate(Path(r.checkpoint) / "model", model_dir)
     print(json.dumps({"model_dir": str(model_dir), "checkpoint": r.checkpoint, "metrics": r.metrics,
                       "warnings": r.warnings}, indent=2))
     return 0

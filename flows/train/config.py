@@ -35,7 +35,9 @@ class TrainingSection:
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block (CUDA; CPU works but compiles slowly)
-    activation_checkpointing: str = "none"  # none | full (recompute every block in backward)
+    # none | full (recompute every block in backward) | selective (keep matmul and attention outputs,
+    # recompute the elementwise ops)
+    activation_checkpointing: str = "none"
     loss_chunk: int = 0  # tokens per chunk of the fused projection + cross-entropy; 0: ~128M logits a chunk
 
 
@@ -68,7 +70,9 @@ class ScheduleSection:
 class ParallelSection:
     strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
     tp: int = 1  # tensor-parallel degree (DTensor plan on attention and FFN)
-    pp: int = 1  # pipeline stages: a documented design, > 1 is refused for now
+    pp: int = 1  # pipeline-parallel ranks (torch.distributed.pipelining; 1F1B schedule)
+    virtual_stages: int = 1  # stages per pipeline rank; > 1: interleaved 1F1B (smaller bubble)
+    microbatches: int = 0  # pipeline micro-batches per step, dividing micro_batch x grad_accum rows; 0: pp
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3)
 
 
@@ -138,7 +142,8 @@ class PretrainConfig(StageConfig):
             (t.steps >= 1, "training.steps must be >= 1"),
             (t.micro_batch >= 1 and t.grad_accum >= 1, "training.micro_batch and grad_accum must be >= 1"),
             (t.precision in ("auto", "bf16", "fp32"), "training.precision must be auto, bf16 or fp32"),
-            (t.activation_checkpointing in ("none", "full"), "training.activation_checkpointing must be none or full"),
+            (t.activation_checkpointing in ("none", "full", "selective"),
+             "training.activation_checkpointing must be none, full or selective"),
             (t.loss_chunk >= 0, "training.loss_chunk must be >= 0 (0: automatic)"),
             (o.lr > 0, "optimizer.lr must be > 0"),
             (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)"),
@@ -151,7 +156,11 @@ class PretrainConfig(StageConfig):
             (0 < s.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
             (p.strategy in ("ddp", "fsdp"), "parallel.strategy must be ddp or fsdp"),
             (p.tp >= 1, "parallel.tp must be >= 1"),
-            (p.pp == 1, "parallel.pp > 1: pipeline parallelism is a documented design, not implemented yet"),
+            (p.pp >= 1 and p.virtual_stages >= 1, "parallel.pp and parallel.virtual_stages must be >= 1"),
+            (p.virtual_stages == 1 or p.pp > 1, "parallel.virtual_stages > 1 needs parallel.pp > 1"),
+            (p.microbatches >= 0, "parallel.microbatches must be >= 0 (0: parallel.pp)"),
+            (p.pp == 1 or (t.micro_batch * t.grad_accum) % (p.microbatches or p.pp) == 0,
+             "parallel.microbatches (0: pp) must divide training.micro_batch x training.grad_accum"),
             (self.checkpoint.every >= 1, "checkpoint.every must be >= 1"),
             (self.checkpoint.keep >= 2, "checkpoint.keep must be >= 2 (a corrupt newest checkpoint needs a fallback)"),
             (self.eval.every >= 0 and self.eval.batches >= 1, "eval.every must be >= 0, eval.batches >= 1"),

@@ -31,9 +31,9 @@ def local_runtime(cfg: PretrainConfig, rank: int, world_size: int, out_dir: Path
     root = Path(out_dir) / "checkpoints"
 
     def persist(path, metrics, step):
-        if rank == 0 and path is not None:
+        if rank == 0:
             ckpt.prune(root, cfg.checkpoint.keep)
-        return str(path) if path is not None else None
+        return str(path)
 
     def latest():
         found = ckpt.candidates(root)

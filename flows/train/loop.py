@@ -41,12 +41,13 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # Persist a checkpoint written (by rank 0) at `path`, or report metrics only (path None).
-    # Every rank calls it at the same steps. Returns the persisted location (rank 0) or None.
-    persist: Callable[[Path | None, dict, int], str | None] = None
+    # Persist the checkpoint folder this rank wrote its shards into (`path`, the same folder on
+    # ranks that share a staging dir). Every rank calls it at the same steps. Returns the
+    # persisted location.
+    persist: Callable[[Path, dict, int], str | None] = None
     # Newest persisted checkpoint and the folder that holds its siblings: (path, parent) or None.
     latest: Callable[[], tuple[Path, Path] | None] = None
-    staging_dir: Path = Path("/tmp")  # where rank 0 writes checkpoints before persisting
+    staging_dir: Path = Path("/tmp")  # where each rank writes its shards of a checkpoint before persisting
     run_dir: Path | None = None  # shared run folder (fault-injection marker, checkpoints)
     logger: MlflowLogger | None = None
 
@@ -88,7 +89,9 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
 # --- model construction ----------------------------------------------------------------------
 
 def build_model(cfg: PretrainConfig):
-    """(model fp32 on CPU, tokenizer): from scratch (preset + overrides, seeded init) or from a checkpoint."""
+    """(model, tokenizer). From scratch (preset + overrides): the model on the meta device, no
+    memory; the loop shards it, then allocates and draws each rank's shards (seeded by
+    `cfg.seed`). From a checkpoint: fp32 on CPU."""
     import dataclasses
 
     from model.config import ModelConfig, get_preset
@@ -110,9 +113,8 @@ def build_model(cfg: PretrainConfig):
     mc = ModelConfig.from_dict({**base.to_dict(), **m.overrides}) if m.overrides else base
     if m.tokenizer:
         mc = dataclasses.replace(mc, tokenizer=m.tokenizer if m.tokenizer in ("llama3", "gguf") else mc.tokenizer)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(mc)
-    model.init_weights(seed=cfg.seed)
+    with torch.device("meta"):  # allocated shard by shard after parallelize (train: materialize)
+        model = Transformer(mc)
     tok = load_tokenizer(m.tokenizer) if m.tokenizer else None
     return model.train(), tok
 
@@ -189,19 +191,20 @@ def _barrier():
 
 # --- state dicts -----------------------------------------------------------------------------
 
-def full_state(par, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state dicts on rank 0's CPU (collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def sharded_state(par, optimizer) -> tuple[dict, dict]:
+    """This rank's model and optimizer state dicts (DTensor shards under FSDP2 / TP), keyed by
+    herd's parameter names: what torch.distributed.checkpoint writes and reads in place."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(par.model, optimizer, options=opts)
+    return get_state_dict(par.model, optimizer)
 
 
-def load_full_state(par, optimizer, model_state: dict, optim_state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def load_sharded_state(par, optimizer, path: str) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(par.model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True, strict=True))
+    model_state, optim_state = sharded_state(par, optimizer)
+    ckpt.load_sharded(path, model_state, optim_state)
+    set_state_dict(par.model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -215,10 +218,19 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
     seed_everything(cfg.seed)  # the same init everywhere; per-rank streams after restore/setup
     model, tokenizer = model_builder(cfg)
     model_config = model.config
-    model.to(dev)
-    par = parallelize(model, device=dev, world_size=rt.world_size, strategy=cfg.parallel.strategy,
-                      tp=cfg.parallel.tp, activation_checkpointing=t.activation_checkpointing,
-                      compile=t.compile, bf16=bf16, reshard_after_forward=cfg.parallel.reshard_after_forward)
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(dev)
+    p = cfg.parallel
+    if p.pp > 1 and task is not None:
+        raise HerdError("parallel.pp > 1 runs pretraining's causal LM loss only (its last stage computes it)")
+    par = parallelize(model, device=dev, world_size=rt.world_size, strategy=p.strategy, tp=p.tp, pp=p.pp,
+                      virtual_stages=p.virtual_stages, microbatches=p.microbatches, loss_chunk=t.loss_chunk,
+                      activation_checkpointing=t.activation_checkpointing, compile=t.compile, bf16=bf16,
+                      reshard_after_forward=p.reshard_after_forward, seed=cfg.seed)
+    if par.pipeline is not None and rt.rank == 0:
+        print(f"herd pretrain: {par.pipeline.describe()}", flush=True)
+        if rt.logger:
+            rt.logger.tag("herd.pipeline_bubble", f"{par.pipeline.bubble:.4f}")
     o, s = cfg.optimizer, cfg.schedule
     optimizer = build_optimizer(par.model, o.lr, o.betas, o.eps, o.weight_decay, o.no_decay, o.fused)
     scheduler = build_scheduler(optimizer, kind=s.kind, total=t.steps, warmup=s.warmup_steps,
@@ -243,8 +255,8 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
         chosen = str(path)
     chosen, warn_msgs = _broadcast_object((chosen, warn_msgs), rt.rank)
     if chosen is not None:
-        state = ckpt.load(chosen)
-        load_full_state(par, optimizer, state["model"], state["optimizer"])
+        state = ckpt.load_trainer(chosen)
+        load_sharded_state(par, optimizer, chosen)
         tr = state["trainer"]
         scheduler.load_state_dict(tr["scheduler"])
         task.train_data.load_state_dict(tr["data"])
@@ -283,23 +295,13 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
         t0 = time.perf_counter()
         micro = task.train_data.next_step()
         optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float32, device=dev)
-        tokens = 0
-        loss_metrics: dict[str, list[float]] = {}  # the loss function's own (DPO margin, PPO clip fraction)
-        for i, mb in enumerate(micro):
-            mb = mb.to(dev)
-            with par.grad_sync(i == len(micro) - 1):
-                with amp():
-                    out = task.loss_fn(par.module, mb)
-                (out.loss * par.dp_size).backward()
-            total += out.loss.detach().float()
-            tokens += mb.num_tokens
-            for k, v in out.metrics.items():
-                loss_metrics.setdefault(k, []).append(float(v))
-        grad_norm = clip_grad_norm_(params, o.grad_clip)
+        total, tokens, loss_metrics = forward_backward(par, task, micro, amp, dev)
+        grad_norm = clip_grad_norm_(params, o.grad_clip, par.pp_group)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        if par.pp_group is not None:  # the loss is on the last stage's ranks
+            total = _all_reduce_sum(total, par.pp_group)
         loss = _all_reduce_sum(total, par.dp_group).item()
         step_time = time.perf_counter() - t0
         step += 1
@@ -334,12 +336,37 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
     return TrainResult(step, final["loss"], final, last_persisted, resumed_from, warn_msgs, losses)
 
 
+def forward_backward(par, task: Task, micro: list, amp, dev) -> tuple[torch.Tensor, int, dict]:
+    """One step's forward and backward over its micro-batches: (this rank's loss sum, tokens,
+    the loss function's own metrics per micro-batch, e.g. DPO margin, PPO clip fraction)."""
+    micro = [mb.to(dev) for mb in micro]
+    tokens = sum(mb.num_tokens for mb in micro)
+    if par.pipeline is not None:
+        with amp():
+            return par.pipeline.step(micro), tokens, {}
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    loss_metrics: dict[str, list[float]] = {}
+    for i, mb in enumerate(micro):
+        with par.grad_sync(i == len(micro) - 1):
+            with amp():
+                out = task.loss_fn(par.module, mb)
+            (out.loss * par.dp_size).backward()
+        total += out.loss.detach().float()
+        for k, v in out.metrics.items():
+            loss_metrics.setdefault(k, []).append(float(v))
+    return total, tokens, loss_metrics
+
+
 @torch.no_grad()
 def evaluate(par, task: Task, batches: int, amp, dev) -> dict:
     """Validation loss (mean over valid targets, all ranks) and perplexity."""
     sums = torch.zeros(2, dtype=torch.float64, device=dev)
-    for mb in task.eval_data.eval_batches(batches):
-        mb = mb.to(dev)
+    eval_batches = [mb.to(dev) for mb in task.eval_data.eval_batches(batches)]
+    if par.pipeline is not None:
+        with amp():
+            sums += par.pipeline.evaluate(eval_batches)
+        sums = _all_reduce_sum(sums, par.pp_group)
+    for mb in eval_batches if par.pipeline is None else []:
         with amp():
             out = task.loss_fn(par.module, mb)
         sums[0] += out.loss.double()
@@ -350,19 +377,19 @@ def evaluate(par, task: Task, batches: int, amp, dev) -> dict:
 
 
 def save(cfg, rt: Runtime, par, optimizer, scheduler, task, step, model_config, tokenizer, metrics) -> str | None:
-    model_state, optim_state = full_state(par, optimizer)
+    """Every rank writes its shards (collective); persisted as one checkpoint."""
+    model_state, optim_state = sharded_state(par, optimizer)
     rngs = _gather_objects(ckpt.rng_state(), rt.world_size)
-    path = None
-    if rt.rank == 0:
-        trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "data": task.train_data.state_dict(),
-                         "world_size": rt.world_size, "metrics": {k: float(v) for k, v in metrics.items()},
-                         "config_name": cfg.name, "seed": cfg.seed}
-        name = ckpt.checkpoint_name(step, f"{int(time.time() * 1000) % 10**10:010d}")
-        path = ckpt.write_checkpoint(rt.staging_dir, name, model_state=model_state, model_config=model_config,
-                                     tokenizer=tokenizer, optimizer_state=optim_state,
-                                     trainer_state=trainer_state, rng_states=rngs)
+    trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "data": task.train_data.state_dict(),
+                     "world_size": rt.world_size, "metrics": {k: float(v) for k, v in metrics.items()},
+                     "config_name": cfg.name, "seed": cfg.seed}
+    name = _broadcast_object(ckpt.checkpoint_name(step, f"{int(time.time() * 1000) % 10**10:010d}"), rt.rank)
+    path = ckpt.write_checkpoint(rt.staging_dir, name, rank=rt.rank, model_state=model_state,
+                                 optimizer_state=optim_state, model_config=model_config, tokenizer=tokenizer,
+                                 trainer_state=trainer_state, rng_states=rngs,
+                                 gather=lambda obj: _gather_objects(obj, rt.world_size))
     del model_state, optim_state
-    return rt.persist(path, {**metrics, "step": step}, step) if rt.persist else (str(path) if path else None)
+    return rt.persist(path, {**metrics, "step": step}, step) if rt.persist else str(path)
 
 
 def _maybe_inject_fault(cfg: PretrainConfig, rt: Runtime, step: int) -> None:

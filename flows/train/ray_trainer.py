@@ -66,7 +66,7 @@ def _ray_worker(config: dict) -> None:
     import torch
 
     from flows.train.config import config_from_dict
-    from flows.train.loop import Runtime, _broadcast_object, train
+    from flows.train.loop import Runtime, train
     from flows.train.metrics import MlflowLogger
 
     cfg = config_from_dict(config["cfg"])
@@ -83,14 +83,11 @@ def _ray_worker(config: dict) -> None:
     staging = Path(tempfile.mkdtemp(prefix="herd-ckpt-"))
 
     def persist(path, metrics, step):
-        name = _broadcast_object(path.name if path is not None else None, rank)
+        # Every worker uploads its shards under the same name; Ray Train merges them into one folder.
         clean = {k: float(v) for k, v in metrics.items()}
-        if rank == 0:
-            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(path)), checkpoint_dir_name=name)
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            ray.train.report(clean, checkpoint=None, checkpoint_dir_name=name)
-        return str(run_dir / name)
+        ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name)
+        shutil.rmtree(path, ignore_errors=True)
+        return str(run_dir / path.name)
 
     def latest():
         c = ray.train.get_checkpoint()
@@ -203,12 +200,10 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
             model_dir = Path(export_dir) if export_dir else run_dir / "model"
             if model_dir.exists():
                 shutil.rmtree(model_dir)
-            src = Path(checkpoint) / "model"
-            if src.is_dir():
-                shutil.copytree(src, model_dir)
-            else:
-                with result.checkpoint.as_directory() as d:
-                    shutil.copytree(Path(d) / "model", model_dir)
+            from model.checkpoint import consolidate
+
+            with result.checkpoint.as_directory() as d:  # the folder itself on local or mounted storage
+                consolidate(Path(d) / "model", model_dir)  # the sharded weights as one native folder
             model_dir = str(model_dir)
         kept = [c.path for c, _ in (result.best_checkpoints or [])]
         warns = []
