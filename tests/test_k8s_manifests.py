@@ -248,7 +248,7 @@ def test_dockerfile_matches_ray_pin_and_manifests(rendered):
     assert re.search(r"^USER 1000:100$", text, re.M)
     workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
     assert workdir == yaml.safe_load(one(rendered["gpu"], "RayJob")["spec"]["runtimeEnvYAML"])["working_dir"]
-    assert re.search(r'^RUN pip install .*"\.\[cluster\]"$', text, re.M)
+    assert re.search(r'^RUN sh infra/install.sh python project "\.\[cluster\]"$', text, re.M)
     for doc in rendered["gpu"]:
         for where, pod in pod_specs(doc):
             if pod["containers"][0]["image"].startswith("herd:"):
