@@ -192,3 +192,17 @@ def test_image_install_lines_run_the_cpu_dev_rayjob_entrypoint(image, tmp_path):
 def test_image_install_lines_run_every_overlays_entrypoint(image, overlay, tmp_path):
     root, workdir, env = image
     check_lifecycle_output(run_entrypoint(overlay, workdir, env, root, tmp_path))
+
+
+def test_the_shrink_overrides_are_a_valid_lifecycle_config_that_adds_no_stage():
+    from flows.lifecycle import check_configs, default_stages, load_config, wiring
+    from flows.lifecycle_cli import read_overrides
+
+    for config in ("configs/default.yaml", "configs/lifecycle/tiny.yaml"):
+        overrides = read_overrides([str(REPO / "configs/lifecycle/shrink.yaml")], str(REPO / config))
+        cfg = load_config(REPO / config, overrides)
+        stages = default_stages()
+        wires = wiring(cfg, stages)
+        check_configs(cfg, stages, wires)
+        assert list(wires) == list(wiring(load_config(REPO / config), stages))
+    assert cfg["stages"]["pretrain"]["config"]["training"]["steps"] == 1
