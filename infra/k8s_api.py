@@ -23,6 +23,7 @@ CORE = {
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "StatefulSet": ("/apis/apps/v1", "statefulsets", True),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
 }
 FIELD_MANAGER = "herd"
 APPLY_PATCH = "application/apply-patch+yaml"

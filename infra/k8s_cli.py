@@ -18,7 +18,7 @@ DEFAULT_OVERLAY = "cpu-dev"
 DEFAULT_NAMESPACE = "herd"
 # Apply order: what others refer to comes first.
 KIND_ORDER = ["Namespace", "NetworkPolicy", "Secret", "ConfigMap", "PersistentVolumeClaim",
-              "Service", "StatefulSet", "Deployment", "RayCluster", "RayJob", "RayService"]
+              "PodDisruptionBudget", "Service", "StatefulSet", "Deployment", "RayCluster", "RayJob", "RayService"]
 
 
 def register(subparsers) -> None:

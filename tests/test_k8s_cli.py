@@ -94,7 +94,7 @@ def crd_dir(monkeypatch) -> Path:
 def test_apply_server_side_applies_every_manifest_in_order(api, kubeconfig, crd_dir, capsys):
     assert main(["k8s", "apply", "--overlay", "cpu-dev", "--kubeconfig", kubeconfig]) == 0
     rendered = kustomize.build(k8s_cli.OVERLAYS / "cpu-dev")
-    assert len(api.requests) == len(rendered) == 16
+    assert len(api.requests) == len(rendered) == 25
     paths = [r["path"] for r in api.requests]
     assert paths[0] == "/api/v1/namespaces/herd"
     assert paths[-2:] == [f"{RAYJOBS}/herd-lifecycle", "/apis/ray.io/v1/namespaces/herd/rayservices/herd-serve"]

@@ -123,7 +123,7 @@ def test_serve_config_v2_is_the_local_serve_config_file(rendered, overlay):
     assert served == SERVE_CONFIG.read_text()
     assert yaml.safe_load(served) == yaml.safe_load(SERVE_CONFIG.read_text())
     # The carrier ConfigMap is build-time only and must not reach the cluster.
-    assert not [d for d in rendered[overlay] if d["kind"] == "ConfigMap"]
+    assert [d["metadata"]["name"] for d in rendered[overlay] if d["kind"] == "ConfigMap"] == ["herd-mlflow-auth"]
 
 
 def ray_cpus(group) -> float:
@@ -186,7 +186,7 @@ def test_gpu_overlay_adds_gpu_groups_that_scale_from_zero(rendered):
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         assert groups[0]["minReplicas"] == 0
     images = {c["image"] for d in docs for _, pod in pod_specs(d) for c in pod["containers"]}
-    assert images == {"herd:0.1.0-cuda", "postgres:16"}
+    assert images == {"herd:0.1.0-cuda", "postgres:16", "redis:7.4"}
     assert not [d for d in rendered["cpu-dev"] if "nvidia.com/gpu" in str(d)]
 
 
@@ -214,7 +214,9 @@ def test_secrets_referenced_are_the_dev_secrets_and_gpu_ships_none(rendered):
     secrets = {d["metadata"]["name"]: set(d["stringData"]) for d in docs if d["kind"] == "Secret"}
     refs = set(re.findall(r"'secretKeyRef': \{'name': '([^']+)', 'key': '([^']+)'", str(docs)))
     refs |= {(cluster_spec(d)["authOptions"]["secretName"], "auth_token") for d in docs if d["kind"] in RAY_KINDS}
-    assert {name for name, _ in refs} == {"herd-db", "herd-api-key", "herd-ray-auth"}
+    refs |= {(d["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]["name"],
+              "password") for d in docs if d["kind"] == "RayService"}
+    assert {name for name, _ in refs} == {"herd-db", "herd-api-key", "herd-ray-auth", "herd-mlflow-auth", "herd-redis"}
     for name, key in refs:
         assert key in secrets.get(name, set()), f"{name}/{key}"
     assert not [d for d in rendered["gpu"] if d["kind"] == "Secret"]
@@ -232,10 +234,9 @@ def test_rwx_train_storage_mounted_at_ray_trains_default_path(rendered):
     gpu_pvc = one(rendered["gpu"], "PersistentVolumeClaim", "herd-train-storage")
     assert gpu_pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     job = one(rendered["gpu"], "RayJob")
-    for _, pod in pod_specs(job):
-        if "volumes" in pod:
-            assert pod["containers"][0]["volumeMounts"] == [
-                {"name": "train-storage", "mountPath": "/home/ray/ray_results"}]
+    for where, pod in pod_specs(job):
+        if where != "submitter":
+            assert {"name": "train-storage", "mountPath": "/home/ray/ray_results"} in pod["containers"][0]["volumeMounts"]
 
 
 def test_dockerfile_matches_ray_pin_and_manifests(rendered):
@@ -292,7 +293,7 @@ def test_herd_k8s_render_writes_validated_manifests(tmp_path, crd_dir, monkeypat
     docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
     assert [d["kind"] for d in docs][:1] == ["Namespace"]
     assert one(docs, "RayService")["spec"]["serveConfigV2"] == SERVE_CONFIG.read_text()
-    assert "14 manifests from gpu, 0 schema errors" in capsys.readouterr().err
+    assert "21 manifests from gpu, 0 schema errors" in capsys.readouterr().err
 
     broken = tmp_path / "broken"
     shutil.copytree(OVERLAYS.parent, broken / "infra" / "k8s")
@@ -301,3 +302,94 @@ def test_herd_k8s_render_writes_validated_manifests(tmp_path, crd_dir, monkeypat
     path.write_text(path.read_text().replace("replicas: 1", "replicas: one"))
     assert main(["k8s", "render", "--overlay", str(broken / "infra" / "k8s" / "overlays" / "gpu")]) == 2
     assert "StatefulSet/herd-postgres: spec.replicas: 'one' is not of type 'integer'" in capsys.readouterr().err
+
+
+def containers_with_pods(docs):
+    for doc in docs:
+        for where, pod in pod_specs(doc):
+            for c in pod["containers"]:
+                yield f"{doc['kind']}/{doc['metadata']['name']} {where}", pod, c
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_root_filesystems_are_read_only_with_writable_volumes(rendered, overlay):
+    checked = 0
+    for where, pod, c in containers_with_pods(rendered[overlay]):
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        assert "/tmp" in mounts, where
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        assert volumes[mounts["/tmp"]] == {"name": mounts["/tmp"], "emptyDir": {}}, where
+        if c["name"] in ("ray-head", "ray-worker"):  # downloads go to the writable volume
+            assert {"name": "HERD_MODEL_CACHE", "value": "/tmp/herd/models"} in c["env"], where
+        checked += 1
+    assert checked >= 8
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_only_ray_heads_mount_a_service_account_token(rendered, overlay):
+    """The head's autoscaler sidecar calls the Kubernetes API; nothing else does."""
+    for doc in rendered[overlay]:
+        for where, pod in pod_specs(doc):
+            if where == "head":
+                assert "automountServiceAccountToken" not in pod
+            else:
+                assert pod["automountServiceAccountToken"] is False, (doc["metadata"]["name"], where)
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_mlflow_runs_basic_auth_and_only_ray_pods_reach_it(rendered, overlay):
+    docs = rendered[overlay]
+    mlflow = one(docs, "Deployment", "herd-mlflow")["spec"]["template"]["spec"]
+    [server] = mlflow["containers"]
+    assert "--app-name=basic-auth" in server["args"]
+    env = {e["name"]: e for e in server["env"]}
+    for var, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+                     ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")):
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": key}
+    # The database password reaches libpq through the environment, never the command line.
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "herd-db", "key": "password"}
+    assert not [a for a in server["command"] + server["args"] if "PASSWORD" in a or "password" in a]
+    ini = one(docs, "ConfigMap", "herd-mlflow-auth")["data"]["basic_auth.ini"]
+    config_dir = env["MLFLOW_AUTH_CONFIG_PATH"]["value"].rsplit("/", 1)[0]
+    assert {"name": "auth-config", "mountPath": config_dir, "readOnly": True} in server["volumeMounts"]
+    store = re.search(r"database_uri = sqlite:///(\S+)", ini).group(1)
+    assert any(store.startswith(m["mountPath"] + "/") and m.get("subPath") for m in server["volumeMounts"])
+    policy = one(docs, "NetworkPolicy", "herd-mlflow")["spec"]
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}],
+                                  "ports": [{"port": 5000, "protocol": "TCP"}]}]
+    for doc in (d for d in docs if d["kind"] in RAY_KINDS):
+        for where, pod in pod_specs(doc):
+            if where == "submitter":
+                continue
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": "username"}
+            assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": "password"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_rayservice_is_highly_available(rendered, overlay):
+    docs = rendered[overlay]
+    service = one(docs, "RayService")
+    ft = service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    redis = one(docs, "Service", "herd-redis")
+    assert ft["redisAddress"] == f"herd-redis:{redis['spec']['ports'][0]['port']}"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "herd-redis", "key": "password"}
+    [container] = one(docs, "StatefulSet", "herd-redis")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "herd-redis", "key": "password"}}} in container["env"]
+    assert "$REDIS_PASSWORD" in container["args"][0] and "requirepass" in container["args"][0]
+    redis_policy = one(docs, "NetworkPolicy", "herd-redis")["spec"]
+    assert redis_policy["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]
+    # Each budget selects Pods that exist: template labels plus KubeRay's node-type label.
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert set(pdbs) == {"herd-serve-head", "herd-serve-workers", "herd-lifecycle-head"}
+    for name, spec in pdbs.items():
+        owner = one(docs, "RayService" if name.startswith("herd-serve") else "RayJob")
+        cluster = cluster_spec(owner)
+        want = spec["selector"]["matchLabels"]
+        groups = ([cluster["headGroupSpec"]] if want["ray.io/node-type"] == "head" else cluster["workerGroupSpecs"])
+        for group in groups:
+            labels = {**group["template"]["metadata"]["labels"], "ray.io/node-type": want["ray.io/node-type"]}
+            assert want.items() <= labels.items(), (name, group.get("groupName", "head"))
+    assert pdbs["herd-serve-workers"]["maxUnavailable"] == 1
+    assert pdbs["herd-serve-head"]["minAvailable"] == pdbs["herd-lifecycle-head"]["minAvailable"] == 1
