@@ -23,8 +23,8 @@ def _add_run_args(p) -> None:
     p.add_argument("--workdir", default=None, help="where step folders go (default: the config's workdir, or $HERD_RUN_DIR)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--overrides", nargs="+", action="extend", default=None, metavar="YAML",
-                   help=f"YAML files merged over the config, in order (default ${OVERRIDES_ENV}, "
-                        "os.pathsep-separated), e.g. configs/lifecycle/shrink.yaml")
+                   help=f"YAML files merged over the config, in order, then those in ${OVERRIDES_ENV} "
+                        "(os.pathsep-separated), e.g. configs/lifecycle/shrink.yaml")
     p.add_argument("--serve", action="store_true", help="keep the endpoint up after the run (Ctrl-C stops it)")
 
 
@@ -38,11 +38,14 @@ def register(subparsers) -> None:
     lin.set_defaults(func=lineage_command)
 
 
-def read_overrides(paths: list[str] | None, config: str) -> dict:
-    """The override files merged in order (None reads $HERD_LIFECYCLE_OVERRIDES). They adjust the
-    stages `config` has and never add one: a stage merely named in an override would run."""
-    if paths is None:
-        paths = [p for p in os.environ.get(OVERRIDES_ENV, "").split(os.pathsep) if p]
+def override_files(flag: list[str] | None) -> list[str]:
+    """--overrides files, then those of $HERD_LIFECYCLE_OVERRIDES (os.pathsep-separated)."""
+    return list(flag or []) + [p for p in os.environ.get(OVERRIDES_ENV, "").split(os.pathsep) if p]
+
+
+def read_overrides(paths: list[str], config: str) -> dict:
+    """The override files merged in order. They adjust the stages `config` has and never add
+    one: a stage merely named in an override would run."""
     merged: dict = {}
     for path in paths:
         p = Path(path)
@@ -59,9 +62,10 @@ def read_overrides(paths: list[str] | None, config: str) -> dict:
 
 
 def run_command(args) -> int:
-    overrides = read_overrides(args.overrides, args.config)
-    if overrides:
-        print(f"lifecycle overrides: {', '.join(args.overrides or os.environ[OVERRIDES_ENV].split(os.pathsep))}")
+    files = override_files(args.overrides)
+    overrides = read_overrides(files, args.config)
+    if files:
+        print(f"lifecycle overrides: {', '.join(files)}")
     res = run_lifecycle(args.config, force=args.force, overrides=overrides, workdir=args.workdir,
                         tracking_uri=args.tracking_uri)
     print()

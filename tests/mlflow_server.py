@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,9 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from services.testing import free_port
+
 ADMIN = ("herd-admin", "herd-test-password-1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

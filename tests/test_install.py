@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from infra import kustomize
+from services.testing import free_port
 from infra.k8s_cli import OVERLAYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,12 +108,6 @@ def test_the_recipe_refuses_an_unknown_step():
     out = subprocess.run(["sh", str(REPO / RECIPE), sys.executable, "everything"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "step must be base or project, not 'everything'" in out.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_image_venv(root: Path, variant: str = "cpu") -> tuple[Path, dict]:

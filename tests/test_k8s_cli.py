@@ -127,7 +127,9 @@ def test_submit_posts_a_rayjob_that_validates_against_the_crd(api, kubeconfig, c
     assert validate.manifest_errors(body, crd_dir) == []
     assert body["metadata"] == {"namespace": "herd", "labels": {"app.kubernetes.io/part-of": "herd"},
                                 "name": "herd-lifecycle-test"}
-    assert body["spec"]["entrypoint"] == "python -m flows.lifecycle --config configs/default.yaml"
+    # the overlay's own options stay (the gpu overlay's GPU overrides); only --config is replaced
+    assert body["spec"]["entrypoint"] == ("python -m flows.lifecycle --config configs/default.yaml "
+                                          "--overrides configs/lifecycle/gpu.yaml")
     template = next(d for d in kustomize.build(k8s_cli.OVERLAYS / "gpu") if d["kind"] == "RayJob")
     assert body["spec"]["rayClusterSpec"] == template["spec"]["rayClusterSpec"]
 

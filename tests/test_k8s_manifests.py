@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "k8s" / "kuberay-crds"
 SERVE_CONFIG = REPO / "configs" / "serve" / "default.yaml"
 OVERLAY_NAMES = ["cpu-dev", "gpu"]
+# Each overlay's RayService deploys one of these files as its serveConfigV2.
+SERVE_CONFIGS = {"cpu-dev": SERVE_CONFIG, "gpu": REPO / "configs" / "serve" / "gpu.yaml"}
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 
 
@@ -118,10 +120,10 @@ def test_serve_config_is_a_valid_ray_serve_config():
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
 def test_serve_config_v2_is_the_local_serve_config_file(rendered, overlay):
-    """No drift: the RayService deploys configs/serve/default.yaml byte for byte."""
+    """No drift: the RayService deploys its configs/serve file byte for byte."""
     served = one(rendered[overlay], "RayService")["spec"]["serveConfigV2"]
-    assert served == SERVE_CONFIG.read_text()
-    assert yaml.safe_load(served) == yaml.safe_load(SERVE_CONFIG.read_text())
+    assert served == SERVE_CONFIGS[overlay].read_text()
+    assert yaml.safe_load(served) == yaml.safe_load(SERVE_CONFIGS[overlay].read_text())
     # The carrier ConfigMap is build-time only and must not reach the cluster.
     assert [d["metadata"]["name"] for d in rendered[overlay] if d["kind"] == "ConfigMap"] == ["herd-mlflow-auth"]
 
@@ -136,7 +138,7 @@ def ray_cpus(group) -> float:
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
 def test_serve_replicas_fit_the_rayservice_workers(rendered, overlay):
-    deployment = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["deployments"][0]
+    deployment = yaml.safe_load(SERVE_CONFIGS[overlay].read_text())["applications"][0]["deployments"][0]
     replica_cpus = deployment["ray_actor_options"]["num_cpus"]
     cluster = cluster_spec(one(rendered[overlay], "RayService"))
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -193,7 +195,7 @@ def test_gpu_overlay_adds_gpu_groups_that_scale_from_zero(rendered):
 def test_rayjob_runs_the_lifecycle_and_cleans_up(rendered):
     for overlay in OVERLAY_NAMES:
         spec = one(rendered[overlay], "RayJob")["spec"]
-        assert spec["entrypoint"] == "python -m flows.lifecycle --config configs/default.yaml"
+        assert spec["entrypoint"].startswith("python -m flows.lifecycle --config configs/default.yaml")
         assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "/home/ray/herd"
         assert spec["shutdownAfterJobFinishes"] is True
         assert spec["ttlSecondsAfterFinished"] > 0
@@ -292,7 +294,7 @@ def test_herd_k8s_render_writes_validated_manifests(tmp_path, crd_dir, monkeypat
     assert main(["k8s", "render", "--overlay", "gpu", "-o", str(out)]) == 0
     docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
     assert [d["kind"] for d in docs][:1] == ["Namespace"]
-    assert one(docs, "RayService")["spec"]["serveConfigV2"] == SERVE_CONFIG.read_text()
+    assert one(docs, "RayService")["spec"]["serveConfigV2"] == SERVE_CONFIGS["gpu"].read_text()
     assert "21 manifests from gpu, 0 schema errors" in capsys.readouterr().err
 
     broken = tmp_path / "broken"
@@ -393,3 +395,36 @@ def test_rayservice_is_highly_available(rendered, overlay):
             assert want.items() <= labels.items(), (name, group.get("groupName", "head"))
     assert pdbs["herd-serve-workers"]["maxUnavailable"] == 1
     assert pdbs["herd-serve-head"]["minAvailable"] == pdbs["herd-lifecycle-head"]["minAvailable"] == 1
+
+
+def test_gpu_serve_config_is_default_plus_one_gpu_on_auto_device_and_dtype():
+    default = yaml.safe_load(SERVE_CONFIG.read_text())
+    gpu = yaml.safe_load(SERVE_CONFIGS["gpu"].read_text())
+    app = gpu["applications"][0]
+    assert app["args"].pop("device") == "auto" and app["args"].pop("dtype") == "auto"
+    assert app["deployments"][0]["ray_actor_options"].pop("num_gpus") == 1
+    assert gpu == default
+    assert validate.serve_config_errors(SERVE_CONFIGS["gpu"].read_text()) == []
+
+
+def test_gpu_lifecycle_asks_for_gpus_where_it_trains_and_embeds(rendered):
+    """The gpu overlay's entrypoint, as the lifecycle reads it: pretraining, post-training and the
+    embedding actor ask Ray for GPUs; the cpu-dev one asks for none."""
+    import shlex
+
+    from flows.lifecycle import load_config
+    from flows.lifecycle_cli import read_overrides
+
+    def stages(overlay):
+        words = shlex.split(one(rendered[overlay], "RayJob")["spec"]["entrypoint"])
+        config = str(REPO / words[words.index("--config") + 1])
+        files = [str(REPO / w) for w in words[words.index("--overrides") + 1:]] if "--overrides" in words else []
+        return load_config(config, read_overrides(files, config))["stages"]
+
+    gpu, cpu = stages("gpu"), stages("cpu-dev")
+    for name in ("pretrain", "sft", "dpo"):
+        assert gpu[name]["enabled"] and gpu[name]["config"]["ray"]["use_gpu"] is True, name
+        assert gpu[name]["config"]["ray"].get("workers", 1) >= 1
+        assert not cpu[name]["config"].get("ray", {}).get("use_gpu", False)
+    assert gpu["data"]["config"]["semdedup"]["use_gpu"] is True
+    assert "use_gpu" not in cpu["data"]["config"]["semdedup"]

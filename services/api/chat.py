@@ -34,7 +34,7 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
 
     if body.stream:
         def chunk(delta: dict, finish: str | None) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.response_model,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         async def events():
@@ -45,14 +45,14 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
                 if out.finished:
                     yield chunk({}, out.finish_reason)
             if body.include_usage:
-                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.response_model,
                        "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
 
         return sse(events())
 
     text = "".join([out.text async for out in run.outputs()])
     return json_response({
-        "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+        "id": rid, "object": "chat.completion", "created": created, "model": state.response_model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                      "finish_reason": run.finish_reason}],
         "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens),

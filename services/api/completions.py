@@ -63,7 +63,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
     echo = [state.tokenizer.decode(p) if body.echo else "" for p in prompts]
 
     def chunk(text: str, index: int, finish: str | None) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+        return {"id": rid, "object": "text_completion", "created": created, "model": state.response_model,
                 "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
 
     if body.stream:
@@ -76,7 +76,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
                 if out.text or out.finished:
                     yield chunk(out.text, 0, out.finish_reason if out.finished else None)
             if body.include_usage:
-                yield {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                yield {"id": rid, "object": "text_completion", "created": created, "model": state.response_model,
                        "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
 
         return sse(events())
@@ -86,7 +86,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
 
     texts = await asyncio.gather(*(collect(r) for r in runs))
     return json_response({
-        "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+        "id": rid, "object": "text_completion", "created": created, "model": state.response_model,
         "choices": [{"index": i, "text": echo[i] + t, "logprobs": None, "finish_reason": r.finish_reason}
                     for i, (t, r) in enumerate(zip(texts, runs))],
         "usage": usage(sum(r.prompt_tokens for r in runs), sum(r.completion_tokens for r in runs),
