@@ -24,6 +24,7 @@ from ray import serve
 from model.errors import HerdError
 from services.api import state as api_state
 from services.config import load_server_config
+from services import rollout as rollouts
 from services.rollout import Pinned, Rollout, check_user_config, pin
 from services.server import build_state, create_app
 
@@ -34,13 +35,12 @@ DEFAULT_CONFIG = REPO / "configs" / "serve" / "default.yaml"
 DEPLOYMENT = "HerdLLMServer"
 
 app = create_app()
-_ROLLOUT: Rollout | None = None  # this process's replica (Serve runs one replica per process)
 
 
 @app.middleware("http")
 async def name_the_version(request, call_next):
     """Pin the request to the version serving when it arrives, and say which one it was."""
-    rollout = _ROLLOUT
+    rollout = rollouts.current()  # this process's replica (Serve runs one replica per process)
     if rollout is None or rollout.state is None:
         return await call_next(request)
     state = rollout.state
@@ -58,12 +58,11 @@ async def name_the_version(request, call_next):
 @serve.ingress(app)
 class HerdLLMServer:
     def __init__(self, args: dict[str, Any]):
-        global _ROLLOUT
         self.args = dict(args)
         self.model = load_server_config(self.args).model
         self.rollout = Rollout(self._build, api_state.set_state)
         self.rollout.start(pin(self.model))
-        _ROLLOUT = self.rollout
+        rollouts.set_current(self.rollout)
 
     def _build(self, pinned: Pinned):
         return build_state({**self.args, "model": pinned.uri})

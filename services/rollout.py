@@ -132,6 +132,21 @@ class Rollout:
             await self.roll_to(spec)
 
 
+# The replica's Rollout, for the HTTP middleware. A module global here, not in services/app.py:
+# Serve pickles the deployment class by value, with a copy of its module's globals, so only a
+# module both sides import by name is shared.
+_CURRENT: Rollout | None = None
+
+
+def set_current(rollout: Rollout | None) -> None:
+    global _CURRENT
+    _CURRENT = rollout
+
+
+def current() -> Rollout | None:
+    return _CURRENT
+
+
 def wait_for_version(url: str, label: str, timeout_s: float = 600, api_key: str | None = None) -> float:
     """Poll the endpoint until it answers with model version `label`; returns the seconds waited."""
     import requests
