@@ -19,6 +19,7 @@ ADMIN = ("herd-admin", "herd-test-password-1")
 def mlflow_server(root: Path, *, basic_auth: bool = False, backend: str | None = None):
     """Yields the server's URL. With basic_auth: MLflow's basic-auth app, its user store in `root`
     and its admin `ADMIN`, given through the environment as the manifests give them from a Secret."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

@@ -129,3 +129,58 @@ def test_user_config_is_checked():
         check_user_config({"modle": "models:/herd/2"})
     with pytest.raises(HerdError, match="watch_s must be"):
         check_user_config({"watch_s": -1})
+
+
+@pytest.mark.integration
+def test_roll_to_loads_beside_the_old_version_which_finishes_its_requests(tmp_path):
+    """What Serve's reconfigure (user_config.model) runs: the new version loads while the old one
+    generates; a request started on the old one finishes there, with every token; the old engine
+    stops once it is idle; a failed load keeps the current version serving."""
+    from model.generate import SamplingParams
+    from services.rollout import Pinned, Rollout
+    from services.server import build_state
+
+    args = {"num_threads": 1, "engine": {"max_num_seqs": 4, "max_model_len": 256}}
+    v1, v2 = tiny_model_dir(tmp_path / "v1", seed=1), tiny_model_dir(tmp_path / "v2", seed=2)
+    published = []
+    rollout = Rollout(lambda p: build_state({**args, "model": p.uri}), published.append)
+
+    async def scenario():
+        rollout.start(Pinned(str(v1), ""))
+        old = rollout.state
+        done: list[dict] = []
+        swapped_at = {}
+
+        async def user():  # back-to-back 96-token requests on whatever version serves when each starts
+            while "t" not in swapped_at:
+                state, start, n = rollout.state, time.monotonic(), 0
+                async for out in state.engine.generate(state.tokenizer.encode("hello"),
+                                                       SamplingParams(max_tokens=96, ignore_eos=True)):
+                    n += len(out.token_ids)
+                done.append({"state": state, "start": start, "end": time.monotonic(), "tokens": n})
+
+        users = [asyncio.create_task(user()) for _ in range(2)]
+        swapped = await rollout.roll_to(str(v2))
+        swapped_at["t"] = time.monotonic()
+        new = rollout.state
+        await asyncio.gather(*users)
+        deadline = time.monotonic() + 30
+        while old.engine.healthy and time.monotonic() < deadline:  # retired once idle
+            await asyncio.sleep(0.1)
+        again = await rollout.roll_to(str(v2))
+        failed = await rollout.roll_to(str(tmp_path / "missing"))
+        return old, new, done, swapped_at["t"], swapped, again, failed
+
+    old, new, done, swapped_at, swapped, again, failed = asyncio.run(scenario())
+    try:
+        assert swapped and published == [old, new] and new is not old
+        on_old = [d for d in done if d["state"] is old]
+        straddling = [d for d in on_old if d["end"] > swapped_at]
+        print(f"{len(on_old)} requests answered by v1 while v2 loaded; {len(straddling)} in flight at the swap")
+        assert len(on_old) >= 2  # the old version kept answering while the new one loaded
+        assert straddling and all(d["tokens"] == 96 for d in on_old)  # ... and finished what it had begun
+        assert not old.engine.healthy and new.engine.healthy
+        assert again is False  # the version already served: nothing loaded
+        assert failed is False and rollout.state is new and "model not found" in rollout.error
+    finally:
+        new.engine.shutdown()
