@@ -147,7 +147,16 @@ def run_entrypoint(overlay: str, workdir: Path, env: dict, root: Path, state: Pa
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/" + workdir.relative_to(root / "fs").as_posix()
     port_file = state / "port.yaml"  # the deploy step's Serve port: a free one, not 8000
     port_file.write_text(yaml.safe_dump({"stages": {"deploy": {"params": {"port": free_port()}}}}))
-    env = {**env, "HERD_LIFECYCLE_OVERRIDES": os.pathsep.join(["configs/lifecycle/shrink.yaml", str(port_file)]),
+    files = ["configs/lifecycle/shrink.yaml", str(port_file)]
+    words = shlex.split(job["spec"]["entrypoint"])
+    if "--overrides" in words and not _cuda():
+        # Ray would wait forever for GPUs this machine does not have: the same run with them off.
+        print(f"{overlay}: no CUDA device here; its GPU overrides run with use_gpu switched off")
+        off = state / "no-gpu.yaml"
+        gpu = [yaml.safe_load((workdir / w).read_text()) for w in words[words.index("--overrides") + 1:]]
+        off.write_text(yaml.safe_dump(_gpu_off(gpu)))
+        files.append(str(off))
+    env = {**env, "HERD_LIFECYCLE_OVERRIDES": os.pathsep.join(files),
            "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}", "HERD_RUN_DIR": str(state / "runs"),
            "HERD_MODEL_CACHE": str(state / "models")}
     t = time.perf_counter()
@@ -157,6 +166,27 @@ def run_entrypoint(overlay: str, workdir: Path, env: dict, root: Path, state: Pa
     print(f"{overlay} entrypoint {job['spec']['entrypoint']!r}: exit {out.returncode} in {time.perf_counter() - t:.0f}s")
     assert out.returncode == 0, out.stderr[-4000:]
     return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_off(node):
+    """The same override documents with every `use_gpu: true` turned off (lists merged in order)."""
+    if isinstance(node, list):
+        from flows.lifecycle_core import deep_merge
+
+        merged: dict = {}
+        for doc in node:
+            merged = deep_merge(merged, _gpu_off(doc))
+        return merged
+    if isinstance(node, dict):
+        return {k: (False if k == "use_gpu" else _gpu_off(v)) for k, v in node.items()
+                if k == "use_gpu" or isinstance(v, (dict, list))}
+    return node
 
 
 @pytest.fixture(scope="module")
@@ -188,15 +218,17 @@ def test_image_install_lines_run_every_overlays_entrypoint(image, overlay, tmp_p
     check_lifecycle_output(run_entrypoint(overlay, workdir, env, root, tmp_path))
 
 
-def test_the_shrink_overrides_are_a_valid_lifecycle_config_that_adds_no_stage():
+def test_the_shrink_and_gpu_overrides_are_valid_lifecycle_configs_that_add_no_stage():
     from flows.lifecycle import check_configs, default_stages, load_config, wiring
     from flows.lifecycle_cli import read_overrides
 
-    for config in ("configs/default.yaml", "configs/lifecycle/tiny.yaml"):
-        overrides = read_overrides([str(REPO / "configs/lifecycle/shrink.yaml")], str(REPO / config))
-        cfg = load_config(REPO / config, overrides)
+    shrink, gpu = str(REPO / "configs/lifecycle/shrink.yaml"), str(REPO / "configs/lifecycle/gpu.yaml")
+    for config, files in (("configs/default.yaml", [shrink]), ("configs/lifecycle/tiny.yaml", [shrink]),
+                          ("configs/default.yaml", [gpu, shrink])):
+        cfg = load_config(REPO / config, read_overrides(files, str(REPO / config)))
         stages = default_stages()
         wires = wiring(cfg, stages)
         check_configs(cfg, stages, wires)
         assert list(wires) == list(wiring(load_config(REPO / config), stages))
-    assert cfg["stages"]["pretrain"]["config"]["training"]["steps"] == 1
+        assert cfg["stages"]["pretrain"]["config"]["training"]["steps"] == 1
+    assert cfg["stages"]["sft"]["config"]["ray"] == {"workers": 1, "use_gpu": True}

@@ -14,24 +14,11 @@ import pytest
 from flows.eval import integrity
 from flows.eval.registry import get_version, register_model, resolve_model_uri
 from model.errors import HerdError
+from tests.test_eval_registry import store  # noqa: F401 - a fresh sqlite registry in tmp_path (the cwd)
 from tests.tiny import tiny_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A fresh sqlite tracking/registry store; artifacts under tmp_path (the cwd)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HERD_MODEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("herd-test")
-    return uri
 
 
 def stored_folder(name: str, version, store: str) -> Path:
@@ -54,7 +41,7 @@ def flip_a_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_registration_records_every_files_sha256(store, tmp_path):
+def test_registration_records_every_files_sha256(store, tmp_path):  # noqa: F811
     ckpt = tiny_checkpoint(tmp_path / "m", seed=1)
     mv = register_model(ckpt, "herd", tracking_uri=store)
     recorded = integrity.recorded_digests(mv)
@@ -63,7 +50,7 @@ def test_registration_records_every_files_sha256(store, tmp_path):
     assert recorded == integrity.file_digests(stored_folder("herd", mv.version, store))
 
 
-def test_a_flipped_byte_in_a_registered_model_fails_every_load(store, tmp_path, monkeypatch):
+def test_a_flipped_byte_in_a_registered_model_fails_every_load(store, tmp_path, monkeypatch):  # noqa: F811
     from services.model_source import resolve_model
 
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
@@ -87,7 +74,7 @@ def test_a_flipped_byte_in_a_registered_model_fails_every_load(store, tmp_path, 
     assert resolve_model_uri("models:/herd@candidate", tracking_uri=store).is_dir()
 
 
-def test_a_damaged_cached_copy_is_fetched_again(store, tmp_path):
+def test_a_damaged_cached_copy_is_fetched_again(store, tmp_path):  # noqa: F811
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
     local = resolve_model_uri("models:/herd@candidate", tracking_uri=store)
     flip_a_byte(local / "model.safetensors")
@@ -96,7 +83,7 @@ def test_a_damaged_cached_copy_is_fetched_again(store, tmp_path):
     assert integrity.file_digests(again) == integrity.recorded_digests(mv)
 
 
-def test_a_version_without_recorded_digests_is_refused(store, tmp_path):
+def test_a_version_without_recorded_digests_is_refused(store, tmp_path):  # noqa: F811
     from mlflow import MlflowClient
 
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
@@ -125,7 +112,7 @@ KILLED_DOWNLOAD = textwrap.dedent("""
 """)
 
 
-def test_a_download_killed_halfway_is_downloaded_again(store, tmp_path):
+def test_a_download_killed_halfway_is_downloaded_again(store, tmp_path):  # noqa: F811
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
     cache = tmp_path / "cache" / "herd"
     out = subprocess.run([sys.executable, "-c", KILLED_DOWNLOAD, "models:/herd@candidate", store], cwd=REPO,
