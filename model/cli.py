@@ -25,10 +25,12 @@ def load_for_inference(spec: str, dtype: str = "float32", device: str = "auto"):
     from model.checkpoint import load_model
     from model.tokenizer import load_tokenizer
 
-    if dtype not in DTYPES:
-        raise HerdError(f"unknown dtype {dtype!r}; choose float32 or bfloat16")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":  # bf16 where the tensor cores run it; fp32 on CPUs (most lack bf16 units)
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise HerdError(f"unknown dtype {dtype!r}; choose auto, float32 or bfloat16")
     path = resolve_model_path(spec)
     model, _ = load_model(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
     return model.fuse_projections(), load_tokenizer(path)

@@ -89,7 +89,8 @@ def _library() -> dict:
         log.warning("herd CPU kernels off: building %s failed: %s", SOURCE.name, detail.strip()[-500:])
         return {}
     lib.herd_attention_step.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + \
-        [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + \
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.herd_attention_step.restype = None
     fns = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
@@ -100,8 +101,8 @@ def _library() -> dict:
         norm_fn = getattr(lib, f"herd_rms_norm_{suffix}")
         norm_fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int64]
         step_fn = getattr(lib, f"herd_decode_{suffix}")
-        step_fn.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
-            [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+        step_fn.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64] + \
+            [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
         for name, fn in (("gemv", gemv_fn), ("rms_norm", norm_fn), ("decode", step_fn)):
             fn.restype = None
             fns[(name, dtype)] = fn
@@ -142,28 +143,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return y
 
 
+def _cache_layout(cache) -> tuple[int, int, int] | None:
+    """(layer, block, head) strides of a cache's (layers, blocks, kv heads, block_size, head dim) keys,
+    which the values share; None where the kernels cannot read it."""
+    k, v = cache.k, cache.v
+    if not (k.is_contiguous() and v.is_contiguous()) or k.shape != v.shape:
+        return None
+    return k.stride(0), k.stride(1), k.stride(2)
+
+
 def attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int,
                    n_heads: int) -> torch.Tensor | None:
     """The attention heads' output (B, n_heads * head_dim) of a one-token step of B cached rows, from
     the fused q|k|v projection (B, 1, width) and the model's cos/sin (B, 1, 1, head_dim); writes this
-    step's keys/values into `cache` at `layer` as KVCache.update does. None where the kernel does
-    not apply."""
+    step's keys/values into `cache` (model.kv_cache.KVCache or model.paged_cache.PagedKVCache) at
+    `layer` as its attend() does. None where the kernel does not apply."""
     fn = _kernel("attention", qkv, cos, sin, cache.k)
-    if fn is None or not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
-                          and cache.k.is_contiguous() and cache.v.is_contiguous()):
+    layout = _cache_layout(cache)
+    if fn is None or layout is None or not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
         return None
     B, hd = qkv.shape[0], cache.k.shape[-1]
     n_kv = cache.k.shape[2]
     if qkv.shape[-1] != (n_heads + 2 * n_kv) * hd or cos.shape[-1] != hd:
         return None
-    slots, pos, active = cache.decode_rows()
+    tables, pos = cache.kernel_rows()
+    _, block_stride, head_stride = layout
     threads = torch.get_num_threads()
     out = torch.empty(B, n_heads * hd, dtype=qkv.dtype)
     scratch = torch.empty(B * (qkv.shape[-1] + hd) + threads * cache.max_len, dtype=torch.float32)
     k, v = cache.k[layer], cache.v[layer]
-    fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, slots.data_ptr(), pos.data_ptr(), active.data_ptr(),
-       k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), n_heads, n_kv, hd, out.data_ptr(), scratch.data_ptr(),
-       cache.max_len, threads)
+    fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, tables.data_ptr(), tables.stride(0), pos.data_ptr(),
+       k.data_ptr(), v.data_ptr(), cache.block_size, block_stride, head_stride, n_heads, n_kv, hd, out.data_ptr(),
+       scratch.data_ptr(), cache.max_len, threads)
     return out
 
 
@@ -250,20 +261,27 @@ def _fused_for_kernel(model) -> bool:
 
 def decode_step(model, token: torch.Tensor, cache) -> torch.Tensor | None:
     """Logits (1, 1, vocab) of one token of one sequence through `model` (a fused model.Transformer),
-    its keys/values written into `cache` as the model's forward writes them; None where the kernel
-    does not apply (then use the model's torch path). The caller advances the cache, as after forward."""
+    its keys/values written into `cache` (set up for the step: positions() was called) as the model's
+    forward writes them; None where the kernel does not apply (then use the model's torch path)."""
     emb = model.tok_embeddings.weight
     fn = _kernel("decode", emb)
-    if fn is None or cache.k.dtype != emb.dtype or not cache.k.is_contiguous() or cache.selected_count() != 1:
+    layout = _cache_layout(cache)
+    if fn is None or cache.k.dtype != emb.dtype or layout is None:
+        return None
+    tables, pos = cache.kernel_rows()
+    if tables.shape[0] != 1:
         return None
     plan = _plan(model, fn)
     if plan is None:
         return None
-    slot, pos = cache.single_row_step()
+    length = int(pos[0])
+    if length + 1 > cache.max_len:
+        raise ValueError(f"KV cache overflow: {length} + 1 tokens > max_len {cache.max_len}")
+    table = tables[0].contiguous()
     logits = torch.empty(1, 1, model.config.vocab_size, dtype=emb.dtype)
-    stride = cache.k.stride()
-    fn(ctypes.byref(plan.model), int(token), pos, cache.k[0, slot].data_ptr(), cache.v[0, slot].data_ptr(),
-       stride[0], stride[2], logits.data_ptr(), plan.scratch_for(cache.max_len).data_ptr(), torch.get_num_threads())
+    fn(ctypes.byref(plan.model), int(token), length, table.data_ptr(), cache.block_size, cache.k.data_ptr(),
+       cache.v.data_ptr(), *layout, logits.data_ptr(), plan.scratch_for(cache.max_len).data_ptr(),
+       torch.get_num_threads())
     return logits
 
 

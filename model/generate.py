@@ -1,7 +1,8 @@
 """Batched generation over the KV cache: prefill each prompt into its row, then decode all rows together.
 
-Small on purpose (after nanochat's engine.py): the serving engine reuses `sample_next`
-and the KVCache, and adds its own scheduler.
+Small on purpose (after nanochat's engine.py): the serving engine has its own scheduler, paged
+cache and batched sampler (services/engine, model/sampler.py); this is for training-side sampling
+(rejection sampling, PPO) and the CLI.
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False  # only stop_ids / stop_strings / max_tokens end it (fixed-length benchmarks)
+    # The serving engine's batched sampler (model/sampler.py) also reads these:
+    min_p: float = 0.0  # keep tokens of probability >= min_p x the most likely one's; 0 = off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # CTRL's, over prompt and generated tokens; 1 = off
+    logprobs: int | None = None  # None: none; 0: the chosen token's log-probability; N: also the N most likely
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -34,6 +41,21 @@ class SamplingParams:
             raise HerdError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise HerdError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_p <= 1:
+            raise HerdError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise HerdError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise HerdError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise HerdError(f"logprobs must be in [0, 20], got {self.logprobs}")
+
+    @property
+    def engine_only(self) -> bool:
+        """Settings only the serving engine's sampler applies (generate() samples with sample_next)."""
+        return (self.min_p > 0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1 or self.logprobs is not None)
 
 
 @dataclass
@@ -81,6 +103,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     """Generate for a batch of token-id prompts; rows of different lengths share each decode step."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise HerdError("empty prompt: every prompt needs at least one token")
+    if params.engine_only:
+        raise HerdError("min_p, penalties and logprobs are applied by the serving engine (services.engine), "
+                        "not by generate()")
     cfg = model.config
     longest = max(len(p) for p in prompts)
     if longest + params.max_tokens > cfg.max_seq_len:

@@ -1,13 +1,21 @@
-"""A preallocated, batched KV cache with a length per row.
+"""A preallocated, batched KV cache with a length per row: training-side generation and scoring.
 
 Rows are independent sequences ("slots"). A forward step writes T new tokens to every
-active row at that row's own length, so a continuous-batching scheduler can decode rows
-of different lengths together and prefill new rows into free slots. `active` selects
-which slots take part in a step; the rest are untouched.
+active row at that row's own length, so rows of different lengths decode together. `select`
+chooses which slots take part in a step; the rest are untouched. (The serving engine pages its
+cache instead: model/paged_cache.py.)
+
+What the model asks of a cache (this one and PagedKVCache):
+  * `positions(T)` at the start of a forward: each stepped row's positions (B, T);
+  * `attend(layer, q, k, v)` in each layer: write the step's keys/values, attend over the row's own;
+  * for herd's CPU kernels, `kernel_rows()`: each row's block table and write position, with the
+    layer tensors `k`/`v` laid out (layers, blocks, kv heads, block_size, head dim). A dense cache is
+    the one-block-per-row case: block = slot, block_size = max_len.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
@@ -17,25 +25,24 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_len = max_len
+        self.max_len = self.block_size = max_len
         self.batch_size = batch_size
         self._active: torch.Tensor | None = None  # slot ids of the current step, None = all rows
-        # Per-step facts computed once in positions(), read by every layer's update():
+        # Per-step facts computed once in positions(), read by every layer:
         self._span = 0  # keys attended: max over active rows of length + T
         self._uniform_start: int | None = None  # shared length when all rows are equal
         self._range: tuple[int, int] | None = None  # the step's rows as a contiguous [start, stop)
-        self._scratch: int | None = None  # select_hull: where the hull's unselected rows write
         self._step_lengths: torch.Tensor | None = None  # each stepped row's length, set by positions()
-        self._decode_rows: tuple | None = None  # decode_rows() of the current step
+        self._mask: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
         return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, device)
 
-    # --- step set-up (called by the model's forward) ---
+    # --- step set-up ---
     def select(self, slots: torch.Tensor | list[int] | None) -> "KVCache":
         """Restrict the next forward step to these slots (None = every row)."""
-        self._range, self._scratch = None, None
+        self._range = None
         if slots is not None and not torch.is_tensor(slots):
             ids = list(slots)
             if ids and ids == list(range(ids[0], ids[0] + len(ids))):
@@ -44,74 +51,19 @@ class KVCache:
         self._active = slots
         return self
 
-    def select_hull(self, slots: list[int], scratch: int) -> tuple[int, int]:
-        """Step the slots' contiguous hull [lo, hi) instead of gathering the slots' keys/values: the
-        caller feeds hi - lo rows and reads slot s's output at row s - lo. Rows of the hull that are
-        not selected write at `scratch`, a position no real row ever attends (the cache's padding
-        past the longest sequence), and do not advance."""
-        lo, hi = min(slots), max(slots) + 1
-        if scratch < 0 or scratch >= self.max_len:
-            raise ValueError(f"scratch position {scratch} is outside the cache (max_len {self.max_len})")
-        self.select(slots)
-        self._range, self._scratch = (lo, hi), scratch
-        return lo, hi
-
-    def _lengths(self) -> torch.Tensor:
-        """Each stepped row's length (select_hull: the scratch position for unselected rows)."""
-        if self._scratch is not None:
-            lo, hi = self._range
-            lengths = torch.full((hi - lo,), self._scratch, dtype=self.lengths.dtype, device=self.lengths.device)
-            lengths[self._active - lo] = self.lengths[self._active]
-            return lengths
-        return self.lengths if self._active is None else self.lengths[self._active]
-
     def positions(self, T: int) -> torch.Tensor:
-        lengths = self._lengths()
-        self._step_lengths, self._decode_rows = lengths, None
-        host = (self.lengths[self._active] if self._scratch is not None else lengths).tolist()
+        lengths = self.lengths if self._active is None else self.lengths[self._active]
+        self._step_lengths = lengths
+        host = lengths.tolist()
         longest = max(host)
-        if longest + T > self.max_len or (self._scratch is not None and self._scratch + T > self.max_len):
+        if longest + T > self.max_len:
             raise ValueError(f"KV cache overflow: {longest} + {T} tokens > max_len {self.max_len}")
         self._span = longest + T
-        uniform = self._active is None and min(host) == longest
-        self._uniform_start = longest if uniform else None
+        self._uniform_start = longest if self._active is None and min(host) == longest else None
+        self._mask = self._attention_mask(T)
         return lengths[:, None] + torch.arange(T, device=lengths.device)
 
-    def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a one-token step after positions(): each fed row's slot, its write position, and
-        whether it is a real sequence (uint8; 0 for a hull's idle rows). The CPU attention kernel's
-        view of update()."""
-        if self._decode_rows is None:
-            if self._range is not None:
-                slots = torch.arange(*self._range, device=self.lengths.device)
-            elif self._active is None:
-                slots = torch.arange(self.batch_size, device=self.lengths.device)
-            else:
-                slots = self._active
-            pos = self._step_lengths.contiguous()
-            if self._scratch is None:
-                active = torch.ones(len(slots), dtype=torch.uint8, device=self.lengths.device)
-            else:
-                active = torch.zeros(len(slots), dtype=torch.uint8, device=self.lengths.device)
-                active[self._active - self._range[0]] = 1
-            self._decode_rows = (slots, pos, active)
-        return self._decode_rows
-
-    def selected_count(self) -> int:
-        """Rows the next step feeds."""
-        return self.batch_size if self._active is None else len(self._active)
-
-    def single_row_step(self) -> tuple[int, int]:
-        """(slot, length) of a one-token step of one sequence (the fused decode kernel's positions())."""
-        if self.selected_count() != 1:
-            raise ValueError(f"single_row_step: the step selects {self.selected_count()} rows, not one")
-        slot = 0 if self._active is None else int(self._active[0])
-        length = int(self.lengths[slot])
-        if length + 1 > self.max_len:
-            raise ValueError(f"KV cache overflow: {length} + 1 tokens > max_len {self.max_len}")
-        return slot, length
-
-    def attention_mask(self, T: int) -> torch.Tensor | None:
+    def _attention_mask(self, T: int) -> torch.Tensor | None:
         """(B, 1, T, span) bool, key j visible to query t iff j <= length + t.
         None when one causal mask fits every row: T == 1, or a single row starting empty."""
         lengths = self._step_lengths
@@ -120,6 +72,22 @@ class KVCache:
         q_pos = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, T)
         k_pos = torch.arange(self._span, device=lengths.device)
         return (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]
+
+    def kernel_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each stepped row's block table (B, 1): its slot, and its write position (B,)."""
+        if self._range is not None:
+            slots = torch.arange(*self._range, device=self.lengths.device)
+        elif self._active is None:
+            slots = torch.arange(self.batch_size, device=self.lengths.device)
+        else:
+            slots = self._active
+        return slots[:, None].contiguous(), self._step_lengths.contiguous()
+
+    # --- in each layer ---
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this step's keys/values (B, kv heads, T, head dim) and attend q over each row's keys."""
+        k, v = self.update(layer, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, enable_gqa=True)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's keys/values; return the keys/values to attend to."""
@@ -136,7 +104,7 @@ class KVCache:
                 self.k[layer, rows, :, pos] = k.transpose(1, 2)
                 self.v[layer, rows, :, pos] = v.transpose(1, 2)
             return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
-        if self._range is not None:  # contiguous rows (or a hull): a view, no gather of the whole span
+        if self._range is not None:  # contiguous rows: a view, no gather of the whole span
             a, b = self._range
             rows = torch.arange(a, b, device=k.device)[:, None]
             pos = self._step_lengths[:, None] + torch.arange(T, device=k.device)
@@ -149,7 +117,7 @@ class KVCache:
         self.v[layer, slots[:, None], :, pos] = v.transpose(1, 2)
         return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
 
-    # --- bookkeeping (called by the generation loop / scheduler) ---
+    # --- bookkeeping (called by the generation loop) ---
     def advance(self, n: int | torch.Tensor) -> None:
         """Accept the step: active rows grow by n tokens (an int or one count per row)."""
         if self._active is None:
@@ -160,16 +128,9 @@ class KVCache:
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
 
-    def set_length(self, slot: int, n: int) -> None:
-        """Keep the first n cached tokens of a slot (a reused prefix); the rest is overwritten later."""
-        self.lengths[slot] = n
-
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Copy the first n cached tokens of slot src into slot dst (prefix caching) and set dst's length."""
+        """Copy the first n cached tokens of slot src into slot dst and set dst's length."""
         if n:
             self.k[:, dst, :, :n] = self.k[:, src, :, :n]
             self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
-
-    def usage(self) -> float:
-        return float(self.lengths.sum()) / (self.batch_size * self.max_len)

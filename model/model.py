@@ -7,10 +7,11 @@ Attention paths:
   * plain causal (training, full recompute): SDPA with is_causal;
   * packed documents (`positions` restart at 0 per document): a block-diagonal causal
     mask on CPU, flex_attention with a block mask on CUDA;
-  * KV cache (generation, serving): each row writes at its own length, so rows of
-    different lengths share one step. On CPU, inference of a fused model (fuse_projections)
-    hands one-token steps to herd's C kernels (model/cpu_kernels.py): one sequence runs its
-    whole step as one call, several run each layer's attention as one call.
+  * a KV cache (generation: model/kv_cache.py; serving: the paged model/paged_cache.py): each
+    row writes at its own length, so rows of different lengths share one step, and the cache
+    runs the attention (`cache.attend`). On CPU, inference of a fused model (fuse_projections)
+    hands one-token steps to herd's C kernels (model/cpu_kernels.py), which read either cache:
+    one sequence runs its whole step as one call, several run each layer's attention as one call.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 from model.config import ModelConfig, RopeScaling
 from model.cpu_kernels import attention_step, decode_step, gemv, rms_norm as rms_norm_kernel
 from model.kv_cache import KVCache
+from model.paged_cache import PagedKVCache
 
 
 class RMSNorm(nn.Module):
@@ -146,8 +148,8 @@ class Attention(nn.Module):
         self.wqkv: torch.Tensor | None = None  # set by Transformer.fuse_projections (inference)
         self.packed: dict[str, torch.Tensor] = {}  # fuse_projections(pack=True): oneDNN layouts
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
-        """mask: None (causal, or nothing to hide in a 1-token cached step), a bool tensor, or a BlockMask."""
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | PagedKVCache | None = None):
+        """mask: None (causal), a bool tensor, or a BlockMask; a cache masks its own steps."""
         B, T, _ = x.shape
         if self.wqkv is not None:  # inference: one matmul, and one rotary pass over the q and k heads
             qkv = linear(x, self.wqkv, self.packed.get("wqkv"))
@@ -167,12 +169,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        if mask is not None and not torch.is_tensor(mask):
+            out = cache.attend(self.layer_idx, q, k, v)
+        elif mask is not None and not torch.is_tensor(mask):
             out = flex_attention(q, k, v, mask)
         else:
-            causal = mask is None and cache is None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return linear(out, self.wo.weight, self.packed.get("wo")) if self.wqkv is not None else self.wo(out)
 
@@ -277,7 +278,7 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedKVCache | None = None,
         last_only: bool = False,
         head=None,
     ) -> torch.Tensor:
@@ -286,8 +287,8 @@ class Transformer(nn.Module):
         positions: per-token positions; in packed training data they restart at 0 at
           every document start, which also switches on document masking.
         doc_ids: explicit document ids (alternative to restarting positions).
-        cache: write the new keys/values at each row's length and attend to the cache;
-          the caller advances the lengths (KVCache.advance) once the step is accepted.
+        cache: write the new keys/values at each row's length and attend to the cache (a KVCache: the
+          caller advances the lengths once the step is accepted; a PagedKVCache: set up by set_step).
         last_only: return logits for the last position only (prefill during generation).
         head: training hook, `head(hidden, output_weight)` replaces the output projection and
           its result is returned (e.g. a loss fused with the projection, so the full logits
@@ -295,14 +296,13 @@ class Transformer(nn.Module):
           are gathered.
         """
         B, T = tokens.shape
-        if cache is not None and B == T == 1 and head is None and tokens.device.type == "cpu":
-            logits = decode_step(self, tokens, cache)  # one C call for the whole step, where it applies
-            if logits is not None:
-                return logits
         mask = None
         if cache is not None:
             positions = cache.positions(T)
-            mask = cache.attention_mask(T)
+            if B == T == 1 and head is None and tokens.device.type == "cpu":
+                logits = decode_step(self, tokens, cache)  # one C call for the whole step, where it applies
+                if logits is not None:
+                    return logits
         elif positions is None and doc_ids is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         else:

@@ -29,6 +29,9 @@ class EngineSettings(BaseModel):
     block_size: int = Field(16, ge=1)
     enable_prefix_caching: bool = True
     max_queue: int = Field(256, ge=0)
+    num_blocks: int = Field(0, ge=0)  # KV-cache blocks; 0: max_num_seqs sequences of max_model_len
+    cuda_graphs: bool = True
+    cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump())
@@ -39,8 +42,8 @@ class ServerConfig(BaseModel):
     model: str
     config: str | None = None  # a YAML file of further settings, read by load_server_config
     served_model_name: str = "herd"
-    dtype: Literal["float32", "bfloat16", "fp32", "bf16"] = "float32"
-    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto: the GPU where one exists
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads of the engine (None: torch's)
     request_timeout_s: float = Field(600.0, gt=0)  # a request running longer is cancelled
     default_max_tokens: int = Field(512, ge=1)  # when a request gives no max_tokens

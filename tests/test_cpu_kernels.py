@@ -120,23 +120,29 @@ def test_decode_step_declines_what_it_does_not_cover():
         pytest.skip("herd's float32 decode kernel is not available here")
     model = _decode_model(torch.float32, tie=True)
     token = torch.tensor([[7]])
+
+    def step_cache(rows=1, dtype=torch.float32):
+        cache = KVCache.for_model(model.config, rows, 8, dtype)
+        cache.positions(1)  # the model's forward sets the step up before it tries the kernel
+        return cache
+
     with torch.inference_mode():
-        assert cpu_kernels.decode_step(model, token, KVCache.for_model(model.config, 1, 8)) is not None
+        assert cpu_kernels.decode_step(model, token, step_cache()) is not None
         unfused = _decode_model(torch.float32, tie=True)
         for layer in unfused.layers:
             layer.attention.wqkv = layer.feed_forward.w13 = None
-        assert cpu_kernels.decode_step(unfused, token, KVCache.for_model(model.config, 1, 8)) is None
-        assert cpu_kernels.decode_step(model, token, KVCache.for_model(model.config, 1, 8, torch.bfloat16)) is None
+        assert cpu_kernels.decode_step(unfused, token, step_cache()) is None
+        assert cpu_kernels.decode_step(model, token, step_cache(dtype=torch.bfloat16)) is None
         moved = model.double()  # .to() replaces the weights the plan points at: the plan is rebuilt, then declined
-        assert cpu_kernels.decode_step(moved, token, KVCache.for_model(model.config, 1, 8, torch.float64)) is None
-        assert cpu_kernels.decode_step(_decode_model(torch.float32, True), token, KVCache.for_model(model.config, 2, 8)) is None
-    assert cpu_kernels.decode_step(_decode_model(torch.float32, True), token, KVCache.for_model(model.config, 1, 8)) is None  # autograd
+        assert cpu_kernels.decode_step(moved, token, step_cache(dtype=torch.float64)) is None
+        assert cpu_kernels.decode_step(_decode_model(torch.float32, True), token, step_cache(rows=2)) is None
+    assert cpu_kernels.decode_step(_decode_model(torch.float32, True), token, step_cache()) is None  # autograd
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_step_equals_the_torch_path(monkeypatch, dtype):
     """A batched one-token step through the attention kernel gives the torch path's logits and cache,
-    for rows of different lengths, and for a hull step whose idle rows must stay untouched."""
+    for rows of different lengths, all of them or some."""
     from model.kv_cache import KVCache
 
     if ("attention", dtype) not in cpu_kernels._library():
@@ -145,7 +151,6 @@ def test_attention_step_equals_the_torch_path(monkeypatch, dtype):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1000, (1, n), generator=g) for n in (3, 11, 6, 17)]
     steps = torch.randint(0, 1000, (3, 4, 1), generator=g)
-    scratch = 39
     runs, used = [], []
     for use_kernel in (False, True):
         step = (lambda *a: used.append(cpu_kernels.attention_step(*a)) or used[-1]) if use_kernel else (lambda *a: None)
@@ -161,11 +166,10 @@ def test_attention_step_equals_the_torch_path(monkeypatch, dtype):
                 cache.select([0, 1, 2, 3])
                 logits.append(model(tokens, cache=cache).float())
                 cache.advance(1)
-            lo, hi = cache.select_hull([0, 3], scratch)  # rows 1 and 2 idle
-            logits.append(model(steps[2], cache=cache)[[0, 3]].float())
+            cache.select([0, 3])  # rows 1 and 2 idle
+            logits.append(model(steps[2][[0, 3]], cache=cache).float())
             cache.advance(1)
-        runs.append((logits, cache.k[:, :, :, :scratch].float(), cache.v[:, :, :, :scratch].float(),
-                     cache.lengths.clone()))
+        runs.append((logits, cache.k.float(), cache.v.float(), cache.lengths.clone()))
     (ref, ref_k, ref_v, ref_len), (got, got_k, got_v, got_len) = runs
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -6)
     for a, b in zip(got, ref):

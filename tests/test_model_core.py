@@ -133,41 +133,6 @@ def test_cache_slots_decode_independently():
     assert cache.lengths.tolist() == [10, 0, 6]
 
 
-def test_hull_step_equals_gathered_step_and_leaves_idle_rows_alone():
-    """select_hull (continuous batching with finished rows in between) gives the selected rows
-    the logits and cache a gathered step gives, and leaves the idle rows' keys and lengths as they were."""
-    import copy
-
-    model = random_model(seed=4)
-    cache = KVCache.for_model(model.config, batch_size=4, max_len=40)  # positions 32..39: padding
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for slot, n in ((0, 5), (1, 7), (3, 9)):
-            cache.select([slot])
-            model(torch.randint(0, 512, (1, n), generator=g), cache=cache)
-            cache.advance(n)
-        hull_cache = copy.deepcopy(cache)
-        nxt = torch.tensor([[11], [12]])
-        cache.select([0, 3])
-        gathered = model(nxt, cache=cache)[:, -1]
-        cache.advance(1)
-        lo, hi = hull_cache.select_hull([0, 3], scratch=39)
-        fed = torch.tensor([[11], [0], [0], [12]])
-        hull = model(fed, cache=hull_cache)[:, -1]
-        hull_cache.advance(1)
-    assert (lo, hi) == (0, 4)
-    assert torch.allclose(hull[[0, 3]], gathered, atol=1e-5)
-    assert hull_cache.lengths.tolist() == cache.lengths.tolist() == [6, 7, 0, 10]
-    # Keys already cached (and all of idle row 1) are untouched, bit for bit; the step's new keys come
-    # from a 4-row matmul instead of a 2-row one, so they agree to rounding (AVX2 blocks rows differently).
-    for slot, n in ((0, 5), (1, 7), (3, 9)):
-        assert torch.equal(hull_cache.k[:, slot, :, :n], cache.k[:, slot, :, :n])
-    for slot, n in ((0, 5), (3, 9)):
-        assert torch.allclose(hull_cache.k[:, slot, :, n], cache.k[:, slot, :, n], atol=1e-5)
-    with pytest.raises(ValueError, match="scratch"):
-        hull_cache.select_hull([0, 3], scratch=40)
-
-
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.randn(4, 100)
     p = SamplingParams(temperature=1.0, top_k=3, seed=0)

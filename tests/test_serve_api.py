@@ -122,6 +122,38 @@ def test_chat_non_streaming_and_streaming(server):
         assert "".join(e["choices"][0]["delta"].get("content", "") for e in chunks) == msg["content"]
 
 
+def test_logprobs_penalties_and_cache_salt(server):
+    """Log-probabilities in both APIs' shapes, equal to the model's own log-softmax; sampling settings
+    of the batched sampler are taken; a salted request shares no prefix-cache blocks."""
+    engine = server.state.engine.engine
+    with client(server, headers=AUTH) as c:
+        body = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0,
+                                               "logprobs": 2}).json()
+        lp = body["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+        assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-4)
+                   for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy: the top token
+        ids = [5, 6, 7] + [engine.tokenizer.encode(t)[0] for t in lp["tokens"][:1]]
+        with torch.inference_mode():
+            ref = engine.runner.model(torch.tensor([[5, 6, 7]]))[0, -1].float().log_softmax(-1)
+        assert lp["token_logprobs"][0] == pytest.approx(float(ref.max()), abs=1e-3) and len(ids) == 4
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                                    "logprobs": True, "top_logprobs": 3, "temperature": 0.8,
+                                                    "top_p": 0.9, "min_p": 0.05, "presence_penalty": 1.0,
+                                                    "frequency_penalty": 0.5, "repetition_penalty": 1.2,
+                                                    "seed": 1}).json()
+        content = chat["choices"][0]["logprobs"]["content"]
+        assert len(content) == chat["usage"]["completion_tokens"] and all(len(t["top_logprobs"]) == 3 for t in content)
+        assert "".join(t["token"] for t in content) == chat["choices"][0]["message"]["content"]
+        prompt = "a shared tenant prompt " * 6
+        before = engine.scheduler.cached_tokens
+        for salt in ("tenant-a", "tenant-b"):
+            c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "cache_salt": salt})
+        assert engine.scheduler.cached_tokens == before
+        c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "cache_salt": "tenant-a"})
+        assert engine.scheduler.cached_tokens > before
+
+
 # --- limits and errors -------------------------------------------------------------------------
 
 def test_context_overflow_is_400_with_openai_error(server):
@@ -138,7 +170,8 @@ def test_context_overflow_is_400_with_openai_error(server):
 @pytest.mark.parametrize("body", [
     {"prompt": "hi", "max_tokens": 0}, {"prompt": "hi", "temperature": -1}, {"prompt": "hi", "top_p": 0},
     {"prompt": "hi", "n": 2}, {"prompt": 5}, {"max_tokens": 3}, {"prompt": [-1]}, {"prompt": [10**9]},
-    {"prompt": []}, {"prompt": "hi", "logprobs": 3}, {"prompt": "hi", "stop": 3},
+    {"prompt": []}, {"prompt": "hi", "logprobs": 21}, {"prompt": "hi", "stop": 3},
+    {"prompt": "hi", "min_p": 1.5}, {"prompt": "hi", "repetition_penalty": 0}, {"prompt": "hi", "cache_salt": ""},
 ])
 def test_invalid_completion_bodies_are_400(server, body):
     r = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH)

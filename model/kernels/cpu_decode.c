@@ -160,8 +160,7 @@ void herd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
  * those reads, whose dispatch cost here (~12-17 ms of a ~42 ms SmolLM2 fp32 token) is what this
  * removes. Rounds where model.py's bf16 path rounds (each op's bf16 output), so the two agree up to
  * summation order; fp32 is fp32 throughout. Layout as model.py: fused wqkv (q heads, k heads,
- * v heads) and w13 (gate rows, up rows), rotate-half RoPE, the cache (n_kv_heads, max_len, head_dim)
- * per layer for this sequence. */
+ * v heads) and w13 (gate rows, up rows), rotate-half RoPE, the cache as kv_view below. */
 typedef struct {
     const void *attn_norm, *wqkv, *wo, *ffn_norm, *w13, *w2;
 } herd_layer;
@@ -231,49 +230,74 @@ static inline void team_gate_up(const void *w13, const void *x, int64_t hidden, 
     }
 }
 
-/* One query against positions 0..pos of one kv head's cache; out in the dtype. */
-static inline void attend(const float *q, const void *kc, const void *vc, int64_t pos, int64_t hd, float *scores,
-                          void *out, int bf16) {
+/* Where keys and values live. The cache is a pool of blocks (n_blocks, n_kv_heads, block_size,
+ * head_dim) per layer: position t of a sequence is in block table[t / block_size] at row
+ * t % block_size. A dense cache (slots, n_kv_heads, max_len, head_dim) is the same with one block a
+ * sequence (block_size = max_len, table = {slot}). Strides are in elements. */
+typedef struct {
+    const int64_t *table;
+    int64_t block_size, block_stride, head_stride;
+} kv_view;
+
+static inline int64_t kv_offset(const kv_view *c, int64_t g, int64_t t, int64_t hd) {
+    return c->table[t / c->block_size] * c->block_stride + g * c->head_stride + (t % c->block_size) * hd;
+}
+
+/* One query against positions 0..pos of kv head g; out in the dtype. */
+static inline void attend(const float *q, const char *k, const char *v, const kv_view *c, int64_t g, int64_t pos,
+                          int64_t hd, float *scores, void *out, int bf16) {
     const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t size = bf16 ? 2 : 4;
     float best = -INFINITY;
-    for (int64_t t = 0; t <= pos; t++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t j = 0; j < hd; j += 16) {
-            __mmask16 m = hd - j >= 16 ? 0xffff : (__mmask16)((1u << (hd - j)) - 1);
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + j), load16(m, (const char *)kc + t * hd * (bf16 ? 2 : 4), j, bf16), acc);
+    for (int64_t b0 = 0; b0 <= pos; b0 += c->block_size) {
+        const char *kb = k + kv_offset(c, g, b0, hd) * size;
+        const int64_t n = pos + 1 - b0 < c->block_size ? pos + 1 - b0 : c->block_size;
+        for (int64_t t = 0; t < n; t++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < hd; j += 16) {
+                __mmask16 m = hd - j >= 16 ? 0xffff : (__mmask16)((1u << (hd - j)) - 1);
+                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + j), load16(m, kb + t * hd * size, j, bf16), acc);
+            }
+            const float s = _mm512_reduce_add_ps(acc) * scale;
+            scores[b0 + t] = s;
+            best = s > best ? s : best;
         }
-        scores[t] = _mm512_reduce_add_ps(acc) * scale;
-        best = scores[t] > best ? scores[t] : best;
     }
     float total = 0.0f;
     for (int64_t t = 0; t <= pos; t++) total += scores[t] = expf(scores[t] - best);
     for (int64_t j = 0; j < hd; j += 16) {
         __mmask16 m = hd - j >= 16 ? 0xffff : (__mmask16)((1u << (hd - j)) - 1);
         __m512 acc = _mm512_setzero_ps();
-        for (int64_t t = 0; t <= pos; t++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), load16(m, (const char *)vc + t * hd * (bf16 ? 2 : 4), j, bf16), acc);
+        for (int64_t b0 = 0; b0 <= pos; b0 += c->block_size) {
+            const char *vb = v + kv_offset(c, g, b0, hd) * size;
+            const int64_t n = pos + 1 - b0 < c->block_size ? pos + 1 - b0 : c->block_size;
+            for (int64_t t = 0; t < n; t++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[b0 + t]), load16(m, vb + t * hd * size, j, bf16), acc);
+        }
         store16(m, out, j, _mm512_mul_ps(acc, _mm512_set1_ps(1.0f / total)), bf16);
     }
 }
 
 /* Rotary (rotate-half, as apply_rope) on the q and k heads of one token's fp32 q|k|v, in place;
- * then its k and v heads into this sequence's layer cache at pos. cs: cos then sin, head_dim / 2 each. */
-static inline void rope_and_store(float *qkv, const float *cs, int64_t nh, int64_t nkv, int64_t hd, char *kc,
-                                  char *vc, int64_t head_stride, int64_t pos, int bf16) {
+ * then its k and v heads into the layer's cache at pos. cs: cos then sin, head_dim / 2 each. */
+static inline void rope_and_store(float *qkv, const float *cs, int64_t nh, int64_t nkv, int64_t hd, char *k,
+                                  char *v, const kv_view *c, int64_t pos, int bf16) {
     const int64_t size = bf16 ? 2 : 4;
     for (int64_t h = 0; h < nh + nkv; h++) {
-        float *v = qkv + h * hd;
+        float *x = qkv + h * hd;
         for (int64_t i = 0; i < hd / 2; i++) {
-            const float a = v[i], b = v[hd / 2 + i], c = cs[i], s = cs[hd / 2 + i];
-            v[i] = rnd(rnd(a * c, bf16) + rnd(-b * s, bf16), bf16);
-            v[hd / 2 + i] = rnd(rnd(b * c, bf16) + rnd(a * s, bf16), bf16);
+            const float a = x[i], b = x[hd / 2 + i], cv = cs[i], s = cs[hd / 2 + i];
+            x[i] = rnd(rnd(a * cv, bf16) + rnd(-b * s, bf16), bf16);
+            x[hd / 2 + i] = rnd(rnd(b * cv, bf16) + rnd(a * s, bf16), bf16);
         }
     }
-    for (int64_t g = 0; g < nkv; g++)
+    for (int64_t g = 0; g < nkv; g++) {
+        const int64_t at = kv_offset(c, g, pos, hd) * size;
         for (int64_t j = 0; j < hd; j++) {
-            put(kc + (g * head_stride + pos * hd) * size, j, qkv[(nh + g) * hd + j], bf16);
-            put(vc + (g * head_stride + pos * hd) * size, j, qkv[(nh + nkv + g) * hd + j], bf16);
+            put(k + at, j, qkv[(nh + g) * hd + j], bf16);
+            put(v + at, j, qkv[(nh + nkv + g) * hd + j], bf16);
         }
+    }
 }
 
 /* The attention of a batched decode step (one new token in each of `rows` sequences), from the fused
@@ -281,64 +305,61 @@ static inline void rope_and_store(float *qkv, const float *cs, int64_t nh, int64
  * attention over each row's own keys. torch runs this as ~12 ops a layer, and its CPU SDPA over a
  * padded, masked span cost ~1.2 ms a layer at 32 SmolLM2 rows, where the work is ~10 MFLOP.
  * qkv (rows x (nh + 2 nkv) hd), cos/sin (rows x hd, the model's rope_cos_sin) and out (rows x nh hd) in
- * the dtype; row r is cache slot slots[r] and writes at pos[r]; a row with active[r] == 0 (a hull
- * step's idle row) writes but attends nothing (zeros out). k/v: this layer's cache, slot s at
- * + s * slot_stride. scratch: rows (nh + 2 nkv + 1) hd + threads max_keys floats. */
+ * the dtype; row r's block table is at tables + r * table_stride and it writes at pos[r]. k/v: this
+ * layer's cache. scratch: rows (nh + 2 nkv + 1) hd + threads max_keys floats. */
 static inline void attention_step(const void *qkv, const void *cos, const void *sin, int64_t rows,
-                                  const int64_t *slots, const int64_t *pos, const uint8_t *active, void *k, void *v,
-                                  int64_t slot_stride, int64_t head_stride, int64_t nh, int64_t nkv, int64_t hd,
-                                  void *out, float *scratch, int64_t max_keys, int64_t threads, int bf16) {
-    const int64_t size = bf16 ? 2 : 4, width = (nh + 2 * nkv) * hd;
+                                  const int64_t *tables, int64_t table_stride, const int64_t *pos, void *k, void *v,
+                                  int64_t block_size, int64_t block_stride, int64_t head_stride, int64_t nh,
+                                  int64_t nkv, int64_t hd, void *out, float *scratch, int64_t max_keys,
+                                  int64_t threads, int bf16) {
+    const int64_t width = (nh + 2 * nkv) * hd;
     float *q = scratch, *scores = scratch + rows * (width + hd);
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
+            const kv_view c = {tables + r * table_stride, block_size, block_stride, head_stride};
             float *x = q + r * width, *cs = q + rows * width + r * hd;
             for (int64_t j = 0; j < width; j++) x[j] = elem(qkv, r * width + j, bf16);
             for (int64_t i = 0; i < hd / 2; i++) {
                 cs[i] = elem(cos, r * hd + i, bf16);
                 cs[hd / 2 + i] = elem(sin, r * hd + i, bf16);
             }
-            rope_and_store(x, cs, nh, nkv, hd, (char *)k + slots[r] * slot_stride * size,
-                           (char *)v + slots[r] * slot_stride * size, head_stride, pos[r], bf16);
+            rope_and_store(x, cs, nh, nkv, hd, (char *)k, (char *)v, &c, pos[r], bf16);
         }
         float *mine = scores + omp_get_thread_num() * max_keys;
         #pragma omp for collapse(2) schedule(static)
         for (int64_t r = 0; r < rows; r++)
             for (int64_t h = 0; h < nh; h++) {
-                char *o = (char *)out + (r * nh + h) * hd * size;
-                if (!active[r]) {
-                    for (int64_t j = 0; j < hd; j++) put(o, j, 0.0f, bf16);
-                    continue;
-                }
-                const int64_t g = h / (nh / nkv), base = slots[r] * slot_stride + g * head_stride;
-                attend(q + r * width + h * hd, (char *)k + base * size, (char *)v + base * size, pos[r], hd, mine, o,
-                       bf16);
+                const kv_view c = {tables + r * table_stride, block_size, block_stride, head_stride};
+                attend(q + r * width + h * hd, (const char *)k, (const char *)v, &c, h / (nh / nkv), pos[r], hd,
+                       mine, (char *)out + (r * nh + h) * hd * (bf16 ? 2 : 4), bf16);
             }
     }
 }
 
 /* One entry for both dtypes: each branch passes a constant, so each compiles its own loop. */
 void herd_attention_step(int64_t bf16, const void *qkv, const void *cos, const void *sin, int64_t rows,
-                         const int64_t *slots, const int64_t *pos, const uint8_t *active, void *k, void *v,
-                         int64_t slot_stride, int64_t head_stride, int64_t nh, int64_t nkv, int64_t hd, void *out,
-                         float *scratch, int64_t max_keys, int64_t threads) {
+                         const int64_t *tables, int64_t table_stride, const int64_t *pos, void *k, void *v,
+                         int64_t block_size, int64_t block_stride, int64_t head_stride, int64_t nh, int64_t nkv,
+                         int64_t hd, void *out, float *scratch, int64_t max_keys, int64_t threads) {
     if (bf16)
-        attention_step(qkv, cos, sin, rows, slots, pos, active, k, v, slot_stride, head_stride, nh, nkv, hd, out,
-                       scratch, max_keys, threads, 1);
+        attention_step(qkv, cos, sin, rows, tables, table_stride, pos, k, v, block_size, block_stride, head_stride,
+                       nh, nkv, hd, out, scratch, max_keys, threads, 1);
     else
-        attention_step(qkv, cos, sin, rows, slots, pos, active, k, v, slot_stride, head_stride, nh, nkv, hd, out,
-                       scratch, max_keys, threads, 0);
+        attention_step(qkv, cos, sin, rows, tables, table_stride, pos, k, v, block_size, block_stride, head_stride,
+                       nh, nkv, hd, out, scratch, max_keys, threads, 0);
 }
 
 /* scratch (fp32): dim + (n_heads + 2 n_kv_heads) head_dim + head_dim + n_heads (pos + 1) floats, then
- * room for max(dim, hidden) elements of the dtype. k_cache/v_cache: this sequence's layer-0 cache;
- * layer l at + l * layer_stride, kv head g at + g * head_stride (elements). */
-static inline void decode_step(const herd_model *m, int64_t token, int64_t pos, void *k_cache, void *v_cache,
-                               int64_t layer_stride, int64_t head_stride, void *logits, float *scratch,
+ * room for max(dim, hidden) elements of the dtype. k_cache/v_cache: the whole cache; layer l at
+ * + l * layer_stride; the sequence's blocks in table (kv_view). */
+static inline void decode_step(const herd_model *m, int64_t token, int64_t pos, const int64_t *table,
+                               int64_t block_size, void *k_cache, void *v_cache, int64_t layer_stride,
+                               int64_t block_stride, int64_t head_stride, void *logits, float *scratch,
                                int64_t threads, int bf16) {
     const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, size = bf16 ? 2 : 4;
+    const kv_view c = {table, block_size, block_stride, head_stride};
     float *x = scratch, *qkv = x + dim, *cs = qkv + (nh + 2 * nkv) * hd, *scores = cs + hd;
     void *xin = scores + nh * (pos + 1);
     #pragma omp parallel num_threads(threads)
@@ -359,13 +380,11 @@ static inline void decode_step(const herd_model *m, int64_t token, int64_t pos, 
             rms_norm_row(x, 0, L->attn_norm, xin, dim, m->eps, bf16);
             team_matvec(L->wqkv, xin, (nh + 2 * nkv) * hd, dim, qkv, NULL, NULL, bf16);
             #pragma omp single
-            rope_and_store(qkv, cs, nh, nkv, hd, kl, vl, head_stride, pos, bf16);
+            rope_and_store(qkv, cs, nh, nkv, hd, kl, vl, &c, pos, bf16);
             #pragma omp for schedule(static)
-            for (int64_t h = 0; h < nh; h++) {
-                const int64_t g = h / (nh / nkv);
-                attend(qkv + h * hd, kl + g * head_stride * size, vl + g * head_stride * size, pos, hd,
-                       scores + h * (pos + 1), (char *)xin + h * hd * size, bf16);
-            }
+            for (int64_t h = 0; h < nh; h++)
+                attend(qkv + h * hd, kl, vl, &c, h / (nh / nkv), pos, hd, scores + h * (pos + 1),
+                       (char *)xin + h * hd * size, bf16);
             team_matvec(L->wo, xin, dim, nh * hd, NULL, x, NULL, bf16);
             #pragma omp single
             rms_norm_row(x, 0, L->ffn_norm, xin, dim, m->eps, bf16);
@@ -380,12 +399,16 @@ static inline void decode_step(const herd_model *m, int64_t token, int64_t pos, 
     }
 }
 
-void herd_decode_f32(const herd_model *m, int64_t token, int64_t pos, void *k_cache, void *v_cache,
-                     int64_t layer_stride, int64_t head_stride, void *logits, float *scratch, int64_t threads) {
-    decode_step(m, token, pos, k_cache, v_cache, layer_stride, head_stride, logits, scratch, threads, 0);
+void herd_decode_f32(const herd_model *m, int64_t token, int64_t pos, const int64_t *table, int64_t block_size,
+                     void *k_cache, void *v_cache, int64_t layer_stride, int64_t block_stride, int64_t head_stride,
+                     void *logits, float *scratch, int64_t threads) {
+    decode_step(m, token, pos, table, block_size, k_cache, v_cache, layer_stride, block_stride, head_stride, logits,
+                scratch, threads, 0);
 }
 
-void herd_decode_bf16(const herd_model *m, int64_t token, int64_t pos, void *k_cache, void *v_cache,
-                      int64_t layer_stride, int64_t head_stride, void *logits, float *scratch, int64_t threads) {
-    decode_step(m, token, pos, k_cache, v_cache, layer_stride, head_stride, logits, scratch, threads, 1);
+void herd_decode_bf16(const herd_model *m, int64_t token, int64_t pos, const int64_t *table, int64_t block_size,
+                      void *k_cache, void *v_cache, int64_t layer_stride, int64_t block_stride, int64_t head_stride,
+                      void *logits, float *scratch, int64_t threads) {
+    decode_step(m, token, pos, table, block_size, k_cache, v_cache, layer_stride, block_stride, head_stride, logits,
+                scratch, threads, 1);
 }

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends
 from model.errors import HerdError
 from services.api.auth import require_api_key
 from services.api.errors import ERROR_RESPONSES, APIError
-from services.api.generation import Run, json_response, request_id, sampling_params, sse, usage
+from services.api.generation import (Run, chat_logprobs, json_response, request_id, sampling_params, sse,
+                                     usage)
 from services.api.schemas import ChatCompletionRequest
 from services.api.state import ServerState, get_state
 
@@ -26,22 +27,26 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported", "invalid_value", "logprobs")
     ids = chat_prompt(state, body)
-    run = Run(state, ids, sampling_params(state, body, len(ids)), request_id("chatcmpl"))
+    run = Run(state, ids, sampling_params(state, body, len(ids)), request_id("chatcmpl"), body.cache_salt)
     rid, created = run.rid, int(time.time())
 
+    def logprobs_of(outs) -> dict | None:
+        if not body.logprobs:
+            return None
+        return chat_logprobs(state.tokenizer, [lp for o in outs for lp in o.logprobs or ()],
+                             [t for o in outs for t in o.token_ids])
+
     if body.stream:
-        def chunk(delta: dict, finish: str | None) -> dict:
+        def chunk(delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.response_model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
         async def events():
             yield chunk({"role": "assistant", "content": ""}, None)
             async for out in run.outputs():
-                if out.text:
-                    yield chunk({"content": out.text}, None)
+                if out.text or out.token_ids:
+                    yield chunk({"content": out.text}, None, logprobs_of([out]))
                 if out.finished:
                     yield chunk({}, out.finish_reason)
             if body.include_usage:
@@ -50,10 +55,11 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
 
         return sse(events())
 
-    text = "".join([out.text async for out in run.outputs()])
+    outs = [out async for out in run.outputs()]
+    text = "".join(out.text for out in outs)
     return json_response({
         "id": rid, "object": "chat.completion", "created": created, "model": state.response_model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs_of(outs),
                      "finish_reason": run.finish_reason}],
         "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens),
     })

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends
 
 from services.api.auth import require_api_key
 from services.api.errors import ERROR_RESPONSES, APIError
-from services.api.generation import Run, json_response, request_id, sampling_params, sse, usage
+from services.api.generation import (Run, completion_logprobs, json_response, request_id, sampling_params, sse,
+                                     usage)
 from services.api.schemas import CompletionRequest
 from services.api.state import ServerState, get_state
 
@@ -55,16 +56,22 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
     runs = []
     try:
         for i, ids in enumerate(prompts):
-            runs.append(Run(state, ids, sampling_params(state, body, len(ids)), f"{rid}-{i}"))
+            runs.append(Run(state, ids, sampling_params(state, body, len(ids)), f"{rid}-{i}", body.cache_salt))
     except APIError:
         for r in runs:
             state.engine.abort(r.rid)
         raise
     echo = [state.tokenizer.decode(p) if body.echo else "" for p in prompts]
 
-    def chunk(text: str, index: int, finish: str | None) -> dict:
+    def logprobs_of(outs, offset: int) -> dict | None:
+        if body.logprobs is None:
+            return None
+        return completion_logprobs(state.tokenizer, [lp for o in outs for lp in o.logprobs or ()],
+                                   [t for o in outs for t in o.token_ids], offset)
+
+    def chunk(text: str, index: int, finish: str | None, logprobs: dict | None = None) -> dict:
         return {"id": rid, "object": "text_completion", "created": created, "model": state.response_model,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
     if body.stream:
         run = runs[0]
@@ -72,23 +79,26 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
         async def events():
             if echo[0]:
                 yield chunk(echo[0], 0, None)
+            offset = len(echo[0])
             async for out in run.outputs():
-                if out.text or out.finished:
-                    yield chunk(out.text, 0, out.finish_reason if out.finished else None)
+                if out.text or out.token_ids or out.finished:
+                    yield chunk(out.text, 0, out.finish_reason if out.finished else None, logprobs_of([out], offset))
+                    offset += len(out.text)
             if body.include_usage:
                 yield {"id": rid, "object": "text_completion", "created": created, "model": state.response_model,
                        "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
 
         return sse(events())
 
-    async def collect(run: Run) -> str:
-        return "".join([out.text async for out in run.outputs()])
+    async def collect(run: Run) -> list:
+        return [out async for out in run.outputs()]
 
-    texts = await asyncio.gather(*(collect(r) for r in runs))
+    results = await asyncio.gather(*(collect(r) for r in runs))
     return json_response({
         "id": rid, "object": "text_completion", "created": created, "model": state.response_model,
-        "choices": [{"index": i, "text": echo[i] + t, "logprobs": None, "finish_reason": r.finish_reason}
-                    for i, (t, r) in enumerate(zip(texts, runs))],
+        "choices": [{"index": i, "text": echo[i] + "".join(o.text for o in outs),
+                     "logprobs": logprobs_of(outs, len(echo[i])), "finish_reason": r.finish_reason}
+                    for i, (outs, r) in enumerate(zip(results, runs))],
         "usage": usage(sum(r.prompt_tokens for r in runs), sum(r.completion_tokens for r in runs),
                        sum(r.cached_tokens for r in runs)),
     })

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.errors import HerdError
 from model.generate import SamplingParams
+from model.sampler import TokenLogprobs
 from services.api.errors import APIError, error_body, from_engine_error
 from services.api.schemas import SamplingFields
 from services.api.state import ServerState
@@ -52,11 +53,12 @@ class Run:
     """One engine request with a deadline. Leaving `outputs()` early (client disconnect, timeout,
     error) aborts it, which frees its KV-cache slot at the engine's next step."""
 
-    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, rid: str):
+    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, rid: str,
+                 cache_salt: str | None = None):
         self.state, self.rid = state, rid
         self.deadline = time.monotonic() + state.config.request_timeout_s
         try:  # validated and enqueued now, so limits fail before any response starts
-            self.queue = state.engine.submit(prompt_ids, params, rid)
+            self.queue = state.engine.submit(prompt_ids, params, rid, cache_salt)
         except EngineError as e:
             raise from_engine_error(e) from None
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(prompt_ids), 0, 0
@@ -89,6 +91,29 @@ class Run:
         finally:
             if not self.done:
                 self.state.engine.abort(self.rid)
+
+
+def chat_logprobs(tokenizer, outs: list[TokenLogprobs], ids: list[int]) -> dict:
+    """OpenAI's chat `logprobs` object for the tokens `ids` and their log-probabilities."""
+    def item(token_id: int, logprob: float) -> dict:
+        raw = tokenizer.decode_bytes([token_id])
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**item(t, lp.logprob), "top_logprobs": [item(i, v) for i, v in lp.top]}
+                        for t, lp in zip(ids, outs)]}
+
+
+def completion_logprobs(tokenizer, outs: list[TokenLogprobs], ids: list[int], offset: int = 0) -> dict:
+    """The completions API's `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    tokens = [tokenizer.decode_bytes([t]).decode("utf-8", errors="replace") for t in ids]
+    offsets, at = [], offset
+    for tok in tokens:
+        offsets.append(at)
+        at += len(tok)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in outs],
+            "top_logprobs": [{tokenizer.decode_bytes([i]).decode("utf-8", errors="replace"): v for i, v in lp.top}
+                             for lp in outs],
+            "text_offset": offsets}
 
 
 def sse(events: AsyncIterator[dict]) -> StreamingResponse:

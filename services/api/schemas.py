@@ -1,5 +1,6 @@
 """Request bodies of the OpenAI API subset herd serves (unknown fields are ignored, as OpenAI's
-clients send optional ones freely). Extensions as in vLLM: top_k, stop_token_ids, ignore_eos."""
+clients send optional ones freely). Extensions as in vLLM: top_k, min_p, repetition_penalty,
+stop_token_ids, ignore_eos, cache_salt."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -31,8 +32,12 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
     ignore_eos: bool = False
     seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256,
+                                   description="prefix-cache blocks are shared only between requests of equal salt")
     user: str | None = None
 
     def sampling(self, max_tokens: int, default_temperature: float = 1.0) -> SamplingParams:
@@ -47,7 +52,17 @@ class SamplingFields(BaseModel):
             stop_ids=tuple(self.stop_token_ids or ()),
             stop_strings=tuple(s for s in stops if s),
             ignore_eos=self.ignore_eos,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logprobs=self.requested_logprobs,
         )
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """None: no log-probabilities; N: the chosen token's and the N most likely (0-20)."""
+        return None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -62,8 +77,12 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         ..., description="a string, a list of strings, token ids, or lists of token ids")
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=0, description="not supported (only null or 0)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="the chosen token's and the N most likely")
     suffix: str | None = Field(None, max_length=0, description="not supported")
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -88,5 +107,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    logprobs: bool | None = Field(None, description="not supported (only null or false)")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

@@ -38,11 +38,11 @@ class AsyncLLMEngine:
         self._thread.start()
 
     # --- caller side (asyncio) ---
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; closing the iterator early aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
-        queue = self.submit(prompt_ids, params, request_id)
+        queue = self.submit(prompt_ids, params, request_id, cache_salt)
         finished = False
         try:
             while True:
@@ -57,7 +57,8 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               cache_salt: str | None = None) -> asyncio.Queue:
         if self._stopped or self.error is not None:
             raise EngineStoppedError(f"the engine is not running: {self.error!r}")
         eng = self.engine
@@ -69,7 +70,7 @@ class AsyncLLMEngine:
                 raise QueueFullError(f"the server is at capacity ({pending} requests in flight); retry later")
             queue: asyncio.Queue = asyncio.Queue()
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-            self._incoming.append((prompt_ids, params, request_id, time.monotonic()))
+            self._incoming.append((prompt_ids, params, request_id, time.monotonic(), cache_salt))
             self._cond.notify()
         return queue
 
@@ -110,11 +111,11 @@ class AsyncLLMEngine:
                     aborts, self._aborts = list(self._aborts), collections.deque()
                 for rid in aborts:
                     eng.abort(rid)
-                for prompt_ids, params, rid, arrival in incoming:
+                for prompt_ids, params, rid, arrival, salt in incoming:
                     if rid not in self._streams:  # aborted before it was admitted
                         continue
                     try:
-                        eng.add_request(prompt_ids, params, rid, arrival=arrival)
+                        eng.add_request(prompt_ids, params, rid, arrival=arrival, cache_salt=salt)
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         self._deliver([(rid, e)])
                 outputs = eng.step()

@@ -8,7 +8,10 @@ import itertools
 import time
 from dataclasses import dataclass
 
+import torch
+
 from model.generate import SamplingParams
+from model.sampler import TokenLogprobs, random_seed
 from services.engine.config import EngineConfig
 from services.engine.errors import ContextLengthError, EngineError, QueueFullError
 from services.engine.metrics import EngineMetrics
@@ -27,6 +30,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # of token_ids, when the request asked for them
 
 
 class LLMEngine:
@@ -36,7 +40,7 @@ class LLMEngine:
             config.max_model_len = model.config.max_seq_len
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(config)
-        self.runner = ModelRunner(model, config.max_num_seqs, config.max_model_len, pad=config.prefill_chunk)
+        self.runner = ModelRunner(model, config)
         self.model_stop_ids = frozenset(tokenizer.stop_ids) | frozenset(model.config.eos_token_ids or ())
         self.seqs: dict[str, Sequence] = {}
         self.metrics = EngineMetrics()
@@ -55,9 +59,16 @@ class LLMEngine:
         vocab = self.runner.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise EngineError(f"prompt token ids must be in [0, {vocab})")
+        blocks = -(-total // self.config.block_size)
+        if blocks > self.scheduler.pool.num_usable:
+            raise ContextLengthError(
+                f"the request needs {blocks} KV-cache blocks of {self.config.block_size} tokens ({total} tokens), "
+                f"more than this server's cache holds ({self.scheduler.pool.num_usable} blocks)")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival: float | None = None) -> Sequence:
+                    arrival: float | None = None, cache_salt: str | None = None) -> Sequence:
+        """Queue a request. cache_salt: prefix-cache blocks are shared only between requests of the
+        same salt (a tenant's), as vLLM's."""
         self.validate(prompt_ids, params)
         in_flight = self.num_waiting + self.num_running
         if in_flight >= self.config.max_in_flight:
@@ -69,7 +80,8 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else self.model_stop_ids)
         seq = Sequence(request_id, list(prompt_ids), params, stop_ids=stop_ids,
                        arrival=arrival if arrival is not None else time.monotonic(),
-                       detok=Detokenizer(self.tokenizer, params.stop_strings))
+                       detok=Detokenizer(self.tokenizer, params.stop_strings),
+                       seed=random_seed() if params.seed is None else params.seed, cache_salt=cache_salt)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -96,51 +108,49 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def _release(self, seq: Sequence) -> None:
-        slot = self.scheduler.free(seq)
-        if slot is not None:
-            self.runner.free(slot)
+        self.scheduler.free(seq)
 
     # --- one step ---
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        for src, dst, n in plan.copies:
-            self.runner.copy_prefix(src, dst, n)
-        for slot, n in plan.resets:
-            self.runner.set_length(slot, n)
         if plan.empty:
             return []
         t0 = time.monotonic()
-        sampled: list[tuple[Sequence, int]] = []
+        self.runner.copy_blocks(plan.copies)
+        logits, seqs = [], []
         if plan.decode:
-            logits = self.runner.decode([s.slot for s in plan.decode], plan.decode_tokens)
-            sampled += zip(plan.decode, self.runner.sample(logits, plan.decode))
+            logits.append(self.runner.decode(plan.decode, plan.decode_tokens))
+            seqs += plan.decode
         if plan.prefill:
-            logits = self.runner.prefill([(s.slot, s.prompt_ids[a:b]) for s, a, b in plan.prefill])
-            done = [(i, s) for i, (s, a, b) in enumerate(plan.prefill) if b == len(s.prompt_ids)]
+            out = self.runner.prefill([(s, s.prompt_ids[a:b]) for s, a, b in plan.prefill])
+            done = [i for i, (s, a, b) in enumerate(plan.prefill) if b == len(s.prompt_ids)]
             if done:
-                rows = [i for i, _ in done]
-                seqs = [s for _, s in done]
-                sampled += zip(seqs, self.runner.sample(logits[rows], seqs))
+                logits.append(out[done])
+                seqs += [plan.prefill[i][0] for i in done]
+        # One sampler call (and one copy to the host) for every row that gets a token this step.
+        sampled = self.runner.sample(torch.cat(logits), seqs) if seqs else None
         self.scheduler.step_done(plan)
         now = time.monotonic()
         self.metrics.step(now - t0, len(plan.decode), plan.num_tokens)
-        outputs = [self._append(seq, tok, now) for seq, tok in sampled]
-        self.metrics.kv_usage = self.runner.usage()
+        outputs = [] if sampled is None else [
+            self._append(seq, tok, lp, now) for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs)]
+        self.metrics.kv_usage = self.scheduler.kv_usage
         return outputs
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+    def _append(self, seq: Sequence, tok: int, logprobs: TokenLogprobs | None, now: float) -> RequestOutput:
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.metrics.ttft.observe(now - seq.arrival)
         else:
             self.metrics.itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
-        text, new_ids, stopped = "", [], False
+        text, new_ids, stopped, new_logprobs = "", [], False, None
         if tok in seq.stop_ids:
             seq.finish_reason = "stop"
         else:
             seq.output_ids.append(tok)
             new_ids = [tok]
+            new_logprobs = None if logprobs is None else [logprobs]
             text, stopped = seq.detok.add(tok)
             if stopped:
                 seq.finish_reason = "stop"
@@ -155,11 +165,11 @@ class LLMEngine:
             self.metrics.finished += 1
             self.metrics.generation_tokens += len(seq.output_ids)
         return RequestOutput(seq.request_id, text, new_ids, seq.finish_reason is not None, seq.finish_reason,
-                             len(seq.prompt_ids), len(seq.output_ids), seq.num_cached)
+                             len(seq.prompt_ids), len(seq.output_ids), seq.num_cached, new_logprobs)
 
     # --- state for metrics ---
     def snapshot(self) -> dict:
         s = self.scheduler
-        return {"waiting": len(s.waiting), "running": len(s.running), "kv_usage": self.runner.usage(),
+        return {"waiting": len(s.waiting), "running": len(s.running), "kv_usage": s.kv_usage,
                 "slots_used": self.config.max_num_seqs - s.num_free_slots, "slots": self.config.max_num_seqs,
                 "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens, "hit_rate": s.hit_rate}

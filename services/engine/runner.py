@@ -1,84 +1,84 @@
-"""The model runner: executes a scheduler step on the KV cache and samples.
+"""The model runner: executes a scheduler step on the paged KV cache and samples.
 
-* decode: one token for each selected slot, one batched forward (`KVCache.select`). When the
-  slots are not contiguous (sequences finished in between) the forward runs over their hull
-  (`KVCache.select_hull`): the idle rows in between write to the padding, which costs less than
-  gathering every selected slot's keys and values in every layer;
-* prefill: chunks of several sequences, padded to a common length and run as one batch; each
-  row's logits are read at its own last real token (padding writes past a row's length, which
-  the cache overwrites later and the causal mask never shows to real tokens);
-* sampling: greedy rows by one argmax, the others one by one with their own settings and
-  seeded generators.
+* decode: one token for each running sequence, one batched forward over their block tables (on
+  CUDA, replayed from a CUDA graph captured for the batch-size bucket: services/engine/cuda_graphs.py);
+* prefill: chunks of several sequences, padded to a common length and run as one batch; each row's
+  logits are read at its own last real token (padding writes go to the null block);
+* sampling: one batched sampler for every row, whatever its settings (model/sampler.py).
+
+The block tables live in one host tensor, a row per batch slot, rewritten only when a sequence's
+blocks change (`Sequence.blocks_version`); a step gathers its rows from it.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-from model.generate import greedy, sample_next
-from model.kv_cache import KVCache
+from model.paged_cache import NULL_BLOCK, PagedKVCache
+from model.sampler import Sampled, Sampler, settings_of
+from services.engine.config import EngineConfig
+from services.engine.sequence import Sequence
 
 log = logging.getLogger("herd.engine")
 
 
 class ModelRunner:
-    def __init__(self, model, num_slots: int, max_model_len: int, pad: int = 0):
+    def __init__(self, model, config: EngineConfig):
         self.model = model.eval()
         self.config = model.config
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
-        # `pad` extra positions absorb the padding of batched prefill chunks.
-        self.cache = KVCache.for_model(self.config, num_slots, max_model_len + pad, dtype=self.dtype,
-                                       device=self.device)
-        self.max_model_len = max_model_len
-        self.scratch = max_model_len + pad - 1 if pad else None  # a padding position no real token attends
+        self.block_size = config.block_size
+        self.cache = PagedKVCache.for_model(self.config, config.total_blocks, config.block_size, dtype=self.dtype,
+                                            device=self.device)
+        self.tables = torch.full((config.max_num_seqs, config.blocks_per_seq), NULL_BLOCK, dtype=torch.long)
+        self._versions: list[tuple[Sequence | None, int]] = [(None, -1)] * config.max_num_seqs
+        self.sampler = Sampler()
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graphs and os.environ.get("HERD_CUDA_GRAPHS", "1") != "0":
+            from services.engine.cuda_graphs import CudaGraphDecoder
+
+            sizes = [b for b in config.cuda_graph_sizes if b <= config.max_num_seqs]
+            self.graphs = CudaGraphDecoder(self.model, self.cache, sizes, config.blocks_per_seq)
 
     # --- cache bookkeeping ---
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        self.cache.copy_prefix(src, dst, n)
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        self.cache.copy_blocks(pairs)
 
-    def set_length(self, slot: int, n: int) -> None:
-        self.cache.set_length(slot, n)
+    def _rows(self, seqs: list[Sequence], width: int) -> torch.Tensor:
+        """The step's block tables (B, width), on the device."""
+        for seq in seqs:
+            if self._versions[seq.slot] != (seq, seq.blocks_version):
+                row = self.tables[seq.slot]
+                row.fill_(NULL_BLOCK)
+                row[:len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.long)
+                self._versions[seq.slot] = (seq, seq.blocks_version)
+        slots = torch.tensor([s.slot for s in seqs])
+        return self.tables[slots, :width].to(self.device, non_blocking=True)
 
-    def free(self, slot: int) -> None:
-        self.cache.free(slot)
-
-    def usage(self) -> float:
-        """Share of the cache's token positions held by live sequences."""
-        return float(self.cache.lengths.sum()) / (self.cache.batch_size * self.max_model_len)
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
     # --- forward ---
     @torch.inference_mode()
-    def _forward(self, slots: list[int], tokens: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-        """Logits (B, V) at index `last` of each row (None: the last column)."""
-        self.cache.select(slots)
-        if last is None:
-            return self.model(tokens, cache=self.cache, last_only=True)[:, -1]
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-        # The head hook projects only each row's last real token, never the padding.
-        return self.model(tokens, cache=self.cache, head=lambda h, w: self.model.project(h[rows, last]))
+    def decode(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
+        """Logits (B, V) of each sequence's next token, `tokens` fed at its length."""
+        lengths = [s.num_computed for s in seqs]
+        width = max(lengths) // self.block_size + 1
+        if self.graphs is not None and self.graphs.fits(len(seqs)):
+            tables = self._rows(seqs, self.tables.shape[1])
+            return self.graphs.run(self._to_device(tokens), self._to_device(lengths), tables)
+        self.cache.set_step(self._rows(seqs, width), self._to_device(lengths), 1, span=max(lengths) + 1)
+        return self.model(self._to_device(tokens)[:, None], cache=self.cache, last_only=True)[:, -1]
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        lo, hi = min(slots), max(slots) + 1
-        if self.scratch is None or hi - lo == len(slots) or hi - lo > 2 * len(slots):
-            logits = self._forward(slots, torch.tensor(tokens, device=self.device)[:, None], None)
-        else:
-            self.cache.select_hull(slots, self.scratch)
-            fed = [0] * (hi - lo)  # idle rows of the hull feed any token; their output is dropped
-            for slot, tok in zip(slots, tokens):
-                fed[slot - lo] = tok
-            rows = torch.tensor(slots, device=self.device) - lo
-            logits = self.model(torch.tensor(fed, device=self.device)[:, None], cache=self.cache, last_only=True,
-                                head=lambda h, w: self.model.project(h[rows, -1]))
-        self.cache.advance(1)
-        return logits
-
-    def prefill(self, chunks: list[tuple[int, list[int]]]) -> torch.Tensor:
-        """chunks: (slot, tokens); returns logits (len(chunks), V) after each chunk's last token."""
+    def prefill(self, chunks: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
+        """chunks: (sequence, tokens from its length on); logits (len(chunks), V) after each chunk."""
         out = [None] * len(chunks)
         for group in _pad_groups([len(t) for _, t in chunks]):
+            seqs = [chunks[i][0] for i in group]
             T = max(len(chunks[i][1]) for i in group)
             rows = torch.zeros(len(group), T, dtype=torch.long)
             lens = []
@@ -86,32 +86,30 @@ class ModelRunner:
                 toks = chunks[i][1]
                 rows[r, :len(toks)] = torch.tensor(toks)
                 lens.append(len(toks))
-            lens_t = torch.tensor(lens, device=self.device)
+            starts = [s.num_computed for s in seqs]
+            width = (max(starts) + T - 1) // self.block_size + 1
             uniform = min(lens) == T
-            logits = self._forward([chunks[i][0] for i in group], rows.to(self.device),
-                                   None if uniform else lens_t - 1)
-            self.cache.advance(T if uniform else lens_t)
+            lens_t = self._to_device(lens)
+            self.cache.set_step(self._rows(seqs, min(width, self.tables.shape[1])), self._to_device(starts), T,
+                                span=max(starts) + T, valid=None if uniform else lens_t)
+            if uniform:
+                logits = self.model(rows.to(self.device), cache=self.cache, last_only=True)[:, -1]
+            else:
+                at = torch.arange(len(group), device=self.device)
+                # The head hook projects only each row's last real token, never the padding.
+                logits = self.model(rows.to(self.device), cache=self.cache,
+                                    head=lambda h, w: self.model.project(h[at, lens_t - 1]))
             for r, i in enumerate(group):
                 out[i] = logits[r]
         return torch.stack(out)
 
     # --- sampling ---
-    def sample(self, logits: torch.Tensor, seqs: list) -> list[int]:
-        greedy_ids = greedy(logits).tolist()
-        out = []
-        for row, seq in enumerate(seqs):
-            p = seq.params
-            if p.temperature == 0:
-                out.append(greedy_ids[row])
-                continue
-            if p.seed is not None and seq.generator is None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
-            try:
-                out.append(sample_row(logits[row], p, seq.generator))
-            except RuntimeError:  # degenerate settings (nothing left to sample): one request, not the engine
-                log.warning("sampling failed for %s (%s); taking the argmax", seq.request_id, p)
-                out.append(greedy_ids[row])
-        return out
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+        rows = [settings_of(s.params) for s in seqs]
+        penalized = any(r.penalized for r in rows)
+        return self.sampler(logits, rows, [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
+                            prompts=[s.prompt_ids for s in seqs] if penalized else None,
+                            outputs=[s.output_ids for s in seqs] if penalized else None)
 
 
 def _pad_groups(lengths: list[int], waste: float = 0.25) -> list[list[int]]:
@@ -129,25 +127,3 @@ def _pad_groups(lengths: list[int], waste: float = 0.25) -> list[list[int]]:
     if cur:
         groups.append(cur)
     return groups
-
-
-def sample_row(logits: torch.Tensor, p, generator=None, candidates: int = 1024) -> int:
-    """One token from (V,) logits, as model.generate.sample_next but without sorting the whole
-    vocabulary when the top `candidates` already hold the nucleus (the usual case)."""
-    x = logits.float() / p.temperature
-    V = x.shape[-1]
-    k = min(p.top_k or candidates, V)
-    if k == V or (p.top_k == 0 and p.top_p >= 1.0):
-        return int(sample_next(logits[None], p, generator)[0])
-    vals, idx = torch.topk(x, k)  # sorted, descending
-    if p.top_k:
-        probs = torch.softmax(vals, -1)  # top-k first, then top-p within it (as sample_next)
-    else:
-        probs = torch.exp(vals - torch.logsumexp(x, -1))
-        if float(probs.sum()) < p.top_p:  # the nucleus is wider than the candidates
-            return int(sample_next(logits[None], p, generator)[0])
-    if p.top_p < 1.0:
-        drop = probs.cumsum(-1) - probs >= p.top_p
-        drop[0] = False
-        probs = probs.masked_fill(drop, 0.0)
-    return int(idx[torch.multinomial(probs / probs.sum(), 1, generator=generator)[0]])

@@ -77,7 +77,12 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     detok: Detokenizer | None = None
-    generator: object = None  # torch.Generator for seeded sampling (set by the runner)
+    seed: int = 0  # the sampler's seed: the request's, or a random one drawn when it arrived
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between equal salts
+    blocks: list[int] = field(default_factory=list)  # the block table: position p is in blocks[p // bs]
+    block_uids: list[int] = field(default_factory=list)  # prefix-cache ids of its full blocks, in order
+    blocks_version: int = 0  # bumped whenever `blocks` changes (the runner re-reads the table)
+    reserve: int = 0  # blocks it may still need to finish (admission keeps them available)
 
     @property
     def in_prefill(self) -> bool:
@@ -90,3 +95,8 @@ class Sequence:
     def next_input(self) -> int:
         """The token a decode step feeds: the last sampled one (not yet in the cache)."""
         return self.output_ids[-1]
+
+    def token(self, i: int) -> int:
+        """The i-th token of the sequence (prompt, then output)."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
