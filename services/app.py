@@ -22,9 +22,9 @@ import yaml
 from ray import serve
 
 from model.errors import HerdError
+from services import rollout as rollouts
 from services.api import state as api_state
 from services.config import load_server_config
-from services import rollout as rollouts
 from services.rollout import Pinned, Rollout, check_user_config, pin
 from services.server import build_state, create_app
 
@@ -71,13 +71,11 @@ class HerdLLMServer:
         """Serve's in-place update: `model` names the version to serve (default: the args' model),
         `watch_s` how often to re-resolve it (0: never). The load runs in the background, so the
         replica keeps answering with its current version until the new one is ready."""
-        import asyncio
-
         config = check_user_config(user_config)
         spec = config.get("model") or self.model
         self.rollout.watch(spec, float(config.get("watch_s", 0)))
         if config.get("model"):
-            asyncio.get_running_loop().create_task(self.rollout.roll_to(spec))
+            self.rollout.spawn(self.rollout.roll_to(spec))
 
     def check_health(self) -> None:
         engine = self.rollout.state.engine

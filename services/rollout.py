@@ -71,6 +71,14 @@ class Rollout:
         self.error: str | None = None  # why the last rollout failed (the old version still serves)
         self._lock = asyncio.Lock()
         self._watch: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run `coro` in the background on the running loop."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def start(self, pinned: Pinned) -> None:
         """The first version (replica start-up: nothing to keep serving meanwhile)."""
@@ -82,7 +90,7 @@ class Rollout:
         self._publish(state)
         log.info("serving %s (%s)", pinned.label, pinned.uri)
         if old is not None:
-            asyncio.get_running_loop().create_task(self._retire(old))
+            self.spawn(self._retire(old))
 
     async def _retire(self, old) -> None:
         await asyncio.sleep(DRAIN_GRACE_S)
@@ -124,7 +132,7 @@ class Rollout:
             self._watch.cancel()
             self._watch = None
         if every_s > 0 and spec.startswith("models:/"):
-            self._watch = asyncio.get_running_loop().create_task(self._follow(spec, every_s))
+            self._watch = self.spawn(self._follow(spec, every_s))
 
     async def _follow(self, spec: str, every_s: float) -> None:
         while True:
