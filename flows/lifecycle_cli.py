@@ -1,11 +1,20 @@
 """`herd run` and `herd lineage` (flows/cli.py registers them; `python -m flows.lifecycle` is `herd run`)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
+
+import yaml
 
 from flows.lifecycle import run_lifecycle
+from flows.lifecycle_core import deep_merge
 from flows.lifecycle_lineage import lineage_command
+from model.errors import HerdError
+
+# A RayJob's entrypoint is fixed in its manifest; this variable adds overrides without editing it.
+OVERRIDES_ENV = "HERD_LIFECYCLE_OVERRIDES"
 
 def _add_run_args(p) -> None:
     p.add_argument("--config", default="configs/default.yaml", help="lifecycle YAML (configs/default.yaml, configs/lifecycle/*.yaml)")
@@ -13,6 +22,9 @@ def _add_run_args(p) -> None:
                    help="rerun STAGE and everything downstream of it, cached or not")
     p.add_argument("--workdir", default=None, help="where step folders go (default: the config's workdir, or $HERD_RUN_DIR)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--overrides", nargs="+", action="extend", default=None, metavar="YAML",
+                   help=f"YAML files merged over the config, in order, then those in ${OVERRIDES_ENV} "
+                        "(os.pathsep-separated), e.g. configs/lifecycle/shrink.yaml")
     p.add_argument("--serve", action="store_true", help="keep the endpoint up after the run (Ctrl-C stops it)")
 
 
@@ -26,14 +38,48 @@ def register(subparsers) -> None:
     lin.set_defaults(func=lineage_command)
 
 
+def override_files(flag: list[str] | None) -> list[str]:
+    """--overrides files, then those of $HERD_LIFECYCLE_OVERRIDES (os.pathsep-separated)."""
+    return list(flag or []) + [p for p in os.environ.get(OVERRIDES_ENV, "").split(os.pathsep) if p]
+
+
+def read_overrides(paths: list[str], config: str) -> dict:
+    """The override files merged in order. They adjust the stages `config` has and never add
+    one: a stage merely named in an override would run."""
+    merged: dict = {}
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise HerdError(f"lifecycle overrides {p}: no such file")
+        doc = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(doc, dict):
+            raise HerdError(f"lifecycle overrides {p}: expected a mapping like the lifecycle config")
+        merged = deep_merge(merged, doc)
+    if "stages" in merged and Path(config).is_file():
+        have = (yaml.safe_load(Path(config).read_text()) or {}).get("stages") or {}
+        merged["stages"] = {k: v for k, v in merged["stages"].items() if k in have}
+    return merged
+
+
 def run_command(args) -> int:
-    res = run_lifecycle(args.config, force=args.force, workdir=args.workdir, tracking_uri=args.tracking_uri)
+    files = override_files(args.overrides)
+    overrides = read_overrides(files, args.config)
+    if files:
+        print(f"lifecycle overrides: {', '.join(files)}")
+    res = run_lifecycle(args.config, force=args.force, overrides=overrides, workdir=args.workdir,
+                        tracking_uri=args.tracking_uri)
     print()
     print(_table(res.summary_rows(), ["stage", "status", "seconds", "key", "run", "result"]))
     ran = sum(r["status"] == "ran" for r in res.steps.values())
     print(f"\n{len(res.steps)} steps: {ran} ran, {len(res.steps) - ran} cached, {res.seconds:.1f}s "
           f"(parent run {res.parent_run_id})")
-    print(f"MLflow: mlflow server --backend-store-uri {res.tracking_uri} --port 5000   ->  http://127.0.0.1:5000")
+    from mlflow import MlflowClient
+
+    from flows.tracking import dashboard_url
+
+    exp = MlflowClient(res.tracking_uri).get_run(res.parent_run_id).info.experiment_id
+    print(f"MLflow: mlflow server --backend-store-uri {res.tracking_uri} --port 5000   ->  "
+          f"{dashboard_url('http://127.0.0.1:5000', exp, res.parent_run_id)}")
     dep = res.steps.get("deploy")
     if dep:
         answer = dep["outputs"].get("smoke_answer")

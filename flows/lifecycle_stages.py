@@ -189,10 +189,12 @@ def register_stage(ctx: StepContext) -> dict:
 
 
 def _version_exists(result: dict) -> bool:
+    """The version is still registered, with its files' sha256 (a version registered before herd
+    recorded them cannot be loaded, so its step runs again)."""
+    from flows.eval.integrity import recorded_digests
     from flows.eval.registry import get_version
 
-    get_version(result["outputs"]["uri"])
-    return True
+    return bool(recorded_digests(get_version(result["outputs"]["uri"])))
 
 
 def promote_stage(ctx: StepContext) -> dict:
@@ -215,10 +217,17 @@ def promote_stage(ctx: StepContext) -> dict:
 # --- serving --------------------------------------------------------------------------------------
 
 def deploy_stage(ctx: StepContext) -> dict:
+    """Serve the champion. After a promotion the endpoint serves the alias (models:/NAME@champion)
+    and follows it (user_config.watch_s), so an endpoint already running from an earlier run is
+    left up and moves to the new champion in place; the step waits until it answers with it."""
     from services.app import deploy
+    from services.rollout import pin, wait_for_version
 
     src = ctx.input("model_version")
     model = src["outputs"]["uri"] if src else ctx.model_dir()
+    if src and src["stage"] == "promote":
+        model = f"models:/{src['outputs']['name']}@champion"
+    label = pin(model, ctx.lifecycle["tracking_uri"]).label
     # the replica resolves models:/ against this lifecycle's MLflow, wherever it runs
     dep = dict(ctx.params.get("deployment") or {})
     opts = dict(dep.get("ray_actor_options") or {})
@@ -227,13 +236,18 @@ def deploy_stage(ctx: StepContext) -> dict:
                            "env_vars": {**env, "MLFLOW_TRACKING_URI": ctx.lifecycle["tracking_uri"]}}
     dep["ray_actor_options"] = opts
     port = ctx.params.get("port")  # default: the serve config's http_options.port, else 8000
-    url = deploy(model, ctx.config or None, deployment=dep, args=ctx.params.get("args"), port=int(port) if port else None)
+    url = deploy(model, ctx.config or None, deployment=dep, args=ctx.params.get("args"),
+                 port=int(port) if port else None, keep_running=True)
+    if label:
+        waited = wait_for_version(url, label, timeout_s=float(ctx.params.get("rollout_timeout_s", 600)))
+        ctx.log(f"{url} serves {label} (waited {waited:.1f}s)")
     ctx.log(f"deployed {model} at {url}")
     lineage = lineage_tags(ctx)
     (ctx.out_dir / "lineage.json").write_text(json.dumps({"url": url, "model": model, **lineage}, indent=2) + "\n")
     import mlflow
 
-    mlflow.set_tags({**lineage, "herd.deployment.url": url, "herd.deployment.model": model})
+    mlflow.set_tags({**lineage, "herd.deployment.url": url, "herd.deployment.model": model,
+                     "herd.deployment.version": label})
     if src:
         from flows.eval.registry import _client
 
@@ -243,8 +257,8 @@ def deploy_stage(ctx: StepContext) -> dict:
     answer, secs = smoke(url, ctx.params.get("smoke_prompt", "What is the capital of France?"),
                          int(ctx.params.get("smoke_max_tokens", 16)))
     ctx.log(f"smoke request answered in {secs:.1f}s: {answer!r}")
-    return {"outputs": {"url": url, "model": model, "smoke_answer": answer}, "digest": f"{url}|{model}",
-            "metrics": {"smoke_seconds": secs}, "summary": url}
+    return {"outputs": {"url": url, "model": model, "version": label, "smoke_answer": answer},
+            "digest": f"{url}|{model}|{label}", "metrics": {"smoke_seconds": secs}, "summary": f"{url} ({label or model})"}
 
 
 def smoke(url: str, prompt: str, max_tokens: int = 16, timeout: float = 300) -> tuple[str, float]:

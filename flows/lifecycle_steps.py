@@ -28,15 +28,19 @@ def ensure_experiment(uri: str, name: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from flows.tracking import mark_model_training
+
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / name) if uri.startswith("sqlite:////") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # another process created it meanwhile
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / name) if uri.startswith("sqlite:////") else None
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another process created it meanwhile
+            pass
+        exp = client.get_experiment_by_name(name)
+    mark_model_training(client, exp)
+    return exp.experiment_id
 
 
 def find_cached(lc: dict, key: str) -> dict | None:

@@ -7,6 +7,10 @@ from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "herd"
+# MLflow 3's UI opens an experiment in the view this tag names; without it, it may guess the GenAI
+# (traces) view. herd's experiments are model training: the runs table and metric charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -18,8 +22,23 @@ def setup_mlflow(uri: str | None = None, experiment: str | None = None):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(uri))
-    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    exp = mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    mark_model_training(mlflow.MlflowClient(), exp)
     return mlflow
+
+
+def mark_model_training(client, experiment) -> None:
+    """Tag the experiment so MLflow's UI opens it as model training (once; a kind set by hand stays)."""
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
+def dashboard_url(server: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link into MLflow's UI that opens as model training. MLflow 3.17's UI picks its view from
+    the `workflowType` query (else the browser's last choice, GenAI by default), not from the
+    experiment's kind tag."""
+    page = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{server.rstrip('/')}/#{page}?workflowType=machine_learning"
 
 
 def git_sha(repo: str | Path | None = None) -> str:

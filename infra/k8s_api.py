@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import shlex
 from dataclasses import dataclass
+
+import yaml
 
 from model.errors import HerdError
 
@@ -23,6 +26,7 @@ CORE = {
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "StatefulSet": ("/apis/apps/v1", "statefulsets", True),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
 }
 FIELD_MANAGER = "herd"
 APPLY_PATCH = "application/apply-patch+yaml"
@@ -106,8 +110,39 @@ def rayjob_body(template: dict, config: str, name: str | None = None) -> dict:
     body["metadata"] = {k: meta[k] for k in ("namespace", "labels", "annotations") if k in meta}
     body["metadata"]["name"] = name or f"{meta['name']}-{stamp}"
     body.pop("status", None)
-    body["spec"]["entrypoint"] = f"python -m {LIFECYCLE_MODULE} --config {config}"
+    # The template's own options (the gpu overlay's --overrides) stay; only the config changes.
+    words = shlex.split(template["spec"]["entrypoint"])
+    extra = words[words.index("--config") + 2:] if "--config" in words else []
+    body["spec"]["entrypoint"] = shlex.join(["python", "-m", LIFECYCLE_MODULE, "--config", config, *extra])
     return body
+
+
+def promote_patch(rayservice: dict, model_uri: str, app: str = "herd", deployment: str = "HerdLLMServer") -> dict:
+    """A JSON merge patch for `rayservice` whose serveConfigV2 pins the herd app's deployment to
+    `model_uri` (its `user_config.model`). Only user_config changes, so Serve reconfigures the
+    running replicas in place (services/rollout.py): no new cluster, no restarted replica."""
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    apps = [a for a in config.get("applications", []) if a.get("name") == app]
+    if not apps:
+        raise HerdError(f"rayservice/{rayservice['metadata']['name']}: no Serve application {app!r}")
+    deps = [d for d in apps[0].setdefault("deployments", []) if d.get("name") == deployment]
+    if not deps:
+        deps = [{"name": deployment}]
+        apps[0]["deployments"].append(deps[0])
+    deps[0]["user_config"] = {**(deps[0].get("user_config") or {}), "model": model_uri}
+    return {"spec": {"serveConfigV2": yaml.safe_dump(config, sort_keys=False)}}
+
+
+def patch_rayservice(api, namespace: str, name: str, patch: dict) -> dict:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURALS["RayService"], name, patch,
+            field_manager=FIELD_MANAGER + "-promote", _content_type="application/merge-patch+json")
+    except ApiException as e:
+        raise _api_error(e, f"patch rayservice/{name}") from None
 
 
 def submit(api, body: dict) -> dict:

@@ -1,7 +1,8 @@
-"""`herd k8s render|apply|submit|status|logs`: herd's lifecycle and endpoint on KubeRay.
+"""`herd k8s render|apply|submit|promote|status|logs`: herd's lifecycle and endpoint on KubeRay.
 
 render and apply build an overlay of infra/k8s with herd's own kustomize renderer and
-refuse manifests that fail schema validation; submit, status and logs work on RayJobs.
+refuse manifests that fail schema validation; submit, status and logs work on RayJobs;
+promote points the RayService's endpoint at a model version without a new cluster.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ DEFAULT_OVERLAY = "cpu-dev"
 DEFAULT_NAMESPACE = "herd"
 # Apply order: what others refer to comes first.
 KIND_ORDER = ["Namespace", "NetworkPolicy", "Secret", "ConfigMap", "PersistentVolumeClaim",
-              "Service", "StatefulSet", "Deployment", "RayCluster", "RayJob", "RayService"]
+              "PodDisruptionBudget", "Service", "StatefulSet", "Deployment", "RayCluster", "RayJob", "RayService"]
 
 
 def register(subparsers) -> None:
@@ -55,6 +56,16 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="RayJob name (default herd-lifecycle-<UTC time>)")
     p.add_argument("--dry-run", action="store_true", help="print the RayJob instead of creating it")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("promote", help="point the RayService's endpoint at a model version, in place")
+    overlay_args(p)
+    cluster_args(p, namespace=False)
+    p.add_argument("--model", default="models:/herd@champion",
+                   help="models:/NAME/VERSION, or an alias resolved in MLflow now (default models:/herd@champion)")
+    p.add_argument("--tracking-uri", help="MLflow, to resolve an alias (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--name", default="herd-serve", help="the RayService (default herd-serve)")
+    p.add_argument("--dry-run", action="store_true", help="print the patch instead of sending it")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("status", help="RayJob status; exit 1 if a job failed")
     p.add_argument("name", nargs="?", help="a RayJob (default: all in the namespace)")
@@ -146,6 +157,35 @@ def cmd_submit(args) -> int:
     meta = created["metadata"]
     print(f"rayjob/{meta['name']} created in namespace {meta['namespace']}; "
           f"follow it with: herd k8s status {meta['name']} -n {meta['namespace']}")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    """Patch the RayService's serveConfigV2 so its replicas serve one pinned version. The patched
+    object is validated as strictly as `apply` validates the overlay, before anything is sent."""
+    from infra import k8s_api, kustomize, validate
+    from services.rollout import pin
+
+    if not args.model.startswith("models:/"):
+        raise HerdError(f"--model {args.model}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    pinned = pin(args.model, args.tracking_uri)
+    services = [d for d in kustomize.build(overlay_dir(args.overlay))
+                if d["kind"] == "RayService" and d["metadata"]["name"] == args.name]
+    if not services:
+        raise HerdError(f"--overlay {args.overlay}: renders no RayService {args.name}")
+    service = services[0]
+    patch = k8s_api.promote_patch(service, pinned.uri)
+    patched = {**service, "spec": {**service["spec"], **patch["spec"]}}
+    errors = validate.manifest_errors(patched, args.crds or validate.default_crd_dir())
+    if errors:
+        raise HerdError("the patched RayService does not validate:\n  " + "\n  ".join(errors))
+    if args.dry_run:
+        sys.stdout.write(to_yaml([patch]))
+        return 0
+    namespace = service["metadata"]["namespace"]
+    k8s_api.patch_rayservice(k8s_api.api_client(args.kubeconfig, args.context), namespace, args.name, patch)
+    print(f"rayservice/{args.name} in namespace {namespace} now serves {pinned.uri} ({pinned.label}); "
+          "KubeRay reconfigures its replicas in place")
     return 0
 
 

@@ -94,7 +94,7 @@ def crd_dir(monkeypatch) -> Path:
 def test_apply_server_side_applies_every_manifest_in_order(api, kubeconfig, crd_dir, capsys):
     assert main(["k8s", "apply", "--overlay", "cpu-dev", "--kubeconfig", kubeconfig]) == 0
     rendered = kustomize.build(k8s_cli.OVERLAYS / "cpu-dev")
-    assert len(api.requests) == len(rendered) == 16
+    assert len(api.requests) == len(rendered) == 25
     paths = [r["path"] for r in api.requests]
     assert paths[0] == "/api/v1/namespaces/herd"
     assert paths[-2:] == [f"{RAYJOBS}/herd-lifecycle", "/apis/ray.io/v1/namespaces/herd/rayservices/herd-serve"]
@@ -127,7 +127,9 @@ def test_submit_posts_a_rayjob_that_validates_against_the_crd(api, kubeconfig, c
     assert validate.manifest_errors(body, crd_dir) == []
     assert body["metadata"] == {"namespace": "herd", "labels": {"app.kubernetes.io/part-of": "herd"},
                                 "name": "herd-lifecycle-test"}
-    assert body["spec"]["entrypoint"] == "python -m flows.lifecycle --config configs/default.yaml"
+    # the overlay's own options stay (the gpu overlay's GPU overrides); only --config is replaced
+    assert body["spec"]["entrypoint"] == ("python -m flows.lifecycle --config configs/default.yaml "
+                                          "--overrides configs/lifecycle/gpu.yaml")
     template = next(d for d in kustomize.build(k8s_cli.OVERLAYS / "gpu") if d["kind"] == "RayJob")
     assert body["spec"]["rayClusterSpec"] == template["spec"]["rayClusterSpec"]
 
@@ -211,3 +213,56 @@ def test_api_and_config_errors_are_one_line(api, kubeconfig, tmp_path, monkeypat
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["k8s", "status"]) == 2
     assert "no Kubernetes cluster configured" in capsys.readouterr().err
+
+
+def without_required(schema):
+    """The strict CRD schema for a partial object (a merge patch): unknown fields still fail."""
+    if isinstance(schema, dict):
+        return {k: without_required(v) for k, v in schema.items() if k != "required"}
+    if isinstance(schema, list):
+        return [without_required(v) for v in schema]
+    return schema
+
+
+@pytest.mark.integration
+def test_promote_patches_the_rayservice_serve_config_in_place(api, kubeconfig, crd_dir, tmp_path, monkeypatch, capsys):
+    """`herd k8s promote` resolves the alias in MLflow, then sends one merge patch whose
+    serveConfigV2 pins the version in the deployment's user_config (KubeRay then updates Serve in
+    place: a user_config change reconfigures the running replicas)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.eval.registry import register_model
+    from tests.tiny import tiny_checkpoint
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_experiment("promote-test")
+    for seed in (1, 2):
+        mv = register_model(tiny_checkpoint(tmp_path / f"m{seed}", seed=seed), "herd", tracking_uri=store)
+    MlflowClient(store, registry_uri=store).set_registered_model_alias("herd", "champion", mv.version)
+
+    assert main(["k8s", "promote", "--overlay", "cpu-dev", "--kubeconfig", kubeconfig, "--tracking-uri", store]) == 0
+    [request] = api.requests
+    assert (request["verb"], request["path"]) == ("PATCH", "/apis/ray.io/v1/namespaces/herd/rayservices/herd-serve")
+    assert request["content_type"] == "application/merge-patch+json"
+    assert request["query"] == {"fieldManager": ["herd-promote"]}
+    patch = request["body"]
+    assert list(patch) == ["spec"] and list(patch["spec"]) == ["serveConfigV2"]
+    jsonschema.Draft7Validator(without_required(validate.crd_schema(crd_dir, "RayService"))).validate(
+        {"apiVersion": "ray.io/v1", "kind": "RayService", **patch})
+    service = next(d for d in kustomize.build(k8s_cli.OVERLAYS / "cpu-dev") if d["kind"] == "RayService")
+    assert validate.manifest_errors({**service, "spec": {**service["spec"], **patch["spec"]}}, crd_dir) == []
+    served, before = yaml.safe_load(patch["spec"]["serveConfigV2"]), yaml.safe_load(service["spec"]["serveConfigV2"])
+    deployment = served["applications"][0]["deployments"][0]
+    assert deployment["user_config"] == {"watch_s": 30, "model": f"models:/herd/{mv.version}"}
+    before["applications"][0]["deployments"][0]["user_config"] = deployment["user_config"]
+    assert served == before  # nothing else changes: args stay, so Serve updates in place
+    assert f"now serves models:/herd/{mv.version} (herd/{mv.version})" in capsys.readouterr().out
+
+    assert main(["k8s", "promote", "--dry-run", "--model", "models:/herd/1", "--kubeconfig", kubeconfig]) == 0
+    assert len(api.requests) == 1
+    assert "model: models:/herd/1" in yaml.safe_load(capsys.readouterr().out)["spec"]["serveConfigV2"]
+    assert main(["k8s", "promote", "--model", "herd", "--kubeconfig", kubeconfig]) == 2
+    assert "expected models:/NAME/VERSION or models:/NAME@ALIAS" in capsys.readouterr().err

@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "k8s" / "kuberay-crds"
 SERVE_CONFIG = REPO / "configs" / "serve" / "default.yaml"
 OVERLAY_NAMES = ["cpu-dev", "gpu"]
+# Each overlay's RayService deploys one of these files as its serveConfigV2.
+SERVE_CONFIGS = {"cpu-dev": SERVE_CONFIG, "gpu": REPO / "configs" / "serve" / "gpu.yaml"}
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 
 
@@ -118,12 +120,12 @@ def test_serve_config_is_a_valid_ray_serve_config():
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
 def test_serve_config_v2_is_the_local_serve_config_file(rendered, overlay):
-    """No drift: the RayService deploys configs/serve/default.yaml byte for byte."""
+    """No drift: the RayService deploys its configs/serve file byte for byte."""
     served = one(rendered[overlay], "RayService")["spec"]["serveConfigV2"]
-    assert served == SERVE_CONFIG.read_text()
-    assert yaml.safe_load(served) == yaml.safe_load(SERVE_CONFIG.read_text())
+    assert served == SERVE_CONFIGS[overlay].read_text()
+    assert yaml.safe_load(served) == yaml.safe_load(SERVE_CONFIGS[overlay].read_text())
     # The carrier ConfigMap is build-time only and must not reach the cluster.
-    assert not [d for d in rendered[overlay] if d["kind"] == "ConfigMap"]
+    assert [d["metadata"]["name"] for d in rendered[overlay] if d["kind"] == "ConfigMap"] == ["herd-mlflow-auth"]
 
 
 def ray_cpus(group) -> float:
@@ -136,7 +138,7 @@ def ray_cpus(group) -> float:
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
 def test_serve_replicas_fit_the_rayservice_workers(rendered, overlay):
-    deployment = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["deployments"][0]
+    deployment = yaml.safe_load(SERVE_CONFIGS[overlay].read_text())["applications"][0]["deployments"][0]
     replica_cpus = deployment["ray_actor_options"]["num_cpus"]
     cluster = cluster_spec(one(rendered[overlay], "RayService"))
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -186,14 +188,14 @@ def test_gpu_overlay_adds_gpu_groups_that_scale_from_zero(rendered):
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         assert groups[0]["minReplicas"] == 0
     images = {c["image"] for d in docs for _, pod in pod_specs(d) for c in pod["containers"]}
-    assert images == {"herd:0.1.0-cuda", "postgres:16"}
+    assert images == {"herd:0.1.0-cuda", "postgres:16", "redis:7.4"}
     assert not [d for d in rendered["cpu-dev"] if "nvidia.com/gpu" in str(d)]
 
 
 def test_rayjob_runs_the_lifecycle_and_cleans_up(rendered):
     for overlay in OVERLAY_NAMES:
         spec = one(rendered[overlay], "RayJob")["spec"]
-        assert spec["entrypoint"] == "python -m flows.lifecycle --config configs/default.yaml"
+        assert spec["entrypoint"].startswith("python -m flows.lifecycle --config configs/default.yaml")
         assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "/home/ray/herd"
         assert spec["shutdownAfterJobFinishes"] is True
         assert spec["ttlSecondsAfterFinished"] > 0
@@ -214,7 +216,9 @@ def test_secrets_referenced_are_the_dev_secrets_and_gpu_ships_none(rendered):
     secrets = {d["metadata"]["name"]: set(d["stringData"]) for d in docs if d["kind"] == "Secret"}
     refs = set(re.findall(r"'secretKeyRef': \{'name': '([^']+)', 'key': '([^']+)'", str(docs)))
     refs |= {(cluster_spec(d)["authOptions"]["secretName"], "auth_token") for d in docs if d["kind"] in RAY_KINDS}
-    assert {name for name, _ in refs} == {"herd-db", "herd-api-key", "herd-ray-auth"}
+    refs |= {(d["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]["name"],
+              "password") for d in docs if d["kind"] == "RayService"}
+    assert {name for name, _ in refs} == {"herd-db", "herd-api-key", "herd-ray-auth", "herd-mlflow-auth", "herd-redis"}
     for name, key in refs:
         assert key in secrets.get(name, set()), f"{name}/{key}"
     assert not [d for d in rendered["gpu"] if d["kind"] == "Secret"]
@@ -232,10 +236,9 @@ def test_rwx_train_storage_mounted_at_ray_trains_default_path(rendered):
     gpu_pvc = one(rendered["gpu"], "PersistentVolumeClaim", "herd-train-storage")
     assert gpu_pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     job = one(rendered["gpu"], "RayJob")
-    for _, pod in pod_specs(job):
-        if "volumes" in pod:
-            assert pod["containers"][0]["volumeMounts"] == [
-                {"name": "train-storage", "mountPath": "/home/ray/ray_results"}]
+    for where, pod in pod_specs(job):
+        if where != "submitter":
+            assert {"name": "train-storage", "mountPath": "/home/ray/ray_results"} in pod["containers"][0]["volumeMounts"]
 
 
 def test_dockerfile_matches_ray_pin_and_manifests(rendered):
@@ -248,7 +251,7 @@ def test_dockerfile_matches_ray_pin_and_manifests(rendered):
     assert re.search(r"^USER 1000:100$", text, re.M)
     workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
     assert workdir == yaml.safe_load(one(rendered["gpu"], "RayJob")["spec"]["runtimeEnvYAML"])["working_dir"]
-    assert re.search(r'^RUN pip install .*"\.\[cluster\]"$', text, re.M)
+    assert re.search(r'^RUN sh infra/install.sh python project "\.\[cluster\]"$', text, re.M)
     for doc in rendered["gpu"]:
         for where, pod in pod_specs(doc):
             if pod["containers"][0]["image"].startswith("herd:"):
@@ -291,8 +294,8 @@ def test_herd_k8s_render_writes_validated_manifests(tmp_path, crd_dir, monkeypat
     assert main(["k8s", "render", "--overlay", "gpu", "-o", str(out)]) == 0
     docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
     assert [d["kind"] for d in docs][:1] == ["Namespace"]
-    assert one(docs, "RayService")["spec"]["serveConfigV2"] == SERVE_CONFIG.read_text()
-    assert "14 manifests from gpu, 0 schema errors" in capsys.readouterr().err
+    assert one(docs, "RayService")["spec"]["serveConfigV2"] == SERVE_CONFIGS["gpu"].read_text()
+    assert "21 manifests from gpu, 0 schema errors" in capsys.readouterr().err
 
     broken = tmp_path / "broken"
     shutil.copytree(OVERLAYS.parent, broken / "infra" / "k8s")
@@ -301,3 +304,127 @@ def test_herd_k8s_render_writes_validated_manifests(tmp_path, crd_dir, monkeypat
     path.write_text(path.read_text().replace("replicas: 1", "replicas: one"))
     assert main(["k8s", "render", "--overlay", str(broken / "infra" / "k8s" / "overlays" / "gpu")]) == 2
     assert "StatefulSet/herd-postgres: spec.replicas: 'one' is not of type 'integer'" in capsys.readouterr().err
+
+
+def containers_with_pods(docs):
+    for doc in docs:
+        for where, pod in pod_specs(doc):
+            for c in pod["containers"]:
+                yield f"{doc['kind']}/{doc['metadata']['name']} {where}", pod, c
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_root_filesystems_are_read_only_with_writable_volumes(rendered, overlay):
+    checked = 0
+    for where, pod, c in containers_with_pods(rendered[overlay]):
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        assert "/tmp" in mounts, where
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        assert volumes[mounts["/tmp"]] == {"name": mounts["/tmp"], "emptyDir": {}}, where
+        if c["name"] in ("ray-head", "ray-worker"):  # downloads go to the writable volume
+            assert {"name": "HERD_MODEL_CACHE", "value": "/tmp/herd/models"} in c["env"], where
+        checked += 1
+    assert checked >= 8
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_only_ray_heads_mount_a_service_account_token(rendered, overlay):
+    """The head's autoscaler sidecar calls the Kubernetes API; nothing else does."""
+    for doc in rendered[overlay]:
+        for where, pod in pod_specs(doc):
+            if where == "head":
+                assert "automountServiceAccountToken" not in pod
+            else:
+                assert pod["automountServiceAccountToken"] is False, (doc["metadata"]["name"], where)
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_mlflow_runs_basic_auth_and_only_ray_pods_reach_it(rendered, overlay):
+    docs = rendered[overlay]
+    mlflow = one(docs, "Deployment", "herd-mlflow")["spec"]["template"]["spec"]
+    [server] = mlflow["containers"]
+    assert "--app-name=basic-auth" in server["args"]
+    env = {e["name"]: e for e in server["env"]}
+    for var, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+                     ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")):
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": key}
+    # The database password reaches libpq through the environment, never the command line.
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "herd-db", "key": "password"}
+    assert not [a for a in server["command"] + server["args"] if "PASSWORD" in a or "password" in a]
+    ini = one(docs, "ConfigMap", "herd-mlflow-auth")["data"]["basic_auth.ini"]
+    config_dir = env["MLFLOW_AUTH_CONFIG_PATH"]["value"].rsplit("/", 1)[0]
+    assert {"name": "auth-config", "mountPath": config_dir, "readOnly": True} in server["volumeMounts"]
+    store = re.search(r"database_uri = sqlite:///(\S+)", ini).group(1)
+    assert any(store.startswith(m["mountPath"] + "/") and m.get("subPath") for m in server["volumeMounts"])
+    policy = one(docs, "NetworkPolicy", "herd-mlflow")["spec"]
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}],
+                                  "ports": [{"port": 5000, "protocol": "TCP"}]}]
+    for doc in (d for d in docs if d["kind"] in RAY_KINDS):
+        for where, pod in pod_specs(doc):
+            if where == "submitter":
+                continue
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": "username"}
+            assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": "password"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_rayservice_is_highly_available(rendered, overlay):
+    docs = rendered[overlay]
+    service = one(docs, "RayService")
+    ft = service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    redis = one(docs, "Service", "herd-redis")
+    assert ft["redisAddress"] == f"herd-redis:{redis['spec']['ports'][0]['port']}"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "herd-redis", "key": "password"}
+    [container] = one(docs, "StatefulSet", "herd-redis")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "herd-redis", "key": "password"}}} in container["env"]
+    assert "$REDIS_PASSWORD" in container["args"][0] and "requirepass" in container["args"][0]
+    redis_policy = one(docs, "NetworkPolicy", "herd-redis")["spec"]
+    assert redis_policy["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]
+    # Each budget selects Pods that exist: template labels plus KubeRay's node-type label.
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert set(pdbs) == {"herd-serve-head", "herd-serve-workers", "herd-lifecycle-head"}
+    for name, spec in pdbs.items():
+        owner = one(docs, "RayService" if name.startswith("herd-serve") else "RayJob")
+        cluster = cluster_spec(owner)
+        want = spec["selector"]["matchLabels"]
+        groups = ([cluster["headGroupSpec"]] if want["ray.io/node-type"] == "head" else cluster["workerGroupSpecs"])
+        for group in groups:
+            labels = {**group["template"]["metadata"]["labels"], "ray.io/node-type": want["ray.io/node-type"]}
+            assert want.items() <= labels.items(), (name, group.get("groupName", "head"))
+    assert pdbs["herd-serve-workers"]["maxUnavailable"] == 1
+    assert pdbs["herd-serve-head"]["minAvailable"] == pdbs["herd-lifecycle-head"]["minAvailable"] == 1
+
+
+def test_gpu_serve_config_is_default_plus_one_gpu_on_auto_device_and_dtype():
+    default = yaml.safe_load(SERVE_CONFIG.read_text())
+    gpu = yaml.safe_load(SERVE_CONFIGS["gpu"].read_text())
+    app = gpu["applications"][0]
+    assert app["args"].pop("device") == "auto" and app["args"].pop("dtype") == "auto"
+    assert app["deployments"][0]["ray_actor_options"].pop("num_gpus") == 1
+    assert gpu == default
+    assert validate.serve_config_errors(SERVE_CONFIGS["gpu"].read_text()) == []
+
+
+def test_gpu_lifecycle_asks_for_gpus_where_it_trains_and_embeds(rendered):
+    """The gpu overlay's entrypoint, as the lifecycle reads it: pretraining, post-training and the
+    embedding actor ask Ray for GPUs; the cpu-dev one asks for none."""
+    import shlex
+
+    from flows.lifecycle import load_config
+    from flows.lifecycle_cli import read_overrides
+
+    def stages(overlay):
+        words = shlex.split(one(rendered[overlay], "RayJob")["spec"]["entrypoint"])
+        config = str(REPO / words[words.index("--config") + 1])
+        files = [str(REPO / w) for w in words[words.index("--overrides") + 1:]] if "--overrides" in words else []
+        return load_config(config, read_overrides(files, config))["stages"]
+
+    gpu, cpu = stages("gpu"), stages("cpu-dev")
+    for name in ("pretrain", "sft", "dpo"):
+        assert gpu[name]["enabled"] and gpu[name]["config"]["ray"]["use_gpu"] is True, name
+        assert gpu[name]["config"]["ray"].get("workers", 1) >= 1
+        assert not cpu[name]["config"].get("ray", {}).get("use_gpu", False)
+    assert gpu["data"]["config"]["semdedup"]["use_gpu"] is True
+    assert "use_gpu" not in cpu["data"]["config"]["semdedup"]

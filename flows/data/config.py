@@ -131,6 +131,7 @@ class SemDedupConfig:
     max_tokens: int = 128
     batch_size: int = 64
     seed: int = 0
+    use_gpu: bool = False  # the embedding actor asks Ray for a GPU and embeds on it
 
 
 @dataclass

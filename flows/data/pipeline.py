@@ -183,7 +183,8 @@ def _semdedup(ds, cfg: DataConfig):
     import ray
 
     ds = ds.map_batches(_Embed, fn_constructor_args=(cfg,), batch_size=cfg.semdedup.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=1)).materialize()
+                        compute=ray.data.ActorPoolStrategy(size=1),
+                        num_gpus=1 if cfg.semdedup.use_gpu else None).materialize()
     cols = _columns(ds, ["seq", "emb"])
     ds = ds.drop_columns(["emb"])
     seq = np.asarray(cols["seq"], dtype=np.int64)

@@ -23,19 +23,20 @@ class MiniLMEmbedder:
 
         path = get_model_path()
         self.cfg, self.torch = cfg, torch
+        self.device = _device(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         torch = self.torch
         out = []
         for i in range(0, len(texts), self.cfg.batch_size):
             enc = self.tokenizer(texts[i : i + self.cfg.batch_size], padding=True, truncation=True,
-                                 max_length=self.cfg.max_tokens, return_tensors="pt")
+                                 max_length=self.cfg.max_tokens, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
+            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
         return _normalise(np.concatenate(out) if out else np.zeros((0, 384), np.float32))
 
 
@@ -51,7 +52,8 @@ class ModelEmbedder:
         if not cfg.model_dir:
             raise HerdError("semdedup.model_dir must name a herd checkpoint when semdedup.embedder is 'model'")
         self.cfg, self.torch = cfg, torch
-        self.model, _ = load_model(cfg.model_dir, dtype=torch.float32)
+        self.device = _device(cfg)
+        self.model, _ = load_model(cfg.model_dir, dtype=torch.float32, device=str(self.device))
         self.model.eval()
         self.tokenizer = load_tokenizer(cfg.model_dir)
         self.hidden = []
@@ -64,9 +66,20 @@ class ModelEmbedder:
             ids = ids[: self.cfg.max_tokens] or [self.tokenizer.eos_id]
             self.hidden.clear()
             with torch.inference_mode():
-                self.model(torch.tensor([ids]))
-            out.append(self.hidden[-1][0].mean(0).float().numpy())
+                self.model(torch.tensor([ids], device=self.device))
+            out.append(self.hidden[-1][0].mean(0).float().cpu().numpy())
         return _normalise(np.stack(out) if out else np.zeros((0, 1), np.float32))
+
+
+def _device(cfg: SemDedupConfig):
+    """cuda when asked for (the actor then holds a GPU from Ray); an error if it has none."""
+    import torch
+
+    if not cfg.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise HerdError("semdedup.use_gpu: no CUDA device visible to the embedding actor")
+    return torch.device("cuda")
 
 
 def make_embedder(cfg: SemDedupConfig):

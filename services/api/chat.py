@@ -39,7 +39,7 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
 
     if body.stream:
         def chunk(delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.response_model,
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
         async def events():
@@ -50,7 +50,7 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
                 if out.finished:
                     yield chunk({}, out.finish_reason)
             if body.include_usage:
-                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.response_model,
                        "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
 
         return sse(events())
@@ -58,7 +58,7 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
     outs = [out async for out in run.outputs()]
     text = "".join(out.text for out in outs)
     return json_response({
-        "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+        "id": rid, "object": "chat.completion", "created": created, "model": state.response_model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs_of(outs),
                      "finish_reason": run.finish_reason}],
         "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens),

@@ -70,7 +70,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
                                    [t for o in outs for t in o.token_ids], offset)
 
     def chunk(text: str, index: int, finish: str | None, logprobs: dict | None = None) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+        return {"id": rid, "object": "text_completion", "created": created, "model": state.response_model,
                 "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
     if body.stream:
@@ -85,7 +85,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
                     yield chunk(out.text, 0, out.finish_reason if out.finished else None, logprobs_of([out], offset))
                     offset += len(out.text)
             if body.include_usage:
-                yield {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                yield {"id": rid, "object": "text_completion", "created": created, "model": state.response_model,
                        "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
 
         return sse(events())
@@ -95,7 +95,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
 
     results = await asyncio.gather(*(collect(r) for r in runs))
     return json_response({
-        "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+        "id": rid, "object": "text_completion", "created": created, "model": state.response_model,
         "choices": [{"index": i, "text": echo[i] + "".join(o.text for o in outs),
                      "logprobs": logprobs_of(outs, len(echo[i])), "finish_reason": r.finish_reason}
                     for i, (outs, r) in enumerate(zip(results, runs))],

@@ -17,10 +17,17 @@ class ServerState:
     config: ServerConfig
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    version: str = ""  # the registered version served (NAME/VERSION), "" for a folder or `smollm2`
+    since: float = 0.0  # when this version began answering (time.time())
 
     @property
     def model_name(self) -> str:
         return self.config.served_model_name
+
+    @property
+    def response_model(self) -> str:
+        """What a response's `model` field says: the exact version that produced it."""
+        return self.version or self.model_name
 
     @property
     def max_model_len(self) -> int:
@@ -37,7 +44,9 @@ def set_state(state: ServerState | None) -> None:
 
 
 def get_state(request: Request) -> ServerState:
-    state = getattr(request.app.state, "herd", None) or _STATE
+    # request.state.herd: the state a request was pinned to when it arrived (services/app.py), so a
+    # model swap mid-request never mixes two versions in one answer.
+    state = getattr(request.state, "herd", None) or getattr(request.app.state, "herd", None) or _STATE
     if state is None:
         from services.api.errors import APIError
 
