@@ -1,34 +1,38 @@
 """POST /v1/chat/completions, streaming (chat.completion.chunk events) and not."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Depends
 
 from model.errors import HerdError
-from services.api.auth import require_api_key
-from services.api.errors import ERROR_RESPONSES, APIError
-from services.api.generation import Run, json_response, request_id, sampling_params, sse, usage
-from services.api.schemas import ChatCompletionRequest
+from services.api.errors import GENERATION_RESPONSES, APIError
+from services.api.generation import Run, check_length, json_response, request_id, sampling_params, sse, usage
+from services.api.models import check_model
+from services.api.schemas import ChatCompletion, ChatCompletionRequest
 from services.api.state import ServerState, get_state
 
 router = APIRouter()
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
-    try:
-        return state.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+    check_length(state, sum(len(m["content"]) for m in messages), "messages")
+    try:  # off the event loop: other requests' streams go on meanwhile
+        return await asyncio.to_thread(state.tokenizer.encode_chat, messages, body.add_generation_prompt)
     except HerdError as e:
         raise APIError(400, str(e), "invalid_value", "messages") from None
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+@router.post("/v1/chat/completions", responses={
+    **GENERATION_RESPONSES, 200: {"model": ChatCompletion, "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
+    check_model(state, body.model)
     if body.logprobs:
         raise APIError(400, "logprobs are not supported", "invalid_value", "logprobs")
-    ids = chat_prompt(state, body)
+    ids = await chat_prompt(state, body)
     run = Run(state, ids, sampling_params(state, body, len(ids)), request_id("chatcmpl"))
     rid, created = run.rid, int(time.time())
 

@@ -6,16 +6,16 @@ import time
 
 from fastapi import APIRouter, Depends
 
-from services.api.auth import require_api_key
-from services.api.errors import ERROR_RESPONSES, APIError
-from services.api.generation import Run, json_response, request_id, sampling_params, sse, usage
-from services.api.schemas import CompletionRequest
+from services.api.errors import GENERATION_RESPONSES, APIError
+from services.api.generation import Run, check_length, json_response, request_id, sampling_params, sse, usage
+from services.api.models import check_model
+from services.api.schemas import Completion, CompletionRequest
 from services.api.state import ServerState, get_state
 
 router = APIRouter()
 
 
-def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
+async def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
     tok = state.tokenizer
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -27,9 +27,13 @@ def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
         raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
     if len(prompts) > 16:
         raise APIError(400, "at most 16 prompts per request", "invalid_value", "prompt")
-    out = []
     for p in prompts:
-        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        if isinstance(p, str):
+            check_length(state, len(p), "prompt")
+    # off the event loop: other requests' streams go on meanwhile
+    encoded = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+    out = []
+    for ids in encoded:
         if not ids:
             if tok.bos_id is None:
                 raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
@@ -42,9 +46,11 @@ def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
     return out
 
 
-@router.post("/v1/completions", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+@router.post("/v1/completions", responses={
+    **GENERATION_RESPONSES, 200: {"model": Completion, "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
-    prompts = prompt_token_lists(state, body.prompt)
+    check_model(state, body.model)
+    prompts = await prompt_token_lists(state, body.prompt)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "streaming takes a single prompt", "invalid_value", "prompt")
     limit = state.engine.engine.config.max_in_flight

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from model.errors import HerdError
 from model.generate import SamplingParams
 from services.api.errors import APIError, error_body, from_engine_error
+from services.api.guard import EXCHANGE
 from services.api.schemas import SamplingFields
 from services.api.state import ServerState
 from services.engine.engine import RequestOutput
@@ -43,14 +44,25 @@ def sampling_params(state: ServerState, body: SamplingFields, prompt_len: int) -
         raise APIError(400, str(e), "invalid_value") from None
 
 
+def check_length(state: ServerState, chars: int, param: str) -> None:
+    """400 for a text too long for the context, found before tokenizing it: a token spells at most
+    `max_token_bytes` bytes, so n characters are at least n / max_token_bytes tokens."""
+    limit = state.max_model_len
+    if chars > limit * state.tokenizer.max_token_bytes:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {param} "
+                            f"holds {chars} characters, more than {limit} tokens can spell.",
+                       "context_length_exceeded", param)
+
+
 def usage(prompt: int, completion: int, cached: int = 0) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class Run:
-    """One engine request with a deadline. Leaving `outputs()` early (client disconnect, timeout,
-    error) aborts it, which frees its KV-cache slot at the engine's next step."""
+    """One engine request with a deadline. Leaving `outputs()` early (timeout, error) aborts it, which
+    frees its KV-cache slot at the engine's next step; so does the end of the HTTP exchange that
+    submitted it (guard.Guard), however it ends: a disconnect before the first chunk included."""
 
     def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, rid: str):
         self.state, self.rid = state, rid
@@ -62,6 +74,15 @@ class Run:
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(prompt_ids), 0, 0
         self.finish_reason: str | None = None
         self.done = False
+        exchange = EXCHANGE.get()
+        if exchange is not None:
+            exchange.append(self)
+
+    def close(self) -> None:
+        """Abort the request unless it finished (idempotent)."""
+        if not self.done:
+            self.done = True
+            self.state.engine.abort(self.rid)
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         try:
@@ -87,8 +108,7 @@ class Run:
                 if out.finished:
                     return
         finally:
-            if not self.done:
-                self.state.engine.abort(self.rid)
+            self.close()
 
 
 def sse(events: AsyncIterator[dict]) -> StreamingResponse:

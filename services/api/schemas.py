@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.generate import SamplingParams
 
 INT64 = 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# Stop strings bound the per-token work of a request (the engine matches them in time linear in the
+# new text, but builds their automaton once per request).
+MAX_STOPS, MAX_STOP_LEN, MAX_STOP_CHARS = 16, 256, 1024
+StopString = Annotated[str, Field(max_length=MAX_STOP_LEN)]
 
 
 class StreamOptions(BaseModel):
@@ -27,13 +31,21 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=256)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
+        None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_LEN} characters, {MAX_STOP_CHARS} in all")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
     ignore_eos: bool = False
     seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_bounded(cls, v):
+        if isinstance(v, list) and sum(map(len, v)) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings may hold {MAX_STOP_CHARS} characters in all")
+        return v
 
     def sampling(self, max_tokens: int, default_temperature: float = 1.0) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -90,3 +102,76 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     logprobs: bool | None = Field(None, description="not supported (only null or false)")
     add_generation_prompt: bool = True
+
+
+# --- response bodies (documented in the OpenAPI schema, which the fuzz test checks responses against) ---
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]

@@ -36,8 +36,12 @@ def set_state(state: ServerState | None) -> None:
     _STATE = state
 
 
+def current_state(app) -> ServerState | None:
+    return getattr(app.state, "herd", None) or _STATE
+
+
 def get_state(request: Request) -> ServerState:
-    state = getattr(request.app.state, "herd", None) or _STATE
+    state = current_state(request.app)
     if state is None:
         from services.api.errors import APIError
 

@@ -112,6 +112,7 @@ class AsyncLLMEngine:
                     eng.abort(rid)
                 for prompt_ids, params, rid, arrival in incoming:
                     if rid not in self._streams:  # aborted before it was admitted
+                        eng.metrics.aborted += 1
                         continue
                     try:
                         eng.add_request(prompt_ids, params, rid, arrival=arrival)
