@@ -3,6 +3,7 @@ disconnects, metrics, and >= 500 generated malformed/boundary requests (schemath
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -15,6 +16,8 @@ from services.testing import ServerThread, tiny_model_dir
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+KEY_ENV = "HERD_TEST_SERVE_API_KEY"  # this module's servers read their key from here
+os.environ[KEY_ENV] = KEY
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +25,8 @@ def server(tmp_path_factory):
     before = torch.get_num_threads()
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
     state = build_state({"model": str(model_dir), "served_model_name": "herd-tiny", "num_threads": 1,
-                         "default_max_tokens": 16, "request_timeout_s": 30,
+                         "default_max_tokens": 16, "request_timeout_s": 30, "api_key_env": KEY_ENV,
                          "engine": {"max_num_seqs": 4, "max_model_len": 256, "max_queue": 4}})
-    state.api_key = KEY
     with ServerThread(create_app(state)) as srv:
         srv.state = state
         yield srv
@@ -37,7 +39,7 @@ def client(server, **kw):
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     m = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
     assert m, name
     return float(m.group(1))
@@ -62,7 +64,7 @@ def test_models_health_and_page(server):
         assert models["object"] == "list" and models["data"][0]["id"] == "herd-tiny"
         assert c.get("/v1/models/herd-tiny").json()["id"] == "herd-tiny"
         assert c.get("/v1/models/other").status_code == 404
-        assert c.get("/health").json()["status"] == "ok"
+        assert c.get("/health").json() == {"status": "ok"}  # nothing more: no model, no internals
         page = c.get("/")
         assert page.status_code == 200 and "v1/chat/completions" in page.text
 
@@ -78,7 +80,31 @@ def test_auth_missing_or_wrong_key_gets_401(server):
                 assert r.status_code == 401, (headers, path)
                 err = r.json()["error"]
                 assert err["code"] in ("missing_api_key", "invalid_api_key") and err["message"]
+        # every route but /health, the schema, docs, metrics and the page included
+        for path in ("/", "/docs", "/redoc", "/openapi.json", "/metrics", "/v1/models/herd-tiny", "/nowhere"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key", path
         assert c.get("/health").status_code == 200  # probes need no key
+
+
+def test_unknown_model_is_404(server):
+    with client(server, headers=AUTH) as c:
+        for path, body in [("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+            r = c.post(path, json={**body, "model": "gpt-4-not-served", "max_tokens": 2})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+            assert c.post(path, json={**body, "model": "herd-tiny", "max_tokens": 2}).status_code == 200
+
+
+def test_empty_key_refuses_to_start(tmp_path):
+    from model.errors import HerdError
+    from services.config import load_server_config
+
+    config = load_server_config({"model": "smollm2", "api_key_env": "HERD_TEST_NO_SUCH_KEY"})
+    with pytest.raises(HerdError, match="no API key: HERD_TEST_NO_SUCH_KEY is empty or unset") as e:
+        config.api_key({"HERD_TEST_NO_SUCH_KEY": "  "})
+    assert "\n" not in str(e.value)
+    assert load_server_config({"model": "smollm2", "auth": "none"}).api_key({}) is None
 
 
 def test_completion_non_streaming_and_streaming(server):
@@ -205,7 +231,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 
 
 def test_metrics_are_prometheus_text(server):
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     for name in ("herd_time_to_first_token_seconds_bucket", "herd_inter_token_latency_seconds_count",
                  "herd_e2e_request_latency_seconds_sum", "herd_num_requests_waiting", "herd_num_requests_running",
                  "herd_kv_cache_usage_ratio", "herd_prefix_cache_hit_rate"):
@@ -231,9 +257,8 @@ def small_server(tmp_path_factory):
     """A short context (64 tokens) keeps generated requests quick: most long ones are refused with 400."""
     before = torch.get_num_threads()
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny2") / "model")
-    state = build_state({"model": str(model_dir), "num_threads": 1, "request_timeout_s": 60,
+    state = build_state({"model": str(model_dir), "num_threads": 1, "request_timeout_s": 60, "api_key_env": KEY_ENV,
                          "engine": {"max_num_seqs": 4, "max_model_len": 64, "max_queue": 4}})
-    state.api_key = KEY
     with ServerThread(create_app(state)) as srv:
         yield srv
     state.engine.shutdown()
