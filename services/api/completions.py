@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Depends
 
-from services.api.errors import GENERATION_RESPONSES, APIError
+from services.api.errors import GENERATION_RESPONSES, SSE_EVENT, APIError
 from services.api.generation import Run, check_length, json_response, request_id, sampling_params, sse, usage
 from services.api.models import check_model
 from services.api.schemas import Completion, CompletionRequest
@@ -17,16 +17,10 @@ router = APIRouter()
 
 async def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
     tok = state.tokenizer
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
         prompts = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
     else:
         prompts = list(prompt)
-    if not prompts:
-        raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
-    if len(prompts) > 16:
-        raise APIError(400, "at most 16 prompts per request", "invalid_value", "prompt")
     for p in prompts:
         if isinstance(p, str):
             check_length(state, len(p), "prompt")
@@ -47,7 +41,7 @@ async def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
 
 
 @router.post("/v1/completions", responses={
-    **GENERATION_RESPONSES, 200: {"model": Completion, "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    **GENERATION_RESPONSES, 200: {"model": Completion, "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
     check_model(state, body.model)
     prompts = await prompt_token_lists(state, body.prompt)

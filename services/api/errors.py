@@ -76,6 +76,9 @@ ERROR_RESPONSES = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     503: {"model": ErrorResponse, "description": "The model is still loading"},
 }
+# One server-sent event: `data` is a JSON chunk (or an error object), the last one `[DONE]`.
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+             "required": ["data"]}
 GENERATION_RESPONSES = {
     **ERROR_RESPONSES,
     400: {"model": ErrorResponse, "description": "Invalid request, or prompt too long for the context"},

@@ -13,6 +13,7 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 # Stop strings bound the per-token work of a request (the engine matches them in time linear in the
 # new text, but builds their automaton once per request).
 MAX_STOPS, MAX_STOP_LEN, MAX_STOP_CHARS = 16, 256, 1024
+MAX_PROMPTS = 16  # prompts in one completions request
 StopString = Annotated[str, Field(max_length=MAX_STOP_LEN)]
 
 
@@ -71,8 +72,10 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
-        ..., description="a string, a list of strings, token ids, or lists of token ids")
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
+        ..., description=f"a string, token ids, or a list of up to {MAX_PROMPTS} of either")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=0, description="not supported (only null or 0)")
     suffix: str | None = Field(None, max_length=0, description="not supported")
@@ -100,7 +103,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    logprobs: bool | None = Field(None, description="not supported (only null or false)")
+    logprobs: Literal[False] | None = Field(None, description="not supported (only null or false)")
     add_generation_prompt: bool = True
 
 
