@@ -30,13 +30,28 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 os.environ[KEY_ENV] = KEY
 
 
+class Lifetimes:
+    """Outermost ASGI wrapper: how long the server held each HTTP exchange (seconds)."""
+
+    def __init__(self, app):
+        self.app, self.seconds = app, []
+
+    async def __call__(self, scope, receive, send):
+        t = time.monotonic()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                self.seconds.append(time.monotonic() - t)
+
+
 def start(tmp_path_factory, **settings):
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
     engine = settings.pop("engine")
     state = build_state({"model": str(model_dir), "served_model_name": "herd", "num_threads": 1,
                          "api_key_env": KEY_ENV, "engine": engine, **settings})
-    srv = ServerThread(create_app(state)).__enter__()
-    srv.state = state
+    srv = ServerThread(lifetimes := Lifetimes(create_app(state))).__enter__()
+    srv.state, srv.lifetimes = state, lifetimes
     return srv
 
 
@@ -234,7 +249,8 @@ def small_server(tmp_path_factory):
 
 
 def flood_figures(url: str, excess: int = 50) -> list[tuple[int, float, str | None]]:
-    """capacity + queue + excess simultaneous long requests: (status, seconds, Retry-After) each."""
+    """capacity + queue + excess simultaneous long requests: (status, seconds, Retry-After) each, as
+    the client saw them (its connection set-up and upload included)."""
     n = 8 + excess
 
     async def one(client, i):
@@ -253,27 +269,32 @@ def flood_figures(url: str, excess: int = 50) -> list[tuple[int, float, str | No
     return asyncio.run(flood())
 
 
-def check_flood(results, timeout_s: float, reject_s: float, slack_s: float):
+def check_flood(results, held: list[float], timeout_s: float, reject_s: float, slack_s: float):
+    """`held`: how long the server held each exchange; `slack_s`: a step's time, to notice the deadline."""
     refused = [r for r in results if r[0] == 503]
     served = [r for r in results if r[0] != 503]
     assert len(refused) == 50 and all(retry == "1" for _, _, retry in refused), results
     assert max(s for _, s, _ in refused) < reject_s, refused
     assert {status for status, _, _ in served} <= {200, 408}, served
-    assert max(s for _, s, _ in results) < timeout_s + slack_s, results
+    assert len(held) == len(results) and max(held) < timeout_s + slack_s, held
 
 
 def test_flood_past_the_queue_gets_503_and_nothing_outlives_the_timeout(small_server):
-    check_flood(flood_figures(small_server.url), small_server.state.config.request_timeout_s, 10, 10)
+    small_server.lifetimes.seconds.clear()
+    results = flood_figures(small_server.url)
+    check_flood(results, small_server.lifetimes.seconds, small_server.state.config.request_timeout_s, 10, 10)
 
 
 @pytest.mark.acceptance
 def test_acceptance_flood_503_within_1s_and_timeout_holds(small_server):
+    small_server.lifetimes.seconds.clear()
     results = flood_figures(small_server.url)
+    held = small_server.lifetimes.seconds
     refused = sorted(s for status, s, _ in results if status == 503)
-    print(f"capacity 4 + queue 4 + 50: {len(refused)} x 503 (slowest {refused[-1] * 1000:.0f} ms), served "
-          f"{sorted((st, round(s, 2)) for st, s, _ in results if st != 503)}; longest request "
-          f"{max(s for _, s, _ in results):.2f} s against request_timeout_s 4; load {os.getloadavg()[0]:.1f}")
-    check_flood(results, small_server.state.config.request_timeout_s, 1.0, 0.0)
+    print(f"capacity 4 + queue 4 + 50: {len(refused)} x 503 (slowest {refused[-1] * 1000:.0f} ms at the client), "
+          f"served {sorted((st, round(s, 2)) for st, s, _ in results if st != 503)} s at the client; longest held "
+          f"by the server {max(held):.3f} s against request_timeout_s 4; load {os.getloadavg()[0]:.1f}")
+    check_flood(results, held, small_server.state.config.request_timeout_s, 1.0, 0.05)
 
 
 # --- fairness: a stream beside the heaviest neighbours allowed -----------------------------------

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends
 
 from model.errors import HerdError
 from services.api.errors import GENERATION_RESPONSES, SSE_EVENT, APIError
-from services.api.generation import Run, check_length, json_response, request_id, sampling_params, sse, usage
+from services.api.generation import (Run, check_capacity, check_length, json_response, request_id,
+                                     sampling_params, sse, usage)
 from services.api.models import check_model
 from services.api.schemas import ChatCompletion, ChatCompletionRequest
 from services.api.state import ServerState, get_state
@@ -30,6 +31,7 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[i
     **GENERATION_RESPONSES, 200: {"model": ChatCompletion, "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
     check_model(state, body.model)
+    check_capacity(state)
     ids = await chat_prompt(state, body)
     run = Run(state, ids, sampling_params(state, body, len(ids)), request_id("chatcmpl"))
     rid, created = run.rid, int(time.time())

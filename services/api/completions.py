@@ -7,7 +7,8 @@ import time
 from fastapi import APIRouter, Depends
 
 from services.api.errors import GENERATION_RESPONSES, SSE_EVENT, APIError
-from services.api.generation import Run, check_length, json_response, request_id, sampling_params, sse, usage
+from services.api.generation import (Run, check_capacity, check_length, json_response, request_id,
+                                     sampling_params, sse, usage)
 from services.api.models import check_model
 from services.api.schemas import Completion, CompletionRequest
 from services.api.state import ServerState, get_state
@@ -44,6 +45,7 @@ async def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
     **GENERATION_RESPONSES, 200: {"model": Completion, "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
     check_model(state, body.model)
+    check_capacity(state)
     prompts = await prompt_token_lists(state, body.prompt)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "streaming takes a single prompt", "invalid_value", "prompt")

@@ -44,6 +44,14 @@ def sampling_params(state: ServerState, body: SamplingFields, prompt_len: int) -
         raise APIError(400, str(e), "invalid_value") from None
 
 
+def check_capacity(state: ServerState) -> None:
+    """503 + Retry-After before any tokenizing when the engine holds all it may."""
+    try:
+        state.engine.check_capacity()
+    except EngineError as e:
+        raise from_engine_error(e) from None
+
+
 def check_length(state: ServerState, chars: int, param: str) -> None:
     """400 for a text too long for the context, found before tokenizing it: a token spells at most
     `max_token_bytes` bytes, so n characters are at least n / max_token_bytes tokens."""
@@ -66,7 +74,9 @@ class Run:
 
     def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, rid: str):
         self.state, self.rid = state, rid
-        self.deadline = time.monotonic() + state.config.request_timeout_s
+        exchange = EXCHANGE.get()
+        start = exchange.arrival if exchange is not None else time.monotonic()
+        self.deadline = start + state.config.request_timeout_s
         try:  # validated and enqueued now, so limits fail before any response starts
             self.queue = state.engine.submit(prompt_ids, params, rid)
         except EngineError as e:
@@ -74,9 +84,8 @@ class Run:
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(prompt_ids), 0, 0
         self.finish_reason: str | None = None
         self.done = False
-        exchange = EXCHANGE.get()
         if exchange is not None:
-            exchange.append(self)
+            exchange.runs.append(self)
 
     def close(self) -> None:
         """Abort the request unless it finished (idempotent)."""

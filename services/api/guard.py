@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hmac
+import time
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,8 +22,17 @@ from services.api.errors import error_response
 from services.api.state import ServerState, current_state
 
 OPEN_PATHS = frozenset({"/health"})
-# The engine requests (generation.Run) submitted while serving the current HTTP exchange.
-EXCHANGE: contextvars.ContextVar[list | None] = contextvars.ContextVar("herd_exchange", default=None)
+
+
+@dataclass
+class Exchange:
+    """The HTTP exchange being served: when it arrived (request timeouts count from then) and the
+    engine requests (generation.Run) it submitted."""
+    arrival: float = field(default_factory=time.monotonic)
+    runs: list = field(default_factory=list)
+
+
+EXCHANGE: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar("herd_exchange", default=None)
 
 
 def needs_key(state: ServerState, path: str) -> bool:
@@ -78,10 +89,10 @@ class Guard:
                 progress["complete"] = True
             await send(message)
 
-        runs: list = []
-        token = EXCHANGE.set(runs)
+        exchange = Exchange()
+        token = EXCHANGE.set(exchange)
         try:
-            app = asyncio.create_task(self.app(scope, inbox.get, tracked_send))  # copies the context: sees `runs`
+            app = asyncio.create_task(self.app(scope, inbox.get, tracked_send))  # copies the context
         finally:
             EXCHANGE.reset(token)
 
@@ -115,9 +126,9 @@ class Guard:
                 app.result()  # the app's own exception, if any, goes on to the server
             elif progress["over"] and not progress["started"]:
                 await too_large(limit)(scope, receive, send)
-            elif not progress["over"] and not runs and scope["method"] == "POST":
+            elif not progress["over"] and not exchange.runs and scope["method"] == "POST":
                 state.engine.engine.metrics.aborted += 1  # the client left before its request reached the engine
         finally:
             reader.cancel()
-            for run in runs:
+            for run in exchange.runs:
                 run.close()
