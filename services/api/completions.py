@@ -16,12 +16,15 @@ from services.api.state import ServerState, get_state
 router = APIRouter()
 
 
-async def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
+def split_prompts(prompt) -> list:
+    """The request's prompts: a string, or a list of token ids, is one."""
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+async def prompt_token_lists(state: ServerState, prompts: list) -> list[list[int]]:
     tok = state.tokenizer
-    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
     for p in prompts:
         if isinstance(p, str):
             check_length(state, len(p), "prompt")
@@ -45,14 +48,15 @@ async def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
     **GENERATION_RESPONSES, 200: {"model": Completion, "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
     check_model(state, body.model)
-    check_capacity(state)
-    prompts = await prompt_token_lists(state, body.prompt)
+    prompts = split_prompts(body.prompt)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "streaming takes a single prompt", "invalid_value", "prompt")
     limit = state.engine.engine.config.max_in_flight
     if len(prompts) > limit:  # could never be admitted: not a retryable 503
         raise APIError(400, f"{len(prompts)} prompts in one request; this server holds at most {limit} requests "
                             "in flight", "invalid_value", "prompt")
+    check_capacity(state)
+    prompts = await prompt_token_lists(state, prompts)
     rid, created = request_id("cmpl"), int(time.time())
     runs = []
     try:
@@ -60,7 +64,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
             runs.append(Run(state, ids, sampling_params(state, body, len(ids)), f"{rid}-{i}"))
     except APIError:
         for r in runs:
-            state.engine.abort(r.rid)
+            r.close()
         raise
     echo = [state.tokenizer.decode(p) if body.echo else "" for p in prompts]
 

@@ -65,12 +65,14 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = current_state(scope["app"])
+        root, path = scope.get("root_path", ""), scope["path"]
+        path = path[len(root):] if root and path.startswith(root) else path  # the route, under a Serve route_prefix
         if state is None:  # a replica still loading
-            if scope["path"] in OPEN_PATHS:
+            if path in OPEN_PATHS:
                 return await self.app(scope, receive, send)
             return await error_response(503, "the model is still loading", "service_unavailable")(scope, receive, send)
         headers = dict(scope["headers"])
-        if needs_key(state, scope["path"]) and (refusal := key_error(state, headers)) is not None:
+        if needs_key(state, path) and (refusal := key_error(state, headers)) is not None:
             return await refusal(scope, receive, send)
         limit = state.config.max_body_bytes
         length = headers.get(b"content-length", b"0")

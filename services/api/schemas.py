@@ -1,42 +1,55 @@
 """Request bodies of the OpenAI API subset herd serves (unknown fields are ignored, as OpenAI's
-clients send optional ones freely). Extensions as in vLLM: top_k, stop_token_ids, ignore_eos."""
+clients send optional ones freely). Extensions as in vLLM: top_k, stop_token_ids, ignore_eos.
+
+Types are strict, as the OpenAPI schema says: no `true` for a number, no "1" for an integer or a
+boolean (an integral float such as 2.0 is an integer, as in JSON Schema)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from model.generate import SamplingParams
 
 INT64 = 2**63 - 1
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+TokenId = Annotated[Integer, Field(ge=0, le=2**31 - 1)]
+STRICT = ConfigDict(extra="ignore", strict=True, protected_namespaces=())
 # Stop strings bound the per-token work of a request (the engine matches them in time linear in the
 # new text, but builds their automaton once per request).
 MAX_STOPS, MAX_STOP_LEN, MAX_STOP_CHARS = 16, 256, 1024
 MAX_PROMPTS = 16  # prompts in one completions request
 StopString = Annotated[str, Field(max_length=MAX_STOP_LEN)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = STRICT
     model: str | None = Field(None, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_tokens: Integer | None = Field(None, ge=1, le=1_000_000)
+    max_completion_tokens: Integer | None = Field(None, ge=1, le=1_000_000)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=-1, le=1_000_000)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    top_k: Integer | None = Field(None, ge=-1, le=1_000_000)
+    n: Integer = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
         None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_LEN} characters, {MAX_STOP_CHARS} in all")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
     ignore_eos: bool = False
-    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
+    seed: Integer | None = Field(None, ge=-INT64 - 1, le=INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
     user: str | None = None
@@ -72,23 +85,22 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-             | Annotated[list[TokenId], Field(min_length=1)]
-             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
         ..., description=f"a string, token ids, or a list of up to {MAX_PROMPTS} of either")
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=0, description="not supported (only null or 0)")
+    logprobs: Integer | None = Field(None, ge=0, le=0, description="not supported (only null or 0)")
     suffix: str | None = Field(None, max_length=0, description="not supported")
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
