@@ -296,9 +296,9 @@ def test_chat_content_cannot_forge_turns(which, request):
 def test_chat_template_that_rewrites_content_is_refused(smol):
     from model.tokenizer import Tokenizer
 
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}"
     upper = Tokenizer("upper", smol._pat_str, smol._ranks, smol._specials, bos_id=smol.bos_id, eos_id=smol.eos_id,
                       pad_id=smol.pad_id, stop_ids=smol.stop_ids, ids=smol._ids[: len(smol._ids) - len(smol._specials)],
-                      vocab_size=smol.vocab_size,
-                      chat_template="{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}")
+                      vocab_size=smol.vocab_size, chat_template=template)
     with pytest.raises(HerdError, match="changes message content"):
         upper.encode_chat([{"role": "user", "content": "hi"}])

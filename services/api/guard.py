@@ -66,11 +66,13 @@ class Guard:
             return await self.app(scope, receive, send)
         state = current_state(scope["app"])
         root, path = scope.get("root_path", ""), scope["path"]
-        path = path[len(root):] if root and path.startswith(root) else path  # the route, under a Serve route_prefix
+        if root and path.startswith(root):  # the route, under a Serve route_prefix
+            path = path[len(root):]
         if state is None:  # a replica still loading
             if path in OPEN_PATHS:
                 return await self.app(scope, receive, send)
-            return await error_response(503, "the model is still loading", "service_unavailable")(scope, receive, send)
+            loading = error_response(503, "the model is still loading", "service_unavailable")
+            return await loading(scope, receive, send)
         headers = dict(scope["headers"])
         if needs_key(state, path) and (refusal := key_error(state, headers)) is not None:
             return await refusal(scope, receive, send)
