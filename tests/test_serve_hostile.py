@@ -45,26 +45,24 @@ class Lifetimes:
                 self.seconds.append(time.monotonic() - t)
 
 
-def start(tmp_path_factory, **settings):
+def serving(tmp_path_factory, **settings):
+    """A fixture's server: the tiny model, these settings, the key from KEY_ENV."""
+    before = torch.get_num_threads()
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-    engine = settings.pop("engine")
     state = build_state({"model": str(model_dir), "served_model_name": "herd", "num_threads": 1,
-                         "api_key_env": KEY_ENV, "engine": engine, **settings})
-    srv = ServerThread(lifetimes := Lifetimes(create_app(state))).__enter__()
-    srv.state, srv.lifetimes = state, lifetimes
-    return srv
+                         "api_key_env": KEY_ENV, **settings})
+    with ServerThread(lifetimes := Lifetimes(create_app(state))) as srv:
+        srv.state, srv.lifetimes = state, lifetimes
+        yield srv
+    state.engine.shutdown()
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Room for 100 requests at once (8 running, 128 waiting)."""
-    before = torch.get_num_threads()
-    srv = start(tmp_path_factory, request_timeout_s=60,
-                engine={"max_num_seqs": 8, "max_model_len": 256, "max_queue": 128})
-    yield srv
-    srv.__exit__(None, None, None)
-    srv.state.engine.shutdown()
-    torch.set_num_threads(before)
+    yield from serving(tmp_path_factory, request_timeout_s=60,
+                       engine={"max_num_seqs": 8, "max_model_len": 256, "max_queue": 128})
 
 
 def metric(url: str, name: str) -> float:
@@ -239,13 +237,8 @@ def test_acceptance_100_clients_leaving_after_10ms_are_aborted_within_2s(server)
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
     """4 running + 4 waiting, and a 4 s request timeout."""
-    before = torch.get_num_threads()
-    srv = start(tmp_path_factory, request_timeout_s=4,
-                engine={"max_num_seqs": 4, "max_model_len": 256, "max_queue": 4})
-    yield srv
-    srv.__exit__(None, None, None)
-    srv.state.engine.shutdown()
-    torch.set_num_threads(before)
+    yield from serving(tmp_path_factory, request_timeout_s=4,
+                       engine={"max_num_seqs": 4, "max_model_len": 256, "max_queue": 4})
 
 
 def flood_figures(url: str, excess: int = 50) -> list[tuple[int, float, str | None]]:
@@ -301,13 +294,8 @@ def test_acceptance_flood_503_within_1s_and_timeout_holds(small_server):
 
 @pytest.fixture(scope="module")
 def long_server(tmp_path_factory):
-    before = torch.get_num_threads()
-    srv = start(tmp_path_factory, request_timeout_s=120,
-                engine={"max_num_seqs": 8, "max_model_len": 2048, "max_queue": 16})
-    yield srv
-    srv.__exit__(None, None, None)
-    srv.state.engine.shutdown()
-    torch.set_num_threads(before)
+    yield from serving(tmp_path_factory, request_timeout_s=120,
+                       engine={"max_num_seqs": 8, "max_model_len": 2048, "max_queue": 16})
 
 
 def victim_itl(url: str, neighbour: dict, tokens: int = 200) -> float:

@@ -18,8 +18,12 @@ def _integral(v):
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-Integer = Annotated[int, BeforeValidator(_integral)]
-TokenId = Annotated[Integer, Field(ge=0, le=2**31 - 1)]
+def integer(**bounds):
+    """An integer field's type (the bounds inside, so the schema shows them as minimum/maximum)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+TokenId = integer(ge=0, le=2**31 - 1)
 STRICT = ConfigDict(extra="ignore", strict=True, protected_namespaces=())
 # Stop strings bound the per-token work of a request (the engine matches them in time linear in the
 # new text, but builds their automaton once per request).
@@ -37,19 +41,19 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     model_config = STRICT
     model: str | None = Field(None, max_length=256)
-    max_tokens: Integer | None = Field(None, ge=1, le=1_000_000)
-    max_completion_tokens: Integer | None = Field(None, ge=1, le=1_000_000)
+    max_tokens: integer(ge=1, le=1_000_000) | None = None
+    max_completion_tokens: integer(ge=1, le=1_000_000) | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: Integer | None = Field(None, ge=-1, le=1_000_000)
-    n: Integer = Field(1, ge=1, le=1, description="only 1 is supported")
+    top_k: integer(ge=-1, le=1_000_000) | None = None
+    n: integer(ge=1, le=1) = Field(1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
         None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_LEN} characters, {MAX_STOP_CHARS} in all")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
     ignore_eos: bool = False
-    seed: Integer | None = Field(None, ge=-INT64 - 1, le=INT64)
+    seed: integer(ge=-INT64 - 1, le=INT64) | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="accepted, not applied")
     user: str | None = None
@@ -89,7 +93,7 @@ class CompletionRequest(SamplingFields):
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
         ..., description=f"a string, token ids, or a list of up to {MAX_PROMPTS} of either")
     echo: bool = False
-    logprobs: Integer | None = Field(None, ge=0, le=0, description="not supported (only null or 0)")
+    logprobs: integer(ge=0, le=0) | None = Field(None, description="not supported (only null or 0)")
     suffix: str | None = Field(None, max_length=0, description="not supported")
 
 
