@@ -127,7 +127,7 @@ def serve_herd(model_dir: str, port: int, dtype: str, threads: int | None, max_n
 
     from services.server import build_state, create_app
 
-    state = build_state({"model": model_dir, "dtype": dtype, "num_threads": threads,
+    state = build_state({"model": model_dir, "dtype": dtype, "num_threads": threads, "auth": "none",
                          "engine": {"max_num_seqs": max_num_seqs, "max_model_len": 512,
                                     "max_num_batched_tokens": 512, "prefill_chunk": 256}})
     uvicorn.run(create_app(state), host="127.0.0.1", port=port, log_level="warning")

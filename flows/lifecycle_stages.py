@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -265,7 +266,9 @@ def smoke(url: str, prompt: str, max_tokens: int = 16, timeout: float = 300) -> 
     import requests
 
     t = time.perf_counter()
-    r = requests.post(f"{url}/v1/chat/completions", timeout=timeout, json={
+    key = os.environ.get("HERD_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    r = requests.post(f"{url}/v1/chat/completions", timeout=timeout, headers=headers, json={
         "model": "herd", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
     if r.status_code != 200:
         raise HerdError(f"smoke request to {url}: HTTP {r.status_code}: {r.text[:300]}")

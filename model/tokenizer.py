@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import json
 import re
+import secrets
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -118,11 +119,14 @@ class Tokenizer:
         self.vocab_size = vocab_size if vocab_size is not None else len(ranks) + len(specials)
         self.model = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_ranks)
         self._template = _compile_template(chat_template, name) if chat_template is not None else None
+        # longest first, so a special token that begins another is not matched in its place
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) or "(?!)")
+        # a token spells at most this many bytes, so a text of n characters has >= n / this many tokens
+        self.max_token_bytes = max(map(len, ranks))
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Special-token text is encoded as plain text."""
-        ranks = [r for piece in split_text(text, self._window) for r in self.model.encode_ordinary(piece)]
-        return self._wrap(self._to_ids(ranks), bos, eos)
+        return self._wrap(self._to_ids(self._ordinary(text)), bos, eos)
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         pieces = [list(split_text(t, self._window)) for t in texts]
@@ -149,18 +153,55 @@ class Tokenizer:
                 ids += self._llama3_header(m["role"]) + self.encode(m["content"].strip())
                 ids.append(self._specials["<|eot_id|>"])
             return ids + (self._llama3_header("assistant") if add_generation_prompt else [])
+        text, spans = self._render_chat(messages, add_generation_prompt)
+        # Only the template's own control-token text becomes control tokens; message content is plain
+        # text, so a message cannot forge a turn. (transformers' apply_chat_template parses content too.)
+        ranks, at = [], 0
+        for start, end in spans:
+            ranks += self._ordinary(text[at:start])
+            ranks.append(self.model.encode_single_token(text[start:end]))
+            at = end
+        return self._to_ids(ranks + self._ordinary(text[at:]))
+
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered chat and the (start, end) spans of control-token text the template itself wrote.
+
+        The template is rendered twice: with each content replaced by a random marker, which shows where
+        content goes, and with the real content, which must be the first rendering with each marker
+        replaced by its content (or the content trimmed, as Llama 3 templates do)."""
+        nonce = secrets.token_hex(8)
+        marker = re.compile(f"\x1e{nonce}:(\\d+)\x1e")
+        marked = [{**m, "content": f"\x1e{nonce}:{i}\x1e"} for i, m in enumerate(messages)]
+        skeleton, text = self._render(marked, add_generation_prompt), self._render(messages, add_generation_prompt)
+        parts = marker.split(skeleton)  # template text, message index, template text, ...
+        for shape in (str, str.strip):
+            pieces = [p if k % 2 == 0 else shape(messages[int(p)]["content"]) for k, p in enumerate(parts)]
+            if "".join(pieces) == text:
+                break
+        else:
+            raise HerdError(f"chat template of {self.name} changes message content in a way herd cannot locate; "
+                            "content must be encoded as plain text")
+        spans, at = [], 0
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                spans += [(at + m.start(), at + m.end()) for m in self._special_re.finditer(piece)]
+            at += len(piece)
+        return text, spans
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         specials = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
         try:
-            text = self._template.render(
+            return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 **{f"{k}_token": self.decode([i]) for k, i in specials.items() if i is not None},
             )
         except jinja2.TemplateError as e:
             raise HerdError(f"chat template of {self.name}: {e}") from None
-        # like transformers' apply_chat_template: control-token text is recognised anywhere in the rendered
-        # text, message content included
-        return self._to_ids(self.model.encode(text, allowed_special="all"))
+
+    def _ordinary(self, text: str) -> list[int]:
+        """Ranks of text with no special tokens, cut as `encode` cuts long texts."""
+        return [r for piece in split_text(text, self._window) for r in self.model.encode_ordinary(piece)]
 
     def save(self, directory: str | Path) -> None:
         """Writes directory/tokenizer.json: a reference for bundled Llama 3, else everything needed to rebuild."""

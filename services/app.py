@@ -23,6 +23,7 @@ from ray import serve
 
 from model.errors import HerdError
 from services import rollout as rollouts
+from services import proxy
 from services.api import state as api_state
 from services.config import load_server_config
 from services.rollout import Pinned, Rollout, check_user_config, pin
@@ -140,19 +141,21 @@ def deploy(model_path: str | Path | None = None, config: str | Path | dict | Non
     http = doc.get("http_options") or {}
     host = host or http.get("host", "127.0.0.1")
     port = int(port or http.get("port", 8000))
+    config = load_server_config(app_args)
+    key = config.api_key()  # no key and no `auth: none`: refuse before starting anything
     if not ray.is_initialized():
+        os.environ.setdefault(proxy.CALLBACK_ENV, proxy.CALLBACK)  # the proxy a Ray started here drops them
         ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == "HERD_API_KEY"}}
-                 if os.environ.get("HERD_API_KEY") else None)
+                 runtime_env={"env_vars": {config.api_key_env: key}} if key else None)
     for attempt in range(3):  # on a busy machine the proxy may miss Serve's 60 s start-up window
         try:
-            serve.start(http_options={"host": host, "port": port})
+            serve.start(http_options={"host": host, "port": port,
+                                      **{k: v for k, v in http.items() if k == "request_timeout_s"}})
             break
         except ray.exceptions.RayActorError:
             if attempt == 2:
                 raise
             log.warning("Serve's HTTP proxy did not start; retrying")
-    load_server_config(app_args)
     name, prefix = spec.get("name", "herd"), spec.get("route_prefix", "/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{prefix.rstrip('/')}"

@@ -10,8 +10,9 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -47,8 +48,23 @@ class ServerConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads of the engine (None: torch's)
     request_timeout_s: float = Field(600.0, gt=0)  # a request running longer is cancelled
     default_max_tokens: int = Field(512, ge=1)  # when a request gives no max_tokens
-    api_key_env: str = "HERD_API_KEY"  # bearer-key auth is on when this env var is non-empty
+    # Authentication fails closed: with `auth: api_key` (the default) the server refuses to start
+    # unless the env var `api_key_env` holds a key; `auth: none` serves without one.
+    auth: Literal["api_key", "none"] = "api_key"
+    api_key_env: str = "HERD_API_KEY"
+    public_metrics: bool = False  # true: /metrics answers without the key (a scraper inside the cluster)
+    max_body_bytes: int = Field(4 * 2**20, ge=1024)  # larger request bodies get 413, unread
     engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    def api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The key requests must carry; None with `auth: none`. No key under `auth: api_key` is an error."""
+        if self.auth == "none":
+            return None
+        key = environ.get(self.api_key_env, "").strip()
+        if not key:
+            raise HerdError(f"no API key: {self.api_key_env} is empty or unset; set it, or set `auth: none` in the "
+                            "serve args to serve without authentication")
+        return key
 
     @field_validator("model")
     @classmethod

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from fastapi import FastAPI
 
 from services.api import chat, completions, errors, health, metrics, models, page
-from services.api.state import ServerState
+from services.api.guard import Guard, needs_key
+from services.api.state import ServerState, current_state
 from services.config import ServerConfig, load_server_config
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.engine import LLMEngine
@@ -26,7 +26,28 @@ def create_app(state: ServerState | None = None) -> FastAPI:
     errors.install(app)
     for module in (models, completions, chat, health, metrics, page):
         app.include_router(module.router)
+    app.add_middleware(Guard)
+    app.openapi = documented_auth(app)
     return app
+
+
+def documented_auth(app: FastAPI):
+    """app.openapi with the bearer key declared on each operation the Guard asks it for."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema, state = base(), current_state(app)
+            if state is not None and state.api_key:
+                schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http",
+                                                                                     "scheme": "bearer"}}
+                for path, operations in schema["paths"].items():
+                    if needs_key(state, path):
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}]
+        return app.openapi_schema
+
+    return openapi
 
 
 def build_state(args: dict | ServerConfig) -> ServerState:
@@ -34,11 +55,11 @@ def build_state(args: dict | ServerConfig) -> ServerState:
     from model.cli import load_for_inference
 
     config = load_server_config(args)
+    api_key = config.api_key()  # before the slow model load: a server without a key never starts
     path = resolve_model(config.model)
     log.info("loading %s from %s (%s, %s)", config.model, path, config.dtype, config.device)
     model, tokenizer = load_for_inference(str(path), config.dtype, config.device)
     if hasattr(model, "fuse_projections"):
         model.fuse_projections(pack=True)  # fewer, prepacked matmuls: faster batched decode
     engine = LLMEngine(model, tokenizer, config.engine.to_engine_config())
-    api_key = os.environ.get(config.api_key_env) or None
     return ServerState(AsyncLLMEngine(engine, num_threads=config.num_threads), tokenizer, config, api_key)

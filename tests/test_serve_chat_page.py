@@ -55,9 +55,8 @@ class DevTools:
 def server(tmp_path_factory):
     before = torch.get_num_threads()
     state = build_state({"model": str(tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")),
-                         "num_threads": 1, "default_max_tokens": 40,
+                         "num_threads": 1, "default_max_tokens": 40, "auth": "none",
                          "engine": {"max_num_seqs": 2, "max_model_len": 256}})
-    state.api_key = None
     with ServerThread(create_app(state)) as srv:
         yield srv
     state.engine.shutdown()

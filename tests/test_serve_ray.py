@@ -49,7 +49,12 @@ def test_serve_configs_are_valid_ray_serve_configs():
         assert app["deployments"][0]["name"] == "HerdLLMServer"
         from services.config import load_server_config
 
-        load_server_config(app["args"])  # every arg is a known setting
+        config = load_server_config(app["args"])  # every arg is a known setting
+        # backpressure: a bounded queue answered with Retry-After, and a timeout at the proxy that
+        # outlasts the app's own (so the client gets the app's OpenAI error first)
+        deployment = app["deployments"][0]
+        assert deployment["max_queued_requests"] > 0 and deployment["backpressure_config"]["retry_after_s"] > 0
+        assert doc["http_options"]["request_timeout_s"] > config.request_timeout_s, path
 
 
 def test_build_app_is_a_serve_application():
@@ -63,6 +68,16 @@ def test_build_app_is_a_serve_application():
 
     with pytest.raises(HerdError, match="max_num_seq"):
         build_app({"model": "smollm2", "engine": {"max_num_seq": 4}})
+
+
+def test_herd_serve_without_a_key_refuses_to_start():
+    env = {k: v for k, v in os.environ.items() if k not in ("HERD_API_KEY", "RAY_ADDRESS")}
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--model", "smollm2", "--config",
+                        "configs/serve/local.yaml", "--port", str(free_port())],
+                       cwd=REPO, env={**env, "HERD_API_KEY": ""}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "herd: error: no API key: HERD_API_KEY is empty or unset; set it, or set `auth: none` in the serve args "
+        "to serve without authentication"], r.stderr
 
 
 @pytest.mark.integration
@@ -84,6 +99,7 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
     try:
         wait_healthy(url, proc, log=log)
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
+        auth = {"Authorization": f"Bearer {KEY}"}
         question = [{"role": "user", "content": "What is the capital of France?"}]
 
         chat = client.chat.completions.create(model="herd", messages=question, temperature=0, max_tokens=24)
@@ -109,13 +125,19 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
             model="herd", prompt=prompt, temperature=0, max_tokens=8, stream=True) if c.choices)
         assert streamed == comp.choices[0].text
 
+        # Ray's proxy obeys a client's x-request-timeout-seconds; the ingress drops it
+        r = httpx.post(f"{url}/v1/completions", headers={**auth, "x-request-timeout-seconds": "0.001"},
+                       json={"prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == comp.choices[0].text, r.text
+
         assert [m.id for m in client.models.list().data] == ["herd"]
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         assert httpx.get(f"{url}/v1/models").status_code == 401
 
-        # A client that disconnects mid-stream frees its slot (through the Serve proxy too).
-        with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+        # A client that disconnects mid-stream frees its slot (through the Serve proxy too), even one
+        # asking the proxy to ignore its disconnect.
+        with httpx.stream("POST", f"{url}/v1/completions", headers={**auth, "x-request-disconnect-disabled": "?1"},
                           json={"prompt": "Write a long story.", "max_tokens": 1000, "stream": True,
                                 "ignore_eos": True},  # a sampled EOS would end it before the disconnect
                           timeout=120) as s:
@@ -124,7 +146,7 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
                 next(lines)
         deadline = time.monotonic() + 30
         while True:
-            text = httpx.get(f"{url}/metrics").text
+            text = httpx.get(f"{url}/metrics", headers=auth).text
             running = float(re.search(r"^herd_num_requests_running\{.*\} (\S+)$", text, re.M).group(1))
             aborted = float(re.search(r"^herd_request_aborted_total\{.*\} (\S+)$", text, re.M).group(1))
             if running == 0 and aborted >= 1:
@@ -157,7 +179,7 @@ def test_autoscaling_up_under_load_and_back_down(tmp_path):
              runtime_env={"env_vars": {"HERD_API_KEY": ""}})
     try:
         url = deploy(model_dir, REPO / "configs" / "serve" / "local.yaml", port=free_port(),
-                     args={"num_threads": 1, "engine": {"max_num_seqs": 16, "max_model_len": 256}},
+                     args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
                      deployment={"autoscaling_config": {
                          "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
                          "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2,

@@ -1,33 +1,38 @@
 """POST /v1/chat/completions, streaming (chat.completion.chunk events) and not."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Depends
 
 from model.errors import HerdError
-from services.api.auth import require_api_key
-from services.api.errors import ERROR_RESPONSES, APIError
-from services.api.generation import (Run, chat_logprobs, json_response, request_id, sampling_params, sse,
-                                     usage)
-from services.api.schemas import ChatCompletionRequest
+from services.api.errors import GENERATION_RESPONSES, SSE_EVENT, APIError
+from services.api.generation import (Run, chat_logprobs, check_capacity, check_length, json_response,
+                                     request_id, sampling_params, sse, usage)
+from services.api.models import check_model
+from services.api.schemas import ChatCompletion, ChatCompletionRequest
 from services.api.state import ServerState, get_state
 
 router = APIRouter()
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
-    try:
-        return state.tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+    check_length(state, sum(len(m["content"]) for m in messages), "messages")
+    try:  # off the event loop: other requests' streams go on meanwhile
+        return await asyncio.to_thread(state.tokenizer.encode_chat, messages, body.add_generation_prompt)
     except HerdError as e:
         raise APIError(400, str(e), "invalid_value", "messages") from None
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+@router.post("/v1/chat/completions", responses={
+    **GENERATION_RESPONSES, 200: {"model": ChatCompletion, "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
-    ids = chat_prompt(state, body)
+    check_model(state, body.model)
+    check_capacity(state)
+    ids = await chat_prompt(state, body)
     run = Run(state, ids, sampling_params(state, body, len(ids)), request_id("chatcmpl"), body.cache_salt)
     rid, created = run.rid, int(time.time())
 

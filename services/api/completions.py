@@ -6,31 +6,32 @@ import time
 
 from fastapi import APIRouter, Depends
 
-from services.api.auth import require_api_key
-from services.api.errors import ERROR_RESPONSES, APIError
-from services.api.generation import (Run, completion_logprobs, json_response, request_id, sampling_params, sse,
-                                     usage)
-from services.api.schemas import CompletionRequest
+from services.api.errors import GENERATION_RESPONSES, SSE_EVENT, APIError
+from services.api.generation import (Run, check_capacity, check_length, completion_logprobs, json_response,
+                                     request_id, sampling_params, sse, usage)
+from services.api.models import check_model
+from services.api.schemas import Completion, CompletionRequest
 from services.api.state import ServerState, get_state
 
 router = APIRouter()
 
 
-def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
+def split_prompts(prompt) -> list:
+    """The request's prompts: a string, or a list of token ids, is one."""
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+async def prompt_token_lists(state: ServerState, prompts: list) -> list[list[int]]:
     tok = state.tokenizer
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    else:
-        prompts = list(prompt)
-    if not prompts:
-        raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
-    if len(prompts) > 16:
-        raise APIError(400, "at most 16 prompts per request", "invalid_value", "prompt")
-    out = []
     for p in prompts:
-        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        if isinstance(p, str):
+            check_length(state, len(p), "prompt")
+    # off the event loop: other requests' streams go on meanwhile
+    encoded = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+    out = []
+    for ids in encoded:
         if not ids:
             if tok.bos_id is None:
                 raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
@@ -43,15 +44,19 @@ def prompt_token_lists(state: ServerState, prompt) -> list[list[int]]:
     return out
 
 
-@router.post("/v1/completions", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+@router.post("/v1/completions", responses={
+    **GENERATION_RESPONSES, 200: {"model": Completion, "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
-    prompts = prompt_token_lists(state, body.prompt)
+    check_model(state, body.model)
+    prompts = split_prompts(body.prompt)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "streaming takes a single prompt", "invalid_value", "prompt")
     limit = state.engine.engine.config.max_in_flight
     if len(prompts) > limit:  # could never be admitted: not a retryable 503
         raise APIError(400, f"{len(prompts)} prompts in one request; this server holds at most {limit} requests "
                             "in flight", "invalid_value", "prompt")
+    check_capacity(state)
+    prompts = await prompt_token_lists(state, prompts)
     rid, created = request_id("cmpl"), int(time.time())
     runs = []
     try:
@@ -59,7 +64,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
             runs.append(Run(state, ids, sampling_params(state, body, len(ids)), f"{rid}-{i}", body.cache_salt))
     except APIError:
         for r in runs:
-            state.engine.abort(r.rid)
+            r.close()
         raise
     echo = [state.tokenizer.decode(p) if body.echo else "" for p in prompts]
 

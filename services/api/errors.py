@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.api.schemas import ErrorResponse
 from services.engine.errors import EngineError
 
 log = logging.getLogger("herd.api")
@@ -72,8 +73,17 @@ def install(app: FastAPI) -> None:
 
 
 ERROR_RESPONSES = {
-    400: {"description": "Invalid request (OpenAI error object)"},
-    401: {"description": "Missing or wrong API key"},
-    408: {"description": "Request timed out"},
-    503: {"description": "Queue full or model not ready"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    503: {"model": ErrorResponse, "description": "The model is still loading"},
+}
+# One server-sent event: `data` is a JSON chunk (or an error object), the last one `[DONE]`.
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+             "required": ["data"]}
+GENERATION_RESPONSES = {
+    **ERROR_RESPONSES,
+    400: {"model": ErrorResponse, "description": "Invalid request, or prompt too long for the context"},
+    404: {"model": ErrorResponse, "description": "The request names a model this server does not serve"},
+    408: {"model": ErrorResponse, "description": "The request ran past the server's timeout"},
+    413: {"model": ErrorResponse, "description": "The body is larger than the server's limit"},
+    503: {"model": ErrorResponse, "description": "Queue full (with Retry-After) or model not ready"},
 }

@@ -13,6 +13,7 @@ from model.errors import HerdError
 from model.generate import SamplingParams
 from model.sampler import TokenLogprobs
 from services.api.errors import APIError, error_body, from_engine_error
+from services.api.guard import EXCHANGE
 from services.api.schemas import SamplingFields
 from services.api.state import ServerState
 from services.engine.engine import RequestOutput
@@ -44,19 +45,40 @@ def sampling_params(state: ServerState, body: SamplingFields, prompt_len: int) -
         raise APIError(400, str(e), "invalid_value") from None
 
 
+def check_capacity(state: ServerState) -> None:
+    """503 + Retry-After before any tokenizing when the engine holds all it may."""
+    try:
+        state.engine.check_capacity()
+    except EngineError as e:
+        raise from_engine_error(e) from None
+
+
+def check_length(state: ServerState, chars: int, param: str) -> None:
+    """400 for a text too long for the context, found before tokenizing it: a token spells at most
+    `max_token_bytes` bytes, so n characters are at least n / max_token_bytes tokens."""
+    limit = state.max_model_len
+    if chars > limit * state.tokenizer.max_token_bytes:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {param} "
+                            f"holds {chars} characters, more than {limit} tokens can spell.",
+                       "context_length_exceeded", param)
+
+
 def usage(prompt: int, completion: int, cached: int = 0) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class Run:
-    """One engine request with a deadline. Leaving `outputs()` early (client disconnect, timeout,
-    error) aborts it, which frees its KV-cache slot at the engine's next step."""
+    """One engine request with a deadline. Leaving `outputs()` early (timeout, error) aborts it, which
+    frees its KV-cache slot at the engine's next step; so does the end of the HTTP exchange that
+    submitted it (guard.Guard), however it ends: a disconnect before the first chunk included."""
 
     def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, rid: str,
                  cache_salt: str | None = None):
         self.state, self.rid = state, rid
-        self.deadline = time.monotonic() + state.config.request_timeout_s
+        exchange = EXCHANGE.get()
+        start = exchange.arrival if exchange is not None else time.monotonic()
+        self.deadline = start + state.config.request_timeout_s
         try:  # validated and enqueued now, so limits fail before any response starts
             self.queue = state.engine.submit(prompt_ids, params, rid, cache_salt)
         except EngineError as e:
@@ -64,6 +86,14 @@ class Run:
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(prompt_ids), 0, 0
         self.finish_reason: str | None = None
         self.done = False
+        if exchange is not None:
+            exchange.runs.append(self)
+
+    def close(self) -> None:
+        """Abort the request unless it finished (idempotent)."""
+        if not self.done:
+            self.done = True
+            self.state.engine.abort(self.rid)
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         try:
@@ -89,8 +119,7 @@ class Run:
                 if out.finished:
                     return
         finally:
-            if not self.done:
-                self.state.engine.abort(self.rid)
+            self.close()
 
 
 def chat_logprobs(tokenizer, outs: list[TokenLogprobs], ids: list[int]) -> dict:

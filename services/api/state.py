@@ -43,10 +43,14 @@ def set_state(state: ServerState | None) -> None:
     _STATE = state
 
 
+def current_state(app) -> ServerState | None:
+    return getattr(app.state, "herd", None) or _STATE
+
+
 def get_state(request: Request) -> ServerState:
     # request.state.herd: the state a request was pinned to when it arrived (services/app.py), so a
     # model swap mid-request never mixes two versions in one answer.
-    state = getattr(request.state, "herd", None) or getattr(request.app.state, "herd", None) or _STATE
+    state = getattr(request.state, "herd", None) or current_state(request.app)
     if state is None:
         from services.api.errors import APIError
 

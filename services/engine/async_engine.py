@@ -64,15 +64,21 @@ class AsyncLLMEngine:
         eng = self.engine
         eng.validate(prompt_ids, params)
         with self._cond:
-            pending = len(self._incoming) + eng.num_waiting + eng.num_running
-            if pending >= eng.config.max_in_flight:
-                eng.metrics.rejected += 1
-                raise QueueFullError(f"the server is at capacity ({pending} requests in flight); retry later")
+            self.check_capacity()
             queue: asyncio.Queue = asyncio.Queue()
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
             self._incoming.append((prompt_ids, params, request_id, time.monotonic(), cache_salt))
             self._cond.notify()
         return queue
+
+    def check_capacity(self) -> None:
+        """QueueFullError when one more request would pass the engine's bound (running + waiting). The
+        HTTP layer also asks before tokenizing, so a flood is refused at the cost of a JSON parse."""
+        eng = self.engine
+        pending = len(self._incoming) + eng.num_waiting + eng.num_running
+        if pending >= eng.config.max_in_flight:
+            eng.metrics.rejected += 1
+            raise QueueFullError(f"the server is at capacity ({pending} requests in flight); retry later")
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -113,6 +119,7 @@ class AsyncLLMEngine:
                     eng.abort(rid)
                 for prompt_ids, params, rid, arrival, salt in incoming:
                     if rid not in self._streams:  # aborted before it was admitted
+                        eng.metrics.aborted += 1
                         continue
                     try:
                         eng.add_request(prompt_ids, params, rid, arrival=arrival, cache_salt=salt)
