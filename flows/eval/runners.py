@@ -101,6 +101,7 @@ def _mc_metrics(per_subset: dict[str, list[dict]], scoring: str) -> dict[str, fl
         for name, rs in per_subset.items():
             subset_scores[name] = sum(r[scoring] for r in rs) / len(rs)
             m[f"{name}/{scoring}"] = subset_scores[name]
+            m[f"{name}/n"] = float(len(rs))  # the gate's noise per subset
         m[f"{scoring}_macro"] = sum(subset_scores.values()) / len(subset_scores)
     return m
 

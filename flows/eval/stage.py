@@ -14,7 +14,9 @@ Config (YAML, configs/eval/*.yaml; every key optional):
   max_length: null        # scoring window; default the model's max_seq_len
   mlflow: {enabled: true, tracking_uri: null, experiment: null, log_predictions: true}
   registry: {name: herd}
-  promotion: {metrics: [{metric: herd_mc/acc, higher_is_better: true, min_delta: 0.0}], require: all}
+  gate: {benchmarks: [herd_mc/acc], win_rate: {metric: humaneval/win_rate, floor: 0.5},
+         attack_success: herd_redteam/unsafe_compliance_rate, floors: [{metric: herd_mc/acc, min: 0.3}]}
+                          # the promotion gate (flows/eval/gate.py)
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from model.errors import HerdError
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 CONFIG_KEYS = {"name", "tasks", "data_dir", "limit", "batch_size", "dtype", "device", "max_length",
-               "share_prefix", "mlflow", "registry", "promotion"}
+               "share_prefix", "mlflow", "registry", "gate"}
 TASK_KEYS = {"task", "limit", "num_fewshot", "overrides"}
 
 
@@ -80,7 +82,7 @@ def load_config(config: str | Path | dict | None) -> dict:
     cfg["mlflow"] = {"enabled": True, "tracking_uri": None, "experiment": None, "log_predictions": True,
                      **(cfg.get("mlflow") or {})}
     cfg["registry"] = {"name": "herd", **(cfg.get("registry") or {})}
-    cfg["promotion"] = {"metrics": [], "require": "all", **(cfg.get("promotion") or {})}
+    cfg["gate"] = cfg.get("gate") or {}
     return cfg
 
 
@@ -136,7 +138,7 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise HerdError(f"task names repeat: {', '.join(names)}")
-    chash = config_hash(cfg, entries, specs)
+    chash = config_hash({**cfg, "limit": limit}, entries, specs)  # the limit in effect (--limit included)
     uri = str(model_path_or_uri)
 
     version = None
