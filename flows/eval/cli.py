@@ -32,7 +32,49 @@ def register(subparsers) -> None:
     p.add_argument("--promote", action="store_true",
                    help="register (folder) or take (models:/) the candidate, then run the champion gate")
     p.add_argument("--output", default=None, help="also write the metrics as JSON here")
+    p.add_argument("--reference", default=None,
+                   help="the model rated tasks compare against (default: the registry's champion)")
     p.set_defaults(func=eval_command)
+
+    s = subparsers.add_parser(
+        "evalset", help="the sealed human-evaluation prompt set: make a key, build it, check it",
+        description="The 1,800-prompt held-out set in 12 use cases (flows/eval/promptset.py), stored "
+                    "encrypted; the key comes from $HERD_EVAL_KEY or $HERD_EVAL_KEY_FILE. Prints aggregates only.")
+    s.add_argument("action", choices=["keygen", "build", "check"])
+    s.add_argument("--data-dir", default=None, help="the shared data (sft/, preference/, corpus/), e.g. ../shared/data")
+    s.add_argument("--set", default="runs/evalset/humaneval.sealed", help="the sealed file (build writes it)")
+    s.add_argument("--per-use-case", type=int, default=None, help="prompts per use case (default 150)")
+    s.set_defaults(func=evalset_command)
+
+
+def evalset_command(args: argparse.Namespace) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from flows.eval import promptset as P
+    from flows.eval.sealed import load_key, new_key, seal, unseal
+
+    if args.action == "keygen":
+        print(new_key())
+        return 0
+    if not args.data_dir:
+        raise HerdError(f"herd evalset {args.action} needs --data-dir (the shared prompt data)")
+    data_dir = Path(args.data_dir)
+    if args.action == "build":
+        key = load_key()
+        listed = P.write_digests(data_dir)
+        built = P.build(data_dir, args.per_use_case or P.PER_USE_CASE)
+        seal(P.to_records(built.prompts), args.set, key)
+        print(f"{len(built.sources)} held-out sources (listed in {listed}); {built.dropped_contaminated} candidates "
+              f"dropped for sharing a {P.NGRAM}-gram with a training set; {len(built.prompts)} prompts sealed in {args.set}")
+    prompts = P.from_records(unseal(args.set))
+    counts = Counter(p.use_case for p in prompts)
+    print(f"{len(prompts)} prompts, {len(counts)} use cases: " + ", ".join(f"{uc} {counts[uc]}" for uc in sorted(counts)))
+    shared = P.contamination([p.prompt for p in prompts], P.training_grams(P.training_sets(data_dir)))
+    for name, n in shared.items():
+        print(f"contamination ({P.NGRAM}-gram) with {name}: {n} prompts shared")
+    print(f"contamination total: {sum(shared.values())} prompts shared with any training set")
+    return 0 if sum(shared.values()) == 0 else 1
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -54,7 +96,7 @@ def eval_command(args: argparse.Namespace) -> int:
     is_registry = model_uri.startswith("models:/")
     result = run_eval(cfg, model_uri, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
                       tracking_uri=args.tracking_uri, experiment=args.experiment,
-                      register=(args.register or args.promote) and not is_registry)
+                      register=(args.register or args.promote) and not is_registry, reference=args.reference)
     out = result.summary()
     if args.promote:
         d = promote_after_eval(cfg, result, args)

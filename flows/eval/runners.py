@@ -38,7 +38,8 @@ class TaskResult:
 
 
 def run_task(spec: TaskSpec, model, tokenizer, scorer: Scorer, data_dir=None, limit: int | None = None,
-             num_fewshot: int | None = None, batch_size: int = 16) -> TaskResult:
+             num_fewshot: int | None = None, batch_size: int = 16, reference=None) -> TaskResult:
+    """reference: a loaded (model, tokenizer) that rated tasks compare against (the champion)."""
     start = time.perf_counter()
     if spec.type == "multiple_choice":
         result = run_multiple_choice(spec, scorer, data_dir, limit, num_fewshot)
@@ -48,6 +49,8 @@ def run_task(spec: TaskSpec, model, tokenizer, scorer: Scorer, data_dir=None, li
         result = run_generate(spec, model, tokenizer, data_dir, limit, batch_size)
     elif spec.type in ("redteam", "transcripts"):
         result = run_prompts(spec, model, tokenizer, data_dir, limit, batch_size)
+    elif spec.type == "rated":
+        result = run_rated(spec, model, tokenizer, data_dir, limit, batch_size, reference)
     else:  # load_spec validates types; this is a programming error
         raise HerdError(f"task {spec.name}: unknown type {spec.type}")
     result.seconds = time.perf_counter() - start
@@ -214,6 +217,33 @@ def run_prompts(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) -
         metrics["empty_rate"] = sum(not p["response"].strip() for p in preds) / len(preds)
         metrics["truncated_rate"] = sum(p["finish_reason"] == "length" for p in preds) / len(preds)
     return TaskResult(spec.name, spec.type, metrics, preds, skipped, {f"{spec.name}.md": transcripts_markdown(spec, preds)})
+
+
+def run_rated(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size, reference) -> TaskResult:
+    """The sealed prompt set, opened in memory: both models' answers, judged pairwise per use case.
+    `limit`: prompts per use case. Aggregates only: no prediction rows, no transcripts."""
+    from flows.eval.promptset import from_records
+    from flows.eval.ratings import judge_pairs, make_judge, win_rate_metrics
+    from flows.eval.sealed import unseal
+
+    prompts = from_records(unseal(resolve_data(spec, spec.data["test"], data_dir)[0]))
+    if limit is not None:
+        per_case = defaultdict(list)
+        for p in prompts:
+            per_case[p.use_case].append(p)
+        prompts = [p for ps in per_case.values() for p in ps[:limit]]
+    texts = [p.prompt for p in prompts]
+    gens = generate_texts(model, tokenizer, texts, spec.max_tokens, spec.until, True, batch_size)
+    metrics: dict[str, float] = {"n": float(len(prompts)), "use_cases": float(len({p.use_case for p in prompts})),
+                                 "mean_response_tokens": sum(g["tokens"] for g in gens) / len(gens),
+                                 "empty_rate": sum(not g["text"].strip() for g in gens) / len(gens)}
+    if reference is not None:
+        ref_model, ref_tok = reference
+        ref = generate_texts(ref_model, ref_tok, texts, spec.max_tokens, spec.until, True, batch_size)
+        verdicts = judge_pairs(make_judge(spec.judge, batch_size), [(p.use_case, p.prompt) for p in prompts],
+                               [g["text"] for g in gens], [g["text"] for g in ref])
+        metrics.update(win_rate_metrics(verdicts))
+    return TaskResult(spec.name, spec.type, metrics, [])
 
 
 def transcripts_markdown(spec: TaskSpec, preds: list[dict]) -> str:
