@@ -26,7 +26,8 @@ USE_CASES = ("advice", "brainstorming", "classification", "closed_qa", "coding",
              "inhabiting_a_character", "open_qa", "reasoning", "rewriting", "summarization")
 PER_USE_CASE = 150
 NGRAM = 13
-SOURCES = {"sft/alpaca_en_demo.json": "conversations", "preference/dpo_en_demo.json": "pairs"}
+SOURCES = ("sft/alpaca_en_demo.json", "preference/dpo_en_demo.json")  # the human-eval prompts come from these
+RED_TEAM_SOURCE = "preference/hh-rlhf_harmless-base_test.jsonl"  # held out for the red team (flows/eval/safety.py)
 PASSAGE_WORDS = (40, 160)  # a reference answer serves as a passage when it has at least 40 words; cut at 160
 
 # Ordered: the first rule that matches the request names its use case; none: open QA.
@@ -125,15 +126,15 @@ def passage_of(answer: str) -> str | None:
     return cut[:end + 1] if end > len(cut) // 2 else cut
 
 
-def read_records(data_dir: Path) -> list[tuple[str, list[dict], str]]:
+def read_records(data_dir: Path, sources=SOURCES) -> list[tuple[str, list[dict], str]]:
     """(origin, prompt messages, reference reply) for every usable shared record, held out or not."""
     from flows.finetune import chat
 
     out = []
-    for rel, kind in SOURCES.items():
+    for rel in sources:
         path = data_dir / rel
         if not path.is_file():
-            raise HerdError(f"{path}: shared prompt data not found (the prompt set is built from {', '.join(SOURCES)})")
+            raise HerdError(f"{path}: shared prompt data not found (the held-out split covers {', '.join(sources)})")
         for rec in chat._read_records(path, chat.Counts()):
             conv = chat.to_conversation(rec)
             if conv is None:
@@ -235,11 +236,12 @@ class Built:
 
 
 def write_digests(data_dir: str | Path, path: Path | None = None) -> Path:
-    """List the digest of every held-out shared record (all of them, used or not) for the loaders."""
+    """List the digest of every held-out shared record (all of them, used or not, the red team's HH
+    prompts included) for the loaders."""
     from flows.heldout import HELDOUT_DIGESTS, _listed, digest, first_user, is_heldout
 
     path = path or HELDOUT_DIGESTS
-    found = sorted({digest(r) for _, msgs, _ in read_records(Path(data_dir))
+    found = sorted({digest(r) for _, msgs, _ in read_records(Path(data_dir), (*SOURCES, RED_TEAM_SOURCE))
                     if (r := first_user(msgs)) and is_heldout(r)})
     path.write_text("# sha256 of the first user turn of each shared record held out for the sealed eval set\n"
                     "# (flows/heldout.py); the training loaders drop these. Written by `herd evalset build`.\n"

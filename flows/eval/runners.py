@@ -51,6 +51,8 @@ def run_task(spec: TaskSpec, model, tokenizer, scorer: Scorer, data_dir=None, li
         result = run_prompts(spec, model, tokenizer, data_dir, limit, batch_size)
     elif spec.type == "rated":
         result = run_rated(spec, model, tokenizer, data_dir, limit, batch_size, reference)
+    elif spec.type == "safety":
+        result = run_safety(spec, model, tokenizer, data_dir, limit, batch_size)
     else:  # load_spec validates types; this is a programming error
         raise HerdError(f"task {spec.name}: unknown type {spec.type}")
     result.seconds = time.perf_counter() - start
@@ -133,9 +135,10 @@ def run_perplexity(spec: TaskSpec, scorer: Scorer, data_dir) -> TaskResult:
 
 # --- generation ---------------------------------------------------------------------------------
 
-def generate_texts(model, tokenizer, prompts: list[str], max_tokens: int, until: list[str], chat: bool,
+def generate_texts(model, tokenizer, prompts: list[str | tuple[dict, ...]], max_tokens: int, until: list[str], chat: bool,
                    batch_size: int) -> list[dict]:
-    """Greedy, batched; prompts longer than the window lose tokens from the left."""
+    """Greedy, batched; prompts longer than the window lose tokens from the left. A prompt may be a
+    conversation (a sequence of messages; chat only), answered as the next assistant turn."""
     from model.generate import SamplingParams, generate
 
     from flows.eval.scoring import default_add_bos
@@ -147,7 +150,10 @@ def generate_texts(model, tokenizer, prompts: list[str], max_tokens: int, until:
         raise HerdError(f"max_tokens {max_tokens} leaves no room for a prompt in a {model.config.max_seq_len}-token window")
     encoded = []
     for p in prompts:
-        ids = tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p, bos=add_bos)
+        if not isinstance(p, str):
+            ids = tokenizer.encode_chat(list(p))
+        else:
+            ids = tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p, bos=add_bos)
         encoded.append((ids or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id])[-keep:])
     out = []
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths decode together
@@ -244,6 +250,42 @@ def run_rated(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size, ref
                                [g["text"] for g in gens], [g["text"] for g in ref])
         metrics.update(win_rate_metrics(verdicts))
     return TaskResult(spec.name, spec.type, metrics, [])
+
+
+def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) -> TaskResult:
+    """The scored red team: attack prompts per risk category, replies scored by the safety classifier
+    trained on the other HH harmless pairs. `limit`: prompts per category. Also the scorer's and the
+    keyword rubric's accuracy on the held-out pairs, and the scorer's on the hand-labelled replies."""
+    import numpy as np
+
+    from flows.eval import safety as S
+    from flows.heldout import first_user
+
+    train, held = S.hh_pairs(resolve_data(spec, spec.data["test"], data_dir)[0])
+    prompts = S.attack_prompts(held)
+    if limit is not None:
+        per_cat = defaultdict(list)
+        for p in prompts:
+            per_cat[p.category].append(p)
+        prompts = [p for ps in per_cat.values() for p in ps[:limit]]
+    scorer = S.SafetyScorer().fit(train)
+    gens = generate_texts(model, tokenizer, [p.messages for p in prompts], spec.max_tokens, spec.until, True, batch_size)
+    replies = [g["text"] for g in gens]
+    unsafe = scorer.unsafe([p.request for p in prompts], replies)
+    metrics = S.attack_success_metrics(prompts, unsafe)
+    reqs = [first_user(p["prompt"]) or "" for p in held]
+    metrics["scorer_pair_accuracy"] = S.pair_accuracy(scorer.unsafe(reqs, [p["chosen"] for p in held]),
+                                                      scorer.unsafe(reqs, [p["rejected"] for p in held]))
+    metrics["rubric_pair_accuracy"] = S.pair_accuracy([S.rubric_harm(p["chosen"]) for p in held],
+                                                      [S.rubric_harm(p["rejected"]) for p in held])
+    labelled = [r.doc for path in resolve_data(spec, spec.data["labelled"], data_dir) for r in read_rows(path, "jsonl")] \
+        if "labelled" in spec.data else []
+    if labelled:
+        u = scorer.unsafe([r["request"] for r in labelled], [r["reply"] for r in labelled])
+        metrics["scorer_labelled_accuracy"] = float(np.mean([(x > 0.5) == (r["label"] == "unsafe") for x, r in zip(u, labelled)]))
+    preds = [{"category": p.category, "attack": p.attack, "prompt": p.request, "response": r, "unsafe": round(float(x), 4)}
+             for p, r, x in zip(prompts, replies, unsafe)]
+    return TaskResult(spec.name, spec.type, metrics, preds)
 
 
 def transcripts_markdown(spec: TaskSpec, preds: list[dict]) -> str:

@@ -19,6 +19,7 @@ new benchmark needs no code. Fields, with lm-evaluation-harness's names in brack
   scoring:       acc | acc_norm (log-likelihood divided by the choice's length in characters)
   until / max_tokens / normalize: for generate tasks (exact match after normalisation)
   judge:         rated tasks (data.test: a sealed prompt set): the pairwise judge (flows/eval/ratings.py)
+  safety:        data.test: HH-RLHF harmless pairs; attack prompts + learned scorer (flows/eval/safety.py)
 
 Templates are jinja, rendered in a sandbox with StrictUndefined: `{{ question.strip() }}`;
 a template that is exactly a field name returns that field (as lm-eval does).
@@ -35,7 +36,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.errors import HerdError
 
-TASK_TYPES = ("multiple_choice", "generate", "perplexity", "redteam", "transcripts", "rated")
+TASK_TYPES = ("multiple_choice", "generate", "perplexity", "redteam", "transcripts", "rated", "safety")
 SCORINGS = ("acc", "acc_norm")
 BUILTIN_TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval" / "tasks"
 
