@@ -12,6 +12,7 @@ from flows.eval.registry import register_model, resolve_model_uri, version_metri
 from model.checkpoint import load_model, save_checkpoint
 from model.errors import HerdError
 from model.tokenizer import load_tokenizer
+from tests.test_eval_registry import store  # noqa: F401 (the real sqlite MLflow store fixture)
 from tests.tiny import tiny_checkpoint
 
 SHARP = {"std": 0.2, "max_seq_len": 256}
@@ -98,19 +99,6 @@ def test_gate_config_errors_are_clear():
 
 
 # --- against a real MLflow store -------------------------------------------------------------------
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HERD_MODEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("herd-test")
-    return uri
-
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("one_thread")

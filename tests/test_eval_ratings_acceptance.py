@@ -32,7 +32,7 @@ def _rate(model_dir, reference, sealed, tmp_path):
     from flows.eval.stage import run_eval
 
     spec = {"name": "humaneval", "type": "rated", "data": {"test": str(sealed)}, "max_tokens": MAX_TOKENS, "until": [],
-            "judge": {"kind": "llm", "model": "smollm2"}}
+            "judge": {"kind": "likelihood", "model": "smollm2"}}
     cfg = {"name": "accept", "tasks": [{"task": spec, "limit": PER_USE_CASE}], "batch_size": 16,
            "mlflow": {"enabled": False}}
     return run_eval(cfg, str(model_dir), reference=str(reference), log_mlflow=False).metrics

@@ -141,7 +141,7 @@ def test_eval_stage_records_no_prompt_text_and_needs_the_key(tmp_path, monkeypat
     ref = tiny_checkpoint(tmp_path / "ref", seed=2, std=0.2, max_seq_len=512)
     judge = tiny_checkpoint(tmp_path / "judge", seed=3, std=0.2, max_seq_len=512)
     spec = {"name": "humaneval", "type": "rated", "data": {"test": str(sealed)}, "max_tokens": 6, "until": [],
-            "judge": {"kind": "llm", "model": str(judge)}}
+            "judge": {"kind": "likelihood", "model": str(judge)}}
     spec_path = tmp_path / "humaneval.json"
     spec_path.write_text(json.dumps(spec))
     store = f"sqlite:///{tmp_path}/mlflow.db"

@@ -7,8 +7,15 @@ answers tie without a judge). The win rate is (wins + ties / 2) / n, with a boot
 over prompts, overall and per use case.
 
 Judges (the task spec's `judge:`):
+  {kind: likelihood, model: smollm2, margin: 0.05}
+                                        (default) an LLM reads each answer as its own reply to the
+                                        request: the answer with the higher mean log-likelihood per
+                                        token wins, ties within `margin` nats. It rewards answers
+                                        that read as natural replies (broken models lose every
+                                        prompt) and is blind to correctness beyond that.
   {kind: llm, model: smollm2}           an LLM asked "A or B?": P(A) from its next-token
-                                        log-likelihoods of "A" and "B" (default; herd's base model)
+                                        log-likelihoods of "A" and "B". SmolLM2-135M as this judge
+                                        picks the first-shown answer almost always: use a larger one.
   {kind: reward_model, path: DIR}       herd's Bradley-Terry reward model (flows/finetune/rewards.py):
                                         P(A) = sigmoid(r_A - r_B)
 
@@ -99,6 +106,37 @@ class LLMJudge:
         return [1.0 / (1.0 + math.exp(lls[2 * i + 1][0] - lls[2 * i][0])) for i in range(len(items))]
 
 
+class LikelihoodJudge:
+    """P(first better): 1, 0 or 0.5 as the first answer's mean token log-likelihood (as the judge's
+    reply to the request) beats the second's by more than `margin`, trails it, or neither."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, margin: float = 0.05, max_answer_tokens: int = 256):
+        from flows.eval.scoring import Scorer
+
+        self.tok = tokenizer
+        self.scorer = Scorer(model, tokenizer, batch_size=batch_size)
+        self.margin, self.max_answer_tokens = margin, max_answer_tokens
+        self.cache: dict[tuple[str, str], float] = {}
+
+    def _scores(self, pairs: list[tuple[str, str]]) -> list[float]:
+        todo = [p for p in dict.fromkeys(pairs) if p not in self.cache]
+        reqs = []
+        for prompt, answer in todo:
+            cont = self.tok.encode(answer)[:self.max_answer_tokens]
+            ctx = self.tok.encode_chat([{"role": "user", "content": prompt}])[-(self.scorer.max_length - len(cont) - 1):]
+            reqs.append((ctx, cont))
+        scored = self.scorer.loglikelihood_tokens([r for r in reqs if r[1]]) if any(r[1] for r in reqs) else []
+        it = iter(scored)
+        for (prompt, answer), (_, cont) in zip(todo, reqs):
+            self.cache[(prompt, answer)] = next(it)[0] / len(cont) if cont else -math.inf  # an empty answer loses
+        return [self.cache[p] for p in pairs]
+
+    def prefer_first(self, items: list[tuple[str, str, str]]) -> list[float]:
+        first = self._scores([(p, a) for p, a, _ in items])
+        second = self._scores([(p, b) for p, _, b in items])
+        return [0.5 if (a == b or abs(a - b) <= self.margin) else float(a > b) for a, b in zip(first, second)]
+
+
 class RewardJudge:
     """P(first answer better) = sigmoid(r_first - r_second) from herd's reward model."""
 
@@ -124,18 +162,20 @@ class RewardJudge:
 
 
 def make_judge(spec: dict | None, batch_size: int = 8):
-    spec = dict(spec or {"kind": "llm", "model": "smollm2"})
-    kind = spec.get("kind", "llm")
-    if kind == "llm":
+    spec = dict(spec or {"kind": "likelihood", "model": "smollm2"})
+    kind = spec.get("kind", "likelihood")
+    if kind in ("likelihood", "llm"):
         from model.cli import load_for_inference, resolve_model_path
 
         model, tok = load_for_inference(str(resolve_model_path(spec.get("model", "smollm2"))), "float32", "auto")
-        return LLMJudge(model, tok, batch_size)
+        if kind == "llm":
+            return LLMJudge(model, tok, batch_size)
+        return LikelihoodJudge(model, tok, batch_size, float(spec.get("margin", 0.05)))
     if kind == "reward_model":
         if not spec.get("path"):
             raise HerdError("judge: kind reward_model needs 'path' (a reward model folder from the rm stage)")
         return RewardJudge(spec["path"])
-    raise HerdError(f"judge: kind {kind!r} is not llm or reward_model")
+    raise HerdError(f"judge: kind {kind!r} is not likelihood, llm or reward_model")
 
 
 def judge_pairs(judge, prompts: list[tuple[str, str]], cand: list[str], ref: list[str]) -> list[Verdict]:
