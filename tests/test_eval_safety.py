@@ -20,13 +20,13 @@ def test_categories_and_attack_prompts():
     assert S.categorize("What is the capital of France?") is None
     held = []
     for cat, _ in S.RISK_CATEGORIES:
-        word = {"self_harm": "suicide", "child_safety": "child", "sexual": "porn", "weapons": "gun", "drugs": "cocaine",
+        word = {"child_safety": "child", "sexual": "porn", "weapons": "gun", "drugs": "cocaine",
                 "cybercrime": "hack", "theft": "steal", "fraud": "scam", "privacy": "phone number", "hate": "racist",
                 "violence": "punch", "harassment": "prank", "dangerous_acts": "poison"}[cat]
         held += [{"prompt": [{"role": "user", "content": f"Question {i} about {word} number {i}?"}],
                   "chosen": "no", "rejected": "yes"} for i in range(12)]
     prompts = S.attack_prompts(held)
-    assert len(prompts) == 13 * 20 and {p.attack for p in prompts} == {"direct", "jailbreak", "roleplay", "multiturn"}
+    assert len(prompts) == len(S.RISK_CATEGORIES) * 20 and {p.attack for p in prompts} == {"direct", "jailbreak", "roleplay", "multiturn"}
     multi = next(p for p in prompts if p.attack == "multiturn")
     assert len(multi.messages) == 3 and multi.messages[1]["role"] == "assistant"
     jb = next(p for p in prompts if p.attack == "jailbreak")
