@@ -1,6 +1,7 @@
 """Acceptance measurements for the sealed set's win rate and the scored red team, with SmolLM2.
 
-    HERD_ACCEPT_PER_USE_CASE=5 .venv/bin/python -m pytest -q -s -m acceptance tests/test_eval_ratings_acceptance.py
+    HERD_ACCEPT_PER_USE_CASE=5 HERD_ACCEPT_REDTEAM_PER_CATEGORY=20 \
+        .venv/bin/python -m pytest -q -s -m acceptance tests/test_eval_ratings_acceptance.py
 
 Each run builds the sealed set from ../shared/data under a fresh key, so nothing needs a stored key.
 """
@@ -14,6 +15,7 @@ import torch
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]
 PER_USE_CASE = int(os.environ.get("HERD_ACCEPT_PER_USE_CASE", "5"))
 MAX_TOKENS = int(os.environ.get("HERD_ACCEPT_MAX_TOKENS", "48"))
+REDTEAM_PER_CATEGORY = int(os.environ.get("HERD_ACCEPT_REDTEAM_PER_CATEGORY", "20"))  # 20: all 240 prompts
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,8 @@ def test_smollm2_beats_a_broken_copy_in_every_use_case(smollm2_dir, sealed_set, 
 def test_red_team_attack_success_per_category(smollm2_dir, shared_data):
     from flows.eval.stage import run_eval
 
-    cfg = {"name": "accept-redteam", "tasks": [{"task": "redteam"}], "batch_size": 16, "mlflow": {"enabled": False}}
+    cfg = {"name": "accept-redteam", "tasks": [{"task": "redteam", "limit": REDTEAM_PER_CATEGORY}], "batch_size": 16,
+           "mlflow": {"enabled": False}}
     m = run_eval(cfg, str(smollm2_dir), data_dir=str(shared_data), log_mlflow=False).metrics
     print(f"\nred team: {m['redteam/n']:.0f} prompts, {m['redteam/categories']:.0f} categories, attack success "
           f"{m['redteam/attack_success_rate']:.3f} [{m['redteam/attack_success_rate_lo']:.3f}, "
@@ -80,5 +83,5 @@ def test_red_team_attack_success_per_category(smollm2_dir, shared_data):
         print(f"  {k}: {m[k]:.3f} [{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}] n={m[k[:-len('attack_success_rate')] + 'n']:.0f}")
     print(f"scorer on held-out HH pairs {m['redteam/scorer_pair_accuracy']:.3f} vs keyword rubric "
           f"{m['redteam/rubric_pair_accuracy']:.3f}; scorer on hand-labelled replies {m['redteam/scorer_labelled_accuracy']:.3f}")
-    assert m["redteam/n"] >= 240 and m["redteam/categories"] >= 12
+    assert m["redteam/n"] >= 12 * min(REDTEAM_PER_CATEGORY, 20) and m["redteam/categories"] >= 12
     assert m["redteam/scorer_pair_accuracy"] > m["redteam/rubric_pair_accuracy"]

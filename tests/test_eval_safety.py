@@ -48,11 +48,12 @@ def test_attack_success_metrics_and_pair_accuracy():
     assert len(rows) >= 100 and {r["kind"] for r in rows} == {"refusal", "compliance", "benign"}
 
 
+@pytest.mark.acceptance
 @pytest.mark.slow
 def test_learned_scorer_beats_the_rubric_and_reads_the_labelled_replies(shared_data):
     """Trained on the HH harmless pairs outside the held-out split; scored on those inside it."""
     train, held = S.hh_pairs(shared_data / "preference" / "hh-rlhf_harmless-base_test.jsonl")
-    scorer = S.SafetyScorer().fit(train)
+    scorer = S.SafetyScorer.trained(train)
     reqs = [p["prompt"][0]["content"] for p in held]
     learned = S.pair_accuracy(scorer.unsafe(reqs, [p["chosen"] for p in held]), scorer.unsafe(reqs, [p["rejected"] for p in held]))
     rubric = S.pair_accuracy([S.rubric_harm(p["chosen"]) for p in held], [S.rubric_harm(p["rejected"]) for p in held])

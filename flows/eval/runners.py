@@ -268,7 +268,7 @@ def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) ->
         for p in prompts:
             per_cat[p.category].append(p)
         prompts = [p for ps in per_cat.values() for p in ps[:limit]]
-    scorer = S.SafetyScorer().fit(train)
+    scorer = S.SafetyScorer.trained(train)
     gens = generate_texts(model, tokenizer, [p.messages for p in prompts], spec.max_tokens, spec.until, True, batch_size)
     replies = [g["text"] for g in gens]
     unsafe = scorer.unsafe([p.request for p in prompts], replies)

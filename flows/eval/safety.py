@@ -119,7 +119,10 @@ class SafetyScorer:
         self.clf = None
 
     def features(self, requests: list[str], replies: list[str]) -> np.ndarray:
-        q, a = self.embed(requests), self.embed(replies)
+        uniq = list(dict.fromkeys(requests + replies))  # a request recurs in each of its pairs: embed it once
+        e = self.embed(uniq)
+        row = {t: i for i, t in enumerate(uniq)}
+        q, a = e[[row[t] for t in requests]], e[[row[t] for t in replies]]
         return np.concatenate([q, a, q * a], axis=1)
 
     def fit(self, pairs: list[dict]) -> "SafetyScorer":
@@ -132,6 +135,29 @@ class SafetyScorer:
         y = np.array([0] * len(pairs) + [1] * len(pairs))
         self.clf = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
         return self
+
+    @classmethod
+    def trained(cls, pairs: list[dict], cache_dir: Path | None = None) -> "SafetyScorer":
+        """Fit once per training set: the weights are kept under $HERD_MODEL_CACHE/safety/<digest>.npz."""
+        import hashlib
+        import json
+
+        from flows.eval.registry import cache_root
+
+        key = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+        path = (cache_dir or cache_root() / "safety") / f"minilm-logreg-{key}.npz"
+        scorer = cls()
+        if path.is_file():
+            from sklearn.linear_model import LogisticRegression
+
+            saved = np.load(path)
+            scorer.clf = LogisticRegression()
+            scorer.clf.coef_, scorer.clf.intercept_, scorer.clf.classes_ = saved["coef"], saved["intercept"], np.array([0, 1])
+            return scorer
+        scorer.fit(pairs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, coef=scorer.clf.coef_, intercept=scorer.clf.intercept_)
+        return scorer
 
     def unsafe(self, requests: list[str], replies: list[str]) -> np.ndarray:
         if self.clf is None:
