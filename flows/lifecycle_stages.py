@@ -170,7 +170,8 @@ def eval_stage(ctx: StepContext) -> dict:
                    tags={"herd.lifecycle": ctx.lifecycle["name"], "herd.step.key": ctx.key})
     main = res.summary()["metrics"]
     (ctx.out_dir / "metrics.json").write_text(json.dumps(res.metrics, indent=2, sort_keys=True) + "\n")
-    return {"outputs": {"eval_run_id": res.run_id, "config_hash": res.config_hash, "model_dir": ctx.model_dir()},
+    return {"outputs": {"eval_run_id": res.run_id, "config_hash": res.config_hash, "model_dir": ctx.model_dir(),
+                        "config": ctx.config},  # promote re-evaluates a stale champion under it
             "metrics": _flat_metrics(res.metrics), "digest": None,
             "summary": ", ".join(f"{k}={v:.4g}" for k, v in list(main.items())[:3])}
 
@@ -199,13 +200,23 @@ def _version_exists(result: dict) -> bool:
 
 
 def promote_stage(ctx: StepContext) -> dict:
-    from flows.eval.registry import promote
+    from flows.eval.gate import GateConfig, promote
 
     reg = ctx.input("register")
-    eval_cfg = ctx.config  # the eval config's promotion rules
-    prom = eval_cfg.get("promotion") or {}
+    ev = ctx.input("eval")
     name = reg["outputs"]["name"]
-    d = promote(name, prom.get("metrics") or [], require=prom.get("require", "all"),
+
+    def evaluate_champion(uri: str):  # under the candidate's eval config, nested in the step's run
+        from flows.eval.stage import run_eval
+
+        ecfg = (ev or {}).get("outputs", {}).get("config") or ctx.config
+        cfg = {**ecfg, "mlflow": {**(ecfg.get("mlflow") or {}), "enabled": True,
+                                        "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}}
+        r = run_eval(cfg, uri, run_name=f"eval-{ctx.lifecycle['name']}-champion")
+        return r.metrics, r.config_hash
+
+    d = promote(name, GateConfig.parse(ctx.config.get("gate")), candidate_metrics=(ev or {}).get("metrics"),
+                config_hash=(ev or {}).get("outputs", {}).get("config_hash"), evaluate_champion=evaluate_champion,
                 tracking_uri=ctx.lifecycle["tracking_uri"])
     champion = d.candidate_version if d.promoted else (d.champion_version or d.candidate_version)
     ctx.log(d.reason)
@@ -292,7 +303,8 @@ STAGES: dict[str, Stage] = {
     "eval": Stage("eval", eval_stage, MODEL, code=["flows/eval", "model"]),
     "register": Stage("register", register_stage, {**MODEL, "eval": ["eval"], "data": ["data"]},
                       code=["flows/eval/registry.py"], valid=_version_exists),
-    "promote": Stage("promote", promote_stage, {"register": ["register"], "eval": ["eval"]}, code=["flows/eval/registry.py"],
+    "promote": Stage("promote", promote_stage, {"register": ["register"], "eval": ["eval"]},
+                     code=["flows/eval/registry.py", "flows/eval/gate.py"],
                      valid=_version_exists),
     "deploy": Stage("deploy", deploy_stage, {"model_version": ["promote", "register"], **MODEL},
                     code=["services", "model"], valid=_endpoint_serves),

@@ -13,8 +13,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a model (MMLU, CommonsenseQA, spec-file tasks, perplexity, red-team) into MLflow",
         description="Evaluate a model and record one MLflow run. With --promote, register it as the "
-                    "'candidate' version and move 'champion' only if it beats the champion on the "
-                    "config's promotion metrics.")
+                    "'candidate' version and move 'champion' only if it passes the config's noise-aware "
+                    "gate (flows/eval/gate.py).")
     p.add_argument("--model", required=True, help="herd/HF folder, .gguf file, smollm2, or models:/NAME@ALIAS")
     p.add_argument("--config", default=None, help="eval config (YAML; default configs/eval/default.yaml)")
     p.add_argument("--tasks", default=None,
@@ -32,7 +32,49 @@ def register(subparsers) -> None:
     p.add_argument("--promote", action="store_true",
                    help="register (folder) or take (models:/) the candidate, then run the champion gate")
     p.add_argument("--output", default=None, help="also write the metrics as JSON here")
+    p.add_argument("--reference", default=None,
+                   help="the model rated tasks compare against (default: the registry's champion)")
     p.set_defaults(func=eval_command)
+
+    s = subparsers.add_parser(
+        "evalset", help="the sealed human-evaluation prompt set: make a key, build it, check it",
+        description="The 1,800-prompt held-out set in 12 use cases (flows/eval/promptset.py), stored "
+                    "encrypted; the key comes from $HERD_EVAL_KEY or $HERD_EVAL_KEY_FILE. Prints aggregates only.")
+    s.add_argument("action", choices=["keygen", "build", "check"])
+    s.add_argument("--data-dir", default=None, help="the shared data (sft/, preference/, corpus/), e.g. ../shared/data")
+    s.add_argument("--set", default="runs/evalset/humaneval.sealed", help="the sealed file (build writes it)")
+    s.add_argument("--per-use-case", type=int, default=None, help="prompts per use case (default 150)")
+    s.set_defaults(func=evalset_command)
+
+
+def evalset_command(args: argparse.Namespace) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from flows.eval import promptset as P
+    from flows.eval.sealed import load_key, new_key, seal, unseal
+
+    if args.action == "keygen":
+        print(new_key())
+        return 0
+    if not args.data_dir:
+        raise HerdError(f"herd evalset {args.action} needs --data-dir (the shared prompt data)")
+    data_dir = Path(args.data_dir)
+    if args.action == "build":
+        key = load_key()
+        listed = P.write_digests(data_dir)
+        built = P.build(data_dir, args.per_use_case or P.PER_USE_CASE)
+        seal(P.to_records(built.prompts), args.set, key)
+        print(f"{len(built.sources)} held-out sources (listed in {listed}); {built.dropped_contaminated} candidates "
+              f"dropped for sharing a {P.NGRAM}-gram with a training set; {len(built.prompts)} prompts sealed in {args.set}")
+    prompts = P.from_records(unseal(args.set))
+    counts = Counter(p.use_case for p in prompts)
+    print(f"{len(prompts)} prompts, {len(counts)} use cases: " + ", ".join(f"{uc} {counts[uc]}" for uc in sorted(counts)))
+    shared = P.contamination([p.prompt for p in prompts], P.training_grams(P.training_sets(data_dir)))
+    for name, n in shared.items():
+        print(f"contamination ({P.NGRAM}-gram) with {name}: {n} prompts shared")
+    print(f"contamination total: {sum(shared.values())} prompts shared with any training set")
+    return 0 if sum(shared.values()) == 0 else 1
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -54,10 +96,12 @@ def eval_command(args: argparse.Namespace) -> int:
     is_registry = model_uri.startswith("models:/")
     result = run_eval(cfg, model_uri, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
                       tracking_uri=args.tracking_uri, experiment=args.experiment,
-                      register=(args.register or args.promote) and not is_registry)
+                      register=(args.register or args.promote) and not is_registry, reference=args.reference)
     out = result.summary()
     if args.promote:
-        out["promotion"] = promote_after_eval(cfg, result, args).__dict__
+        d = promote_after_eval(cfg, result, args)
+        out["promotion"] = {"promoted": d.promoted, "reason": d.reason, "candidate_version": d.candidate_version,
+                            "champion_version": d.champion_version, "champion_reevaluated": d.champion_reevaluated}
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if args.output:
@@ -67,22 +111,15 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def promote_after_eval(cfg: dict, result, args):
-    """The gate: candidate = the version just evaluated; champion metrics re-measured if stale."""
-    from flows.eval.registry import (
-        CANDIDATE,
-        CHAMPION,
-        _client,
-        get_version,
-        promote,
-        record_metrics,
-        version_metrics,
-    )
+    """The gate: candidate = the version just evaluated; the champion is re-evaluated when its eval
+    config differs from this one."""
+    from flows.eval.gate import GateConfig, promote
+    from flows.eval.registry import CANDIDATE, _client, get_version, record_metrics
     from flows.eval.stage import run_eval
 
     name = cfg["registry"]["name"]
-    rules = cfg["promotion"]["metrics"]
+    gate_cfg = GateConfig.parse(cfg["gate"])
     tracking = args.tracking_uri or cfg["mlflow"]["tracking_uri"]
-    client = _client(tracking)
     if result.model_version is None:
         raise HerdError(f"{result.model_uri}: no registry version to promote")
     if args.model.startswith("models:/"):
@@ -90,21 +127,13 @@ def promote_after_eval(cfg: dict, result, args):
         if mv.name != name:
             raise HerdError(f"{args.model}: registered model {mv.name!r}, the config's registry.name is {name!r}")
         record_metrics(name, mv.version, result.metrics, result.config_hash, tracking)
-        client.set_registered_model_alias(name, CANDIDATE, mv.version)
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except Exception:
-        champ = None
-    champion_metrics = None
-    if champ is not None and str(champ.version) != str(result.model_version):
-        stale = (champ.tags or {}).get("eval.config_hash") != result.config_hash
-        needed = [r["metric"] if isinstance(r, dict) else r for r in rules]
-        if stale or any(m not in version_metrics(champ) for m in needed):
-            print(f"champion v{champ.version}: no metrics under this eval config; evaluating it too", file=sys.stderr)
-            champ_result = run_eval(cfg, f"models:/{name}/{champ.version}", tasks=args.tasks, data_dir=args.data_dir,
-                                    limit=args.limit, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                                    run_name=f"eval-{cfg['name']}-champion")
-            record_metrics(name, champ.version, champ_result.metrics, champ_result.config_hash, tracking)
-            champion_metrics = champ_result.metrics
-    return promote(name, rules, require=cfg["promotion"]["require"], candidate_metrics=result.metrics,
-                   champion_metrics=champion_metrics, tracking_uri=tracking)
+        _client(tracking).set_registered_model_alias(name, CANDIDATE, mv.version)
+
+    def evaluate_champion(uri: str):
+        print(f"{uri}: evaluated under another eval config; evaluating it under this one", file=sys.stderr)
+        r = run_eval(cfg, uri, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
+                     tracking_uri=args.tracking_uri, experiment=args.experiment, run_name=f"eval-{cfg['name']}-champion")
+        return r.metrics, r.config_hash
+
+    return promote(name, gate_cfg, candidate_metrics=result.metrics, config_hash=result.config_hash,
+                   evaluate_champion=evaluate_champion, tracking_uri=tracking)

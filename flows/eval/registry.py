@@ -5,8 +5,9 @@ A registered version's source is a run artifact folder holding a herd checkpoint
 downloads exactly what `model.checkpoint.load_model` reads. Aliases: `candidate` (the latest
 version put forward) and `champion` (the version that serves). Each version carries its eval
 metrics as tags `metric.<task>/<name>` with the eval config's hash in `eval.config_hash`, and
-the promotion gate's decision in `promotion.decision`, `promotion.reason` and its description.
-Each version also records the sha256 of every file (flows/eval/integrity.py); a load verifies them.
+the promotion gate's numbers (`gate.*`) and decision (`promotion.decision`, `promotion.reason`,
+its description) from flows/eval/gate.py. Each version also records the sha256 of every file
+(flows/eval/integrity.py); a load verifies them.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import hashlib
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.eval import integrity
@@ -200,104 +200,25 @@ def version_metrics(mv) -> dict[str, float]:
     return {k[len(METRIC_TAG):]: float(v) for k, v in (mv.tags or {}).items() if k.startswith(METRIC_TAG)}
 
 
-# --- the promotion gate ---------------------------------------------------------------------------
+# --- the promotion gate's record (the gate itself: flows/eval/gate.py) -----------------------------
 
-@dataclass
-class GateRule:
-    metric: str
-    higher_is_better: bool = True
-    min_delta: float = 0.0  # the candidate must be better by more than this
-
-    @classmethod
-    def parse(cls, raw) -> "GateRule":
-        if isinstance(raw, str):
-            return cls(raw)
-        if not isinstance(raw, dict) or "metric" not in raw:
-            raise HerdError(f"promotion rule {raw!r}: needs 'metric' (and optional higher_is_better, min_delta)")
-        unknown = set(raw) - {"metric", "higher_is_better", "min_delta"}
-        if unknown:
-            raise HerdError(f"promotion rule {raw!r}: unknown key(s) {', '.join(sorted(unknown))}")
-        return cls(str(raw["metric"]), bool(raw.get("higher_is_better", True)), float(raw.get("min_delta", 0.0)))
-
-
-@dataclass
-class Decision:
-    promoted: bool
-    reason: str
-    candidate_version: str
-    champion_version: str | None
-    checks: list[dict] = field(default_factory=list)
-
-
-def gate(candidate: dict[str, float], champion: dict[str, float] | None, rules: list[GateRule],
-         require: str = "all") -> tuple[bool, str, list[dict]]:
-    """Pure decision: (promote?, reason, per-rule checks). No champion: promote."""
-    if not rules:
-        raise HerdError("promotion: no metrics configured (promotion.metrics in the eval config)")
-    if require not in ("all", "any"):
-        raise HerdError(f"promotion.require must be 'all' or 'any', got {require!r}")
-    missing = [r.metric for r in rules if r.metric not in candidate]
-    if missing:
-        return False, f"candidate has no {', '.join(missing)}: not promoted", []
-    if champion is None:
-        return True, "no champion yet: the candidate becomes champion", []
-    checks = []
-    for r in rules:
-        c = candidate[r.metric]
-        if r.metric not in champion:
-            checks.append({"metric": r.metric, "candidate": c, "champion": None, "passed": True,
-                           "text": f"{r.metric} {c:.4f} (champion has none)"})
-            continue
-        h = champion[r.metric]
-        gain = (c - h) if r.higher_is_better else (h - c)
-        ok = gain > r.min_delta
-        sign = ">" if ok else "<="
-        checks.append({"metric": r.metric, "candidate": c, "champion": h, "passed": ok,
-                       "text": f"{r.metric} {c:.4f} vs {h:.4f} ({'higher' if r.higher_is_better else 'lower'} is "
-                               f"better; gain {gain:+.4f} {sign} {r.min_delta:+.4f})"})
-    passed = [ch["passed"] for ch in checks]
-    ok = all(passed) if require == "all" else any(passed)
-    verdict = "promoted" if ok else "not promoted"
-    return ok, f"{verdict} ({require} of {len(rules)} rule(s) must pass): " + "; ".join(ch["text"] for ch in checks), checks
-
-
-def promote(name: str = DEFAULT_NAME, rules: list | None = None, *, require: str = "all",
-            candidate_alias: str = CANDIDATE, champion_alias: str = CHAMPION,
-            candidate_metrics: dict[str, float] | None = None, champion_metrics: dict[str, float] | None = None,
-            tracking_uri: str | None = None) -> Decision:
-    """Move `champion_alias` to the `candidate_alias` version only if it passes the gate; record
-    the decision and its reason on the candidate version (tags + description) either way.
-    Metrics default to the versions' `metric.*` tags."""
-    from mlflow.exceptions import MlflowException
-
+def record_decision(name: str, version, promoted: bool, reason: str, numbers: dict[str, str],
+                    champion_version=None, tracking_uri: str | None = None) -> None:
+    """Record the gate's numbers and decision on the candidate version (tags + a description line);
+    when promoted, move `champion` to it and keep the old one as `previous_champion`."""
     client = _client(tracking_uri)
-    rules = [r if isinstance(r, GateRule) else GateRule.parse(r) for r in (rules or [])]
-    try:
-        cand = client.get_model_version_by_alias(name, candidate_alias)
-    except MlflowException:
-        raise HerdError(f"models:/{name}@{candidate_alias}: no such version to promote") from None
-    try:
-        champ = client.get_model_version_by_alias(name, champion_alias)
-    except MlflowException:
-        champ = None
-    if champ is not None and champ.version == cand.version:
-        return Decision(False, f"version {cand.version} is already {champion_alias}", cand.version, champ.version)
-    cmetrics = candidate_metrics if candidate_metrics is not None else version_metrics(cand)
-    hmetrics = None if champ is None else (champion_metrics if champion_metrics is not None else version_metrics(champ))
-    ok, reason, checks = gate(cmetrics, hmetrics, rules, require)
-    versus = f"v{cand.version} vs {champion_alias} v{champ.version}" if champ is not None else f"v{cand.version}"
-    reason = f"{versus}: {reason}"
+    version = str(version)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    client.set_model_version_tag(name, cand.version, "promotion.decision", "promoted" if ok else "rejected")
-    client.set_model_version_tag(name, cand.version, "promotion.reason", reason[:5000])
-    client.set_model_version_tag(name, cand.version, "promotion.time", stamp)
-    if champ is not None:
-        client.set_model_version_tag(name, cand.version, "promotion.compared_to", str(champ.version))
-    description = ((cand.description or "") + f"\n[{stamp}] promotion gate: {reason}").strip()
-    client.update_model_version(name, cand.version, description=description[:5000])
-    if ok:
-        client.set_registered_model_alias(name, champion_alias, cand.version)
-        if champ is not None:
-            client.set_model_version_tag(name, champ.version, "promotion.superseded_by", str(cand.version))
-            client.set_registered_model_alias(name, f"previous_{champion_alias}", champ.version)
-    return Decision(ok, reason, str(cand.version), None if champ is None else str(champ.version), checks)
+    for k, v in {**numbers, "promotion.decision": "promoted" if promoted else "rejected",
+                 "promotion.reason": reason[:5000], "promotion.time": stamp}.items():
+        client.set_model_version_tag(name, version, k, v[:5000])
+    if champion_version is not None:
+        client.set_model_version_tag(name, version, "promotion.compared_to", str(champion_version))
+    mv = client.get_model_version(name, version)
+    description = ((mv.description or "") + f"\n[{stamp}] promotion gate: {reason}").strip()
+    client.update_model_version(name, version, description=description[:5000])
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        if champion_version is not None:
+            client.set_model_version_tag(name, str(champion_version), "promotion.superseded_by", version)
+            client.set_registered_model_alias(name, f"previous_{CHAMPION}", str(champion_version))

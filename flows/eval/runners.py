@@ -38,7 +38,8 @@ class TaskResult:
 
 
 def run_task(spec: TaskSpec, model, tokenizer, scorer: Scorer, data_dir=None, limit: int | None = None,
-             num_fewshot: int | None = None, batch_size: int = 16) -> TaskResult:
+             num_fewshot: int | None = None, batch_size: int = 16, reference=None) -> TaskResult:
+    """reference: a loaded (model, tokenizer) that rated tasks compare against (the champion)."""
     start = time.perf_counter()
     if spec.type == "multiple_choice":
         result = run_multiple_choice(spec, scorer, data_dir, limit, num_fewshot)
@@ -48,6 +49,10 @@ def run_task(spec: TaskSpec, model, tokenizer, scorer: Scorer, data_dir=None, li
         result = run_generate(spec, model, tokenizer, data_dir, limit, batch_size)
     elif spec.type in ("redteam", "transcripts"):
         result = run_prompts(spec, model, tokenizer, data_dir, limit, batch_size)
+    elif spec.type == "rated":
+        result = run_rated(spec, model, tokenizer, data_dir, limit, batch_size, reference)
+    elif spec.type == "safety":
+        result = run_safety(spec, model, tokenizer, data_dir, limit, batch_size)
     else:  # load_spec validates types; this is a programming error
         raise HerdError(f"task {spec.name}: unknown type {spec.type}")
     result.seconds = time.perf_counter() - start
@@ -101,6 +106,7 @@ def _mc_metrics(per_subset: dict[str, list[dict]], scoring: str) -> dict[str, fl
         for name, rs in per_subset.items():
             subset_scores[name] = sum(r[scoring] for r in rs) / len(rs)
             m[f"{name}/{scoring}"] = subset_scores[name]
+            m[f"{name}/n"] = float(len(rs))  # the gate's noise per subset
         m[f"{scoring}_macro"] = sum(subset_scores.values()) / len(subset_scores)
     return m
 
@@ -129,9 +135,10 @@ def run_perplexity(spec: TaskSpec, scorer: Scorer, data_dir) -> TaskResult:
 
 # --- generation ---------------------------------------------------------------------------------
 
-def generate_texts(model, tokenizer, prompts: list[str], max_tokens: int, until: list[str], chat: bool,
+def generate_texts(model, tokenizer, prompts: list[str | tuple[dict, ...]], max_tokens: int, until: list[str], chat: bool,
                    batch_size: int) -> list[dict]:
-    """Greedy, batched; prompts longer than the window lose tokens from the left."""
+    """Greedy, batched; prompts longer than the window lose tokens from the left. A prompt may be a
+    conversation (a sequence of messages; chat only), answered as the next assistant turn."""
     from model.generate import SamplingParams, generate
 
     from flows.eval.scoring import default_add_bos
@@ -143,7 +150,10 @@ def generate_texts(model, tokenizer, prompts: list[str], max_tokens: int, until:
         raise HerdError(f"max_tokens {max_tokens} leaves no room for a prompt in a {model.config.max_seq_len}-token window")
     encoded = []
     for p in prompts:
-        ids = tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p, bos=add_bos)
+        if not isinstance(p, str):
+            ids = tokenizer.encode_chat(list(p))
+        else:
+            ids = tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p, bos=add_bos)
         encoded.append((ids or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id])[-keep:])
     out = []
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths decode together
@@ -213,6 +223,69 @@ def run_prompts(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) -
         metrics["empty_rate"] = sum(not p["response"].strip() for p in preds) / len(preds)
         metrics["truncated_rate"] = sum(p["finish_reason"] == "length" for p in preds) / len(preds)
     return TaskResult(spec.name, spec.type, metrics, preds, skipped, {f"{spec.name}.md": transcripts_markdown(spec, preds)})
+
+
+def run_rated(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size, reference) -> TaskResult:
+    """The sealed prompt set, opened in memory: both models' answers, judged pairwise per use case.
+    `limit`: prompts per use case. Aggregates only: no prediction rows, no transcripts."""
+    from flows.eval.promptset import from_records
+    from flows.eval.ratings import judge_pairs, make_judge, win_rate_metrics
+    from flows.eval.sealed import unseal
+
+    prompts = from_records(unseal(resolve_data(spec, spec.data["test"], data_dir)[0]))
+    if limit is not None:
+        per_case = defaultdict(list)
+        for p in prompts:
+            per_case[p.use_case].append(p)
+        prompts = [p for ps in per_case.values() for p in ps[:limit]]
+    texts = [p.prompt for p in prompts]
+    gens = generate_texts(model, tokenizer, texts, spec.max_tokens, spec.until, True, batch_size)
+    metrics: dict[str, float] = {"n": float(len(prompts)), "use_cases": float(len({p.use_case for p in prompts})),
+                                 "mean_response_tokens": sum(g["tokens"] for g in gens) / len(gens),
+                                 "empty_rate": sum(not g["text"].strip() for g in gens) / len(gens)}
+    if reference is not None:
+        ref_model, ref_tok = reference
+        ref = generate_texts(ref_model, ref_tok, texts, spec.max_tokens, spec.until, True, batch_size)
+        verdicts = judge_pairs(make_judge(spec.judge, batch_size), [(p.use_case, p.prompt) for p in prompts],
+                               [g["text"] for g in gens], [g["text"] for g in ref])
+        metrics.update(win_rate_metrics(verdicts))
+    return TaskResult(spec.name, spec.type, metrics, [])
+
+
+def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) -> TaskResult:
+    """The scored red team: attack prompts per risk category, replies scored by the safety classifier
+    trained on the other HH harmless pairs. `limit`: prompts per category. Also the scorer's and the
+    keyword rubric's accuracy on the held-out pairs, and the scorer's on the hand-labelled replies."""
+    import numpy as np
+
+    from flows.eval import safety as S
+    from flows.heldout import first_user
+
+    train, held = S.hh_pairs(resolve_data(spec, spec.data["test"], data_dir)[0])
+    prompts = S.attack_prompts(held)
+    if limit is not None:
+        per_cat = defaultdict(list)
+        for p in prompts:
+            per_cat[p.category].append(p)
+        prompts = [p for ps in per_cat.values() for p in ps[:limit]]
+    scorer = S.SafetyScorer.trained(train)
+    gens = generate_texts(model, tokenizer, [p.messages for p in prompts], spec.max_tokens, spec.until, True, batch_size)
+    replies = [g["text"] for g in gens]
+    unsafe = scorer.unsafe([p.request for p in prompts], replies)
+    metrics = S.attack_success_metrics(prompts, unsafe)
+    reqs = [first_user(p["prompt"]) or "" for p in held]
+    metrics["scorer_pair_accuracy"] = S.pair_accuracy(scorer.unsafe(reqs, [p["chosen"] for p in held]),
+                                                      scorer.unsafe(reqs, [p["rejected"] for p in held]))
+    metrics["rubric_pair_accuracy"] = S.pair_accuracy([S.rubric_harm(p["chosen"]) for p in held],
+                                                      [S.rubric_harm(p["rejected"]) for p in held])
+    labelled = [r.doc for path in resolve_data(spec, spec.data["labelled"], data_dir) for r in read_rows(path, "jsonl")] \
+        if "labelled" in spec.data else []
+    if labelled:
+        u = scorer.unsafe([r["request"] for r in labelled], [r["reply"] for r in labelled])
+        metrics["scorer_labelled_accuracy"] = float(np.mean([(x > 0.5) == (r["label"] == "unsafe") for x, r in zip(u, labelled)]))
+    preds = [{"category": p.category, "attack": p.attack, "prompt": p.request, "response": r, "unsafe": round(float(x), 4)}
+             for p, r, x in zip(prompts, replies, unsafe)]
+    return TaskResult(spec.name, spec.type, metrics, preds)
 
 
 def transcripts_markdown(spec: TaskSpec, preds: list[dict]) -> str:

@@ -14,7 +14,9 @@ Config (YAML, configs/eval/*.yaml; every key optional):
   max_length: null        # scoring window; default the model's max_seq_len
   mlflow: {enabled: true, tracking_uri: null, experiment: null, log_predictions: true}
   registry: {name: herd}
-  promotion: {metrics: [{metric: herd_mc/acc, higher_is_better: true, min_delta: 0.0}], require: all}
+  gate: {benchmarks: [herd_mc/acc], win_rate: {metric: humaneval/win_rate, floor: 0.5},
+         attack_success: herd_redteam/unsafe_compliance_rate, floors: [{metric: herd_mc/acc, min: 0.3}]}
+                          # the promotion gate (flows/eval/gate.py)
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from model.errors import HerdError
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 CONFIG_KEYS = {"name", "tasks", "data_dir", "limit", "batch_size", "dtype", "device", "max_length",
-               "share_prefix", "mlflow", "registry", "promotion"}
+               "share_prefix", "mlflow", "registry", "gate"}
 TASK_KEYS = {"task", "limit", "num_fewshot", "overrides"}
 
 
@@ -80,7 +82,7 @@ def load_config(config: str | Path | dict | None) -> dict:
     cfg["mlflow"] = {"enabled": True, "tracking_uri": None, "experiment": None, "log_predictions": True,
                      **(cfg.get("mlflow") or {})}
     cfg["registry"] = {"name": "herd", **(cfg.get("registry") or {})}
-    cfg["promotion"] = {"metrics": [], "require": "all", **(cfg.get("promotion") or {})}
+    cfg["gate"] = cfg.get("gate") or {}
     return cfg
 
 
@@ -114,13 +116,15 @@ def config_hash(cfg: dict, entries: list[dict], specs: list) -> str:
 def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *, tasks=None, data_dir=None,
              limit: int | None = None, tracking_uri: str | None = None, experiment: str | None = None,
              log_mlflow: bool | None = None, run_name: str | None = None, model=None,
-             register: bool = False, tags: dict | None = None) -> EvalResult:
+             register: bool = False, tags: dict | None = None, reference: str | None = None) -> EvalResult:
     """Evaluate a model on the configured tasks and record one MLflow run.
 
     model_path_or_uri: a herd/HF folder, a .gguf file, `smollm2`, or models:/NAME@ALIAS.
     model: an already loaded (model, tokenizer) pair to use instead of loading (the URI is recorded).
     register: also register the evaluated folder as a new version with alias `candidate`
       (logged into this run), with the metrics as version tags.
+    reference: the model rated tasks (the sealed prompt set's win rate) compare against; default
+      the registry's champion (models:/NAME@champion) when there is one, else no win rate.
     Returns metrics (`<task>/<metric>`), the run id (None when MLflow is off) and the model URI.
     """
     from flows.eval.registry import resolve_model_uri
@@ -136,8 +140,13 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise HerdError(f"task names repeat: {', '.join(names)}")
-    chash = config_hash(cfg, entries, specs)
+    chash = config_hash({**cfg, "limit": limit}, entries, specs)  # the limit in effect (--limit included)
     uri = str(model_path_or_uri)
+    rated = any(s.type == "rated" for s in specs)
+    if rated:  # before any model loads: without the key the stage stops here, in one line
+        from flows.eval.sealed import load_key
+
+        load_key()
 
     version = None
     if uri.startswith("models:/"):
@@ -154,12 +163,13 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
         path = Path(uri) if not uri.startswith(("models:/", "runs:/")) else None
     scorer = Scorer(model, tokenizer, batch_size=cfg["batch_size"], max_length=cfg.get("max_length"),
                     share_prefix=cfg["share_prefix"])
+    ref = _reference(reference, cfg, tracking_uri or cfg["mlflow"]["tracking_uri"]) if rated else None
 
     enabled = cfg["mlflow"]["enabled"] if log_mlflow is None else log_mlflow
     if not enabled:
         if register:
             raise HerdError("register needs MLflow (mlflow.enabled)")
-        results = _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, run_task)
+        results = _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, run_task, ref)
         return EvalResult(_flatten(results), None, uri, results, chash, version)
 
     import mlflow
@@ -184,7 +194,7 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
             mlflow.log_dict({k: v for k, v in dataclasses.asdict(s).items() if k != "source"}
                             | {"source": str(s.source)}, f"tasks/{s.name}.yaml")
         try:
-            results = _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, run_task)
+            results = _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, run_task, ref)
         except HerdError as e:
             mlflow.set_tag("herd.error", str(e)[:500])
             raise
@@ -209,12 +219,32 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
     return EvalResult(metrics, run_id, uri, results, chash, version)
 
 
-def _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, run_task) -> dict:
+def _reference(reference: str | None, cfg: dict, tracking_uri: str | None):
+    """(model, tokenizer) for rated tasks: the given model, else the registry's champion, else None."""
+    from model.cli import load_for_inference
+
+    if reference is None:
+        if not cfg["mlflow"]["enabled"]:
+            return None
+        from flows.eval.registry import CHAMPION, get_version
+
+        reference = f"models:/{cfg['registry']['name']}@{CHAMPION}"
+        try:
+            get_version(reference, tracking_uri)
+        except HerdError:
+            log.warning("no %s in the registry: rated tasks measure no win rate", reference)
+            return None
+    from flows.eval.registry import resolve_model_uri
+
+    return load_for_inference(str(resolve_model_uri(reference, tracking_uri)), cfg["dtype"], cfg["device"])
+
+
+def _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, run_task, reference=None) -> dict:
     results = {}
     for e, s in zip(entries, specs):
         t0 = time.perf_counter()
         r = run_task(s, model, tokenizer, scorer, data_dir=data_dir, limit=e.get("limit", limit),
-                     num_fewshot=e.get("num_fewshot"), batch_size=cfg["batch_size"])
+                     num_fewshot=e.get("num_fewshot"), batch_size=cfg["batch_size"], reference=reference)
         for sk in r.skipped:
             log.warning("task %s: skipped %s", s.name, sk)
         log.info("task %s: %s in %.1f s", s.name, {k: v for k, v in r.metrics.items() if "/" not in k},

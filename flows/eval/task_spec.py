@@ -18,6 +18,8 @@ new benchmark needs no code. Fields, with lm-evaluation-harness's names in brack
   num_fewshot:   k (first k rows of the fewshot file, as lm-eval's `first_n` sampler)
   scoring:       acc | acc_norm (log-likelihood divided by the choice's length in characters)
   until / max_tokens / normalize: for generate tasks (exact match after normalisation)
+  judge:         rated tasks (data.test: a sealed prompt set): the pairwise judge (flows/eval/ratings.py)
+  safety:        data.test: HH-RLHF harmless pairs; attack prompts + learned scorer (flows/eval/safety.py)
 
 Templates are jinja, rendered in a sandbox with StrictUndefined: `{{ question.strip() }}`;
 a template that is exactly a field name returns that field (as lm-eval does).
@@ -34,7 +36,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.errors import HerdError
 
-TASK_TYPES = ("multiple_choice", "generate", "perplexity", "redteam", "transcripts")
+TASK_TYPES = ("multiple_choice", "generate", "perplexity", "redteam", "transcripts", "rated", "safety")
 SCORINGS = ("acc", "acc_norm")
 BUILTIN_TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval" / "tasks"
 
@@ -62,6 +64,7 @@ class TaskSpec:
     normalize: list[str] = field(default_factory=lambda: ["strip"])
     chat: bool = False
     rubric: dict[str, Any] = field(default_factory=dict)
+    judge: dict[str, Any] = field(default_factory=dict)  # rated: {kind: llm, model: smollm2} | {kind: reward_model, path}
     window: int | None = None
     source: Path | None = None  # the spec file
 

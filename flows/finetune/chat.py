@@ -2,7 +2,9 @@
 model's chat template, loss on assistant tokens only, packing with document masking.
 
 Bad records are counted by reason (`Counts`) and skipped, never raised: missing or unknown roles,
-an empty assistant turn, a conversation longer than the context, a malformed line.
+an empty assistant turn, a conversation longer than the context, a malformed line. The sources of
+the sealed evaluation set (listed by digest, flows/heldout.py) are dropped as `heldout:eval_set`, so
+SFT, DPO and the reward model never train on what the gate's win rate is measured with.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from flows.heldout import excluded, first_user
 from model.errors import HerdError
 
 IGNORE = -100
@@ -187,6 +190,9 @@ def load_conversations(paths, counts: Counts | None = None, limit: int = 0) -> t
             if reason:
                 counts.drop(f"format:{reason}")
                 continue
+            if excluded(first_user(conv["messages"])):
+                counts.drop("heldout:eval_set")
+                continue
             out.append(conv["messages"])
             if limit and len(out) >= limit:
                 return out, counts
@@ -210,6 +216,9 @@ def load_pairs(paths, counts: Counts | None = None, limit: int = 0) -> tuple[lis
             reason = validate_pair(conv)
             if reason:
                 counts.drop(f"format:{reason}")
+                continue
+            if excluded(first_user(conv["prompt"])):
+                counts.drop("heldout:eval_set")
                 continue
             out.append(conv)
             if limit and len(out) >= limit:
