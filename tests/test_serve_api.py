@@ -86,6 +86,11 @@ def test_auth_missing_or_wrong_key_gets_401(server):
             r = c.get(path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key", path
         assert c.get("/health").status_code == 200  # probes need no key
+        server.state.config.public_metrics = True  # a scraper inside the cluster, by choice
+        try:
+            assert c.get("/metrics").status_code == 200 and c.get("/v1/models").status_code == 401
+        finally:
+            server.state.config.public_metrics = False
 
 
 def test_unknown_model_is_404(server):
