@@ -211,7 +211,7 @@ def promote_stage(ctx: StepContext) -> dict:
 
         ecfg = (ev or {}).get("outputs", {}).get("config") or ctx.config
         cfg = {**ecfg, "mlflow": {**(ecfg.get("mlflow") or {}), "enabled": True,
-                                        "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}}
+                                  "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}}
         r = run_eval(cfg, uri, run_name=f"eval-{ctx.lifecycle['name']}-champion")
         return r.metrics, r.config_hash
 
