@@ -298,7 +298,9 @@ STAGES: dict[str, Stage] = {
     "data": Stage("data", data_stage, code=["flows/data", "model/tokenizer.py"], check=data_config),
     "pretrain": Stage("pretrain", pretrain_stage, {"data": ["data"]}, code=["flows/train", "model"], resumable=True,
                       check=pretrain_config),
-    **{kind: Stage(kind, _finetune(kind), {"model": _after(kind)}, code=["flows/finetune", "model"], resumable=True,
+    # the held-out list decides which shared records training drops, so it is part of their code
+    **{kind: Stage(kind, _finetune(kind), {"model": _after(kind)}, resumable=True,
+                   code=["flows/finetune", "model", "flows/heldout.py", "configs/eval/heldout_sources.sha256"],
                    check=_finetune_check(kind)) for kind in ("sft", "rs", "dpo", "ppo")},
     "eval": Stage("eval", eval_stage, MODEL, code=["flows/eval", "model"]),
     "register": Stage("register", register_stage, {**MODEL, "eval": ["eval"], "data": ["data"]},
