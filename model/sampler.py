@@ -290,21 +290,33 @@ def _inverse_cdf_mass(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return i.clamp(max=mass.shape[-1] - 1)
 
 
+def _largest(x: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) of each row, in fewer passes on CPU (where topk over a 128K vocabulary costs
+    ~20 elementwise passes): the k largest lie in the k chunks of `chunk` tokens with the largest
+    maxima, so one max pass picks those chunks and topk runs over them alone."""
+    B, V = x.shape
+    if V % chunk or V < 4 * k * chunk:
+        return torch.topk(x, k, dim=-1)
+    chunks = torch.topk(x.view(B, V // chunk, chunk).amax(-1), k, dim=-1).indices
+    where = (chunks[:, :, None] * chunk + torch.arange(chunk, device=x.device)).view(B, -1)
+    vals, j = torch.topk(x.gather(1, where), k, dim=-1)
+    return vals, where.gather(1, j)
+
+
 def _draw_top(x: torch.Tensor, temp: torch.Tensor, cut: _Truncation, u: torch.Tensor, top: int) -> torch.Tensor:
     """Draw among each row's `top` largest logits (found on the raw logits: temperature keeps the
     order), exact when the row's kept set lies inside them; the other rows go to _draw_histogram."""
     B, V = x.shape
     dev = x.device
     K = min(V, max(top, int(cut.top_k.max())))
-    vals, idx = torch.topk(x, K, dim=-1)
+    vals, idx = _largest(x, K)
     vals = vals / temp[:, None]
-    lse_full = torch.logsumexp(x / temp[:, None], -1)
     rank = torch.arange(K, device=dev).expand(B, K)
     best = vals[:, 0]
     keep = (vals >= (best + cut.log_min_p)[:, None]) & ((cut.top_k == 0)[:, None] | (rank < cut.top_k[:, None]))
     rows = torch.arange(B, device=dev).repeat_interleave(K)
     pos, kept = _pick(rows, torch.arange(B, device=dev) * K, vals.flatten(), keep.flatten(), rank.flatten(), best,
-                      cut, lse_full, u, B)
+                      cut, torch.logsumexp(x / temp[:, None], -1), u, B)
     ids = idx.flatten()[pos]
     if K == V:
         return ids
