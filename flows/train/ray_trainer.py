@@ -149,7 +149,7 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
     if over:
         cfg = cfg.replace(**over)
 
-    from flows.data.shards import read_manifest
+    from flows.data.shards import read_manifest, verify
     from flows.train.data import manifest_digest
     from flows.train.loop import resolve_init_from
 
@@ -157,6 +157,7 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
         raise HerdError("pretrain: no data: set data.dir in the config or pass --data DIR (from `herd data prep`)")
     cfg = cfg.replace(data={"dir": str(Path(cfg.data.dir).resolve())})
     manifest = read_manifest(cfg.data.dir)
+    verify(cfg.data.dir)  # a corrupted shard is refused here, before any worker reads it
     if cfg.model.init_from:
         # Import once here, so the workers do not race to convert the same weights.
         resolved = resolve_init_from(cfg.model.init_from)
