@@ -4,7 +4,7 @@ namespace (tests/netns_cluster.py), token auth on, a shared folder for storage.
 - A whole worker node is SIGKILLed during 2-worker DDP pretraining (one worker per worker node);
   a replacement node joins; the run finishes with the loss of an uninterrupted run.
 - Data prep spread over the cluster writes the same manifest as on one node.
-- `ray job submit` from a client namespace, with the token, runs the tiny lifecycle.
+- `ray job submit` from a client namespace, with the token, runs the tiny lifecycle (acceptance tier).
 
 The cluster is started once for the module; drivers run inside the head's or the client's
 namespace, since the cluster's addresses exist only there.
@@ -136,3 +136,67 @@ def test_node_loss_during_ddp_pretraining(cluster, tmp_path):
     assert run.data.tags["herd.resumed_from"].startswith(str(run_dir))
     assert [m.value for m in client.get_metric_history(r["mlflow_run_id"], "restarts")] == [1.0]
     assert max(m.step for m in client.get_metric_history(r["mlflow_run_id"], "loss")) == 12
+
+
+def test_data_prep_on_three_nodes_writes_the_one_node_manifest(cluster, tmp_path):
+    """The same input and config give the same manifest digest on the cluster (workers on two
+    nodes, the shards written by the driver to the shared folder) as on a one-node Ray."""
+    cfg = {"name": "multinode", "input": {"paths": [], "max_docs": 200}, "embedded": {"parts": 4},
+           "semdedup": {"enabled": False}, "quality": {"enabled": False},
+           "pack": {"seq_len": 64, "sequences_per_shard": 64, "validation_fraction": 0.1},
+           "ray": {"batch_size": 32, "progress_bars": False}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    got = {}
+    for where in ("cluster", "local"):
+        log, out = tmp_path / f"{where}.log", tmp_path / f"{where}.json"
+        cmd = [PY, "-m", "tests.multinode_driver", "prep", str(tmp_path / "cfg.json"),
+               str(cluster.shared / f"prep-{where}"), str(out)]
+        t = time.perf_counter()
+        if where == "cluster":
+            proc = cluster.popen(cluster.nodes["head"].ns, cmd, log, RAY_ADDRESS=cluster.address)
+        else:  # a one-node Ray of its own, outside the namespaces
+            import subprocess
+
+            proc = subprocess.Popen(cmd + ["--local"], cwd=cluster.root, env={**cluster._base_env()},
+                                    stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-6000:]
+        got[where] = json.loads(out.read_text())
+        print(f"data prep ({where}, nodes {got[where]['nodes']}): {time.perf_counter() - t:.1f}s, "
+              f"{got[where]['kept']}/{got[where]['input_documents']} kept, manifest {got[where]['manifest_digest'][:16]}")
+    assert len(got["cluster"]["nodes"]) == 3 and len(got["local"]["nodes"]) == 1
+    assert got["cluster"]["input_documents"] == 200 and got["cluster"]["kept"] > 0
+    assert got["cluster"]["manifest_digest"] == got["local"]["manifest_digest"]
+
+
+@pytest.mark.acceptance  # ~2 min; tests/test_lifecycle_job.py covers the submit path on one node in CI
+def test_ray_job_submit_from_a_client_namespace_with_token(cluster, tmp_path):
+    """The README's `ray job submit` of the tiny lifecycle, from a machine that is not a node,
+    to the head's address; refused without the token."""
+    import requests  # noqa: F401  (the job CLI's transport; fails early here if missing)
+
+    runs = cluster.shared / "job-runs"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{cluster.shared / 'job-mlflow.db'}",
+                                "HERD_RUN_DIR": str(runs)}}
+    submit = [str(Path(PY).parent / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+              "--runtime-env-json", json.dumps(runtime_env), "--"]
+    nobody = tmp_path / "nobody"  # a HOME without ~/.ray/auth_token
+    nobody.mkdir()
+    anon = cluster.run(cluster.client_ns, submit + ["python", "-c", "print('should not run')"], timeout=180,
+                       RAY_AUTH_TOKEN="", HOME=str(nobody))
+    assert anon.returncode != 0 and "should not run" not in anon.stdout
+    t = time.perf_counter()
+    job = cluster.run(cluster.client_ns, submit + ["python", "-m", "flows.lifecycle", "--config",
+                                                   "configs/lifecycle/tiny.yaml"], timeout=900)
+    print(f"ray job submit from {cluster.client_ip} to {cluster.dashboard} (tiny lifecycle): "
+          f"{time.perf_counter() - t:.1f}s")
+    assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cluster.shared / 'job-mlflow.db'}")
+    exp = client.get_experiment_by_name("herd-tiny")
+    parents = client.search_runs([exp.experiment_id], "tags.`herd.stage` = 'lifecycle'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert {r.data.tags["herd.stage"]: r.info.status for r in kids} == {
+        "data": "FINISHED", "pretrain": "FINISHED", "eval": "FINISHED"}
