@@ -4,6 +4,9 @@ with --local, starts a one-node Ray) and writes what it found as JSON to the giv
 
   python -m tests.multinode_driver pretrain CONFIG.json OUT.json
   python -m tests.multinode_driver prep CONFIG.json DATA_DIR OUT.json [--local]
+  python -m tests.multinode_driver serve MODEL_DIR OUT.json      # 2 replicas, one per worker node
+  python -m tests.multinode_driver replicas OUT.json             # wait for 2 running replicas
+  python -m tests.multinode_driver load URL SECONDS CLIENTS OUT.json
 """
 from __future__ import annotations
 
@@ -48,6 +51,79 @@ def prep(config: Path, data_dir: Path, out: Path, local: bool) -> None:
                                "kept": report["kept"], "input_documents": report["input_documents"]}))
 
 
+REPLICA_CLASS = "ServeReplica:herd:HerdLLMServer"
+
+
+def _replica_nodes(want: int, timeout: float) -> list[str]:
+    """Addresses of the nodes running the herd replicas, once `want` of them are RUNNING."""
+    import time
+
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    deadline = time.time() + timeout
+    while True:
+        dep = serve.status().applications["herd"].deployments["HerdLLMServer"]
+        alive = [a for a in list_actors(filters=[("class_name", "=", REPLICA_CLASS), ("state", "=", "ALIVE")])]
+        if dep.replica_states.get("RUNNING", 0) == want and len(alive) == want:
+            ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+            return sorted(ips.get(a.node_id, a.node_id) for a in alive)
+        if time.time() > deadline:
+            raise TimeoutError(f"{dict(dep.replica_states)} replicas after {timeout:.0f}s")
+        time.sleep(1)
+
+
+def serve_app(model_dir: str, out: Path) -> None:
+    from services.app import deploy
+
+    _connect(local=False)
+    url = deploy(model_dir, Path(__file__).resolve().parents[1] / "configs" / "serve" / "local.yaml",
+                 host="0.0.0.0", port=8000,
+                 args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
+                 deployment={"num_replicas": 2, "autoscaling_config": None, "max_replicas_per_node": 1,
+                             "ray_actor_options": {"num_cpus": 1}})
+    out.write_text(json.dumps({"url": url, "nodes": _replica_nodes(2, 300)}))
+
+
+def replicas(out: Path) -> None:
+    _connect(local=False)
+    out.write_text(json.dumps({"nodes": _replica_nodes(2, 300)}))
+
+
+def load(url: str, seconds: float, clients: int, out: Path) -> None:
+    """`clients` threads send short completions back to back for `seconds`; every request's
+    start, end and outcome is recorded."""
+    import threading
+    import time
+
+    import requests
+
+    records, lock = [], threading.Lock()
+    stop = time.time() + seconds
+
+    def user(i: int) -> None:
+        s = requests.Session()
+        while time.time() < stop:
+            t0 = time.time()
+            try:
+                r = s.post(f"{url}/v1/completions", json={"model": "herd", "prompt": f"client {i}", "max_tokens": 4},
+                           timeout=60)
+                ok, what = r.status_code == 200, str(r.status_code)
+            except requests.RequestException as e:
+                ok, what = False, type(e).__name__
+            with lock:
+                records.append({"client": i, "t0": t0, "t1": time.time(), "ok": ok, "status": what})
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.write_text(json.dumps(records))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -59,11 +135,27 @@ def main() -> None:
     d.add_argument("data_dir", type=Path)
     d.add_argument("out", type=Path)
     d.add_argument("--local", action="store_true")
+    sv = sub.add_parser("serve")
+    sv.add_argument("model_dir")
+    sv.add_argument("out", type=Path)
+    rp = sub.add_parser("replicas")
+    rp.add_argument("out", type=Path)
+    ld = sub.add_parser("load")
+    ld.add_argument("url")
+    ld.add_argument("seconds", type=float)
+    ld.add_argument("clients", type=int)
+    ld.add_argument("out", type=Path)
     a = ap.parse_args()
     if a.cmd == "pretrain":
         pretrain(a.config, a.out)
-    else:
+    elif a.cmd == "prep":
         prep(a.config, a.data_dir, a.out, a.local)
+    elif a.cmd == "serve":
+        serve_app(a.model_dir, a.out)
+    elif a.cmd == "replicas":
+        replicas(a.out)
+    else:
+        load(a.url, a.seconds, a.clients, a.out)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,13 @@ class NetnsCluster:
         self.nodes[name] = node
         return node
 
+    def add_worker(self, num_cpus: int = 1) -> Node:
+        """A new worker node (a replacement machine) under the next free name."""
+        i = 1
+        while f"w{i}" in self.nodes:
+            i += 1
+        return self.start_node(f"w{i}", num_cpus)
+
     def alive_nodes(self, timeout: float = 120) -> list[str]:
         """The addresses of the nodes the GCS counts alive (asked from the client namespace)."""
         code = (f"import ray, json; ray.init(address={self.address!r}, logging_level='ERROR'); "

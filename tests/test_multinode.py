@@ -5,6 +5,7 @@ namespace (tests/netns_cluster.py), token auth on, a shared folder for storage.
   a replacement node joins; the run finishes with the loss of an uninterrupted run.
 - Data prep spread over the cluster writes the same manifest as on one node.
 - `ray job submit` from a client namespace, with the token, runs the tiny lifecycle (acceptance tier).
+- A node holding one of two Serve replicas is SIGKILLed under load (acceptance tier).
 
 The cluster is started once for the module; drivers run inside the head's or the client's
 namespace, since the cluster's addresses exist only there.
@@ -200,3 +201,51 @@ def test_ray_job_submit_from_a_client_namespace_with_token(cluster, tmp_path):
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert {r.data.tags["herd.stage"]: r.info.status for r in kids} == {
         "data": "FINISHED", "pretrain": "FINISHED", "eval": "FINISHED"}
+
+
+@pytest.mark.acceptance  # a minute of load plus replica start-ups: several minutes on 2 cores
+def test_node_loss_while_serving(cluster, tmp_path):
+    """Two Serve replicas, one per worker node, behind the head's proxy; 16 clients for 60 s; one
+    replica's node is SIGKILLed 20 s in and a replacement node joins. At most the requests in
+    flight fail; every request sent later succeeds; the replica count returns to 2."""
+    from services.testing import tiny_model_dir
+
+    model = tiny_model_dir(cluster.shared / "tiny-model")
+    head = cluster.nodes["head"]
+
+    def driver(*args: str, ns: str = head.ns, timeout: float = 600) -> dict:
+        out = tmp_path / f"{args[0]}-{time.monotonic_ns()}.json"
+        log = out.with_suffix(".log")
+        proc = cluster.popen(ns, [PY, "-m", "tests.multinode_driver", *args, str(out)], log, RAY_ADDRESS=cluster.address)
+        assert proc.wait(timeout=timeout) == 0, log.read_text()[-5000:]
+        return json.loads(out.read_text())
+
+    t = time.perf_counter()
+    info = driver("serve", str(model))
+    print(f"2 replicas on {info['nodes']} in {time.perf_counter() - t:.1f}s")
+    workers = {n.ip: name for name, n in cluster.nodes.items() if name != "head"}
+    assert len(set(info["nodes"])) == 2 and set(info["nodes"]) <= set(workers)
+    victim = workers[info["nodes"][0]]
+    url = f"http://{head.ip}:8000"
+    out = tmp_path / "load.json"
+    load = cluster.popen(cluster.client_ns, [PY, "-m", "tests.multinode_driver", "load", url, "60", "16", str(out)],
+                         tmp_path / "load.log")
+    time.sleep(20)
+    t_kill = time.time()
+    cluster.kill_node(victim)
+    replacement = cluster.add_worker()
+    assert load.wait(timeout=300) == 0, (tmp_path / "load.log").read_text()[-4000:]
+    records = json.loads(out.read_text())
+    failed = [r for r in records if not r["ok"]]
+    in_flight = [r for r in records if r["t0"] <= t_kill <= r["t1"]]
+    later = [r for r in records if r["t0"] > t_kill]
+    print(f"serving through node loss: {len(records)} requests, {len(in_flight)} in flight at the kill, "
+          f"{len(failed)} failed ({sorted({r['status'] for r in failed})}), {len(later)} sent later "
+          f"({sum(not r['ok'] for r in later)} failed)")
+    assert all(r["t0"] <= t_kill for r in failed), [r for r in failed if r["t0"] > t_kill][:5]
+    assert len(failed) <= len(in_flight)
+    assert later and all(r["ok"] for r in later)
+    t = time.perf_counter()
+    back = driver("replicas")
+    print(f"replicas back to 2 on {back['nodes']} ({time.perf_counter() - t:.1f}s after the load ended)")
+    assert len(back["nodes"]) == 2 and replacement.ip in back["nodes"]
