@@ -211,7 +211,7 @@ def promote_stage(ctx: StepContext) -> dict:
 
         ecfg = (ev or {}).get("outputs", {}).get("config") or ctx.config
         cfg = {**ecfg, "mlflow": {**(ecfg.get("mlflow") or {}), "enabled": True,
-                                        "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}}
+                                  "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}}
         r = run_eval(cfg, uri, run_name=f"eval-{ctx.lifecycle['name']}-champion")
         return r.metrics, r.config_hash
 
@@ -298,7 +298,9 @@ STAGES: dict[str, Stage] = {
     "data": Stage("data", data_stage, code=["flows/data", "model/tokenizer.py"], check=data_config),
     "pretrain": Stage("pretrain", pretrain_stage, {"data": ["data"]}, code=["flows/train", "model"], resumable=True,
                       check=pretrain_config),
-    **{kind: Stage(kind, _finetune(kind), {"model": _after(kind)}, code=["flows/finetune", "model"], resumable=True,
+    # the held-out list decides which shared records training drops, so it is part of their code
+    **{kind: Stage(kind, _finetune(kind), {"model": _after(kind)}, resumable=True,
+                   code=["flows/finetune", "model", "flows/heldout.py", "configs/eval/heldout_sources.sha256"],
                    check=_finetune_check(kind)) for kind in ("sft", "rs", "dpo", "ppo")},
     "eval": Stage("eval", eval_stage, MODEL, code=["flows/eval", "model"]),
     "register": Stage("register", register_stage, {**MODEL, "eval": ["eval"], "data": ["data"]},

@@ -26,7 +26,9 @@ def test_sft_and_dpo_run_on_shared_samples(smollm2_dir, shared_data, tmp_path):
                                                 "limit": 40}), smollm2_dir, tmp_path / "sft")
     d = sft.metrics["data"]
     assert d["kept"] > 0 and d["kept"] + d["dropped_total"] == d["read"]
-    assert sft.metrics["train_loss_last"] < sft.metrics["train_loss_first"] + 0.5  # finite, not diverging
+    # finite, not diverging: the held-out loss (the same rows before and after; two training steps see two
+    # different batches, whose losses differ by more than the update changes them)
+    assert sft.metrics["heldout_loss_after"] < sft.metrics["heldout_loss_before"] + 0.1
     load_model(sft.checkpoint)
 
     # most of the sample's pairs are longer than 256 tokens: counted as over context, not an error

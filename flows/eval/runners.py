@@ -233,11 +233,7 @@ def run_rated(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size, ref
     from flows.eval.sealed import unseal
 
     prompts = from_records(unseal(resolve_data(spec, spec.data["test"], data_dir)[0]))
-    if limit is not None:
-        per_case = defaultdict(list)
-        for p in prompts:
-            per_case[p.use_case].append(p)
-        prompts = [p for ps in per_case.values() for p in ps[:limit]]
+    prompts = _first_per_group(prompts, "use_case", limit)
     texts = [p.prompt for p in prompts]
     gens = generate_texts(model, tokenizer, texts, spec.max_tokens, spec.until, True, batch_size)
     metrics: dict[str, float] = {"n": float(len(prompts)), "use_cases": float(len({p.use_case for p in prompts})),
@@ -263,11 +259,7 @@ def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) ->
 
     train, held = S.hh_pairs(resolve_data(spec, spec.data["test"], data_dir)[0])
     prompts = S.attack_prompts(held)
-    if limit is not None:
-        per_cat = defaultdict(list)
-        for p in prompts:
-            per_cat[p.category].append(p)
-        prompts = [p for ps in per_cat.values() for p in ps[:limit]]
+    prompts = _first_per_group(prompts, "category", limit)
     scorer = S.SafetyScorer.trained(train)
     gens = generate_texts(model, tokenizer, [p.messages for p in prompts], spec.max_tokens, spec.until, True, batch_size)
     replies = [g["text"] for g in gens]
@@ -286,6 +278,16 @@ def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) ->
     preds = [{"category": p.category, "attack": p.attack, "prompt": p.request, "response": r, "unsafe": round(float(x), 4)}
              for p, r, x in zip(prompts, replies, unsafe)]
     return TaskResult(spec.name, spec.type, metrics, preds)
+
+
+def _first_per_group(items: list, key: str, limit: int | None) -> list:
+    """The first `limit` items of each group (by attribute `key`), groups in first-seen order."""
+    if limit is None:
+        return items
+    groups = defaultdict(list)
+    for it in items:
+        groups[getattr(it, key)].append(it)
+    return [it for g in groups.values() for it in g[:limit]]
 
 
 def transcripts_markdown(spec: TaskSpec, preds: list[dict]) -> str:
