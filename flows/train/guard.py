@@ -146,7 +146,7 @@ class Snapshot:
 
 # --- hangs -----------------------------------------------------------------------------------
 
-def _kill_self() -> None:
+def kill_self() -> None:
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -208,7 +208,7 @@ class HangWatchdog:
             with open(Path(self.run_dir) / EVENTS_FILE, "a") as f:
                 f.write(json.dumps(event) + "\n")
         self.fired = event
-        (self.on_fire or (lambda _event: _kill_self()))(event)
+        (self.on_fire or (lambda _event: kill_self()))(event)
 
 
 def read_events(run_dir: Path, kind: str) -> list[dict]:
@@ -217,3 +217,149 @@ def read_events(run_dir: Path, kind: str) -> list[dict]:
         return []
     events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [e for e in events if e.get("event") == kind]
+
+
+# --- what the loop holds -----------------------------------------------------------------------
+
+class LoopGuard:
+    """The loop's side of error handling: one per training attempt (flows/train/loop.py).
+
+    Per step: `begin(step)` (watchdog; True when the step's batch is an offending one to skip
+    after a rollback), then `judge(step, loss, grad_norm)` before the optimizer: "ok" (step),
+    "skip" (no update) or "rollback" (then `rollback(...)` gives the step to continue from);
+    `saved(step, ...)` after a checkpoint refreshes the last good state; `end()`; `close()`.
+    Events go to MLflow through rank 0's logger: metrics `skipped_steps`, `skipped_batches`,
+    `rollbacks`, `hangs`; tags `herd.skip.<step>`, `herd.rollback.<n>`, `herd.hang.<n>`."""
+
+    def __init__(self, g, rt, step: int, params, optimizer, scheduler, data, rng: dict):
+        self.g, self.rt = g, rt
+        self.judge_ = StepGuard(g.spike_zscore, g.window, g.min_window, g.max_bad_steps)
+        self.snapshot = Snapshot.take(step, params, optimizer, scheduler, data, rng)
+        self.skip_steps: set[int] = set()
+        self.skipped_batches = 0
+        self.reason = ""
+        self.watchdog = None
+        if g.hang_factor and rt.restartable:  # a killed worker is only useful when something restarts it
+            self.watchdog = HangWatchdog(g.hang_factor, g.hang_min_s, g.hang_min_steps, on_fire=self._hang,
+                                         rank=rt.rank, run_dir=rt.run_dir)
+
+    def _log(self, metrics: dict, step: int, tag: tuple[str, str] | None = None) -> None:
+        if self.rt.rank == 0 and self.rt.logger:
+            self.rt.logger.metrics(metrics, step)
+            if tag:
+                self.rt.logger.tag(*tag)
+
+    def _say(self, msg: str) -> None:
+        if self.rt.rank == 0:
+            print(f"herd train: {msg}", file=sys.stderr, flush=True)
+
+    def _hang(self, event: dict) -> None:
+        n = len(read_events(self.rt.run_dir, "hang")) if self.rt.run_dir else 1
+        self._log({"hangs": n}, event["step"], (f"herd.hang.{n}", json.dumps(event)))
+        kill_self()
+
+    def begin(self, step: int) -> bool:
+        if self.watchdog:
+            self.watchdog.begin(step)
+        if step in self.skip_steps:
+            self.skip_steps.discard(step)
+            self.skipped_batches += 1
+            self._say(f"step {step}: skipping its batch (it took part in a rolled-back failure)")
+            self._log({"skipped_batches": self.skipped_batches}, step)
+            return True
+        return False
+
+    def judge(self, step: int, loss: torch.Tensor, grad_norm) -> str:
+        bad = nonfinite_across_ranks(loss, grad_norm).item() > 0  # one answer on every rank
+        value = float(loss.item())
+        v = self.judge_.judge(step, value, float("inf") if bad and math.isfinite(value) else float(grad_norm))
+        if v.action == "skip":
+            self._say(f"step {step}: {v.reason}; step skipped before the optimizer ({self.judge_.skipped} so far)")
+            self._log({"skipped_steps": self.judge_.skipped}, step, (f"herd.skip.{step}", v.reason))
+        elif v.action == "rollback":
+            self.reason = v.reason
+        return v.action
+
+    def rollback(self, params, optimizer, scheduler, data) -> int:
+        from flows.train import checkpoint as ckpt
+        from model.errors import HerdError
+
+        if self.judge_.rollbacks >= self.g.max_rollbacks:
+            raise HerdError(f"training keeps failing: {self.reason}, after {self.judge_.rollbacks} rollbacks "
+                            f"(guard.max_rollbacks)")
+        offending = self.judge_.rolled_back()
+        self.snapshot.restore(params, optimizer, scheduler, data)
+        ckpt.set_rng_state(self.snapshot.rng)
+        self.skip_steps.update(offending)
+        n = self.judge_.rollbacks
+        what = (f"{self.reason}: rolled back to step {self.snapshot.step}; the batches of steps "
+                f"{', '.join(map(str, offending))} will be skipped")
+        self._say(f"rollback {n}: {what}")
+        self._log({"rollbacks": n}, offending[-1], (f"herd.rollback.{n}", what))
+        if self.watchdog:
+            self.watchdog.end()
+        return self.snapshot.step
+
+    def saved(self, step: int, params, optimizer, scheduler, data, rng: dict) -> None:
+        """A checkpoint was saved after a good step: it becomes the state to roll back to."""
+        if not self.judge_.bad_run:
+            self.snapshot = Snapshot.take(step, params, optimizer, scheduler, data, rng)
+
+    def end(self) -> None:
+        if self.watchdog:
+            self.watchdog.end()
+
+    def close(self) -> None:
+        if self.watchdog:
+            self.watchdog.stop()
+
+    def metrics(self) -> dict:
+        return {"skipped_steps": self.judge_.skipped, "rollbacks": self.judge_.rollbacks,
+                "skipped_batches": self.skipped_batches}
+
+
+# --- fault injection (tests; FaultSection in flows/train/config.py) -----------------------------
+
+def inject_inf_grad(f, rank: int, world: int, step: int, params) -> None:
+    if f.inf_grad_at_step == step and rank == (f.rank if world > 1 else 0):
+        p = next(p for p in params if p.grad is not None)
+        with torch.no_grad():
+            p.grad.view(-1)[0] = float("inf")
+        print(f"herd train: fault injection: rank {rank} set a gradient to inf at step {step}", file=sys.stderr, flush=True)
+
+
+def inject_spike(f, step: int, total: torch.Tensor) -> torch.Tensor:
+    return total * f.spike_factor if f.spike_at_step == step else total
+
+
+def inject_hang(f, rank: int, world: int, step: int, run_dir: Path | None) -> None:
+    if f.hang_at_step != step or rank != (f.rank if world > 1 else 0) or run_dir is None:
+        return
+    marker = Path(run_dir) / ".herd-hang-injected"
+    if marker.exists():
+        return
+    marker.write_text(json.dumps({"step": step, "rank": rank, "pid": os.getpid()}))
+    print(f"herd train: fault injection: rank {rank} hangs for {f.hang_s}s in step {step}", file=sys.stderr, flush=True)
+    time.sleep(f.hang_s)
+
+
+def inject_kill(f, rank: int, step: int, run_dir: Path | None) -> None:
+    """Rank `f.rank` SIGKILLs itself after step `f.kill_at_step`, once per run (a marker in the run
+    folder), first damaging the newest checkpoint when `f.corrupt_latest`."""
+    if not f.kill_at_step or step != f.kill_at_step or rank != f.rank or run_dir is None:
+        return
+    from flows.train import checkpoint as ckpt
+
+    marker = Path(run_dir) / ".herd-fault-injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"step": step, "rank": rank, "pid": os.getpid()}))
+    if f.corrupt_latest:
+        found = ckpt.candidates(run_dir)
+        if found:
+            ckpt.corrupt(found[0])
+            print(f"herd pretrain: fault injection: corrupted {found[0]}", file=sys.stderr, flush=True)
+    print(f"herd pretrain: fault injection: rank {rank} kills itself after step {step}", file=sys.stderr, flush=True)
+    time.sleep(f.delay_s)  # an unregistered report would make the restart start from an older checkpoint
+    kill_self()

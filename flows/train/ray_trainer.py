@@ -103,7 +103,7 @@ def _ray_worker(config: dict) -> None:
     logger = MlflowLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     _record_attempt(run_dir, rank, world, logger)
     rt = Runtime(rank=rank, world_size=world, local_rank=ctx.get_local_rank(), device=device, persist=persist,
-                 latest=latest, staging_dir=staging, run_dir=run_dir, logger=logger)
+                 latest=latest, staging_dir=staging, run_dir=run_dir, logger=logger, restartable=True)
     build = config.get("build")  # post-training: (rank, world, logger) -> (model, tokenizer, Task)
     try:
         if build is None:
@@ -137,6 +137,14 @@ def _record_attempt(run_dir: Path, rank: int, world: int, logger) -> None:
         f.write(json.dumps(line) + "\n")
     if rank != 0 or ckpt is None:
         return
+    from flows.train.guard import read_events
+
+    hangs = read_events(run_dir, "hang")  # a worker the watchdog ended could not log them itself
+    for i, event in enumerate(hangs, 1):
+        if logger:
+            logger.tag(f"herd.hang.{i}", json.dumps(event))
+    if hangs and logger:
+        logger.metrics({"hangs": len(hangs)}, hangs[-1]["step"])
     starts = [json.loads(x) for x in (run_dir / ATTEMPTS_FILE).read_text().splitlines() if x.strip()]
     restarts = sum(1 for a in starts if a["rank"] == 0 and a["resumed_from"])
     print(f"herd pretrain: restart {restarts}: resuming from {ckpt.path} (rank 0 on {line['node_ip']})",
