@@ -298,9 +298,10 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
     try:
         while step < t.steps:
             t0 = time.perf_counter()
-            micro = task.train_data.next_step()
-            # a batch that took part in a rolled-back failure is spent without training on it
+            # (the watchdog times the step from here; a batch that took part in a rolled-back
+            # failure is spent without training on it)
             skip_batch = guard is not None and guard.begin(step + 1)
+            micro = task.train_data.next_step()
             inject_hang(cfg.fault, rt.rank, rt.world_size, step + 1, rt.run_dir)
             tokens, loss_metrics, grad_norm = 0, {}, 0.0
             lr = optimizer.param_groups[0]["lr"]
