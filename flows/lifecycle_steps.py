@@ -58,16 +58,30 @@ def find_cached(lc: dict, key: str) -> dict | None:
     return result
 
 
-def _paths_exist(result: dict) -> bool:
-    for v in (result.get("outputs") or {}).values():
+def output_files(outputs: dict) -> dict[str, str]:
+    """output name -> tree digest of the file or folder it names (outputs that are absolute
+    paths): recorded with the step, checked again before its result is reused."""
+    return {k: tree_digest([Path(v)]) for k, v in outputs.items()
+            if isinstance(v, str) and v.startswith("/") and Path(v).exists()}
+
+
+def _outputs_intact(result: dict, log=print) -> bool:
+    outputs = result.get("outputs") or {}
+    for k, v in outputs.items():
         if isinstance(v, str) and (v.startswith("/") and not Path(v).exists()):
+            log(f"[{result.get('stage')}] cached output {k} is gone ({v}): running it again")
+            return False
+    for k, digest in (result.get("files") or {}).items():
+        if tree_digest([Path(outputs[k])]) != digest:
+            log(f"[{result.get('stage')}] cached output {k} ({outputs[k]}) no longer matches its recorded "
+                f"digest: running it again")
             return False
     return True
 
 
 def still_valid(stage: Stage, result: dict) -> bool:
     try:
-        return _paths_exist(result) and (stage.valid(result) if stage.valid else True)
+        return _outputs_intact(result) and (stage.valid(result) if stage.valid else True)
     except Exception:  # a validity probe that fails means "run it again"
         return False
 
@@ -162,7 +176,7 @@ def execute_step(stage: Stage, st_cfg: dict, lc: dict, slots: dict[str, str | No
     lineage[f"{stage.name}.digest"] = digest
     metrics = {k: float(v) for k, v in (got.get("metrics") or {}).items()}
     result = {"stage": stage.name, "key": key, "status": "ran", "run_id": run_id, "digest": digest,
-              "outputs": outputs, "metrics": metrics, "lineage": lineage,
+              "outputs": outputs, "files": output_files(outputs), "metrics": metrics, "lineage": lineage,
               "seconds": round(time.perf_counter() - t0, 2), "summary": got.get("summary", "")}
     if metrics:
         client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])

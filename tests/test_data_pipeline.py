@@ -115,6 +115,46 @@ def test_prep_end_to_end(tmp_path, ray_local, smollm2_dir):
     assert inputs and inputs[0].dataset.digest == report["input"]["digest"][:32]
 
 
+def test_truncated_gz_is_counted_and_a_bad_count_writes_no_manifest(tmp_path, ray_local, monkeypatch):
+    import gzip
+    import zlib
+
+    from flows.data import pipeline
+    from flows.data.accounting import Accounting
+    from flows.data.shards import verify
+    from model.errors import HerdError
+
+    good, bad = english_docs()
+    src = tmp_path / "in"
+    src.mkdir()
+    n_plain = write_input(src / "a.jsonl", good[:20])
+    blob = "".join(json.dumps({"text": d, "id": f"gz{i}"}) + "\n" for i, d in enumerate(good[20:] + bad)).encode()
+    cut = gzip.compress(blob)[: len(gzip.compress(blob)) // 2]
+    (src / "b.jsonl.gz").write_bytes(cut)
+    whole = zlib.decompressobj(31).decompress(cut).count(b"\n")  # records a decompressor recovers whole
+    assert 0 < whole < 30
+    cfg = config_from_dict({"name": "cut", "input": {"paths": [str(src)]}, "semdedup": {"enabled": False},
+                            "quality": {"enabled": False}, "pack": {"seq_len": 128, "sequences_per_shard": 8},
+                            "ray": {"num_cpus": 2, "batch_size": 16, "progress_bars": False}})
+    report, _ = pipeline.run_prep(cfg, tmp_path / "out")
+    n_input = n_plain + whole + 1  # the plain lines, the gz's whole records, one row for its cut tail
+    print(f"truncated .gz: {whole} records read, then read:truncated_file; input {report['input_documents']}, "
+          f"kept {report['kept']} + dropped {report['dropped']}")
+    assert report["input_documents"] == n_input
+    assert report["kept"] + report["dropped"] == n_input
+    assert report["dropped_by_reason"]["read:truncated_file"] == 1
+    assert verify(tmp_path / "out") > 0
+
+    class Undercount(Accounting):  # loses one row: the check at the end must catch it
+        def add(self, ids, texts, sources, reasons):
+            super().add(ids[1:], texts[1:], sources[1:], reasons[1:])
+
+    monkeypatch.setattr(pipeline, "Accounting", Undercount)
+    with pytest.raises(HerdError, match="accounting error.*no manifest written"):
+        pipeline.run_prep(cfg, tmp_path / "out2")
+    assert (tmp_path / "out2").is_dir() and not (tmp_path / "out2" / "manifest.json").exists()
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from flows.cli import main
 

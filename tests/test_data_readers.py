@@ -53,6 +53,43 @@ def test_compressed_and_split_jsonl_read_the_same(tmp_path):
     assert [(r["id"], r["text"]) for r in rows(cfg)] == expected
 
 
+def _complete_lines(prefix: bytes, kind: str) -> int:
+    """Lines that a decompressor independent of the reader recovers whole from a cut file."""
+    import zlib
+
+    import zstandard
+
+    if kind == "gz":
+        data = zlib.decompressobj(31).decompress(prefix)
+    else:
+        data = zstandard.ZstdDecompressor().decompressobj().decompress(prefix)
+    return data.count(b"\n")
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_truncated_compressed_input_is_counted_not_fatal(tmp_path, kind):
+    import zstandard
+
+    lines = [json.dumps({"text": f"record {i} " * (i % 9 + 1), "id": str(i)}) for i in range(3000)]
+    blob = ("\n".join(lines) + "\n").encode()
+    packed = gzip.compress(blob) if kind == "gz" else zstandard.ZstdCompressor().compress(blob)
+    cut = packed[: len(packed) * 2 // 3]  # a download or copy that stopped early
+    (tmp_path / f"in.jsonl.{kind}").write_bytes(cut)
+    (tmp_path / "ok.txt.gz").write_bytes(gzip.compress(b"whole"))
+    text = gzip.compress(" ".join(f"word{i}" for i in range(5000)).encode())
+    (tmp_path / "cut.txt.gz").write_bytes(text[: len(text) // 2])
+    out = rows(InputConfig(paths=[str(tmp_path)]))
+    reasons = [r["reason"] for r in out]
+    whole = _complete_lines(cut, kind)
+    assert 0 < whole < len(lines)
+    assert reasons.count("") == whole + 1  # the complete records, and ok.txt.gz
+    assert reasons.count("read:truncated_file") == 2  # one row for each file's unreadable rest
+    assert len(out) == whole + 3  # kept + dropped = every row read
+    bad = [r for r in out if r["reason"] == "read:truncated_file"]
+    assert {r["id"] for r in bad} == {f"in.jsonl.{kind}:{whole + 1}", "cut.txt.gz"}
+    print(f"{kind}: {whole} records read before the cut, then 1 read:truncated_file row")
+
+
 def test_parquet_and_text(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -85,3 +85,26 @@ def test_tampered_shard_and_bad_manifest(tmp_path):
         list(shards.iter_sequences(tmp_path, "test"))
     with pytest.raises(HerdError, match="no manifest"):
         shards.read_manifest(tmp_path / "nowhere")
+
+
+def test_training_refuses_a_corrupted_or_missing_shard_before_it_starts(tmp_path):
+    """Both launchers verify every shard's sha256 before a worker (or Ray) starts."""
+    from flows.train.config import config_from_dict
+    from flows.train.launch import run_local
+    from flows.train.ray_trainer import run_pretrain
+
+    write(tmp_path, make_docs(20, np.random.default_rng(3)))
+    assert shards.verify(tmp_path) == 2 * len(list(tmp_path.glob("train-*.tokens.npy")))
+    second = tmp_path / "train-00001.positions.npy"
+    blob = bytearray(second.read_bytes())
+    blob[-1] ^= 1  # one flipped bit in the data, the header intact: np.load would read it silently
+    second.write_bytes(bytes(blob))
+    cfg = config_from_dict({"name": "refuse", "data": {"dir": str(tmp_path)}, "mlflow": {"enabled": False},
+                            "ray": {"storage_path": str(tmp_path / "ray")}})
+    for launch in (lambda: run_pretrain(cfg), lambda: run_local(cfg, 1, tmp_path / "local")):
+        with pytest.raises(HerdError, match=r"train-00001\.positions\.npy: sha256 does not match the manifest"):
+            launch()
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "local").exists()  # nothing started
+    second.unlink()
+    with pytest.raises(HerdError, match=r"train-00001\.positions\.npy: shard file missing"):
+        shards.verify(tmp_path)

@@ -108,6 +108,31 @@ def test_code_version_follows_the_stage_sources(tmp_path):
     assert v != lcm.code_version(["flows/tracking.py"])
 
 
+def test_a_cached_step_checks_its_outputs_digests(tmp_path, capsys):
+    from flows.lifecycle_steps import output_files
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"\x00" * 64)
+    (tmp_path / "report.json").write_text("{}")
+    outputs = {"model_dir": str(model), "report": str(tmp_path / "report.json"), "name": "not a path"}
+    result = {"stage": "pretrain", "outputs": outputs, "files": output_files(outputs)}
+    assert set(result["files"]) == {"model_dir", "report"}
+    stage = toy_stages()["pretrain"]
+    assert lcm.still_valid(stage, result)
+    (model / "weights.bin").write_bytes(b"\x00" * 63 + b"\x01")  # same name and size, one byte changed
+    assert not lcm.still_valid(stage, result)
+    assert "cached output model_dir" in capsys.readouterr().out
+    (model / "weights.bin").write_bytes(b"\x00" * 64)
+    assert lcm.still_valid(stage, result)
+    (model / "extra.bin").write_bytes(b"")  # a file added to the folder changes its digest too
+    assert not lcm.still_valid(stage, result)
+    (model / "extra.bin").unlink()
+    (tmp_path / "report.json").unlink()
+    assert not lcm.still_valid(stage, result)
+    assert "is gone" in capsys.readouterr().out
+
+
 def test_wiring_takes_the_first_enabled_candidate_and_force_closes_downstream(tmp_path):
     stages = toy_stages()
     cfg = lcm.load_config(toy_config(tmp_path))

@@ -130,7 +130,10 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     phases.record("tokenize_pack", acct.total, t)
     phases.record("total", acct.total, t0)
     if acct.total != n_input:
-        raise HerdError(f"accounting error: {n_input} documents read, {acct.total} accounted for")
+        raise HerdError(f"accounting error: {n_input} documents read, {acct.total} accounted for; "
+                        f"{out}: no manifest written")
+    if manifest:  # only now: a manifest names a finished, fully accounted data directory
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     acct.write(out)
     report = {
@@ -251,6 +254,8 @@ def _texts_for(ds, pick: np.ndarray) -> list[str]:
 
 
 def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: str, tasks) -> dict:
+    """Count every row and write the shards; returns the manifest, which the caller writes once
+    the accounting adds up."""
     p = cfg.pack
     docs_file = open(out / "documents.jsonl", "w") if cfg.output.write_documents else None
     writers = {}
@@ -293,5 +298,4 @@ def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: 
                   "kept_documents": acct.kept},
         "config": cfg.to_dict(),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -3,7 +3,9 @@
 A read task covers one file, or one byte range of a large uncompressed line file. It
 yields rows: a document {seq, id, text, source, reason=""} or a malformed record with
 reason "read:<why>" and the raw bytes (truncated) as text, so that nothing crashes the run
-and every input record is accounted for. `seq` orders documents globally: (task << 32) | i.
+and every input record is accounted for. A compressed file cut short (.gz/.zst without its end)
+yields the records before the cut, then one row "read:truncated_file" for the unreadable rest.
+`seq` orders documents globally: (task << 32) | i.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -90,10 +93,72 @@ def _open_binary(path: Path):
     if comp == ".gz":
         return gzip.open(path, "rb")
     if comp == ".zst":
+        return io.BufferedReader(_ZstdRaw(path))
+    return open(path, "rb")
+
+
+class _ZstdRaw(io.RawIOBase):
+    """A .zst file's bytes, frame after frame. Unlike zstandard's stream_reader, which ends
+    quietly where the file does, it raises EOFError when the file ends inside a frame."""
+
+    def __init__(self, path: Path):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self._file = open(path, "rb")
+        self._zstd = zstandard.ZstdDecompressor()
+        self._frame = self._zstd.decompressobj()
+        self._pending = b""
+        self._inside = False  # bytes of an unfinished frame have been read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._pending:
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._inside:
+                    raise EOFError("zstd file ended inside a frame (truncated)")
+                return 0
+            out = b""
+            while chunk:
+                if self._frame.eof:
+                    self._frame = self._zstd.decompressobj()
+                out += self._frame.decompress(chunk)
+                chunk = self._frame.unused_data if self._frame.eof else b""
+            self._inside = not self._frame.eof
+            self._pending = out
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _truncation_errors() -> tuple[type[BaseException], ...]:
+    """What a cut-short .gz or .zst raises while being read."""
+    errors: tuple[type[BaseException], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def _file_lines(path: Path, cut: list[str]) -> Iterator[tuple[int, bytes]]:
+    """Lines of a whole (maybe compressed) file. A truncated stream ends the lines and appends
+    the error to `cut`: the caller turns it into one reject row."""
+    try:
+        with _open_binary(path) as f:
+            for line in f:
+                yield 0, line
+    except _truncation_errors() as e:
+        cut.append(f"{type(e).__name__}: {e}")
 
 
 def _byte_range_lines(path: Path, start: int, end: int) -> Iterator[tuple[int, bytes]]:
@@ -125,10 +190,8 @@ def _reject(task: ReadTask, i: int, where: str, why: str, raw: bytes | str) -> d
 def _jsonl_rows(task: ReadTask, cfg: InputConfig) -> Iterator[dict]:
     path = Path(task.path)
     name = path.name
-    if task.end >= 0:
-        lines = _byte_range_lines(path, task.start, task.end)
-    else:
-        lines = ((0, line) for line in _open_binary(path))
+    cut: list[str] = []
+    lines = _byte_range_lines(path, task.start, task.end) if task.end >= 0 else _file_lines(path, cut)
     i = 0
     for offset, raw in lines:
         if not raw.strip():
@@ -152,6 +215,8 @@ def _jsonl_rows(task: ReadTask, cfg: InputConfig) -> Iterator[dict]:
             continue
         doc_id = record.get(cfg.id_field)
         yield _row(task, i, str(doc_id) if doc_id is not None else where, text)
+    if cut:
+        yield _reject(task, i + 1, f"{name}:{i + 1}", "truncated_file", f"ends after {i} records ({cut[0]})")
 
 
 def _parquet_rows(task: ReadTask, cfg: InputConfig) -> Iterator[dict]:
@@ -181,8 +246,12 @@ def _parquet_rows(task: ReadTask, cfg: InputConfig) -> Iterator[dict]:
 
 def _text_rows(task: ReadTask, cfg: InputConfig) -> Iterator[dict]:
     path = Path(task.path)
-    with _open_binary(path) as f:
-        raw = f.read()
+    try:
+        with _open_binary(path) as f:
+            raw = f.read()
+    except _truncation_errors() as e:
+        yield _reject(task, 1, path.name, "truncated_file", f"{type(e).__name__}: {e}")
+        return
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -74,15 +74,22 @@ def token_stream(directory: str | Path, split: str = "train") -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, TOKEN_DTYPE)
 
 
-def verify(directory: str | Path) -> None:
-    """Check every shard file against the manifest's sha256; HerdError names the first bad one."""
+def verify(directory: str | Path) -> int:
+    """Check every shard file against the manifest's sha256 (training calls it before it reads
+    any); HerdError names the first bad or missing one. Returns the number of files checked."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    n = 0
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             for key in ("tokens", "positions"):
-                if sha256_file(directory / shard[key]) != shard["sha256"][key]:
-                    raise HerdError(f"{directory / shard[key]}: sha256 does not match the manifest")
+                path = directory / shard[key]
+                if not path.is_file():
+                    raise HerdError(f"{path}: shard file missing (listed in the manifest)")
+                if sha256_file(path) != shard["sha256"][key]:
+                    raise HerdError(f"{path}: sha256 does not match the manifest (corrupted shard)")
+                n += 1
+    return n
 
 
 class ShardWriter:

@@ -104,6 +104,21 @@ class RaySection:
 
 
 @dataclass
+class GuardSection:
+    """Automated error handling in the loop (flows/train/guard.py)."""
+
+    enabled: bool = True
+    spike_zscore: float = 6.0  # a loss this many standard deviations above the window's mean rolls back; 0: off
+    window: int = 20  # recent good steps the z-score is taken over
+    min_window: int = 5  # good steps needed before a spike can be called
+    max_bad_steps: int = 3  # bad (skipped) steps in a row that roll back
+    max_rollbacks: int = 5  # then the run fails: the data or the settings are wrong, not one batch
+    hang_factor: float = 10.0  # a step longer than this x the median step fails the worker (Ray Train restarts it); 0: off
+    hang_min_s: float = 300.0  # ... and longer than this
+    hang_min_steps: int = 3  # finished steps before the watchdog is armed (first steps compile, warm up)
+
+
+@dataclass
 class FaultSection:
     """Fault injection for tests: the worker of `rank` kills itself (SIGKILL) after step
     `kill_at_step`, once (a marker file next to the run records that it happened).
@@ -115,6 +130,11 @@ class FaultSection:
     rank: int = 1
     corrupt_latest: bool = False
     delay_s: float = 5.0
+    inf_grad_at_step: int = 0  # rank `rank` (or rank 0 in a 1-worker run) sets one gradient to inf at this step
+    spike_at_step: int = 0  # every rank multiplies its loss by `spike_factor` at this step (once)
+    spike_factor: float = 50.0
+    hang_at_step: int = 0  # rank `rank` sleeps `hang_s` inside this step, once per run (marker in the run folder)
+    hang_s: float = 600.0
 
 
 @dataclass
@@ -134,6 +154,7 @@ class PretrainConfig(StageConfig):
     logging: LoggingSection = field(default_factory=LoggingSection)
     ray: RaySection = field(default_factory=RaySection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
+    guard: GuardSection = field(default_factory=GuardSection)
     fault: FaultSection = field(default_factory=FaultSection)
 
     def __post_init__(self):
@@ -167,6 +188,10 @@ class PretrainConfig(StageConfig):
             (self.logging.every >= 1, "logging.every must be >= 1"),
             (self.ray.workers >= 1, "ray.workers must be >= 1"),
             (self.ray.max_failures >= -1, "ray.max_failures must be >= -1 (-1: unlimited)"),
+            (self.guard.spike_zscore >= 0 and self.guard.hang_factor >= 0, "guard.spike_zscore and guard.hang_factor must be >= 0 (0: off)"),
+            (self.guard.window >= 2 and 2 <= self.guard.min_window <= self.guard.window,
+             "guard.window must be >= 2 and guard.min_window in [2, guard.window]"),
+            (self.guard.max_bad_steps >= 1 and self.guard.max_rollbacks >= 0, "guard.max_bad_steps must be >= 1, guard.max_rollbacks >= 0"),
         ]
         self.check(checks)
 

@@ -67,6 +67,10 @@ def run_local(cfg: PretrainConfig, workers: int, out_dir: str | Path, threads: i
     """Train with `workers` local processes; returns rank 0's TrainResult."""
     import torch.multiprocessing as mp
 
+    if train_fn is None and cfg.data.dir:
+        from flows.data.shards import verify
+
+        verify(cfg.data.dir)  # a corrupted shard is refused before any worker reads it
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)

@@ -10,11 +10,9 @@ averaged over the step's micro-batches on rank 0 and logged with the step's metr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 import warnings
@@ -28,6 +26,7 @@ import torch.distributed as dist
 
 from flows.train import checkpoint as ckpt
 from flows.train.config import PretrainConfig
+from flows.train.guard import LoopGuard, inject_hang, inject_inf_grad, inject_kill, inject_spike
 from flows.train.losses import LossOutput, causal_lm_loss
 from flows.train.metrics import MlflowLogger, memory_gb, peak_flops
 from model.errors import HerdError
@@ -49,6 +48,7 @@ class Runtime:
     latest: Callable[[], tuple[Path, Path] | None] = None
     staging_dir: Path = Path("/tmp")  # where each rank writes its shards of a checkpoint before persisting
     run_dir: Path | None = None  # shared run folder (fault-injection marker, checkpoints)
+    restartable: bool = False  # something restarts a failed worker (Ray Train): the hang watchdog may end it
     logger: MlflowLogger | None = None
 
 
@@ -291,48 +291,78 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
         initial = {"initial_" + k: v for k, v in val.items()}
         if rt.rank == 0 and rt.logger:
             rt.logger.metrics(val, 0)
-    while step < t.steps:
-        t0 = time.perf_counter()
-        micro = task.train_data.next_step()
-        optimizer.zero_grad(set_to_none=True)
-        total, tokens, loss_metrics = forward_backward(par, task, micro, amp, dev)
-        grad_norm = clip_grad_norm_(params, o.grad_clip, par.pp_group)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        if par.pp_group is not None:  # the loss is on the last stage's ranks
-            total = _all_reduce_sum(total, par.pp_group)
-        loss = _all_reduce_sum(total, par.dp_group).item()
-        step_time = time.perf_counter() - t0
-        step += 1
-        losses.append(loss)
-        if not math.isfinite(loss):
-            raise HerdError(f"training diverged: loss is {loss} at step {step}")
-        global_tokens = tokens * par.dp_size
-        window_time += step_time
-        window_tokens += global_tokens
+    # Error handling (flows/train/guard.py): each step is judged before the optimizer sees it.
+    start_step, loss = step, float("nan")
+    guard = LoopGuard(cfg.guard, rt, step, params, optimizer, scheduler, task.train_data,
+                      ckpt.rng_state()) if cfg.guard.enabled else None
+    try:
+        while step < t.steps:
+            t0 = time.perf_counter()
+            # (the watchdog times the step from here; a batch that took part in a rolled-back
+            # failure is spent without training on it)
+            skip_batch = guard is not None and guard.begin(step + 1)
+            micro = task.train_data.next_step()
+            inject_hang(cfg.fault, rt.rank, rt.world_size, step + 1, rt.run_dir)
+            tokens, loss_metrics, grad_norm = 0, {}, 0.0
+            lr = optimizer.param_groups[0]["lr"]
+            if not skip_batch:
+                optimizer.zero_grad(set_to_none=True)
+                total, tokens, loss_metrics = forward_backward(par, task, micro, amp, dev)
+                inject_inf_grad(cfg.fault, rt.rank, rt.world_size, step + 1, params)
+                total = inject_spike(cfg.fault, step + 1, total)
+                grad_norm = clip_grad_norm_(params, o.grad_clip, par.pp_group)
+                if par.pp_group is not None:  # the loss is on the last stage's ranks
+                    total = _all_reduce_sum(total, par.pp_group)
+                total = _all_reduce_sum(total, par.dp_group)
+                action = guard.judge(step + 1, total, grad_norm) if guard else "ok"
+                if action == "rollback":
+                    step = guard.rollback(params, optimizer, scheduler, task.train_data)
+                    del losses[max(0, step - start_step):]
+                    continue
+                if action == "ok":
+                    optimizer.step()
+                loss = total.item()
+                losses.append(loss)
+                if guard is None and not math.isfinite(loss):
+                    raise HerdError(f"training diverged: loss is {loss} at step {step + 1}")
+            scheduler.step()
+            step_time = time.perf_counter() - t0
+            step += 1
+            if guard:
+                guard.end()
+            global_tokens = tokens * par.dp_size
+            window_time += step_time
+            window_tokens += global_tokens
 
-        if step % cfg.logging.every == 0 or step == t.steps:
-            tps = window_tokens / window_time if window_time else 0.0
-            last_metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                            "tokens_per_s_per_device": tps / rt.world_size, "step_time_s": window_time / max(1, cfg.logging.every),
-                            "mfu": tps * flops_tok / (peak * rt.world_size) if flops_tok else 0.0,
-                            "tokens_seen": step * global_tokens, **memory_gb(dev), **initial,
-                            **{k: sum(v) / len(v) for k, v in loss_metrics.items()}}
-            window_time, window_tokens = 0.0, 0
-            if rt.rank == 0 and rt.logger:
-                rt.logger.metrics(last_metrics, step)
-        if task.eval_data is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == t.steps):
-            val = evaluate(par, task, cfg.eval.batches, amp, dev)
-            last_metrics.update(val)
-            if rt.rank == 0 and rt.logger:
-                rt.logger.metrics(val, step)
-        if step % cfg.checkpoint.every == 0 or step == t.steps:
-            last_persisted = save(cfg, rt, par, optimizer, scheduler, task, step, model_config, tokenizer,
-                                  {**last_metrics, "loss": loss})
-        _maybe_inject_fault(cfg, rt, step)
+            if step % cfg.logging.every == 0 or step == t.steps:
+                tps = window_tokens / window_time if window_time else 0.0
+                last_metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                                "tokens_per_s_per_device": tps / rt.world_size,
+                                "step_time_s": window_time / max(1, cfg.logging.every),
+                                "mfu": tps * flops_tok / (peak * rt.world_size) if flops_tok else 0.0,
+                                "tokens_seen": step * global_tokens, **memory_gb(dev), **initial,
+                                **(guard.metrics() if guard else {}),
+                                **{k: sum(v) / len(v) for k, v in loss_metrics.items()}}
+                window_time, window_tokens = 0.0, 0
+                if rt.rank == 0 and rt.logger:
+                    rt.logger.metrics(last_metrics, step)
+            if task.eval_data is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == t.steps):
+                val = evaluate(par, task, cfg.eval.batches, amp, dev)
+                last_metrics.update(val)
+                if rt.rank == 0 and rt.logger:
+                    rt.logger.metrics(val, step)
+            if step % cfg.checkpoint.every == 0 or step == t.steps:
+                last_persisted = save(cfg, rt, par, optimizer, scheduler, task, step, model_config, tokenizer,
+                                      {**last_metrics, "loss": loss})
+                if guard:
+                    guard.saved(step, params, optimizer, scheduler, task.train_data, ckpt.rng_state())
+            inject_kill(cfg.fault, rt.rank, step, rt.run_dir)
+    finally:
+        if guard:
+            guard.close()
 
-    final = {**initial, **last_metrics, "loss": losses[-1] if losses else float("nan"), "step": step}
+    final = {**initial, **last_metrics, **(guard.metrics() if guard else {}),
+             "loss": losses[-1] if losses else float("nan"), "step": step}
     return TrainResult(step, final["loss"], final, last_persisted, resumed_from, warn_msgs, losses)
 
 
@@ -390,23 +420,3 @@ def save(cfg, rt: Runtime, par, optimizer, scheduler, task, step, model_config, 
                                  gather=lambda obj: _gather_objects(obj, rt.world_size))
     del model_state, optim_state
     return rt.persist(path, {**metrics, "step": step}, step) if rt.persist else str(path)
-
-
-def _maybe_inject_fault(cfg: PretrainConfig, rt: Runtime, step: int) -> None:
-    f = cfg.fault
-    if not f.kill_at_step or step != f.kill_at_step or rt.rank != f.rank or rt.run_dir is None:
-        return
-    marker = Path(rt.run_dir) / ".herd-fault-injected"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"step": step, "rank": rt.rank, "pid": os.getpid()}))
-    if f.corrupt_latest:
-        found = ckpt.candidates(rt.run_dir)
-        if found:
-            ckpt.corrupt(found[0])
-            print(f"herd pretrain: fault injection: corrupted {found[0]}", file=sys.stderr, flush=True)
-    print(f"herd pretrain: fault injection: rank {rt.rank} kills itself after step {step}", file=sys.stderr, flush=True)
-    sys.stderr.flush()
-    time.sleep(f.delay_s)  # an unregistered report would make the restart start from an older checkpoint
-    os.kill(os.getpid(), signal.SIGKILL)

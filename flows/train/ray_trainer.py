@@ -24,6 +24,7 @@ from model.errors import HerdError
 RUN_FILE = "herd-run.json"  # in the run folder: MLflow run id, config, for --resume
 WARNINGS_FILE = "herd-warnings.jsonl"
 RESULT_FILE = "herd-result.json"  # a `build` run's summary from rank 0 (losses, data-source state)
+ATTEMPTS_FILE = "herd-attempts.jsonl"  # one line per worker start: rank, node, the checkpoint it resumed from
 
 
 @dataclass
@@ -100,8 +101,9 @@ def _ray_worker(config: dict) -> None:
         return local, local.parent
 
     logger = MlflowLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    _record_attempt(run_dir, rank, world, logger)
     rt = Runtime(rank=rank, world_size=world, local_rank=ctx.get_local_rank(), device=device, persist=persist,
-                 latest=latest, staging_dir=staging, run_dir=run_dir, logger=logger)
+                 latest=latest, staging_dir=staging, run_dir=run_dir, logger=logger, restartable=True)
     build = config.get("build")  # post-training: (rank, world, logger) -> (model, tokenizer, Task)
     try:
         if build is None:
@@ -119,6 +121,40 @@ def _ray_worker(config: dict) -> None:
         with open(run_dir / WARNINGS_FILE, "a") as f:
             for w in result.warnings:
                 f.write(json.dumps({"warning": w, "time": time.time()}) + "\n")
+
+
+def _record_attempt(run_dir: Path, rank: int, world: int, logger) -> None:
+    """Each worker start is a line in the run folder; a start with a checkpoint to resume from
+    follows a failure (a worker or a whole node lost; or `--resume`), and rank 0 puts it on the
+    MLflow run: metric `restarts` and tag `herd.restart.<n>` (where, and from which checkpoint)."""
+    import ray
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    line = {"rank": rank, "world": world, "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+            "resumed_from": ckpt.path if ckpt is not None else None, "time": time.time()}
+    with open(run_dir / ATTEMPTS_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    if rank != 0 or ckpt is None:
+        return
+    from flows.train.guard import read_events
+
+    hangs = read_events(run_dir, "hang")  # a worker the watchdog ended could not log them itself
+    for i, event in enumerate(hangs, 1):
+        if logger:
+            logger.tag(f"herd.hang.{i}", json.dumps(event))
+    if hangs and logger:
+        logger.metrics({"hangs": len(hangs)}, hangs[-1]["step"])
+    starts = [json.loads(x) for x in (run_dir / ATTEMPTS_FILE).read_text().splitlines() if x.strip()]
+    restarts = sum(1 for a in starts if a["rank"] == 0 and a["resumed_from"])
+    print(f"herd pretrain: restart {restarts}: resuming from {ckpt.path} (rank 0 on {line['node_ip']})",
+          file=sys.stderr, flush=True)
+    if logger:
+        logger.tag(f"herd.restart.{restarts}", f"worker group restarted after a failure; rank 0 on "
+                                              f"{line['node_ip']}; resuming from {ckpt.path}")
+        from flows.train.checkpoint import step_of
+
+        logger.metrics({"restarts": restarts}, step_of(ckpt.path) or 0)
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -149,7 +185,7 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
     if over:
         cfg = cfg.replace(**over)
 
-    from flows.data.shards import read_manifest
+    from flows.data.shards import read_manifest, verify
     from flows.train.data import manifest_digest
     from flows.train.loop import resolve_init_from
 
@@ -157,6 +193,7 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
         raise HerdError("pretrain: no data: set data.dir in the config or pass --data DIR (from `herd data prep`)")
     cfg = cfg.replace(data={"dir": str(Path(cfg.data.dir).resolve())})
     manifest = read_manifest(cfg.data.dir)
+    verify(cfg.data.dir)  # a corrupted shard is refused here, before any worker reads it
     if cfg.model.init_from:
         # Import once here, so the workers do not race to convert the same weights.
         resolved = resolve_init_from(cfg.model.init_from)
