@@ -144,6 +144,21 @@ def a_blocks(sched, tokens):
     return [e.block for e in sched.pool.match(tokens, None, len(tokens) // sched.bs)]
 
 
+def test_a_prefix_hit_that_would_not_fit_is_computed_instead():
+    """One slot, a cache of exactly one request: the repeated prompt's cached block plus its copy would
+    need three blocks; admission computes the prompt again in two rather than wait forever."""
+    sched = Scheduler(EngineConfig(max_num_seqs=1, block_size=4, max_model_len=8, max_num_batched_tokens=100,
+                                   prefill_chunk=100))
+    first = seq("a", [5, 6, 7, 8], max_tokens=4)
+    sched.add(first)
+    fake_step(sched, sched.schedule())
+    sched.free(first)
+    again = seq("b", [5, 6, 7, 8], max_tokens=4)
+    sched.add(again)
+    plan = sched.schedule()
+    assert again.slot == 0 and again.num_cached == 0 and plan.prefill[0][1:] == (0, 4)
+
+
 def test_prefix_cache_compares_tokens_and_salt(monkeypatch):
     """Even when every block hashes alike, a lookup only matches equal tokens under an equal salt."""
     import services.engine.blocks as blocks

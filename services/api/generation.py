@@ -68,6 +68,9 @@ def usage(prompt: int, completion: int, cached: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+RESPONSE_MARGIN_S = 0.05
+
+
 class Run:
     """One engine request with a deadline. Leaving `outputs()` early (timeout, error) aborts it, which
     frees its KV-cache slot at the engine's next step; so does the end of the HTTP exchange that
@@ -78,7 +81,9 @@ class Run:
         self.state, self.rid = state, rid
         exchange = EXCHANGE.get()
         start = exchange.arrival if exchange is not None else time.monotonic()
-        self.deadline = start + state.config.request_timeout_s
+        # The 408 is sent a little before the limit: waking the event loop, aborting the request and
+        # writing the answer take a few milliseconds, and no request may outlive request_timeout_s.
+        self.deadline = start + max(state.config.request_timeout_s - RESPONSE_MARGIN_S, 0.0)
         try:  # validated and enqueued now, so limits fail before any response starts
             self.queue = state.engine.submit(prompt_ids, params, rid, cache_salt)
         except EngineError as e:

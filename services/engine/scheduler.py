@@ -120,10 +120,14 @@ class Scheduler:
             n_prompt = len(seq.prompt_ids)
             # Leave at least one prompt token to compute: its logits give the first output token.
             hits = pool.match(seq.prompt_ids, seq.cache_salt, n_prompt // self.bs)
-            n_hit = min(len(hits) * self.bs, n_prompt - 1)
-            copy_on_write = n_hit < len(hits) * self.bs
-            need = self.blocks_for(seq) - len(hits) + copy_on_write
-            revived = sum(pool.refs[e.block] == 0 for e in hits)  # cached blocks nobody holds yet
+            while True:
+                n_hit = min(len(hits) * self.bs, n_prompt - 1)
+                copy_on_write = n_hit < len(hits) * self.bs
+                need = self.blocks_for(seq) - len(hits) + copy_on_write
+                revived = sum(pool.refs[e.block] == 0 for e in hits)  # cached blocks nobody holds yet
+                if pool.num_available - revived - self.reserved >= need or not hits:
+                    break
+                hits = []  # holding the hit (and its copy) would not fit where computing it all does
             if pool.num_available - revived - self.reserved < need:
                 break  # FCFS: the head of the queue waits for blocks
             self.waiting.popleft()
