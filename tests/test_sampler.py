@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 1000
 SETTINGS = [
-    RowSettings(temperature=0.7, top_p=0.5),
+    RowSettings(temperature=1.5, top_p=0.5),
     RowSettings(temperature=1.0, top_k=20),
     RowSettings(temperature=1.3, top_k=50, top_p=0.8),
     RowSettings(temperature=1.0, min_p=0.1),
