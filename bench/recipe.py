@@ -59,7 +59,7 @@ def run(share: float = 0.05, mix: dict[str, float] | None = None, english_docs: 
     from flows.data.config import config_from_dict
     from flows.data.pipeline import run_prep
 
-    mix = mix or {"books": 0.7, "general": 0.3}
+    mix = mix or {"books": 0.9, "general": 0.1}
     work = Path(tempfile.mkdtemp(prefix="herd-recipe-", dir=workdir))
     try:
         books = work / "books.jsonl"

@@ -124,12 +124,17 @@ def mix_drops(c: Candidates, alive: np.ndarray, targets: dict[str, float],
         cum = int(sum(int(c.tokens[k].sum()) for k in keep))
         fill = fill[np.argsort(c.key[fill], kind="stable")]
         taken = np.zeros(len(fill), dtype=bool)
-        for j, i in enumerate(fill):
+        for j, i in enumerate(fill):  # in hash order, every document that still fits
             t = int(c.tokens[i])
-            # Take it if it fits, or if taking it lands nearer the goal than leaving it.
-            if cum + t <= goal or goal - cum > t / 2:
+            if cum + t <= goal:
                 taken[j] = True
                 cum += t
+        if (~taken).any():  # then the one document that lands nearest the goal, if any is nearer
+            rest = np.flatnonzero(~taken)
+            after = np.abs(goal - (cum + c.tokens[fill[rest]]))
+            j = rest[int(np.argmin(after))]
+            if after.min() < goal - cum:
+                taken[j] = True
         drop.append(np.setdiff1d(idx, np.concatenate(keep + [fill[taken]])))
     return (np.concatenate(drop) if drop else np.zeros(0, dtype=np.int64)), np.flatnonzero(no_target)
 
