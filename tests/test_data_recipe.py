@@ -241,10 +241,15 @@ def test_recipe_on_shared_data():
 
     if not SENTENCES.is_dir():
         pytest.skip(f"{SENTENCES} is absent (../shared/data not on this machine)")
-    f = run(0.05)
-    print(json.dumps({k: v for k, v in f.items() if k != "languages"}, indent=1))
-    assert f["share_error_points"] <= 0.5
-    assert set(f["languages_in_input"]) <= set(f["languages_reported"])
-    assert all(f["languages"][lang]["documents"] > 0 for lang in f["languages_in_input"])
-    assert f["kept"] + f["dropped"] == f["input_documents"]
-    assert f["mix_error_points"] <= 1.0
+    from bench.recipe import MIX
+
+    for mix in (None, MIX):
+        f = run(0.05, mix)
+        print(json.dumps({k: v for k, v in f.items() if k != "languages"}, indent=1))
+        assert f["share_error_points"] <= 0.5
+        assert set(f["languages_in_input"]) <= set(f["languages_reported"])
+        assert f["kept"] + f["dropped"] == f["input_documents"]
+        if mix:
+            assert f["mix_error_points"] <= 1.0
+        else:  # the quota alone: every language keeps documents
+            assert all(f["languages"][lang]["documents"] > 0 for lang in f["languages_in_input"])
