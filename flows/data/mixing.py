@@ -1,5 +1,5 @@
 """The data recipe's two global decisions over the documents that passed every filter: a
-language quota (documents) and a domain mix (packed tokens). Pure numpy; pipeline.py gathers
+language quota (documents) and a domain mix (packed tokens). Pure numpy; recipe.py gathers
 the columns on the driver and applies the drops.
 
 Quota: documents in languages other than the primary one are capped at `share` of the kept
@@ -12,11 +12,12 @@ report says `short` (the quota never drops primary-language documents).
 
 Mix: each domain's packed tokens are held at its target share (targets normalised over the
 domains present). The domain with the least tokens per unit of target keeps everything; every
-other domain keeps documents in stable-hash order up to its token goal, then only documents
-that still fit; the rest are dropped as `mix:over_share`. Documents in quota languages are
-thinned per language by the domain's fraction, so the quota's even split survives the mix. A domain without a target (or with
-target 0) is dropped as `mix:no_target`. Nothing is repeated: every kept document is packed
-once (one epoch per domain).
+other domain keeps, in stable-hash order, every document that still fits under its token goal,
+then the one document that lands nearest the goal if that is nearer; the rest are dropped as
+`mix:over_share`. Documents in quota languages are first thinned per language by the domain's
+fraction, so the quota's even split survives the mix. A domain without a target (or with target
+0) is dropped as `mix:no_target`. Nothing is repeated: every kept document is packed once (one
+epoch per domain).
 
 The mix thins each domain by its own fraction, which moves the quota's document share; the
 two are redone from scratch with the quota's share corrected until the share is back on target.
