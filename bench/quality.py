@@ -36,8 +36,9 @@ def _key(text: str) -> str:
 
 
 def rate_cached(texts: list[str], prompt: str, max_tokens: int, batch_size: int, model_dir: Path, tag: str,
-                chunk: int = 64, log=print) -> np.ndarray:
-    """Judge ratings, read from / appended to a JSONL cache keyed by (prompt, judge, max_tokens, text)."""
+                chunk: int = 64, log=print, cached_only: bool = False) -> np.ndarray:
+    """Judge ratings, read from / appended to a JSONL cache keyed by (prompt, judge, max_tokens, text).
+    cached_only: rate nothing; a text not in the cache gets nan."""
     from flows.data.quality_judge import EduJudge, JudgeConfig, prompt_sha256
 
     path = cache_root() / f"ratings-{prompt}-{prompt_sha256(prompt)[:12]}-{tag}-t{max_tokens}.jsonl"
@@ -51,7 +52,7 @@ def rate_cached(texts: list[str], prompt: str, max_tokens: int, batch_size: int,
                 continue
             have[row["k"]] = row["r"]
     todo = [i for i, t in enumerate(texts) if _key(t) not in have]
-    if todo:
+    if todo and not cached_only:
         judge = EduJudge(model_dir, JudgeConfig(prompt=prompt, max_tokens=max_tokens, batch_size=batch_size))
         t0 = time.perf_counter()
         with path.open("a") as f:
@@ -63,18 +64,19 @@ def rate_cached(texts: list[str], prompt: str, max_tokens: int, batch_size: int,
                 f.flush()
                 done = c + len(idx)
                 log(f"  {prompt}: rated {done}/{len(todo)} ({done / (time.perf_counter() - t0):.2f} docs/s)")
-    return np.array([have[_key(t)] for t in texts])
+    return np.array([have.get(_key(t), np.nan) for t in texts])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--max-docs", type=int, default=0, help="0: every built document")
-    ap.add_argument("--agreement-docs", type=int, default=400, help="documents rated under the second phrasing too")
-    ap.add_argument("--judge-tokens", type=int, default=128)
+    ap.add_argument("--agreement-docs", type=int, default=300, help="documents rated under the second phrasing too")
+    ap.add_argument("--judge-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threshold", type=float, default=0.0, help="keep threshold; 0: the data config's default")
     ap.add_argument("--rate-only", action="store_true")
+    ap.add_argument("--cached-only", action="store_true", help="measure on the documents already rated; rate nothing")
     ap.add_argument("--shard", default="0/1", help="k/n: rate only every n-th document from the k-th (run n processes "
                     "of one thread each side by side: on a busy machine that beats one process of n threads)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality-smollm2-judge.json"))
@@ -98,7 +100,7 @@ def main() -> None:
     # Interleaved, so that a run stopped early still has both phrasings on a prefix.
     k, n = (int(v) for v in args.shard.split("/"))
     step = 256
-    for a in range(0, len(texts), step):
+    for a in range(0, 0 if args.cached_only else len(texts), step):
         part = list(range(a, min(a + step, len(texts))))[k::n]
         rate_cached([texts[i] for i in part], "fineweb_edu", args.judge_tokens, args.batch_size, model_dir, tag)
         if a < n_agree:

@@ -29,11 +29,18 @@ def evaluate(docs, model_dir: Path, digest: str, args, tag: str) -> dict:
     from flows.data.quality import Featurizer, heldout_metrics, heldout_split, spearman
     from flows.data.quality_judge import prompt_sha256
 
+    co = args.cached_only
+    ya = rate_cached([d.text for d in docs], "fineweb_edu", args.judge_tokens, args.batch_size, model_dir, tag, cached_only=co)
+    if co:  # the documents rated so far
+        n_all = len(docs)
+        docs, ya = [d for d, r in zip(docs, ya) if r == r], ya[ya == ya]
+        print(f"--cached-only: {len(docs)} of {n_all} documents rated")
     texts = [d.text for d in docs]
-    ya = rate_cached(texts, "fineweb_edu", args.judge_tokens, args.batch_size, model_dir, tag)
     n_agree = min(args.agreement_docs, len(texts))
-    yb = rate_cached(texts[:n_agree], "teacher", args.judge_tokens, args.batch_size, model_dir, tag)
-    agreement = spearman(ya[:n_agree], yb)
+    yb = rate_cached(texts[:n_agree], "teacher", args.judge_tokens, args.batch_size, model_dir, tag, cached_only=co)
+    both = yb == yb
+    n_agree = int(both.sum())
+    agreement = spearman(ya[: len(yb)][both], yb[both])
     threshold = args.threshold or QualityConfig().threshold
     held = heldout_split([d.id for d in docs], 0.2, 0)
     train = ~held

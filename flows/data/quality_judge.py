@@ -51,11 +51,35 @@ class JudgeConfig:
     batch_size: int = 16
 
 
+# Worked examples shown before the document (as earlier chat turns): a 135M judge given the rubric
+# alone rates by its prior over digits -- cookie banners and legal text came out above textbook
+# prose -- and anchors on the scale fix most of that. They are part of the cached prefix.
+SHOTS = (
+    ("Home | Products | Support | Contact | Log in\nThis website uses cookies to ensure you get the best experience. "
+     "Accept | Decline\nTerms | Privacy | (c) 2023 Acme Inc.", 0),
+    ("The water cycle describes how water moves around the Earth. Heat from the Sun makes water in oceans and lakes "
+     "evaporate into vapour. As the vapour rises it cools and condenses into tiny droplets that form clouds. When the "
+     "droplets join and grow heavy they fall as rain or snow, and the water flows back to the sea.", 4),
+    ("Limited offer!!! Get cheap followers and likes now. Best casino bonus, click the link, free spins, 90% discount, "
+     "order today!!!", 0),
+    ("\"I cannot stay,\" said she, turning towards the window. \"My aunt expects me before dinner, and you know how "
+     "she worries.\" He bowed and said nothing.", 1),
+    ("By using this service you agree that the Company shall not be liable for any damages. These terms may change "
+     "without notice. All rights reserved.", 0),
+)
+TAIL = "\n\nAfter examining the extract, conclude with the total score as a single digit from 0 to 5."
+
+
 def prompt_messages(prompt: str, document: str) -> list[dict]:
+    """The chat: system, the rubric with the worked examples as earlier turns, then the document."""
     if prompt not in PROMPTS:
         raise HerdError(f"judge prompt {prompt!r}: choose one of {sorted(PROMPTS)}")
-    user = f"{PROMPTS[prompt]}\n\nThe extract:\n{document}\n\nAfter examining the extract, conclude with the total score as a single digit from 0 to 5."
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    msgs = [{"role": "system", "content": SYSTEM}]
+    for i, (text, score) in enumerate(SHOTS):
+        head = PROMPTS[prompt] + "\n\n" if i == 0 else ""
+        msgs += [{"role": "user", "content": f"{head}The extract:\n{text}{TAIL}"},
+                 {"role": "assistant", "content": f"{ANSWER}{score}"}]
+    return msgs + [{"role": "user", "content": f"The extract:\n{document}{TAIL}"}]
 
 
 def prompt_sha256(prompt: str) -> str:
