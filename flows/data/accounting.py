@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 STAGE_ORDER = ("read", "normalize", "langid", "gopher_repetition", "gopher_quality", "c4", "fineweb",
-               "badwords", "exact_dedup", "minhash", "semdedup", "quality")
+               "badwords", "exact_dedup", "minhash", "semdedup", "quality", "quota", "mix")
 
 
 class Accounting:

@@ -68,6 +68,12 @@ def _log(mlflow, report: dict, quality, out: Path) -> None:
         metrics[f"phase.{phase}.docs_per_s"] = row["docs_per_s"]
     for split, row in report["shards"].items():
         metrics.update({f"{split}.{k}": v for k, v in row.items()})
+    quota = report.get("quota") or {}
+    for key in ("share_documents", "share_tokens") if quota.get("target_share") is not None else ():
+        metrics[f"quota.{key}"] = quota[key]
+    for domain, row in ((report.get("mix") or {}).get("domains") or {}).items():
+        metrics[f"mix.{domain}.share"] = row["share"]
+        metrics[f"mix.{domain}.tokens"] = row["tokens"]
     mlflow.log_metrics({k.replace(":", "."): float(v) for k, v in metrics.items()})
 
     source = report["input"]["sources"][0]

@@ -12,6 +12,10 @@ from flows.configs import MlflowSection, StageConfig, read_yaml_mapping
 from flows.data.quality_judge import PROMPTS
 
 
+# The per-document filters in pipeline order (stages.py builds them).
+DOC_FILTERS = ("langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "badwords", "pii")
+
+
 @dataclass
 class InputConfig:
     paths: list[str] = field(default_factory=list)  # empty: the embedded corpus
@@ -21,12 +25,18 @@ class InputConfig:
     text_unit: str = "file"  # plain text: one document per file, or per "paragraph"
     max_docs: int = 0  # 0: all
     chunk_bytes: int = 8 << 20  # uncompressed line files are split into read tasks this size
+    # An input path (as written in `paths`) -> the domain of every document under it; documents
+    # of unnamed paths get the rule-based classifier's domain (flows/data/domains.py).
+    domains: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class EmbeddedConfig:
     min_chars: int = 400  # shorter docstrings are mostly one-liners
     parts: int = 4  # read tasks that parse the stdlib sources
+    code_files: int = 48  # stdlib modules included whole as code documents (a stable hash picks them)
+    code_max_bytes: int = 12000  # ... among those no larger than this
+    multilingual: bool = True  # the committed non-English sample (flows/data/samples/)
 
 
 @dataclass
@@ -35,6 +45,12 @@ class LangIdConfig:
     keep: list[str] = field(default_factory=lambda: ["en"])
     threshold: float = 0.65
     max_chars: int = 2000  # classify a prefix: the score settles long before 2k chars
+    primary: str = "en"
+    # Target share of kept documents (those with an identified language) in languages other than
+    # `primary`, split evenly across the languages present; null: no quota.
+    quota_share: float | None = 0.05
+    # Filters fitted on English text, which other languages skip (`quality`: the model-based stage).
+    primary_only: list[str] = field(default_factory=lambda: ["gopher_quality", "c4", "fineweb", "quality"])
 
 
 @dataclass
@@ -165,6 +181,17 @@ class PackConfig:
 
 
 @dataclass
+class MixConfig:
+    # Target token shares of the packed stream per domain (normalised over the domains present);
+    # empty: no mix. A domain without a target is dropped (mix:no_target).
+    targets: dict[str, float] = field(default_factory=dict)
+    # Domains that skip language ID, the prose heuristics and bad words (they keep PII masking, dedup).
+    code_domains: list[str] = field(default_factory=lambda: ["code"])
+    classify: bool = True  # unnamed sources: the rule-based classifier; false: "general"
+    seed: int = 0  # which documents a downsampled domain keeps: stable hash of (seed, id)
+
+
+@dataclass
 class OutputConfig:
     write_documents: bool = False  # also write the kept documents (documents.jsonl)
     samples_per_reason: int = 5
@@ -197,6 +224,7 @@ class DataConfig(StageConfig):
     semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
@@ -217,6 +245,16 @@ class DataConfig(StageConfig):
             (self.pack.sequences_per_shard >= 1, "pack.sequences_per_shard must be >= 1"),
             (0 <= self.pack.validation_fraction < 1, "pack.validation_fraction must be in [0, 1)"),
             (self.ray.batch_size >= 1, "ray.batch_size must be >= 1"),
+            (self.langid.quota_share is None or 0 <= self.langid.quota_share < 1, "langid.quota_share must be in [0, 1) or null"),
+            (not set(self.langid.primary_only) - set(DOC_FILTERS) - {"quality"}, f"langid.primary_only: unknown filter(s) "
+             f"{', '.join(sorted(set(self.langid.primary_only) - set(DOC_FILTERS) - {'quality'}))} "
+             f"(known: {', '.join(DOC_FILTERS)}, quality)"),
+            (all(isinstance(v, str) and v for v in self.input.domains.values()), "input.domains values must be domain names"),
+            (not set(self.input.domains) - set(self.input.paths), "input.domains names a path not in input.paths: "
+             f"{', '.join(sorted(set(self.input.domains) - set(self.input.paths)))}"),
+            (all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in self.mix.targets.values())
+             and (not self.mix.targets or sum(self.mix.targets.values()) > 0), "mix.targets must map domains to shares >= 0, not all 0"),
+            (not self.mix.targets or self.pack.enabled, "mix.targets needs pack.enabled (shares are of packed tokens)"),
         ]
         self.check(checks)
 

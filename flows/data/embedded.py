@@ -1,9 +1,14 @@
-"""The corpus herd uses when the user gives none: text every Python installation carries.
+"""The corpus herd uses when the user gives none: text every Python installation carries,
+plus a small committed multilingual sample.
 
-Documents are the standard library's reference topics (pydoc_data.topics, the language
-reference as pydoc shows it) followed by module, class and function docstrings read with
-`ast` from the stdlib sources (never imported: importing runs code). Same Python version,
-same corpus. The sources are cut into parts so that several read tasks parse them at once.
+Documents, by id prefix (flows/data/domains.py maps each to its domain):
+  pydoc:   the standard library's reference topics (pydoc_data.topics)
+  stdlib:  module, class and function docstrings read with `ast` from the stdlib sources
+           (never imported: importing runs code)
+  code:    whole stdlib modules as source code, `code_files` of them picked by a stable hash
+  lang:    non-English documents from samples/multilingual.jsonl (see samples/README.md)
+Same Python version and sample, same corpus. The sources are cut into parts so that several
+read tasks parse them at once; the multilingual sample is read by the last part.
 """
 from __future__ import annotations
 
@@ -54,8 +59,40 @@ def _docstrings(files: list[Path]) -> Iterator[tuple[str, str]]:
                 yield f"stdlib:{rel}:{getattr(node, 'name', '<module>')}", doc
 
 
+SAMPLE = Path(__file__).parent / "samples" / "multilingual.jsonl"
+_MIN_CODE_BYTES = 1000  # smaller modules are mostly re-exports
+
+
+def code_files(cfg: EmbeddedConfig) -> list[Path]:
+    """The stdlib modules taken whole as code: the `code_files` smallest by a hash of their path
+    among those of 1000 to `code_max_bytes` bytes, in path order."""
+    root = _root()
+    sized = [f for f in stdlib_files() if _MIN_CODE_BYTES <= f.stat().st_size <= cfg.code_max_bytes]
+    key = lambda f: hashlib.sha256(f.relative_to(root).as_posix().encode()).digest()  # noqa: E731
+    return sorted(sorted(sized, key=key)[: cfg.code_files])
+
+
+def _code(files: list[Path]) -> Iterator[tuple[str, str]]:
+    root = _root()
+    for path in files:
+        try:
+            yield f"code:{path.relative_to(root).as_posix()}", path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+
+
+def multilingual_documents() -> Iterator[tuple[str, str]]:
+    import json
+
+    with open(SAMPLE, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            yield record["id"], record["text"]
+
+
 def embedded_documents(part: int = 0, parts: int = 1, cfg: EmbeddedConfig | None = None) -> Iterator[tuple[str, str]]:
-    """Documents of one part: part 0 has the topics; every part has a contiguous slice of files."""
+    """Documents of one part: part 0 has the topics; every part has a contiguous slice of the
+    docstring files and of the code files; the last part has the multilingual sample."""
     cfg = cfg or EmbeddedConfig()
     files = stdlib_files()
     step = -(-len(files) // parts)
@@ -63,6 +100,12 @@ def embedded_documents(part: int = 0, parts: int = 1, cfg: EmbeddedConfig | None
     if part == 0:
         yield from (d for d in _topics() if len(d[1]) >= cfg.min_chars)
     yield from (d for d in source if len(d[1]) >= cfg.min_chars)
+    if cfg.code_files:
+        code = code_files(cfg)
+        step = -(-len(code) // parts)
+        yield from _code(code[part * step : (part + 1) * step])
+    if cfg.multilingual and part == parts - 1:
+        yield from multilingual_documents()
 
 
 def embedded_digest() -> str:
@@ -75,4 +118,5 @@ def embedded_digest() -> str:
     root = _root()
     for path in stdlib_files():
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    h.update(b"samples/multilingual.jsonl\0" + SAMPLE.read_bytes())
     return h.hexdigest()

@@ -6,6 +6,9 @@ from flows.data.config import LangIdConfig
 from flows.data.text import Doc
 
 
+UNDETERMINED = "und"  # ISO 639-2: no language identified (language ID off, or a code domain)
+
+
 class LanguageId:
     name = "langid"
 
@@ -26,7 +29,10 @@ class LanguageId:
         return lang, float(score)
 
     def filter(self, doc: Doc):
-        lang, score = self.classify(doc.text)
+        return self.decide(*self.classify(doc.text))
+
+    def decide(self, lang: str, score: float):
+        """True, or the drop reason, for a classified document."""
         if self.keep and lang not in self.keep:
             return f"language_{lang}"
         if score < self.cfg.threshold:

@@ -5,7 +5,8 @@ Streaming phases separated by the global decisions that need every document at o
   2. exact + MinHash dedup decided on the driver (sort/group over signatures)
   3. SemDeDup: embed (map_batches) -> k-means and in-cluster pruning (driver)
   4. quality: a judge (SmolLM2) rates a sample on Ray actors, a head learns it, actors score (map_batches)
-  5. tokenize (map_batches) -> pack and write shards while streaming to the driver
+  5. tokenize (map_batches) -> language quota and domain mix decided on the driver (mixing.py)
+  6. pack and write shards while streaming to the driver
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from model.errors import HerdError
 from flows.data.accounting import Accounting
 from flows.data.config import DataConfig
 from flows.data.readers import ReadTask, input_digest, plan_tasks, read_task
+from flows.data.recipe import hold_from_quality, release_held, tokenize_and_balance
 from flows.data.shards import FORMAT, POSITION_DTYPE, TOKEN_DTYPE, PAD_POSITION, ShardWriter
-from flows.data.stages import FilterStage, TokenizeStage, apply_drops, decisions_to_arrays
+from flows.data.stages import FilterStage, apply_drops, decisions_to_arrays
 
 
 def _read_batch(batch: dict, cfg: DataConfig) -> dict:
@@ -117,6 +119,8 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
         ds, n = _semdedup(ds, cfg)
         phases.record("semdedup", n, t)
 
+    # The quality model and its judge read English prose: other languages and code pass by.
+    ds = hold_from_quality(ds, cfg)
     classifier = None  # the quality stage's QualityRecord
     if cfg.quality.enabled:
         t = time.perf_counter()
@@ -124,11 +128,16 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
         phases.record("quality", n, t)
     else:
         qinfo = {}
+    ds = release_held(ds, cfg)
+
+    t = time.perf_counter()
+    ds, recipe, n = tokenize_and_balance(ds, cfg)
+    phases.record("tokenize_balance", n, t)
 
     t = time.perf_counter()
     acct = Accounting(cfg.output.samples_per_reason)
-    manifest = _pack_and_account(ds, cfg, out, acct, digest, tasks)
-    phases.record("tokenize_pack", acct.total, t)
+    manifest = _pack_and_account(ds, cfg, out, acct, digest, tasks, recipe)
+    phases.record("pack", acct.total, t)
     phases.record("total", acct.total, t0)
     if acct.total != n_input:
         raise HerdError(f"accounting error: {n_input} documents read, {acct.total} accounted for; "
@@ -143,6 +152,7 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
         **acct.summary(),
         "phases": phases.rows,
         "quality": qinfo,
+        **recipe,
         "shards": {k: {f: v[f] for f in ("documents", "tokens", "sequences")} for k, v in manifest.get("splits", {}).items()},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -305,7 +315,7 @@ def _texts_for(ds, pick: np.ndarray) -> list[str]:
     return [texts[int(s)] for s in pick]
 
 
-def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: str, tasks) -> dict:
+def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: str, tasks, recipe: dict) -> dict:
     """Count every row and write the shards; returns the manifest, which the caller writes once
     the accounting adds up."""
     p = cfg.pack
@@ -316,10 +326,6 @@ def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: 
         from model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(p.tokenizer)
-        import ray
-
-        ds = ds.map_batches(TokenizeStage, fn_constructor_args=(cfg,), batch_size=cfg.ray.batch_size,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
         writers = {s: ShardWriter(out, s, p.seq_len, p.sequences_per_shard, tok.eos_id, p.pad_last)
                    for s in ("train", "validation")}
     try:
@@ -328,7 +334,8 @@ def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: 
             kept = [i for i, r in enumerate(batch["reason"]) if not r]
             if docs_file:
                 for i in kept:
-                    docs_file.write(json.dumps({"id": str(batch["id"][i]), "text": str(batch["text"][i])}, ensure_ascii=False) + "\n")
+                    docs_file.write(json.dumps({"id": str(batch["id"][i]), "text": str(batch["text"][i]), "lang": str(batch["lang"][i]),
+                                                "domain": str(batch["domain"][i])}, ensure_ascii=False) + "\n")
             for i in kept if writers else ():
                 writers[str(batch["split"][i])].add(np.frombuffer(batch["tokens"][i], dtype=np.uint32))
     finally:
@@ -348,6 +355,9 @@ def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: 
         "splits": {s: w.close() for s, w in writers.items()},
         "input": {"digest": digest, "sources": sorted({t.path or "embedded:stdlib" for t in tasks}), "documents": acct.total,
                   "kept_documents": acct.kept},
+        "languages": recipe["languages"],
+        "quota": recipe["quota"],
+        "mix": recipe["mix"],
         "config": cfg.to_dict(),
     }
     return manifest

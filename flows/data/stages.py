@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.data.config import DataConfig
+from flows.data.config import DOC_FILTERS, DataConfig
 from flows.data.text import Doc, normalize
 
-DOC_FILTER_ORDER = ("langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "badwords", "pii")
+DOC_FILTER_ORDER = DOC_FILTERS
+# Filters for natural-language prose, which documents of a code domain skip: the heuristics
+# would drop nearly every source file, and the bad-words list holds identifiers (len, kill, strip).
+PROSE_FILTERS = frozenset({"langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "badwords"})
 
 
 def build_doc_filters(cfg: DataConfig) -> list:
@@ -40,30 +43,57 @@ def build_doc_filters(cfg: DataConfig) -> list:
 
 
 class FilterStage:
-    """Normalise, run the document filters, then hash the survivors for deduplication."""
+    """Tag each document's domain and language, normalise, run the document filters that apply
+    to it, then hash the survivors for deduplication.
+
+    A code-domain document skips the prose filters; a document identified as a language other
+    than langid.primary skips langid.primary_only (thresholds fitted on English)."""
 
     def __init__(self, cfg: DataConfig):
         from flows.data.dedup import MinHasher
+        from flows.data.domains import DomainResolver
 
         self.cfg = cfg
         self.filters = build_doc_filters(cfg)
         self.minhasher = MinHasher(cfg.minhash) if cfg.minhash.enabled else None
+        self.domain_of = DomainResolver(cfg.input, cfg.mix)
+        self.code_domains = frozenset(cfg.mix.code_domains)
+        self.primary_only = frozenset(cfg.langid.primary_only)
+
+    def _run_filters(self, doc: Doc, domain: str) -> tuple[str, str, object]:
+        """(language, stage, True or the reason)"""
+        from flows.data.langid import UNDETERMINED
+
+        lang = UNDETERMINED
+        for f in self.filters:
+            if domain in self.code_domains and f.name in PROSE_FILTERS:
+                continue
+            if f.name == "langid":
+                lang, score = f.classify(doc.text)
+                result = f.decide(lang, score)
+            elif f.name in self.primary_only and lang not in (self.cfg.langid.primary, UNDETERMINED):
+                continue
+            else:
+                result = f.filter(doc)
+            if result is not True:
+                return lang, f.name, result
+        return lang, "", True
 
     def __call__(self, batch: dict) -> dict:
         from flows.data.dedup import exact_hash
+        from flows.data.langid import UNDETERMINED
 
         texts, reasons, sample = list(batch["text"]), list(batch["reason"]), self.cfg.output.sample_chars
+        langs, domains = [UNDETERMINED] * len(texts), [""] * len(texts)
         for i, (doc_id, text, reason) in enumerate(zip(batch["id"], texts, reasons)):
             if reason:
                 continue
             doc = Doc(doc_id, normalize(text))
-            result = True if doc.text else "empty"
-            stage = "normalize"
-            for f in self.filters if result is True else ():
-                result = f.filter(doc)
-                if result is not True:
-                    stage = f.name
-                    break
+            domains[i] = self.domain_of(str(batch["source"][i]), str(doc_id), doc.text)
+            if doc.text:
+                langs[i], stage, result = self._run_filters(doc, domains[i])
+            else:
+                stage, result = "normalize", "empty"
             if result is True:
                 texts[i] = doc.text
             else:
@@ -78,7 +108,7 @@ class FilterStage:
             for j, i in enumerate(alive):
                 if has[j]:
                     sig_bytes[i] = sig[j].tobytes()
-        return {**batch, "text": texts, "reason": reasons, "exact": exact, "sig": sig_bytes}
+        return {**batch, "text": texts, "reason": reasons, "lang": langs, "domain": domains, "exact": exact, "sig": sig_bytes}
 
 
 def apply_drops(batch: dict, drop_seq: np.ndarray, drop_reason: np.ndarray, sample_chars: int) -> dict:
@@ -113,7 +143,8 @@ def validation_mask(ids: list[str], fraction: float, seed: int) -> np.ndarray:
 
 
 class TokenizeStage:
-    """Tokenize kept documents (EOS appended) and assign each to train or validation."""
+    """Tokenize kept documents (EOS appended), count their tokens and assign each to train or
+    validation."""
 
     def __init__(self, cfg: DataConfig):
         from model.tokenizer import load_tokenizer
@@ -125,10 +156,12 @@ class TokenizeStage:
         reasons = batch["reason"]
         alive = [i for i, r in enumerate(reasons) if not r]
         tokens = [b""] * len(reasons)
+        n_tokens = np.zeros(len(reasons), dtype=np.int64)
         if alive:
             ids = self.tok.encode_batch([batch["text"][i] for i in alive], eos=True)
             for i, t in zip(alive, ids):
                 tokens[i] = np.asarray(t, dtype=np.uint32).tobytes()
+                n_tokens[i] = len(t)
         val = validation_mask(list(batch["id"]), self.cfg.pack.validation_fraction, self.cfg.pack.seed)
         split = np.where(val, "validation", "train").astype(object)
-        return {**batch, "tokens": tokens, "split": split}
+        return {**batch, "tokens": tokens, "n_tokens": n_tokens, "split": split}
