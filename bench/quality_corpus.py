@@ -85,9 +85,12 @@ def _csqa(shared: Path, rng: random.Random, n: int) -> list[BenchDoc]:
 
 
 def _python(rng: random.Random, n_docs: int, n_code: int) -> list[BenchDoc]:
+    from flows.data.config import EmbeddedConfig
     from flows.data.embedded import embedded_documents, stdlib_files
 
-    docs = [BenchDoc(f"pydoc:{i}", "python-docs", t[:2000]) for i, t in embedded_documents(0, 1)]
+    # English documentation only (the code comes below, in 40-line windows).
+    docs = [BenchDoc(f"pydoc:{i}", "python-docs", t[:2000])
+            for i, t in embedded_documents(0, 1, EmbeddedConfig(code_files=0, multilingual=False))]
     docs = rng.sample(docs, min(n_docs, len(docs)))
     files = stdlib_files()
     code = []
