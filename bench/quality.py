@@ -8,10 +8,11 @@
    stopped half-way -- re-rates nothing.
 2. A second phrasing of the prompt rates a subset: Spearman between the two is the judge's agreement
    with itself, the ceiling of what any classifier can learn from it.
-3. The classifier (MiniLM embedding + ridge head; flows/data/quality.py) trains on four fifths and is
-   scored on the held-out fifth: Spearman with the judge and AUC at the keep threshold. Its peer is a
-   hashed word n-gram + ridge head on the same split. Each one's docs/s is printed.
-Results: bench/results/quality-smollm2-judge.json; the trained head: flows/data/assets/quality_head.npz.
+3. Two classifiers (flows/data/quality.py) train on four fifths and are scored on the held-out fifth:
+   MiniLM embedding + ridge head and hashed word 1-2-grams + ridge head (alpha by 5-fold CV on the
+   training part). Printed: Spearman with the judge, AUC at the keep threshold, each one's docs/s.
+   --cached-only measures on the documents rated so far (the rating resumes on the next plain run).
+Results: bench/results/quality-smollm2-judge.json; the better head: flows/data/assets/quality_head.npz.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 
 
 def _fit(kind: str, x, y, train: np.ndarray, meta: dict):
@@ -75,12 +75,12 @@ def evaluate(docs, model_dir: Path, digest: str, args, tag: str) -> dict:
               f"({m['positive_fraction']:.1%} positive)  {rows[kind]['docs_per_s']:.0f} docs/s  alpha {head.meta['ridge_alpha']}")
     best = max(rows, key=lambda k: rows[k]["spearman"])
     print(f"minilm / hashed docs/s: {rows['minilm']['docs_per_s'] / rows['hashed']['docs_per_s']:.2f}")
-    if args.save_head:
-        h = heads["minilm"]
+    if args.save_head:  # the better head by held-out Spearman
+        h = heads[best]
         path = type(h)(h.features, h.w, h.b, h.max_tokens, h.n_features,
-                       {**h.meta, "heldout_spearman": rows["minilm"]["spearman"], "heldout_auc": rows["minilm"]["auc"],
+                       {**h.meta, "heldout_spearman": rows[best]["spearman"], "heldout_auc": rows[best]["auc"],
                         "threshold": threshold}).save(args.save_head)
-        print(f"saved the minilm head: {path} ({path.stat().st_size} bytes)")
+        print(f"saved the {best} head: {path} ({path.stat().st_size} bytes)")
     result = {"documents": len(texts), "heldout": int(held.sum()), "threshold": threshold, "judge": meta,
               "rating": {"mean": float(ya.mean()), "std": float(ya.std()), "min": float(ya.min()), "max": float(ya.max()),
                          "by_source": {s: float(np.mean(v)) for s, v in by_source.items()}},
