@@ -67,7 +67,7 @@ def test_shipped_head_ranks_education_above_boilerplate_and_spam():
     assert edu > boiler and edu > spam
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance  # three plain forwards over the ~700-token few-shot prompt: minutes on a busy 2-core box
 def test_judge_batched_prefix_rating_matches_plain_forward(smollm2_dir, one_thread):
     """Cached rubric prefix + right-padded batch == a full forward per document, renormalised over 0-5."""
     import torch
