@@ -49,8 +49,8 @@ def data_stage(ctx: StepContext) -> dict:
     cfg = data_config(ctx.config)
     cfg.ray.progress_bars = False
     out = ctx.out_dir / "data"
-    report, classifier = run_prep(cfg, out, log=ctx.log)
-    _log(mlflow, report, classifier, out)
+    report, quality = run_prep(cfg, out, log=ctx.log)
+    _log(mlflow, report, quality, out)
     digest = manifest_digest(out)
     ctx.log(f"{report['input_documents']} documents in, {report['kept']} kept; manifest sha256 {digest[:16]}")
     return {"outputs": {"data_dir": str(out)}, "digest": digest,

@@ -109,8 +109,17 @@ def test_prep_end_to_end(tmp_path, ray_local, smollm2_dir):
     assert "phase.filter.docs_per_s" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"report.json", "manifest.json", "rejects.jsonl", "dropped_samples.jsonl"} <= artifacts
-    models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
-    assert [m.name for m in models] == ["quality_classifier"]
+    # The quality stage: judge and prompt digests, the rated set and the classifier as artifacts.
+    from flows.data.quality_judge import judge_digest, prompt_sha256
+
+    assert run.data.tags["herd.quality.judge_sha256"] == judge_digest(smollm2_dir)
+    assert run.data.tags["herd.quality.prompt_sha256"] == prompt_sha256("fineweb_edu")
+    assert run.data.metrics["quality.rated"] == 8
+    quality_files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "quality")}
+    assert quality_files == {"quality/labels.jsonl", "quality/classifier.npz"}
+    labels = [json.loads(line) for line in (out / "quality" / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 8 and all(0 <= r["rating"] <= 5 for r in labels)
+    assert report["quality"]["rated"] == 8
     inputs = run.inputs.dataset_inputs
     assert inputs and inputs[0].dataset.digest == report["input"]["digest"][:32]
 

@@ -46,16 +46,16 @@ def prep(cfg, output: str | Path) -> dict:
         mlflow.set_tags({"herd.stage": "data", "herd.git_sha": git_sha()})
         mlflow.log_params(cfg.flat())
         try:
-            report, classifier = run_prep(cfg, output)
+            report, quality = run_prep(cfg, output)
         except HerdError:
             mlflow.set_tag("herd.error", "failed")
             raise
-        _log(mlflow, report, classifier, Path(output))
+        _log(mlflow, report, quality, Path(output))
         report["mlflow_run_id"] = run.info.run_id
     return report
 
 
-def _log(mlflow, report: dict, classifier, out: Path) -> None:
+def _log(mlflow, report: dict, quality, out: Path) -> None:
     from mlflow.data.meta_dataset import MetaDataset
 
     metrics = {"input_documents": report["input_documents"], "kept_documents": report["kept"],
@@ -92,7 +92,18 @@ def _log(mlflow, report: dict, classifier, out: Path) -> None:
     for name in ("report.json", "manifest.json", "rejects.jsonl", "dropped_samples.jsonl"):
         if (out / name).is_file():
             mlflow.log_artifact(str(out / name))
-    if classifier is not None:
-        import mlflow.sklearn
+    if quality is not None:
+        _log_quality(mlflow, quality)
 
-        mlflow.sklearn.log_model(classifier, name="quality_classifier")
+
+def _log_quality(mlflow, q) -> None:
+    """The quality stage's judge, prompt, rated set, classifier and held-out metrics."""
+    import math
+
+    mlflow.set_tags({"herd.quality.judge": q.judge, "herd.quality.judge_sha256": q.judge_sha256,
+                     "herd.quality.prompt": q.prompt, "herd.quality.prompt_sha256": q.prompt_sha256})
+    metrics = {"quality.rated": q.rated, "quality.label_seconds": q.label_seconds,
+               **{f"quality.{k}": v for k, v in q.metrics.items()}}
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not math.isnan(float(v))})
+    mlflow.log_artifact(q.labels_path, artifact_path="quality")
+    mlflow.log_artifact(q.classifier_path, artifact_path="quality")

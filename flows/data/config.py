@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.configs import MlflowSection, StageConfig, read_yaml_mapping
+from flows.data.quality_judge import PROMPTS
 
 
 # The per-document filters in pipeline order (stages.py builds them).
@@ -153,12 +154,20 @@ class SemDedupConfig:
 @dataclass
 class QualityConfig:
     enabled: bool = True
-    sample_size: int = 64  # documents labelled by the model
-    max_tokens: int = 128  # per labelled document
-    label_quantile: float = 0.5  # perplexity below this quantile of the sample: "good"
-    model_dir: str = ""  # herd checkpoint of the labeller; empty: SmolLM2 imported into the cache
-    threshold: float = 0.3  # keep documents whose P(good) >= threshold
-    n_features: int = 1 << 18
+    sample_size: int = 64  # documents rated by the judge
+    prompt: str = "fineweb_edu"  # the judge's rubric (flows/data/quality_judge.py PROMPTS)
+    max_tokens: int = 128  # document tokens shown to the judge
+    judge_batch_size: int = 16  # prompts per forward pass
+    judge_actors: int = 1  # Ray actors holding a copy of the judge
+    model_dir: str = ""  # herd checkpoint of the judge; empty: SmolLM2 imported into the cache
+    features: str = "minilm"  # minilm (sentence embeddings) | hashed (word 1-2-grams)
+    embed_max_tokens: int = 128  # MiniLM's input cut
+    n_features: int = 1 << 16  # hashed features
+    ridge_alpha: float = 1.0
+    heldout_fraction: float = 0.2  # of the rated sample, kept out of training to measure the head
+    # keep documents whose predicted rating (0-5) >= threshold. SmolLM2-135M rates in a narrow band
+    # (bench/quality: median ~1.6, textbook-like text ~1.7-1.8, boilerplate and spam ~1.4-1.5).
+    threshold: float = 1.6
     seed: int = 0
 
 
@@ -229,7 +238,11 @@ class DataConfig(StageConfig):
             (self.minhash.bands > 0 and self.minhash.rows > 0 and self.minhash.ngram > 0, "minhash.bands, rows, ngram must be > 0"),
             (self.semdedup.embedder in ("minilm", "model"), "semdedup.embedder must be minilm or model"),
             (0 <= self.semdedup.eps < 1, "semdedup.eps must be in [0, 1)"),
-            (0 < self.quality.label_quantile < 1, "quality.label_quantile must be in (0, 1)"),
+            (self.quality.features in ("minilm", "hashed"), "quality.features must be minilm or hashed"),
+            (self.quality.prompt in PROMPTS, f"quality.prompt must be one of {sorted(PROMPTS)}"),
+            (0 <= self.quality.threshold <= 5, "quality.threshold must be in [0, 5] (the judge's scale)"),
+            (0 <= self.quality.heldout_fraction < 1, "quality.heldout_fraction must be in [0, 1)"),
+            (self.quality.judge_batch_size >= 1 and self.quality.judge_actors >= 1, "quality.judge_batch_size and judge_actors must be >= 1"),
             (self.pack.seq_len >= 2, "pack.seq_len must be >= 2"),
             (self.pack.sequences_per_shard >= 1, "pack.sequences_per_shard must be >= 1"),
             (0 <= self.pack.validation_fraction < 1, "pack.validation_fraction must be in [0, 1)"),

@@ -4,7 +4,7 @@ Streaming phases separated by the global decisions that need every document at o
   1. read -> normalise -> langid -> heuristics -> NSFW -> PII -> hashes   (map_batches)
   2. exact + MinHash dedup decided on the driver (sort/group over signatures)
   3. SemDeDup: embed (map_batches) -> k-means and in-cluster pruning (driver)
-  4. quality: label a sample with SmolLM2, train, score (map_batches)
+  4. quality: a judge (SmolLM2) rates a sample on Ray actors, a head learns it, actors score (map_batches)
   5. tokenize (map_batches) -> language quota and domain mix decided on the driver (mixing.py)
   6. pack and write shards while streaming to the driver
 """
@@ -70,8 +70,9 @@ def _init_ray(cfg: DataConfig):
 
 
 def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, object | None]:
-    """Run the flow; returns the report (also written to output/report.json) and the
-    trained quality classifier (None when the stage is off)."""
+    """Run the flow; returns the report (also written to output/report.json) and the quality
+    stage's record (flows.data.quality.QualityRecord: judge, prompt, rated set, classifier and its
+    held-out metrics; None when the stage is off or skipped), for the caller to log."""
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise HerdError(f"{out}: output directory is not empty")
@@ -118,9 +119,9 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
         ds, n = _semdedup(ds, cfg)
         phases.record("semdedup", n, t)
 
-    # The quality model and its labeller read English prose: other languages and code pass by.
+    # The quality model and its judge read English prose: other languages and code pass by.
     ds = hold_from_quality(ds, cfg)
-    classifier = None
+    classifier = None  # the quality stage's QualityRecord
     if cfg.quality.enabled:
         t = time.perf_counter()
         ds, classifier, n, qinfo = _quality(ds, cfg, out, log)
@@ -208,50 +209,101 @@ def _semdedup(ds, cfg: DataConfig):
     return _apply(ds, {int(s): "semdedup:semantic_duplicate" for s in seq[drop]}, cfg), len(seq)
 
 
+class _Judge:
+    """A Ray Data actor holding the judge: rates a batch of texts."""
+
+    def __init__(self, model_dir: str, jcfg):
+        from flows.data.quality_judge import EduJudge
+
+        self.judge = EduJudge(model_dir, jcfg)
+
+    def __call__(self, batch: dict) -> dict:
+        return {**batch, "rating": self.judge([str(t) for t in batch["text"]])}
+
+
+class _QualityScore:
+    """A Ray Data actor holding the classifier: scores the living documents, drops the low ones."""
+
+    def __init__(self, head_path: str, threshold: float, sample_chars: int, batch_size: int):
+        from flows.data.quality import QualityClassifier, QualityHead
+
+        self.clf = QualityClassifier(QualityHead.load(head_path), batch_size)
+        self.threshold, self.sample_chars = threshold, sample_chars
+
+    def __call__(self, batch: dict) -> dict:
+        alive = [i for i, r in enumerate(batch["reason"]) if not r]
+        reasons, texts = list(batch["reason"]), list(batch["text"])
+        p = np.full(len(reasons), np.nan)
+        if alive:
+            p[alive] = self.clf([str(texts[i]) for i in alive])
+            for i in alive:
+                if p[i] < self.threshold:
+                    reasons[i] = "quality:low_score"
+                    texts[i] = texts[i][: self.sample_chars]
+        return {**batch, "reason": reasons, "text": texts, "quality": p}
+
+
 def _quality(ds, cfg: DataConfig, out: Path, log):
+    """Rate a sample with the judge (Ray actors), fit the head on four fifths, measure it on the
+    rest, then score every document (Ray actors). Returns (ds, QualityRecord | None, n, info)."""
     import ray
 
     from flows.data import quality
     from flows.data.dedup import exact_hash
+    from flows.data.quality_judge import JudgeConfig, judge_digest, prompt_sha256
 
     q = cfg.quality
     cols = _columns(ds, ["seq", "id"])
     n = len(cols["seq"])
     if n < 4:
-        log(f"quality: {n} documents left, too few to label; stage skipped")
+        log(f"quality: {n} documents left, too few to rate; stage skipped")
         return ds, None, n, {"skipped": "too few documents"}
     # A stable sample: the documents whose hashed id is smallest.
     order = sorted(range(n), key=lambda i: exact_hash(f"{q.seed}:{cols['id'][i]}"))
-    pick = np.array(sorted(int(cols["seq"][i]) for i in order[: q.sample_size]), dtype=np.int64)
+    chosen = sorted(order[: q.sample_size], key=lambda i: int(cols["seq"][i]))
+    pick = np.array([int(cols["seq"][i]) for i in chosen], dtype=np.int64)
+    ids = [str(cols["id"][i]) for i in chosen]
     texts = _texts_for(ds, pick)
+    model_dir = quality.labeller_dir(q)
+    jcfg = JudgeConfig(prompt=q.prompt, max_tokens=q.max_tokens, batch_size=q.judge_batch_size)
     t = time.perf_counter()
-    scores = quality.perplexity_scores(texts, quality.labeller_dir(q), q.max_tokens)
-    labels = quality.label(scores, q.label_quantile)
+    rated = ray.data.from_items([{"i": i, "text": x} for i, x in enumerate(texts)]).map_batches(
+        _Judge, fn_constructor_args=(str(model_dir), jcfg), batch_size=q.judge_batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=q.judge_actors))
+    ratings = np.zeros(len(texts))
+    for batch in rated.iter_batches(batch_format="numpy", batch_size=None):
+        ratings[batch["i"]] = batch["rating"]
     label_s = time.perf_counter() - t
-    clf = quality.train_classifier(texts, labels, q)
-    import mlflow.sklearn
+    log(f"quality: {len(texts)} documents rated by {model_dir.name} in {label_s:.1f}s")
 
-    mlflow.sklearn.save_model(clf, out / "quality_classifier")
-    info = {"labelled": len(texts), "label_seconds": round(label_s, 2), "mean_nll": round(float(scores.mean()), 4),
-            "good_fraction": round(float(labels.mean()), 3), "train_accuracy": round(float(clf.score(texts, labels)), 3)}
-    log(f"quality: labelled {len(texts)} documents with SmolLM2 in {label_s:.1f}s")
-    ref = ray.put(clf)
-    threshold, sample_chars = q.threshold, cfg.output.sample_chars
-
-    def score(batch):
-        clf_ = ray.get(ref)
-        alive = [i for i, r in enumerate(batch["reason"]) if not r]
-        reasons, texts_ = list(batch["reason"]), list(batch["text"])
-        p = np.full(len(reasons), np.nan)
-        if alive:
-            p[alive] = quality.score(clf_, [texts_[i] for i in alive])
-            for i in alive:
-                if p[i] < threshold:
-                    reasons[i] = "quality:low_score"
-                    texts_[i] = texts_[i][:sample_chars]
-        return {**batch, "reason": reasons, "text": texts_, "quality": p}
-
-    return ds.map_batches(score, batch_size=cfg.ray.batch_size), clf, n, info
+    held = quality.heldout_split(ids, q.heldout_fraction, q.seed)
+    if held.all() or (~held).sum() < 2:
+        held = np.zeros(len(ids), dtype=bool)
+    feat = quality.Featurizer(q.features, q.embed_max_tokens, q.n_features)
+    x = feat(texts)
+    digest = judge_digest(model_dir)
+    record_meta = {"judge": model_dir.name, "judge_sha256": digest, "prompt": q.prompt, "prompt_sha256": prompt_sha256(q.prompt),
+                   "rated": len(texts), "judge_max_tokens": q.max_tokens}
+    head = quality.fit_head(x[~held], ratings[~held], q.features, q.ridge_alpha, q.embed_max_tokens, q.n_features, record_meta)
+    pred = np.asarray(x[held] @ head.w).ravel() + head.b if held.any() else np.zeros(0)
+    metrics = quality.heldout_metrics(ratings[held], pred, q.threshold)
+    qdir = out / "quality"
+    head_path = head.save(qdir / "classifier.npz")
+    labels_path = qdir / "labels.jsonl"
+    with labels_path.open("w") as f:
+        for i, s, r, h in zip(ids, pick, ratings, held):
+            f.write(json.dumps({"id": i, "seq": int(s), "rating": round(float(r), 4), "heldout": bool(h)}) + "\n")
+    record = quality.QualityRecord(
+        judge=model_dir.name, judge_sha256=digest, prompt=q.prompt, prompt_sha256=record_meta["prompt_sha256"],
+        rated=len(texts), label_seconds=round(label_s, 2), threshold=q.threshold, features=q.features,
+        labels_path=str(labels_path), classifier_path=str(head_path),
+        metrics={"rating_mean": float(ratings.mean()), "rating_std": float(ratings.std()),
+                 **{f"heldout_{k}": v for k, v in metrics.items()}})
+    info = {k: v for k, v in asdict(record).items() if not k.endswith("_path")}
+    info["metrics"] = {k: (None if np.isnan(v) else round(v, 4)) for k, v in record.metrics.items()}  # JSON has no NaN
+    ds = ds.map_batches(_QualityScore, fn_constructor_args=(str(head_path), q.threshold, cfg.output.sample_chars, cfg.ray.batch_size),
+                        batch_size=cfg.ray.batch_size, compute=ray.data.ActorPoolStrategy(size=1))
+    return ds, record, n, info
 
 
 def _texts_for(ds, pick: np.ndarray) -> list[str]:

