@@ -1,16 +1,19 @@
 """Exact, MinHash and semantic deduplication on Ray: the driver never gathers the corpus.
 
-Exact + MinHash: each batch emits its documents' bucket keys (exact hash; one key per MinHash
-band), hash-partitioned, packed into one row per (batch, partition) so the shuffle moves a few
-large rows instead of bands x n small ones. `groupby(partition)` brings each bucket's members
-together; per partition, the bucket edges and their connected components; one task merges the
-partitions' (node, root) pairs -- O(duplicates), never O(corpus). The decisions go to the
-workers as one object-store array (sorted seq, reason code).
+The shuffles are Ray tasks over the dataset's blocks (object refs): each block's emit task
+returns one piece per partition (num_returns), each partition's reduce task takes its piece of
+every block. (Ray Data's groupby adds a sampling and aggregation stage whose fixed cost per call
+outweighs the whole driver-side dedup it replaces on small inputs.)
+
+Exact + MinHash: each block emits its documents' bucket keys (exact hash; one key per MinHash
+band), hash-partitioned by key; per partition, the bucket edges and their connected components;
+one task merges the partitions' (node, root) pairs -- O(duplicates), never O(corpus). The
+decisions go to the workers as one object-store array (sorted seq, reason code).
 
 SemDeDup: embed (actor), k-means fitted on at most `fit_sample` items gathered on the driver
 (all of them when fewer, in seq order: then the clusters are exactly those of fitting on
-everything), every item assigned to its nearest centre in map_batches, `groupby(cluster)`
-and each cluster pruned on a worker.
+everything), every item assigned to its nearest centre on the workers, partitioned by
+cluster, and each cluster pruned on a worker.
 
 The driver holds object refs, counts and the k-means sample.
 """
@@ -25,6 +28,8 @@ from flows.data.stages import apply_drops
 SEMDEDUP_REASONS = ("semdedup:semantic_duplicate",)
 # Bucket-key rows per shuffle partition: a partition's keys (~74 bytes a row) are sorted in one task.
 ROWS_PER_PARTITION = 1 << 20
+# Embeddings per SemDeDup partition (1.5 KB each at 384 dims).
+ITEMS_PER_PARTITION = 1 << 17
 
 
 def _alive_count(ds) -> int:
@@ -33,7 +38,26 @@ def _alive_count(ds) -> int:
     return int(sum(int(b["n"].sum()) for b in counts.iter_batches(batch_format="numpy", batch_size=None)))
 
 
-def _emit_buckets(batch: dict, parts: int, bands: int, rows: int, exact_on: bool, minhash_on: bool) -> dict:
+def _partitions(items: int, per_partition: int) -> int:
+    """Enough partitions to bound each reduce task, and at least one per CPU."""
+    import ray
+
+    return max(int(ray.cluster_resources().get("CPU", 1)), -(-items // per_partition), 1)
+
+
+def _shuffle(blocks, emit, reduce, parts: int, emit_kwargs: dict, reduce_kwargs: dict) -> list:
+    """Hash shuffle on Ray tasks: emit(block) -> `parts` pieces; reduce(pieces of partition p).
+    Only object refs pass through the driver."""
+    import ray
+
+    emit_task = ray.remote(emit).options(num_returns=parts)
+    pieces = [emit_task.remote(b, parts, **emit_kwargs) for b in blocks]
+    pieces = [p if parts > 1 else [p] for p in pieces]
+    reduce_task = ray.remote(reduce)
+    return [reduce_task.remote(*[p[k] for p in pieces], **reduce_kwargs) for k in range(parts)]
+
+
+def _emit_buckets(batch: dict, parts: int, bands: int, rows: int, exact_on: bool, minhash_on: bool):
     alive = np.array([not r for r in batch["reason"]], dtype=bool)
     seq = np.asarray(batch["seq"], dtype=np.int64)[alive]
     kw: dict = {}
@@ -45,38 +69,26 @@ def _emit_buckets(batch: dict, parts: int, bands: int, rows: int, exact_on: bool
         sig = np.frombuffer(b"".join(s for s in sigs if len(s)), dtype=np.uint64).reshape(-1, bands * rows)
         kw.update(sig_seq=seq[has] if len(has) else seq[:0], sig=sig, bands=bands)
     out = bucket_rows(parts, rows if minhash_on else 1, **kw)
-    return {"part": np.arange(parts, dtype=np.int64),
-            "kind": np.array([p["kind"].tobytes() for p in out], dtype=object),
-            "key": np.array([p["key"].tobytes() for p in out], dtype=object),
-            "seq": np.array([p["seq"].tobytes() for p in out], dtype=object),
-            "width": np.full(parts, out[0]["key"].shape[1], dtype=np.int64)}
+    for p in out:
+        p["alive"] = 0
+    out[0]["alive"] = int(alive.sum())
+    return tuple(out) if parts > 1 else out[0]
 
 
-def _join(blobs, dtype) -> np.ndarray:
-    return np.frombuffer(b"".join(blobs), dtype=dtype)
-
-
-def _reduce_partition(group: dict) -> dict:
+def _reduce_buckets(*pieces) -> dict:
     """One partition: exact drops, and the components of its MinHash bucket edges."""
-    width = int(group["width"][0])
-    kind, seq = _join(group["kind"], np.int16), _join(group["seq"], np.int64)
-    key = _join(group["key"], np.uint64).reshape(-1, width)
-    exact_drop, src, dst = bucket_edges(kind, key, seq)
+    exact_drop, src, dst = bucket_edges(*(np.concatenate([p[k] for p in pieces]) for k in ("kind", "key", "seq")))
     node, root = components(src, dst)
-    return {"exact_drop": np.array([exact_drop.tobytes()], dtype=object),
-            "node": np.array([node.tobytes()], dtype=object), "root": np.array([root.tobytes()], dtype=object)}
+    return {"exact_drop": exact_drop, "node": node, "root": root, "alive": sum(p["alive"] for p in pieces)}
 
 
-def _merge_components(*blocks) -> tuple[np.ndarray, np.ndarray]:
-    exact_drop = np.concatenate([_join(b["exact_drop"], np.int64) for b in blocks] or [np.zeros(0, np.int64)])
-    node = np.concatenate([_join(b["node"], np.int64) for b in blocks] or [np.zeros(0, np.int64)])
-    root = np.concatenate([_join(b["root"], np.int64) for b in blocks] or [np.zeros(0, np.int64)])
-    near, _ = components(node, root)
-    return drop_decisions(exact_drop, near)
+def _merge_components(*parts) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    node, root = components(np.concatenate([p["node"] for p in parts]), np.concatenate([p["root"] for p in parts]))
+    return drop_decisions(np.concatenate([p["exact_drop"] for p in parts]), node), sum(p["alive"] for p in parts)
 
 
-def _sorted_drops(*blocks) -> tuple[np.ndarray, np.ndarray]:
-    seq = np.sort(np.concatenate([np.asarray(b["seq"], dtype=np.int64) for b in blocks] or [np.zeros(0, np.int64)]))
+def _sorted_drops(*arrays) -> tuple[np.ndarray, np.ndarray]:
+    seq = np.sort(np.concatenate(arrays))
     return seq, np.zeros(len(seq), dtype=np.uint8)
 
 
@@ -105,16 +117,13 @@ def exact_and_near_drops(ds, cfg: DataConfig) -> tuple[object, int]:
     import ray
 
     m = cfg.minhash
-    n = _alive_count(ds)
     keys_per_doc = int(cfg.exact_dedup.enabled) + (m.bands if m.enabled else 0)
-    parts = max(1, -(-n * keys_per_doc // ROWS_PER_PARTITION))
-    rows = ds.select_columns(["seq", "reason", "exact", "sig"]).map_batches(
-        _emit_buckets, batch_size=cfg.ray.batch_size, batch_format="numpy",
-        fn_kwargs={"parts": parts, "bands": m.bands, "rows": m.rows,
-                   "exact_on": cfg.exact_dedup.enabled, "minhash_on": m.enabled})
-    reduced = rows.groupby("part").map_groups(_reduce_partition, batch_format="numpy").materialize()
-    merge = ray.remote(_merge_components)
-    return merge.remote(*reduced.to_numpy_refs()), n
+    parts = _partitions(ds.count() * keys_per_doc, ROWS_PER_PARTITION)
+    blocks = ds.select_columns(["seq", "reason", "exact", "sig"]).to_numpy_refs()
+    reduced = _shuffle(blocks, _emit_buckets, _reduce_buckets, parts,
+                       {"bands": m.bands, "rows": m.rows, "exact_on": cfg.exact_dedup.enabled, "minhash_on": m.enabled}, {})
+    drops, n = ray.remote(_merge_components).options(num_returns=2).remote(*reduced)
+    return drops, int(ray.get(n))
 
 
 def dedup(ds, cfg: DataConfig):
@@ -184,23 +193,28 @@ def _fit_sample(ds, n: int, size: int, seed: int) -> np.ndarray:
     return np.stack([embs[i] for i in keep])
 
 
-def _assign(batch: dict, centers_ref) -> dict:
-    import ray
-
+def _assign(block: dict, parts: int, centers: np.ndarray):
+    """Nearest centre of each alive item, partitioned by cluster."""
     from flows.data.semdedup import assign
 
-    seq, emb, raw = _alive_emb(batch)
-    cluster = assign(emb, ray.get(centers_ref)) if len(seq) else np.zeros(0, np.int64)
-    return {"cluster": cluster, "seq": seq, "emb": np.array(raw, dtype=object)}
+    seq, emb, _ = _alive_emb(block)
+    cluster = assign(emb, centers) if len(seq) else np.zeros(0, np.int64)
+    part = cluster % parts
+    out = tuple({"cluster": cluster[part == k], "seq": seq[part == k], "emb": emb[part == k]} for k in range(parts))
+    return out if parts > 1 else out[0]
 
 
-def _prune(group: dict, eps: float) -> dict:
+def _prune(*pieces, eps: float) -> np.ndarray:
+    """One partition's clusters, each pruned on its own: the seqs to drop."""
     from flows.data.semdedup import prune_cluster
 
-    seq = np.asarray(group["seq"], dtype=np.int64)
-    emb = np.stack([np.frombuffer(e, dtype=np.float32) for e in group["emb"]])
-    drop = prune_cluster(seq, emb, eps)
-    return {"seq": seq[drop]}
+    cluster = np.concatenate([p["cluster"] for p in pieces])
+    seq = np.concatenate([p["seq"] for p in pieces])
+    emb = np.concatenate([p["emb"] for p in pieces if len(p["seq"])] or [np.zeros((0, 1), np.float32)])
+    order = np.argsort(cluster, kind="stable")
+    bounds = np.flatnonzero(np.diff(cluster[order])) + 1
+    drops = [seq[m][prune_cluster(seq[m], emb[m], eps)] for m in np.split(order, bounds) if len(m)]
+    return np.concatenate(drops) if drops else np.zeros(0, np.int64)
 
 
 def semantic_drops(ds, cfg: DataConfig) -> tuple[object | None, int]:
@@ -216,11 +230,18 @@ def semantic_drops(ds, cfg: DataConfig) -> tuple[object | None, int]:
     sample = _fit_sample(ds, n, s.fit_sample, s.seed)
     _, centers = kmeans(sample, n_clusters(s, n), s.seed)
     del sample
-    centers_ref = ray.put(centers)
-    assigned = ds.select_columns(["seq", "reason", "emb"]).map_batches(
-        _assign, batch_format="numpy", fn_kwargs={"centers_ref": centers_ref})
-    drops = assigned.groupby("cluster").map_groups(_prune, batch_format="numpy", fn_kwargs={"eps": s.eps}).materialize()
-    return ray.remote(_sorted_drops).remote(*drops.to_numpy_refs()), n
+    blocks = ds.select_columns(["seq", "reason", "emb"]).to_numpy_refs()
+    pruned = _shuffle(blocks, _assign, _prune, _partitions(n, ITEMS_PER_PARTITION),
+                      {"centers": ray.put(centers)}, {"eps": s.eps})
+    return ray.remote(_sorted_drops).remote(*pruned), n
+
+
+def prune_semantic(ds, cfg: DataConfig):
+    """SemDeDup over a materialised dataset with `emb`; returns (dataset without `emb`, with the
+    drops applied; documents considered)."""
+    drops, n = semantic_drops(ds, cfg)
+    ds = ds.drop_columns(["emb"])
+    return (ds if drops is None else _apply(ds, drops, SEMDEDUP_REASONS, cfg)), n
 
 
 def semdedup(ds, cfg: DataConfig):
@@ -230,6 +251,4 @@ def semdedup(ds, cfg: DataConfig):
     ds = ds.map_batches(_Embed, fn_constructor_args=(cfg,), batch_size=cfg.semdedup.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=1),
                         num_gpus=1 if cfg.semdedup.use_gpu else None).materialize()
-    drops, n = semantic_drops(ds, cfg)
-    ds = ds.drop_columns(["emb"])
-    return (ds if drops is None else _apply(ds, drops, SEMDEDUP_REASONS, cfg)), n
+    return prune_semantic(ds, cfg)
