@@ -61,7 +61,7 @@ def test_exact_and_minhash_match_the_reference_on_shared_corpus(ray_local, share
     expected.update((r["seq"], r["reason"]) for r in rows if r["reason"])
     got = reasons_of(ds)
     assert sum(v == "exact_dedup:duplicate" for v in expected.values()) > 30
-    assert sum(v == "minhash:near_duplicate" for v in expected.values()) > 15
+    assert sum(v == "minhash:near_duplicate" for v in expected.values()) >= 10
     assert got == expected
     assert "exact" not in ds.schema().names and "sig" not in ds.schema().names
 
