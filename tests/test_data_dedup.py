@@ -7,8 +7,32 @@ import re
 import numpy as np
 
 from flows.data.config import MinHashConfig, SemDedupConfig
-from flows.data.dedup import MinHasher, cluster_duplicates, dedup_decisions, exact_hash, simplify
-from flows.data.semdedup import semantic_duplicates
+from flows.data.dedup import (DROP_REASONS, MinHasher, bucket_edges, bucket_rows, components, drop_decisions,
+                               exact_hash, simplify)
+from flows.data.semdedup import assign, kmeans
+from tests.dedup_reference import cluster_duplicates, dedup_decisions, semantic_duplicates
+
+
+def partitioned_dedup(seq, exact, sig, has, cfg: MinHashConfig, parts: int = 3, batch: int = 97):
+    """The distributed path's cores without Ray: batches emit hash-partitioned bucket keys,
+    each partition yields exact drops and its components, one merge joins them.
+    Returns ({seq: reason}, {node: root} for every non-root MinHash component member)."""
+    buckets = [[] for _ in range(parts)]
+    for a in range(0, len(seq), batch):
+        s, h = seq[a : a + batch], has[a : a + batch]
+        rows = bucket_rows(parts, cfg.rows, seq=s, exact=None if exact is None else exact[a : a + batch],
+                           sig_seq=s[h], sig=sig[a : a + batch][h], bands=cfg.bands)
+        for p, r in enumerate(rows):
+            buckets[p].append(r)
+    exact_drop, nodes, roots = [], [], []
+    for rows in buckets:
+        e, src, dst = bucket_edges(*(np.concatenate([r[k] for r in rows]) for k in ("kind", "key", "seq")))
+        n, r = components(src, dst)
+        exact_drop.append(e), nodes.append(n), roots.append(r)
+    node, root = components(np.concatenate(nodes), np.concatenate(roots))
+    drop_seq, code = drop_decisions(np.concatenate(exact_drop), node)
+    return ({int(s): DROP_REASONS[c] for s, c in zip(drop_seq, code)},
+            {int(n): int(r) for n, r in zip(node, root)})
 
 
 def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
@@ -66,8 +90,13 @@ def test_near_duplicates_recall_precision(shared_data):
 
     cfg = MinHashConfig()
     sig, has = MinHasher(cfg).signatures(docs)
-    labels = cluster_duplicates(sig, cfg.bands, cfg.rows)
     n = len(docs)
+    seq = np.arange(n, dtype=np.int64)
+    exact = np.array([exact_hash(d) for d in docs], dtype=np.uint64)
+    reasons, root = partitioned_dedup(seq, None, sig, has, cfg)  # MinHash alone: its clusters
+    labels = np.array([root.get(i, i) for i in range(n)])
+    reference = cluster_duplicates(sig, cfg.bands, cfg.rows)
+    assert all((labels[a] == labels[b]) == (reference[a] == reference[b]) for a in range(n) for b in range(a))
     # Candidate pairs: every pair in the same cluster is "detected".
     detected = {(a, b) for a in range(n) for b in range(a + 1, n) if labels[a] == labels[b]}
     true_pairs = {(a, b) for a in range(n) for b in range(a + 1, n) if origin[a] == origin[b]}
@@ -82,8 +111,8 @@ def test_near_duplicates_recall_precision(shared_data):
     assert precision >= 0.95
 
     # Every exact duplicate goes, whatever else happens; the first occurrence stays.
-    seq = np.arange(n, dtype=np.int64)
-    reasons = dedup_decisions(seq, np.array([exact_hash(d) for d in docs], dtype=np.uint64), sig, has, cfg, True)
+    reasons, _ = partitioned_dedup(seq, exact, sig, has, cfg)
+    assert reasons == dedup_decisions(seq, exact, sig, has, cfg, True)
     for k, i in enumerate(exact_copies):
         assert reasons.get(1000 + 500 + k) == "exact_dedup:duplicate"
         assert i not in reasons
@@ -109,8 +138,33 @@ def test_cluster_is_transitive_and_keeps_first():
     sig, has = MinHasher(cfg).signatures([a, b, c, d, short])
     assert has.tolist() == [True, True, True, True, False]
     seq = np.array([10, 11, 12, 13, 14], dtype=np.int64)
-    reasons = dedup_decisions(seq, np.array([1, 2, 3, 4, 5], dtype=np.uint64), sig, has, cfg, True)
-    assert reasons == {11: "minhash:near_duplicate", 12: "minhash:near_duplicate"}
+    for parts in (1, 2, 5):
+        reasons, _ = partitioned_dedup(seq, np.array([1, 2, 3, 4, 5], dtype=np.uint64), sig, has, cfg, parts, batch=2)
+        assert reasons == {11: "minhash:near_duplicate", 12: "minhash:near_duplicate"}
+
+
+def test_exact_first_then_near_matches_the_reference_on_chains():
+    """Exact twins, near-duplicate chains that span partitions and batches, documents without
+    a signature: the partitioned path decides exactly what the one-process reference does."""
+    rng = np.random.default_rng(3)
+    cfg = MinHashConfig()
+    n = 600
+    sig = rng.integers(0, 1 << 61, size=(n, cfg.bands * cfg.rows), dtype=np.uint64)
+    for i in range(1, n, 3):  # chains: each shares one band with its predecessor
+        b = int(rng.integers(cfg.bands))
+        sig[i, b * cfg.rows : (b + 1) * cfg.rows] = sig[i - 1, b * cfg.rows : (b + 1) * cfg.rows]
+    exact = rng.integers(0, 1 << 63, size=n, dtype=np.uint64)
+    for i in rng.choice(n, 80, replace=False):  # exact twins share the signature too
+        j = int(rng.integers(n))
+        exact[i], sig[i] = exact[j], sig[j]
+    has = rng.random(n) > 0.05
+    for i in range(n):  # a twin of a document without a signature has none either
+        has[i] = has[np.flatnonzero(exact == exact[i])[0]]
+    seq = np.sort(rng.choice(10 * n, n, replace=False)).astype(np.int64)
+    for exact_on in (True, False):
+        for parts in (1, 4):
+            got, _ = partitioned_dedup(seq, exact if exact_on else None, sig, has, cfg, parts, batch=50)
+            assert got == dedup_decisions(seq, exact, sig, has, cfg, exact_on)
 
 
 def test_signatures_do_not_depend_on_the_batch():
@@ -133,3 +187,13 @@ def test_semdedup_drops_near_identical_embeddings():
     assert drop[40:].all()  # the later near-copies go
     assert not drop[:40].any()  # the originals stay
     assert not semantic_duplicates(seq, emb, SemDedupConfig(eps=0.0, n_clusters=4)).any()  # only identical items
+
+
+def test_kmeans_centres_reproduce_its_labels():
+    """Workers assign with the returned centres: they must give k-means' own labels."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for iters in (1, 3, 20):
+        labels, centres = kmeans(x, 12, 0, iters)
+        assert np.array_equal(assign(x, centres), labels)

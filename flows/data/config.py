@@ -145,6 +145,7 @@ class SemDedupConfig:
     model_dir: str = ""  # for embedder=model
     eps: float = 0.05  # drop when cosine to a kept item >= 1 - eps
     n_clusters: int = 0  # 0: about sqrt(n / 2)
+    fit_sample: int = 10_000  # k-means is fitted on at most this many items (all of them when fewer)
     max_tokens: int = 128
     batch_size: int = 64
     seed: int = 0

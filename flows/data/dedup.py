@@ -5,9 +5,11 @@ computes it (datatrove's scheme, so that the same documents get the same signatu
 simplified text (lower case, numbers -> 0, punctuation -> space, diacritics stripped),
 xxh64 of each n-gram string, then num_perm hashes (a*x + b) mod (2^61 - 1) with a, b drawn
 from RandomState(seed). The permutation step is one vectorised numpy pass per batch.
-Duplicate clusters: per band, sort the band keys and join neighbours with equal keys, then
-connected components over at most bands x n edges -- O(n log n), never pairwise. Each
-cluster keeps its first document (smallest `seq`).
+Duplicate clusters (distributed by dedup_ray.py): every (bucket key, seq) row is
+hash-partitioned by key; per partition, sort the keys and join each bucket's members to its
+smallest seq, then connected components of those edges; the partitions' (node, root) pairs
+merged give the global components -- O(n log n), never pairwise. Each cluster keeps its first
+document (smallest `seq`).
 """
 from __future__ import annotations
 
@@ -95,53 +97,86 @@ class MinHasher:
         return out
 
 
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[np.ndarray]:
-    """Per band, a (n,) void array of the band's raw bytes: equal keys <=> equal rows."""
-    sig = np.ascontiguousarray(sig[:, : bands * rows]).reshape(len(sig), bands, rows)
-    width = rows * sig.dtype.itemsize
-    return [np.ascontiguousarray(sig[:, b]).view(f"V{width}").ravel() for b in range(bands)]
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+EXACT = -1  # the bucket kind of exact-hash keys; MinHash bands are kinds 0..bands-1
 
 
-def cluster_duplicates(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Component label per row: rows sharing any band key end up in one component."""
+def bucket_rows(parts: int, width: int, seq: np.ndarray | None = None, exact: np.ndarray | None = None,
+                sig_seq: np.ndarray | None = None, sig: np.ndarray | None = None,
+                bands: int = 0) -> list[dict[str, np.ndarray]]:
+    """The bucket keys of some documents, hash-partitioned: one dict per partition with
+    `kind` (EXACT, or the band), `key` (width uint64: the exact hash then zeros, or the band's
+    rows) and `seq`. A key lands in the same partition whatever the batch, so all documents
+    that share a bucket meet in one partition. `seq`/`exact` are the documents for exact dedup,
+    `sig_seq`/`sig` those with a MinHash signature (width = rows)."""
+    kinds, keys, seqs = [], [], []
+    if exact is not None and len(exact):
+        key = np.zeros((len(exact), width), dtype=np.uint64)
+        key[:, 0] = exact
+        kinds.append(np.full(len(exact), EXACT, dtype=np.int16))
+        keys.append(key)
+        seqs.append(np.asarray(seq, dtype=np.int64))
+    if sig is not None and len(sig):
+        kinds.append(np.tile(np.arange(bands, dtype=np.int16), len(sig)))
+        keys.append(np.ascontiguousarray(sig[:, : bands * width]).reshape(-1, width))
+        seqs.append(np.repeat(np.asarray(sig_seq, dtype=np.int64), bands))
+    if not kinds:
+        kind, key, s = np.zeros(0, np.int16), np.zeros((0, width), np.uint64), np.zeros(0, np.int64)
+    else:
+        kind, key, s = np.concatenate(kinds), np.concatenate(keys), np.concatenate(seqs)
+    part = (key[:, 0] ^ (kind.astype(np.int64).astype(np.uint64) * _GOLDEN)) % np.uint64(parts)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1, dtype=np.uint64))
+    return [{"kind": kind[order[a:b]], "key": key[order[a:b]], "seq": s[order[a:b]]}
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def bucket_edges(kind: np.ndarray, key: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One partition's buckets: (exact duplicates to drop -- all but the smallest seq of each
+    exact-hash bucket --, and MinHash edges (src, dst) from each band bucket's smallest seq to
+    each other member). Sorting, not pairwise: k members give k - 1 edges."""
+    order = np.lexsort((seq, *key.T[::-1], kind))
+    kind, key, seq = kind[order], key[order], seq[order]
+    same = np.zeros(len(seq), dtype=bool)
+    if len(seq) > 1:
+        same[1:] = (kind[1:] == kind[:-1]) & (key[1:] == key[:-1]).all(axis=1)
+    run_start = np.maximum.accumulate(np.where(same, 0, np.arange(len(seq))))
+    exact_drop = seq[same & (kind == EXACT)]
+    near = same & (kind != EXACT)
+    return exact_drop, seq[run_start[near]], seq[near]
+
+
+def components(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of an edge list over seq numbers: (node, root) for every node
+    that is not its component's smallest seq (the root). Feeding such pairs from several
+    partitions back in as edges gives the components of their union."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = len(sig)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    src, dst = [], []
-    for keys in band_keys(sig, bands, rows):
-        order = np.argsort(keys, kind="stable")
-        same = keys[order[1:]] == keys[order[:-1]]
-        src.append(order[:-1][same])
-        dst.append(order[1:][same])
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+    if not len(src):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    nodes, inv = np.unique(np.concatenate([src, dst]), return_inverse=True)  # sorted: first of a label is its min
+    n, m = len(nodes), len(src)
+    graph = coo_matrix((np.ones(m, dtype=np.int8), (inv[:m], inv[m:])), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1]
+    root = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(root, labels, np.arange(n))
+    root_of = root[labels]
+    keep = root_of != np.arange(n)
+    return nodes[keep], nodes[root_of[keep]]
 
 
-def duplicates_to_drop(seq: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Boolean mask of rows to drop: all but the smallest seq of each label."""
-    order = np.lexsort((seq, labels))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = labels[order[1:]] != labels[order[:-1]]
-    drop = np.zeros(len(seq), dtype=bool)
-    drop[order[~first]] = True
-    return drop
+DROP_REASONS = ("exact_dedup:duplicate", "minhash:near_duplicate")
 
 
-def dedup_decisions(seq: np.ndarray, exact: np.ndarray, sig: np.ndarray, has_sig: np.ndarray, cfg: MinHashConfig | None, exact_on: bool) -> dict[int, str]:
-    """seq -> drop reason for the candidates of one run (all still kept before dedup)."""
-    reasons: dict[int, str] = {}
-    alive = np.ones(len(seq), dtype=bool)
-    if exact_on and len(seq):
-        drop = duplicates_to_drop(seq, exact)
-        reasons.update((int(s), "exact_dedup:duplicate") for s in seq[drop])
-        alive &= ~drop
-    if cfg is not None:
-        idx = np.flatnonzero(alive & has_sig)
-        labels = cluster_duplicates(sig[idx], cfg.bands, cfg.rows)
-        drop = duplicates_to_drop(seq[idx], labels)
-        reasons.update((int(s), "minhash:near_duplicate") for s in seq[idx][drop])
-    return reasons
+def drop_decisions(exact_drop: np.ndarray, near_nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted seq, reason index into DROP_REASONS). A document with an exact twin of smaller
+    seq goes as an exact duplicate; every other non-root member of a MinHash component as a
+    near duplicate. Exact twins share every band, so a component's smallest seq is never an
+    exact duplicate: the result equals exact dedup first, then MinHash over the survivors."""
+    exact_drop = np.unique(exact_drop)
+    near = np.setdiff1d(near_nodes, exact_drop)
+    seq = np.concatenate([exact_drop, near])
+    code = np.concatenate([np.zeros(len(exact_drop), np.uint8), np.ones(len(near), np.uint8)])
+    order = np.argsort(seq, kind="stable")
+    return seq[order], code[order]

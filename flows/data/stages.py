@@ -127,11 +127,6 @@ def apply_drops(batch: dict, drop_seq: np.ndarray, drop_reason: np.ndarray, samp
     return {**batch, "reason": reasons, "text": texts}
 
 
-def decisions_to_arrays(decisions: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
-    seq = np.array(sorted(decisions), dtype=np.int64)
-    return seq, np.array([decisions[int(s)] for s in seq], dtype=object)
-
-
 def validation_mask(ids: list[str], fraction: float, seed: int) -> np.ndarray:
     """Split by document: a stable hash of (seed, id) decides, whatever the order or batch."""
     from flows.data.dedup import exact_hash
