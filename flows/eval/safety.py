@@ -116,7 +116,7 @@ def attack_prompts(held: list[dict]) -> list[AttackPrompt]:
 
 
 SYNTHETIC = Path(__file__).resolve().parents[2] / "configs" / "eval" / "data" / "safety_synthetic.yaml"
-SCORER_VERSION = "pairwise+anchors-1"  # part of the fitted weights' cache key
+SCORER_VERSION = "pairwise+anchors-1-c0.3"  # part of the fitted weights' cache key
 
 
 def last_request(pair: dict) -> str:
@@ -175,16 +175,18 @@ class SafetyScorer:
 
     def features(self, requests: list[str], replies: list[str]) -> np.ndarray:
         uniq = list(dict.fromkeys(requests + replies))  # a request recurs in each of its pairs: embed it once
+        uniq.sort(key=len)  # batches of similar lengths: the embedder pads each batch to its longest
         e = self.embed(uniq)
         row = {t: i for i, t in enumerate(uniq)}
         q, a = e[[row[t] for t in requests]], e[[row[t] for t in replies]]
         return np.concatenate([q, a, q * a], axis=1)
 
     def fit(self, pairs: list[dict], benign: list[tuple[str, str]], synthetic: list[tuple[str, str, int]],
-            c: float = 1.0) -> "SafetyScorer":
+            c: float = 0.3) -> "SafetyScorer":
         """One logistic regression over pair rows (difference features, no bias: a pair's bias
         cancels) and anchor rows (features and a bias column). Each of the three anchor kinds
-        (benign, refusal, compliance) weighs as much in total as the pairs."""
+        (benign, refusal, compliance) weighs as much in total as the pairs. c (the inverse L2
+        strength) is the one of 0.1, 0.3, 1, 3, 10 with the best held-out pair accuracy."""
         from sklearn.linear_model import LogisticRegression
 
         reqs = [last_request(p) for p in pairs]

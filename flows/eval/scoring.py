@@ -245,11 +245,16 @@ class Scorer:
     def _score_forks(self, src: KVCache, last: torch.Tensor, forks, results) -> None:
         """Each multi-token continuation gets a row holding a copy of its context's keys/values."""
         model, dev = self.model, self.device
+        forks = sorted(forks, key=lambda f: len(f[2]))  # chunks of similar lengths: little padding
         longest = max(len(c) for _, _, c in forks)
         span = int(src.lengths.max()) + longest
-        per_call = max(1, self.token_budget // longest)
-        for start in range(0, len(forks), per_call):
-            chunk = forks[start:start + per_call]
+        start = 0
+        while start < len(forks):
+            stop = start + 1
+            while stop < len(forks) and (stop - start + 1) * len(forks[stop][2]) <= self.token_budget:
+                stop += 1
+            chunk = forks[start:stop]
+            start = stop
             R = len(chunk)
             src_rows = torch.tensor([r for r, _, _ in chunk], device=dev)
             cache = KVCache.for_model(model.config, R, span, dtype=self.dtype, device=dev)
@@ -261,14 +266,19 @@ class Scorer:
             tokens = torch.zeros(R, C, dtype=torch.long)
             for i, (_, _, cont) in enumerate(chunk):
                 tokens[i, :len(cont) - 1] = torch.tensor(cont[:-1])
-            logp = model(tokens.to(dev), cache=cache).float().log_softmax(-1)  # (R, C, V)
+            hidden = model(tokens.to(dev), cache=cache, head=lambda h, _w: h)  # (R, C, dim), normed
             self.stats["forward_tokens"] += sum(len(c) - 1 for _, _, c in chunk)
-            for i, (r, j, cont) in enumerate(chunk):
-                target = torch.tensor(cont, device=dev)
-                step = torch.cat([last[r][None], logp[i, :len(cont) - 1]])  # (len(cont), V)
-                ll = float(step.gather(1, target[:, None]).sum())
-                greedy = bool((step.argmax(-1) == target).all())
-                results[r][j] = (ll, greedy)
+            rows = torch.tensor([i for i, (_, _, c) in enumerate(chunk) for _ in c[1:]], device=dev)
+            cols = torch.tensor([t for _, _, c in chunk for t in range(len(c) - 1)], device=dev)
+            ll, greedy = self._target_logprobs(hidden[rows, cols],
+                                               torch.tensor([t for _, _, c in chunk for t in c[1:]], device=dev))
+            a = 0
+            for r, j, cont in chunk:
+                b = a + len(cont) - 1
+                first = last[r, cont[0]]
+                results[r][j] = (float(first) + float(ll[a:b].sum()),
+                                 bool(int(last[r].argmax()) == cont[0] and greedy[a:b].all()))
+                a = b
 
     # --- packed rows: a context and all its continuations in one row ---
     def _pack_rows(self, groups: list[_Group]) -> list[tuple[_Group, list[int]]]:
