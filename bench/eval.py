@@ -11,6 +11,7 @@ lm-eval` (the bench extra).
     python -m bench.eval --limit 5 --subjects abstract_algebra,anatomy --adapter
     python -m bench.eval --tasks mmlu,commonsenseqa --limit 0    # the full parity run (fp32)
     python -m bench.eval --limit 0 --group-size 4 --out-dir DIR      # the same MMLU run, resumable by subject
+    python -m bench.eval --tasks hh_choice --limit 300   # zero-shot long choices (HH chosen vs rejected reply)
 
 Parity runs in fp32: lm-eval's HF backend takes log_softmax in the model's dtype, and in bf16 the
 best choice ties another on ~18% of MMLU questions (its argmax then takes the first), which with
