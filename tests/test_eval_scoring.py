@@ -55,6 +55,30 @@ def test_scorer_equals_plain_forward(batch_size, share):
         assert scorer.stats["forward_tokens"] < sum(len(c) for c in contexts)
 
 
+@pytest.mark.parametrize("pack_max_len,budget", [(1024, 8192), (8, 40)])
+def test_packed_rows_equal_plain_forward_and_the_fork_path(pack_max_len, budget):
+    """Contexts in no family go through packed rows (a context and its continuations in one masked
+    row); a short pack_max_len splits a context's continuations over several rows, a small budget
+    makes batches of one row. Both equal the plain forward and the KV-fork path."""
+    model = random_model(seed=2)
+    rng = random.Random(5)
+    reqs = []
+    for _ in range(6):
+        ctx = [rng.randrange(3, 97) for _ in range(rng.randrange(1, 20))]
+        for _ in range(rng.randrange(1, 5)):
+            reqs.append((ctx, [rng.randrange(3, 97) for _ in range(rng.randrange(1, 12))]))
+    packed = Scorer(model, _Tok(), share_prefix=False, pack_max_len=pack_max_len, token_budget=budget)
+    got = packed.loglikelihood_tokens(reqs)
+    forks = Scorer(model, _Tok(), share_prefix=False, pack=False).loglikelihood_tokens(reqs)
+    want = reference_loglikelihood(model, reqs, model.config.max_seq_len)
+    for (g, gg), (f, fg), (w, wg) in zip(got, forks, want):
+        assert g == pytest.approx(w, abs=1e-4) and f == pytest.approx(w, abs=1e-4)
+        assert gg == wg == fg
+    # every context ran once per row, not once per continuation
+    assert packed.stats["forward_tokens"] <= sum(len(c) for c in {tuple(c) for c, _ in reqs}) + \
+        sum(len(x) - 1 for _, x in reqs) + (len(reqs) if pack_max_len < 20 else 0) * 20
+
+
 def test_families_split_at_subject_boundaries():
     model = random_model()
     scorer = Scorer(model, _Tok(), batch_size=8, min_prefix=16)

@@ -179,3 +179,24 @@ def write_local_tasks(data_dir: str | Path, out_dir: str | Path, subjects: list[
         (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
         names["commonsenseqa"].append(name)
     return names
+
+
+def write_rendered_task(name: str, examples, out_dir: str | Path) -> str:
+    """An lm-eval task YAML over already-rendered questions (herd's MCExample: query, choices,
+    gold), zero-shot, delimiter " ": for shapes lm-eval has no local layout for (bench/eval's
+    long-choice HH task). The prompt is herd's rendering by construction; the scoring is lm-eval's."""
+    import yaml
+
+    out_dir = Path(out_dir)
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    data = out_dir / "data" / f"{name}_test.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"query": ex.query, "choices": ex.choices, "gold": ex.gold}, ensure_ascii=False) + "\n")
+    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "query",
+            "doc_to_choice": "choices", "doc_to_target": "gold",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0}}
+    (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
+    return name

@@ -252,20 +252,21 @@ def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) ->
     """The scored red team: attack prompts per risk category, replies scored by the safety classifier
     trained on the other HH harmless pairs. `limit`: prompts per category. Also the scorer's and the
     keyword rubric's accuracy on the held-out pairs, and the scorer's on the hand-labelled replies."""
-    import numpy as np
-
     from flows.eval import safety as S
-    from flows.heldout import first_user
 
     train, held = S.hh_pairs(resolve_data(spec, spec.data["test"], data_dir)[0])
+    if "benign" not in spec.data:
+        raise HerdError(f"task {spec.name}: data.benign (benign answers for the safety scorer, e.g. "
+                        "sft/alpaca_en_demo.json) is required")
+    benign = S.benign_examples(resolve_data(spec, spec.data["benign"], data_dir)[0])
     prompts = S.attack_prompts(held)
     prompts = _first_per_group(prompts, "category", limit)
-    scorer = S.SafetyScorer.trained(train)
+    scorer = S.SafetyScorer.trained(train, benign)
     gens = generate_texts(model, tokenizer, [p.messages for p in prompts], spec.max_tokens, spec.until, True, batch_size)
     replies = [g["text"] for g in gens]
     unsafe = scorer.unsafe([p.request for p in prompts], replies)
     metrics = S.attack_success_metrics(prompts, unsafe)
-    reqs = [first_user(p["prompt"]) or "" for p in held]
+    reqs = [S.last_request(p) for p in held]
     metrics["scorer_pair_accuracy"] = S.pair_accuracy(scorer.unsafe(reqs, [p["chosen"] for p in held]),
                                                       scorer.unsafe(reqs, [p["rejected"] for p in held]))
     metrics["rubric_pair_accuracy"] = S.pair_accuracy([S.rubric_harm(p["chosen"]) for p in held],
@@ -273,8 +274,9 @@ def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) ->
     labelled = [r.doc for path in resolve_data(spec, spec.data["labelled"], data_dir) for r in read_rows(path, "jsonl")] \
         if "labelled" in spec.data else []
     if labelled:
-        u = scorer.unsafe([r["request"] for r in labelled], [r["reply"] for r in labelled])
-        metrics["scorer_labelled_accuracy"] = float(np.mean([(x > 0.5) == (r["label"] == "unsafe") for x, r in zip(u, labelled)]))
+        acc = S.labelled_accuracy(labelled, scorer.unsafe([r["request"] for r in labelled], [r["reply"] for r in labelled]))
+        metrics["scorer_labelled_accuracy"] = acc.pop("accuracy")
+        metrics.update({f"scorer_labelled/{k}": v for k, v in acc.items()})
     preds = [{"category": p.category, "attack": p.attack, "prompt": p.request, "response": r, "unsafe": round(float(x), 4)}
              for p, r, x in zip(prompts, replies, unsafe)]
     return TaskResult(spec.name, spec.type, metrics, preds)

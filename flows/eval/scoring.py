@@ -70,14 +70,16 @@ class Scorer:
 
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
                  share_prefix: bool = True, min_prefix: int = 16, token_budget: int = 8192,
-                 add_bos: bool | None = None):
+                 add_bos: bool | None = None, pack: bool = True, pack_max_len: int = 1024):
         self.model, self.tokenizer = model, tokenizer
         self.add_bos = default_add_bos(tokenizer) if add_bos is None else add_bos
         self.batch_size = max(1, int(batch_size))
         self.max_length = int(max_length or model.config.max_seq_len)
         self.share_prefix = share_prefix
         self.min_prefix = min_prefix
-        self.token_budget = token_budget  # rows x tokens per forward in the continuation phase
+        self.token_budget = token_budget  # rows x tokens per forward (continuations; packed rows)
+        self.pack = pack  # contexts in no shared-prefix family: packed rows (see _score_packed)
+        self.pack_max_len = pack_max_len  # a row's length beyond its context and longest continuation
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.stats = {"forward_tokens": 0, "prefix_tokens": 0, "truncated": 0}
@@ -129,6 +131,11 @@ class Scorer:
         for g in ordered:
             self._truncate(g)
         for prefix_len, family in self._families(ordered):
+            if not prefix_len and self.pack:
+                for g, scores in self._score_packed(family):
+                    for i, sc in zip(g.index, scores):
+                        out[i] = sc
+                continue
             family.sort(key=lambda g: len(g.context))
             prefix_kv = self._prefill_prefix(family[0].context[:prefix_len]) if prefix_len else None
             for start in range(0, len(family), self.batch_size):
@@ -238,11 +245,16 @@ class Scorer:
     def _score_forks(self, src: KVCache, last: torch.Tensor, forks, results) -> None:
         """Each multi-token continuation gets a row holding a copy of its context's keys/values."""
         model, dev = self.model, self.device
+        forks = sorted(forks, key=lambda f: len(f[2]))  # chunks of similar lengths: little padding
         longest = max(len(c) for _, _, c in forks)
         span = int(src.lengths.max()) + longest
-        per_call = max(1, self.token_budget // longest)
-        for start in range(0, len(forks), per_call):
-            chunk = forks[start:start + per_call]
+        start = 0
+        while start < len(forks):
+            stop = start + 1
+            while stop < len(forks) and (stop - start + 1) * len(forks[stop][2]) <= self.token_budget:
+                stop += 1
+            chunk = forks[start:stop]
+            start = stop
             R = len(chunk)
             src_rows = torch.tensor([r for r, _, _ in chunk], device=dev)
             cache = KVCache.for_model(model.config, R, span, dtype=self.dtype, device=dev)
@@ -254,14 +266,118 @@ class Scorer:
             tokens = torch.zeros(R, C, dtype=torch.long)
             for i, (_, _, cont) in enumerate(chunk):
                 tokens[i, :len(cont) - 1] = torch.tensor(cont[:-1])
-            logp = model(tokens.to(dev), cache=cache).float().log_softmax(-1)  # (R, C, V)
+            hidden = model(tokens.to(dev), cache=cache, head=lambda h, _w: h)  # (R, C, dim), normed
             self.stats["forward_tokens"] += sum(len(c) - 1 for _, _, c in chunk)
-            for i, (r, j, cont) in enumerate(chunk):
-                target = torch.tensor(cont, device=dev)
-                step = torch.cat([last[r][None], logp[i, :len(cont) - 1]])  # (len(cont), V)
-                ll = float(step.gather(1, target[:, None]).sum())
-                greedy = bool((step.argmax(-1) == target).all())
-                results[r][j] = (ll, greedy)
+            rows = torch.tensor([i for i, (_, _, c) in enumerate(chunk) for _ in c[1:]], device=dev)
+            cols = torch.tensor([t for _, _, c in chunk for t in range(len(c) - 1)], device=dev)
+            ll, greedy = self._target_logprobs(hidden[rows, cols],
+                                               torch.tensor([t for _, _, c in chunk for t in c[1:]], device=dev))
+            a = 0
+            for r, j, cont in chunk:
+                b = a + len(cont) - 1
+                first = last[r, cont[0]]
+                results[r][j] = (float(first) + float(ll[a:b].sum()),
+                                 bool(int(last[r].argmax()) == cont[0] and greedy[a:b].all()))
+                a = b
+
+    # --- packed rows: a context and all its continuations in one row ---
+    def _pack_rows(self, groups: list[_Group]) -> list[tuple[_Group, list[int]]]:
+        """(group, continuation indices) per row: a context with as many of its continuations as
+        fit in pack_max_len (a row always holds at least one)."""
+        rows = []
+        for g in groups:
+            cur, n = [], len(g.context)
+            for j, c in enumerate(g.conts):
+                if cur and n + len(c) - 1 > max(self.pack_max_len, len(g.context) + len(c) - 1):
+                    rows.append((g, cur))
+                    cur, n = [], len(g.context)
+                cur.append(j)
+                n += len(c) - 1
+            rows.append((g, cur))
+        return rows
+
+    def _score_packed(self, groups: list[_Group]):
+        """Yield (group, scores) for groups in no shared-prefix family.
+
+        A row holds the context, then each continuation but its last token, every continuation at
+        the positions right after the context: an attention mask lets a continuation's tokens
+        see the context and its own earlier tokens only, so the context runs once for all of its
+        continuations, with no cache to copy. Rows are sorted by length and batched up to
+        token_budget (little padding). The output projection runs only where a continuation's
+        token is predicted, in chunks: log p = logit[target] - logsumexp(logits), in fp32,
+        without a log-softmax over the whole vocabulary at every position."""
+        rows = self._pack_rows(groups)
+        lengths = [len(g.context) + sum(len(g.conts[j]) - 1 for j in js) for g, js in rows]
+        order = sorted(range(len(rows)), key=lambda r: lengths[r])
+        results = {id(g): [None] * len(g.conts) for g in groups}
+        start = 0
+        while start < len(order):
+            T = lengths[order[start]]
+            stop = start + 1
+            while stop < len(order) and (stop - start + 1) * lengths[order[stop]] <= self.token_budget:
+                stop += 1
+            batch = [rows[r] for r in order[start:stop]]
+            for (g, js), scores in zip(batch, self._score_packed_batch(batch)):
+                for j, sc in zip(js, scores):
+                    results[id(g)][j] = sc
+            start = stop
+        for g in groups:
+            yield g, results[id(g)]
+
+    def _score_packed_batch(self, batch: list[tuple[_Group, list[int]]]) -> list[list[tuple[float, bool]]]:
+        dev = self.device
+        T = max(len(g.context) + sum(len(g.conts[j]) - 1 for j in js) for g, js in batch)
+        B = len(batch)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        seg = torch.full((B, T), -1, dtype=torch.long)  # 0 context, k + 1 the row's k-th continuation, -1 padding
+        picks_r, picks_c, targets, spans = [], [], [], []  # spans: (row, start, stop) into the picks per continuation
+        for r, (g, js) in enumerate(batch):
+            L = len(g.context)
+            tokens[r, :L] = torch.tensor(g.context)
+            pos[r, :L] = torch.arange(L)
+            seg[r, :L] = 0
+            at = L
+            for k, j in enumerate(js):
+                c = g.conts[j]
+                n = len(c) - 1
+                tokens[r, at:at + n] = torch.tensor(c[:-1], dtype=torch.long)
+                pos[r, at:at + n] = torch.arange(L, L + n)
+                seg[r, at:at + n] = k + 1
+                first = len(targets)
+                picks_r += [r] * len(c)
+                picks_c += [L - 1] + list(range(at, at + n))
+                targets += c
+                spans.append((first, len(targets)))
+                at += n
+        same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # (B, query, key)
+        mask = same & (pos[:, None, :] <= pos[:, :, None]) & (seg[:, None, :] >= 0)
+        mask |= torch.eye(T, dtype=torch.bool)[None] & (seg[:, :, None] < 0)  # padding sees itself: no empty row
+        rows_t, cols_t = torch.tensor(picks_r, device=dev), torch.tensor(picks_c, device=dev)
+        hidden = self.model(tokens.to(dev), positions=pos.to(dev), attn_mask=mask[:, None].to(dev),
+                            head=lambda h, _w: h[rows_t, cols_t])  # (N, dim), normed
+        self.stats["forward_tokens"] += sum(len(g.context) + sum(len(g.conts[j]) - 1 for j in js) for g, js in batch)
+        ll, greedy = self._target_logprobs(hidden, torch.tensor(targets, device=dev))
+        out, k = [], 0
+        for g, js in batch:
+            row = []
+            for _ in js:
+                a, b = spans[k]
+                row.append((float(ll[a:b].sum()), bool(greedy[a:b].all())))
+                k += 1
+            out.append(row)
+        return out
+
+    def _target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024):
+        """log p(target) and whether it is the argmax, per position, projecting `chunk` positions at a time."""
+        weight = self.model.output_weight
+        lls, greedy = [], []
+        for a in range(0, len(targets), chunk):
+            logits = F.linear(hidden[a:a + chunk], weight).float()
+            t = targets[a:a + chunk, None]
+            lls.append((logits.gather(1, t) - torch.logsumexp(logits, -1, keepdim=True))[:, 0])
+            greedy.append(logits.argmax(-1) == t[:, 0])
+        return torch.cat(lls).double().cpu(), torch.cat(greedy).cpu()
 
     # --- rolling (perplexity) ---
     def rolling_windows(self, tokens: list[int], max_length: int | None = None) -> list[tuple[list[int], list[int]]]:

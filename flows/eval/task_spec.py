@@ -125,7 +125,7 @@ def _validate(spec: TaskSpec, where) -> None:
         if spec.scoring not in SCORINGS:
             raise HerdError(f"{where}: scoring {spec.scoring!r} is not one of {', '.join(SCORINGS)}")
         for key in ("prompt", "choices", "target"):
-            if not getattr(spec, key):
+            if getattr(spec, key) in (None, "", []):  # target 0 (the first choice) is a target
                 raise HerdError(f"{where}: a multiple_choice task needs {key!r}")
     if spec.type == "generate" and not (spec.prompt and spec.target):
         raise HerdError(f"{where}: a generate task needs 'prompt' and 'target'")
