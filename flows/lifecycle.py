@@ -231,6 +231,6 @@ def default_stages() -> dict[str, Stage]:
 if __name__ == "__main__":  # python -m flows.lifecycle (the KubeRay RayJob's entrypoint) = herd run
     import sys
 
-    from flows.lifecycle_cli import main
+    from flows.cli import main
 
-    sys.exit(main())
+    sys.exit(main(["run", *sys.argv[1:]]))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -99,9 +98,3 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def main(argv: list[str] | None = None) -> int:
-    from flows.cli import main as herd_main
-
-    return herd_main(["run", *(sys.argv[1:] if argv is None else argv)])

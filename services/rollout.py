@@ -140,7 +140,7 @@ class Rollout:
             await self.roll_to(spec)
 
 
-# The replica's Rollout, for the HTTP middleware. A module global here, not in services/app.py:
+# The replica's Rollout, for the HTTP middleware. A module global here, not in services/deployment.py:
 # Serve pickles the deployment class by value, with a copy of its module's globals, so only a
 # module both sides import by name is shared.
 _CURRENT: Rollout | None = None

@@ -15,10 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from flows.data.config import QualityConfig
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HERD_CACHE") or Path.home() / ".cache" / "herd")
+from model.assets import cache_dir
 
 
 def labeller_dir(cfg: QualityConfig) -> Path:

@@ -187,7 +187,7 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
 
     from flows.data.shards import read_manifest, verify
     from flows.train.data import manifest_digest
-    from flows.train.loop import resolve_init_from
+    from model.sources import resolve_model
 
     if not cfg.data.dir:
         raise HerdError("pretrain: no data: set data.dir in the config or pass --data DIR (from `herd data prep`)")
@@ -196,7 +196,7 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
     verify(cfg.data.dir)  # a corrupted shard is refused here, before any worker reads it
     if cfg.model.init_from:
         # Import once here, so the workers do not race to convert the same weights.
-        resolved = resolve_init_from(cfg.model.init_from)
+        resolved = resolve_model(cfg.model.init_from)
         if not resolved.exists():
             raise HerdError(f"model.init_from: {resolved} not found")
         cfg = cfg.replace(model={"init_from": str(resolved.resolve())})

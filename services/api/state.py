@@ -48,7 +48,7 @@ def current_state(app) -> ServerState | None:
 
 
 def get_state(request: Request) -> ServerState:
-    # request.state.herd: the state a request was pinned to when it arrived (services/app.py), so a
+    # request.state.herd: the state a request was pinned to when it arrived (services/deployment.py), so a
     # model swap mid-request never mixes two versions in one answer.
     state = getattr(request.state, "herd", None) or current_state(request.app)
     if state is None:

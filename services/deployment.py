@@ -1,6 +1,6 @@
 """The Ray Serve application: deployment `HerdLLMServer` with the FastAPI ingress.
 
-    serve run configs/serve/default.yaml        # import_path services.app:build_app
+    serve run configs/serve/default.yaml        # import_path services.deployment:build_app
     herd serve --model smollm2 [--config configs/serve/local.yaml]
 
 `build_app(args)` is the import path's builder; `deploy()` / `shutdown()` are what `herd serve`
@@ -27,7 +27,7 @@ from services import proxy
 from services.api import state as api_state
 from services.config import load_server_config
 from services.rollout import Pinned, Rollout, check_user_config, pin
-from services.server import build_state, create_app
+from services.api.app import build_state, create_app
 
 log = logging.getLogger("herd.serve")
 
@@ -125,9 +125,9 @@ def deploy(model_path: str | Path | None = None, config: str | Path | dict | Non
     import ray
 
     doc = read_serve_config(config)
-    apps = [a for a in doc["applications"] if a.get("import_path") == "services.app:build_app"]
+    apps = [a for a in doc["applications"] if a.get("import_path") == "services.deployment:build_app"]
     if not apps:
-        raise HerdError("serve config: no application with import_path services.app:build_app")
+        raise HerdError("serve config: no application with import_path services.deployment:build_app")
     spec = apps[0]
     app_args = {**(spec.get("args") or {}), **(args or {})}
     if model_path is not None:
