@@ -262,9 +262,9 @@ def deploy_stage(ctx: StepContext) -> dict:
     mlflow.set_tags({**lineage, "herd.deployment.url": url, "herd.deployment.model": model,
                      "herd.deployment.version": label})
     if src:
-        from flows.eval.registry import _client
+        from flows.tracking import client as mlflow_client
 
-        client = _client(ctx.lifecycle["tracking_uri"])
+        client = mlflow_client(ctx.lifecycle["tracking_uri"])
         client.set_model_version_tag(src["outputs"]["name"], src["outputs"].get("champion") or src["outputs"]["version"],
                                      "herd.deployment.url", url)
     answer, secs = smoke(url, ctx.params.get("smoke_prompt", "What is the capital of France?"),

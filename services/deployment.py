@@ -144,8 +144,10 @@ def deploy(model_path: str | Path | None = None, config: str | Path | dict | Non
     config = load_server_config(app_args)
     key = config.api_key()  # no key and no `auth: none`: refuse before starting anything
     if not ray.is_initialized():
+        from flows.ray_runtime import init_ray
+
         os.environ.setdefault(proxy.CALLBACK_ENV, proxy.CALLBACK)  # the proxy a Ray started here drops them
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
+        init_ray(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
                  runtime_env={"env_vars": {config.api_key_env: key}} if key else None)
     for attempt in range(3):  # on a busy machine the proxy may miss Serve's 60 s start-up window
         try:

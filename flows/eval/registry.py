@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from flows.eval import integrity
+from flows.tracking import client as _client
 from model.errors import HerdError
 from model.sources import resolve_model
 
@@ -25,14 +26,6 @@ DEFAULT_NAME = "herd"
 CANDIDATE, CHAMPION = "candidate", "champion"
 METRIC_TAG = "metric."
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
-
-
-def _client(tracking_uri: str | None = None):
-    from mlflow import MlflowClient
-
-    from flows.tracking import tracking_uri as resolve
-
-    return MlflowClient(tracking_uri=resolve(tracking_uri), registry_uri=resolve(tracking_uri))
 
 
 def cache_root() -> Path:

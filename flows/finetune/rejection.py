@@ -41,9 +41,10 @@ def sample_distributed(model_dir: str, tasks: list[dict], fc: FinetuneConfig) ->
         return sample_completions(model, tok, tasks, fc)
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    from flows.ray_runtime import init_ray
+
+    init_ray(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     Sampler = _sampler_actor()
     actors = [Sampler.remote(str(model_dir), 1) for _ in range(workers)]
     shards = [tasks[i::workers] for i in range(workers)]
