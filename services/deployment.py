@@ -24,7 +24,6 @@ from ray import serve
 from model.errors import HerdError
 from services import rollout as rollouts
 from services import proxy
-from services.api import state as api_state
 from services.config import load_server_config
 from services.rollout import Pinned, Rollout, check_user_config, pin
 from services.api.app import build_state, create_app
@@ -45,7 +44,8 @@ async def name_the_version(request, call_next):
     if rollout is None or rollout.state is None:
         return await call_next(request)
     state = rollout.state
-    request.state.herd = state
+    # The app's state is the rollout's current one; the request keeps the one it arrived with.
+    request.app.state.herd = request.state.herd = state
     response = await call_next(request)
     response.headers["x-herd-model-version"] = state.version or state.model_name
     response.headers["x-herd-model-since"] = f"{state.since:.3f}"
@@ -61,7 +61,7 @@ class HerdLLMServer:
     def __init__(self, args: dict[str, Any]):
         self.args = dict(args)
         self.model = load_server_config(self.args).model
-        self.rollout = Rollout(self._build, api_state.set_state)
+        self.rollout = Rollout(self._build)
         self.rollout.start(pin(self.model))
         rollouts.set_current(self.rollout)
 

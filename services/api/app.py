@@ -17,8 +17,8 @@ log = logging.getLogger("herd.serve")
 
 
 def create_app(state: ServerState | None = None) -> FastAPI:
-    """The HTTP API. With `state` the app serves it; without, handlers use the replica's state
-    (services.api.state.set_state), as under Ray Serve."""
+    """The HTTP API over `state` (app.state.herd). Without one (Ray Serve), the deployment sets
+    app.state.herd from its replica's rollout as requests arrive; until then the API answers 503."""
     app = FastAPI(title="herd", version="0.1.0",
                   description="OpenAI-compatible completions and chat for herd's Llama 3 models.")
     app.state.herd = state
