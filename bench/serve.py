@@ -125,7 +125,7 @@ def serve_herd(model_dir: str, port: int, dtype: str, threads: int | None, max_n
     """The herd server process: the FastAPI app and engine on uvicorn, as one Serve replica runs them."""
     import uvicorn
 
-    from services.server import build_state, create_app
+    from services.api.app import build_state, create_app
 
     state = build_state({"model": model_dir, "dtype": dtype, "num_threads": threads, "auth": "none",
                          "engine": {"max_num_seqs": max_num_seqs, "max_model_len": 512,

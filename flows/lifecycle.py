@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.lifecycle_core import (REPO, Stage, absolute_tracking_uri, check_configs, code_version, config_hash, downstream,
-                                  load_config, step_key, wiring)
-from flows.lifecycle_steps import _client, ensure_experiment, execute_step, find_cached, record_cached, still_valid
+from flows.lifecycle_core import (REPO, Stage, check_configs, code_version, config_hash, downstream, load_config, step_key,
+                                  wiring)
+from flows.lifecycle_steps import execute_step, find_cached, record_cached, still_valid
+from flows.ray_runtime import init_ray
+from flows.tracking import absolute_tracking_uri, ensure_experiment
+from flows.tracking import client as mlflow_client
 from model.errors import HerdError
 
 __all__ = ["LINEAGE", "MODEL_STAGES", "REPO", "STAGE_ORDER", "TAG", "LifecycleResult", "Stage", "StepContext",
@@ -90,7 +93,7 @@ def run_lifecycle(config: str | Path | dict, *, stages: dict[str, Stage] | None 
           "tracking_uri": absolute_tracking_uri(tracking_uri or cfg["mlflow"]["tracking_uri"])}
     Path(lc["workdir"]).mkdir(parents=True, exist_ok=True)
     lc["experiment_id"] = ensure_experiment(lc["tracking_uri"], lc["experiment"])
-    client = _client(lc)
+    client = mlflow_client(lc["tracking_uri"])
     parent = client.create_run(lc["experiment_id"], run_name=f"lifecycle-{cfg['name']}", tags={
         "herd.stage": "lifecycle", "herd.lifecycle": cfg["name"], "herd.config_hash": chash,
         "herd.git_sha": lc["git_sha"], "herd.force": ",".join(force), "herd.stages": ",".join(wires)})
@@ -139,20 +142,6 @@ def run_lifecycle(config: str | Path | dict, *, stages: dict[str, Stage] | None 
         client.set_terminated(lc["parent_run_id"], status)
     return LifecycleResult(lc["parent_run_id"], chash, {n: results[n] for n in wires}, time.perf_counter() - t0, used_ray,
                            lc["tracking_uri"], local_ray)
-
-
-def init_ray(attempts: int = 3, **kwargs):
-    """ray.init, retried: on a busy machine the raylet can miss Ray's fixed 30 s start window."""
-    import ray
-
-    for i in range(attempts):
-        try:
-            return ray.init(**kwargs)
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or i == attempts - 1:
-                raise
-            print(f"Ray did not start in time (attempt {i + 1}/{attempts}); retrying", flush=True)
-            ray.shutdown()
 
 
 def ray_runtime_env() -> dict:
@@ -231,6 +220,6 @@ def default_stages() -> dict[str, Stage]:
 if __name__ == "__main__":  # python -m flows.lifecycle (the KubeRay RayJob's entrypoint) = herd run
     import sys
 
-    from flows.lifecycle_cli import main
+    from flows.cli import main
 
-    sys.exit(main())
+    sys.exit(main(["run", *sys.argv[1:]]))

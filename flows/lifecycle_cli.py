@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -73,11 +72,9 @@ def run_command(args) -> int:
     ran = sum(r["status"] == "ran" for r in res.steps.values())
     print(f"\n{len(res.steps)} steps: {ran} ran, {len(res.steps) - ran} cached, {res.seconds:.1f}s "
           f"(parent run {res.parent_run_id})")
-    from mlflow import MlflowClient
+    from flows.tracking import client, dashboard_url
 
-    from flows.tracking import dashboard_url
-
-    exp = MlflowClient(res.tracking_uri).get_run(res.parent_run_id).info.experiment_id
+    exp = client(res.tracking_uri).get_run(res.parent_run_id).info.experiment_id
     print(f"MLflow: mlflow server --backend-store-uri {res.tracking_uri} --port 5000   ->  "
           f"{dashboard_url('http://127.0.0.1:5000', exp, res.parent_run_id)}")
     dep = res.steps.get("deploy")
@@ -99,9 +96,3 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def main(argv: list[str] | None = None) -> int:
-    from flows.cli import main as herd_main
-
-    return herd_main(["run", *(sys.argv[1:] if argv is None else argv)])

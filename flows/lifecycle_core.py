@@ -211,14 +211,3 @@ def downstream(wires: dict, roots: set[str]) -> set[str]:
                 out.add(n)
                 changed = True
     return out
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    from flows.tracking import tracking_uri
-
-    uri = tracking_uri(uri or None)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    elif "://" not in uri:
-        uri = str(Path(uri).resolve())
-    return uri

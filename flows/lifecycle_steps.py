@@ -12,40 +12,14 @@ import traceback
 from pathlib import Path
 
 from flows.lifecycle_core import LINEAGE, TAG, Stage, StepContext, _canon, code_version, sha256_text, step_key, tree_digest
+from flows.tracking import MAX_TAG_CHARS
+from flows.tracking import client as mlflow_client
 
 # --- MLflow records -----------------------------------------------------------------------------
 
-def _client(lc: dict):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=lc["tracking_uri"], registry_uri=lc["tracking_uri"])
-
-
-def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, created if missing. On a sqlite store its artifacts go beside the
-    database: MLflow's default (./mlruns) follows the working directory, which under
-    `ray job submit` is a temporary copy of the project."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from flows.tracking import mark_model_training
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / name) if uri.startswith("sqlite:////") else None
-        try:
-            client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # another process created it meanwhile
-            pass
-        exp = client.get_experiment_by_name(name)
-    mark_model_training(client, exp)
-    return exp.experiment_id
-
-
 def find_cached(lc: dict, key: str) -> dict | None:
     """The result of the newest finished step run with this key (a run that ran, not a replay)."""
-    client = _client(lc)
+    client = mlflow_client(lc["tracking_uri"])
     runs = client.search_runs([lc["experiment_id"]], f"tags.`{TAG}key` = '{key}' and tags.`{TAG}status` = 'ran' "
                               "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
@@ -87,24 +61,24 @@ def still_valid(stage: Stage, result: dict) -> bool:
 
 
 def _child_run(lc: dict, stage: str, key: str, status: str, inputs: dict):
-    client = _client(lc)
+    client = mlflow_client(lc["tracking_uri"])
     run = client.create_run(lc["experiment_id"], run_name=f"{stage}{' (cached)' if status == 'cached' else ''}", tags={
         "mlflow.parentRunId": lc["parent_run_id"], "herd.stage": stage, "herd.lifecycle": lc["name"],
         f"{TAG}key": key, f"{TAG}status": status, "herd.git_sha": lc["git_sha"],
         f"{TAG}inputs": _canon({s: (r and {"stage": r["stage"], "digest": r["digest"], "run_id": r["run_id"]})
-                                for s, r in inputs.items()})[:7900]})
+                                for s, r in inputs.items()})[:MAX_TAG_CHARS]})
     return client, run.info.run_id
 
 
 def _finish(client, run_id: str, result: dict, status: str = "FINISHED") -> None:
     outputs = _canon(result.get("outputs") or {})
-    client.set_tag(run_id, f"{TAG}outputs", outputs[:7900])
+    client.set_tag(run_id, f"{TAG}outputs", outputs[:MAX_TAG_CHARS])
     client.set_tag(run_id, f"{TAG}digest", result["digest"])
     client.set_tag(run_id, f"{TAG}seconds", f"{result['seconds']:.2f}")
     for k, v in (result.get("lineage") or {}).items():
-        client.set_tag(run_id, LINEAGE + k, str(v)[:7900])
+        client.set_tag(run_id, LINEAGE + k, str(v)[:MAX_TAG_CHARS])
     text = _canon(result)
-    if len(text) < 7900:
+    if len(text) < MAX_TAG_CHARS:
         client.set_tag(run_id, f"{TAG}result", text)
     else:
         client.log_text(run_id, json.dumps(result, indent=1, default=str), "step_result.json")
@@ -181,7 +155,7 @@ def execute_step(stage: Stage, st_cfg: dict, lc: dict, slots: dict[str, str | No
     if metrics:
         client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
     for k, v in (got.get("tags") or {}).items():
-        client.set_tag(run_id, k, str(v)[:7900])
+        client.set_tag(run_id, k, str(v)[:MAX_TAG_CHARS])
     _finish(client, run_id, result)
     print(f"[{stage.name}] done in {result['seconds']:.1f}s (digest {digest[:12]})", flush=True)
     return result

@@ -1,4 +1,5 @@
-"""MLflow set-up shared by every stage: one tracking URI rule, one experiment rule."""
+"""MLflow set-up shared by every stage: the tracking URI rule, the client, the experiment rules and
+MLflow's limits."""
 from __future__ import annotations
 
 import os
@@ -11,11 +12,52 @@ DEFAULT_EXPERIMENT = "herd"
 # (traces) view. herd's experiments are model training: the runs table and metric charts.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+# Longest tag value herd writes: MLflow refuses values past 8000 characters; longer records are
+# cut to this or written as an artifact instead.
+MAX_TAG_CHARS = 7900
 
 
 def tracking_uri(uri: str | None = None) -> str:
     """Explicit argument, then $MLFLOW_TRACKING_URI, then ./mlflow.db."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def absolute_tracking_uri(uri: str | None = None) -> str:
+    """tracking_uri(uri) with a relative sqlite file or folder pinned to this working directory:
+    Ray workers and `ray job submit` may run in another folder."""
+    uri = tracking_uri(uri or None)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri:
+        uri = str(Path(uri).resolve())
+    return uri
+
+
+def client(uri: str | None = None):
+    """An MlflowClient whose tracking and model-registry stores are both tracking_uri(uri)."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, created if missing. On a sqlite store its artifacts go beside the
+    database: MLflow's default (./mlruns) follows the working directory, which under
+    `ray job submit` is a temporary copy of the project."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / name) if uri.startswith("sqlite:////") else None
+        try:
+            c.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another process created it meanwhile
+            pass
+        exp = c.get_experiment_by_name(name)
+    mark_model_training(c, exp)
+    return exp.experiment_id
 
 
 def setup_mlflow(uri: str | None = None, experiment: str | None = None):

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from model.errors import HerdError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """herd's cache folder: $HERD_CACHE, else ~/.cache/herd (compiled kernels, imported models)."""
+    return Path(os.environ.get("HERD_CACHE") or Path.home() / ".cache" / "herd")
 
 
 def smollm2_gguf_path() -> Path:

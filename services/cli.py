@@ -5,7 +5,7 @@ import time
 
 
 def _cmd_serve(args) -> int:
-    from services.app import deploy, shutdown
+    from services.deployment import deploy, shutdown
 
     overrides = {}
     if args.dtype:

@@ -6,7 +6,7 @@ Ray's proxy obeys `x-request-timeout-seconds` (a per-request timeout; 0 or less 
 trusted load balancer; from a client they would defeat the Serve config's `request_timeout_s` and
 the cancellation of abandoned requests. The proxy loads this module when its process has
 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.proxy:middlewares (the image sets it;
-services.app.deploy sets it for a Ray it starts).
+services.deployment.deploy sets it for a Ray it starts).
 """
 from __future__ import annotations
 

@@ -58,11 +58,11 @@ def check_user_config(user_config: dict | None) -> dict:
 class Rollout:
     """The replica's current state and the swap to a new model version.
 
-    `load(pinned) -> state` builds a serving state (blocking: it runs in a thread); `publish(state)`
-    makes it the one new requests get. A state has `.engine` (snapshot(), shutdown()) and gets
-    `.version` / `.since` set here."""
+    `load(pinned) -> state` builds a serving state (blocking: it runs in a thread); `self.state` is
+    the one new requests get, and `publish(state)`, when given, is told of each. A state has
+    `.engine` (snapshot(), shutdown()) and gets `.version` / `.since` set here."""
 
-    def __init__(self, load: Callable[[Pinned], Any], publish: Callable[[Any], None]):
+    def __init__(self, load: Callable[[Pinned], Any], publish: Callable[[Any], None] | None = None):
         self._load = load
         self._publish = publish
         self.state = None
@@ -87,7 +87,8 @@ class Rollout:
     def _swap_in(self, state, pinned: Pinned) -> None:
         state.version, state.since = pinned.label, time.time()
         old, self.state, self.current = self.state, state, pinned
-        self._publish(state)
+        if self._publish is not None:
+            self._publish(state)
         log.info("serving %s (%s)", pinned.label, pinned.uri)
         if old is not None:
             self.spawn(self._retire(old))
@@ -140,7 +141,7 @@ class Rollout:
             await self.roll_to(spec)
 
 
-# The replica's Rollout, for the HTTP middleware. A module global here, not in services/app.py:
+# The replica's Rollout, for the HTTP middleware. A module global here, not in services/deployment.py:
 # Serve pickles the deployment class by value, with a copy of its module's globals, so only a
 # module both sides import by name is shared.
 _CURRENT: Rollout | None = None

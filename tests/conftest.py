@@ -62,7 +62,7 @@ def smollm2_dir(tmp_path_factory, smollm2_gguf) -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     """(model, tokenizer), fp32 on CPU."""
-    from model.cli import load_for_inference
+    from model.sources import load_for_inference
 
     return load_for_inference(str(smollm2_dir), "float32", "cpu")
 

@@ -76,7 +76,7 @@ def _replica_nodes(want: int, timeout: float) -> list[str]:
 
 
 def serve_app(model_dir: str, out: Path) -> None:
-    from services.app import deploy
+    from services.deployment import deploy
 
     _connect(local=False)
     url = deploy(model_dir, Path(__file__).resolve().parents[1] / "configs" / "serve" / "local.yaml",

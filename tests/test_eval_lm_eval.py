@@ -104,7 +104,7 @@ def test_mmlu_matches_lm_eval_hf_on_smollm2(smollm2_dir, smollm2_gguf, shared_da
     from flows.eval.runners import run_task
     from flows.eval.scoring import Scorer
     from flows.eval.task_spec import load_spec
-    from model.cli import load_for_inference
+    from model.sources import load_for_inference
 
     subjects, limit = ["abstract_algebra", "marketing"], 3
     names = write_local_tasks(shared_data, tmp_path / "tasks", subjects=subjects)["mmlu"]

@@ -111,7 +111,7 @@ def test_serve_config_is_a_valid_ray_serve_config():
     assert validate.serve_config_errors(SERVE_CONFIG.read_text()) == []
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     app = config["applications"][0]
-    assert app["import_path"] == "services.app:build_app"
+    assert app["import_path"] == "services.deployment:build_app"
     assert app["deployments"][0]["name"] == "HerdLLMServer"
     typo = SERVE_CONFIG.read_text().replace("upscale_delay_s", "upscale_delay")
     assert validate.serve_config_errors(typo) == [

@@ -51,8 +51,6 @@ def test_registration_records_every_files_sha256(store, tmp_path):  # noqa: F811
 
 
 def test_a_flipped_byte_in_a_registered_model_fails_every_load(store, tmp_path, monkeypatch):  # noqa: F811
-    from services.model_source import resolve_model
-
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
     assert (resolve_model_uri("models:/herd@candidate", tracking_uri=store) / "model.safetensors").is_file()
     flip_a_byte(stored_folder("herd", mv.version, store) / "model.safetensors")
@@ -65,10 +63,11 @@ def test_a_flipped_byte_in_a_registered_model_fails_every_load(store, tmp_path, 
     assert f"models:/herd/{mv.version} (version {mv.version}): sha256 check failed, refusing to load it" in message
     assert "model.safetensors: sha256 " in message and "does not match the registered" in message
     assert not list((tmp_path / "cache2" / "herd").iterdir())  # nothing left that a later load could use
-    # Serve resolves through the same check (MLFLOW_TRACKING_URI is what replicas read).
+    # Serve resolves through the same check (services.api.app.build_state: resolve_model_uri with no
+    # tracking URI, so MLFLOW_TRACKING_URI, what replicas read).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     with pytest.raises(HerdError, match="sha256 check failed"):
-        resolve_model("models:/herd@candidate")
+        resolve_model_uri("models:/herd@candidate")
     # The copy cached before the flip was verified at each load and is still intact.
     monkeypatch.setenv("HERD_MODEL_CACHE", str(cache))
     assert resolve_model_uri("models:/herd@candidate", tracking_uri=store).is_dir()

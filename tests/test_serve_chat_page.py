@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from services.server import build_state, create_app
+from services.api.app import build_state, create_app
 from services.testing import ServerThread, free_port, tiny_model_dir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

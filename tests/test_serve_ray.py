@@ -45,7 +45,7 @@ def test_serve_configs_are_valid_ray_serve_configs():
             continue
         assert validate.serve_config_errors(path.read_text()) == [], path
         app = doc["applications"][0]
-        assert app["import_path"] == "services.app:build_app"
+        assert app["import_path"] == "services.deployment:build_app"
         assert app["deployments"][0]["name"] == "HerdLLMServer"
         from services.config import load_server_config
 
@@ -60,7 +60,7 @@ def test_serve_configs_are_valid_ray_serve_configs():
 def test_build_app_is_a_serve_application():
     from ray.serve.deployment import Application
 
-    from services.app import build_app
+    from services.deployment import build_app
 
     app = build_app({"model": "smollm2", "engine": {"max_num_seqs": 4}})
     assert isinstance(app, Application)
@@ -171,7 +171,7 @@ def test_autoscaling_up_under_load_and_back_down(tmp_path):
     import ray
     from ray import serve
 
-    from services.app import deploy, shutdown
+    from services.deployment import deploy, shutdown
 
     model_dir = tiny_model_dir(tmp_path / "tiny")
     dash_port = free_port()

@@ -75,7 +75,7 @@ def run_rollout_under_load(tmp_path, clients: int, seconds: float) -> None:
     import ray
     from ray import serve
 
-    from services.app import deploy
+    from services.deployment import deploy
     from services.rollout import wait_for_version
 
     store = registry_with_v1(tmp_path)
@@ -138,7 +138,7 @@ def test_roll_to_loads_beside_the_old_version_which_finishes_its_requests(tmp_pa
     stops once it is idle; a failed load keeps the current version serving."""
     from model.generate import SamplingParams
     from services.rollout import Pinned, Rollout
-    from services.server import build_state
+    from services.api.app import build_state
 
     args = {"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 4, "max_model_len": 256}}
     v1, v2 = tiny_model_dir(tmp_path / "v1", seed=1), tiny_model_dir(tmp_path / "v2", seed=2)

@@ -61,9 +61,10 @@ class Phases:
 def _init_ray(cfg: DataConfig):
     import ray
 
-    if not ray.is_initialized():
-        kwargs = {"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}
-        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+    from flows.ray_runtime import init_ray
+
+    kwargs = {"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}
+    init_ray(include_dashboard=False, log_to_driver=False, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input, same shards
     ctx.enable_progress_bars = cfg.ray.progress_bars

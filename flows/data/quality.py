@@ -11,8 +11,6 @@ The head is a weight vector and a bias: saved as a small .npz with what made it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,26 +23,13 @@ from flows.data.config import QualityConfig, SemDedupConfig
 FEATURES = ("minilm", "hashed")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HERD_CACHE") or Path.home() / ".cache" / "herd")
-
-
 def labeller_dir(cfg: QualityConfig) -> Path:
     """The judge's herd checkpoint: the configured one, or SmolLM2 imported once into the cache."""
     if cfg.model_dir:
         return Path(cfg.model_dir)
-    from model.assets import smollm2_gguf_path
-    from model.checkpoint import import_gguf
+    from model.sources import smollm2_checkpoint
 
-    gguf = smollm2_gguf_path()
-    out = cache_dir() / "models" / gguf.stem
-    if not (out / "tokenizer.json").is_file():
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        import_gguf(gguf, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    return out
+    return smollm2_checkpoint()
 
 
 class Featurizer:

@@ -114,8 +114,9 @@ def promote_after_eval(cfg: dict, result, args):
     """The gate: candidate = the version just evaluated; the champion is re-evaluated when its eval
     config differs from this one."""
     from flows.eval.gate import GateConfig, promote
-    from flows.eval.registry import CANDIDATE, _client, get_version, record_metrics
+    from flows.eval.registry import CANDIDATE, get_version, record_metrics
     from flows.eval.stage import run_eval
+    from flows.tracking import client as mlflow_client
 
     name = cfg["registry"]["name"]
     gate_cfg = GateConfig.parse(cfg["gate"])
@@ -127,7 +128,7 @@ def promote_after_eval(cfg: dict, result, args):
         if mv.name != name:
             raise HerdError(f"{args.model}: registered model {mv.name!r}, the config's registry.name is {name!r}")
         record_metrics(name, mv.version, result.metrics, result.config_hash, tracking)
-        _client(tracking).set_registered_model_alias(name, CANDIDATE, mv.version)
+        mlflow_client(tracking).set_registered_model_alias(name, CANDIDATE, mv.version)
 
     def evaluate_champion(uri: str):
         print(f"{uri}: evaluated under another eval config; evaluating it under this one", file=sys.stderr)

@@ -199,10 +199,10 @@ def promote(name: str, cfg: GateConfig, *, candidate_metrics: dict[str, float] |
     re-measures it first (without it, a mismatch is an error rather than a comparison)."""
     from mlflow.exceptions import MlflowException
 
-    from flows.eval.registry import (CANDIDATE, CHAMPION, _client, record_decision, record_metrics,
-                                     version_metrics)
+    from flows.eval.registry import CANDIDATE, CHAMPION, record_decision, record_metrics, version_metrics
+    from flows.tracking import client as mlflow_client
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         cand = client.get_model_version_by_alias(name, CANDIDATE)
     except MlflowException:

@@ -33,7 +33,7 @@ class HerdLM(TemplateLM):
 
         if model is None:
             from flows.eval.registry import resolve_model_uri
-            from model.cli import load_for_inference
+            from model.sources import load_for_inference
 
             model, tokenizer = load_for_inference(str(resolve_model_uri(pretrained)), dtype, device)
         self.model, self.tok = model, tokenizer

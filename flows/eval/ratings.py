@@ -165,9 +165,9 @@ def make_judge(spec: dict | None, batch_size: int = 8):
     spec = dict(spec or {"kind": "likelihood", "model": "smollm2"})
     kind = spec.get("kind", "likelihood")
     if kind in ("likelihood", "llm"):
-        from model.cli import load_for_inference, resolve_model_path
+        from model.sources import load_for_inference
 
-        model, tok = load_for_inference(str(resolve_model_path(spec.get("model", "smollm2"))), "float32", "auto")
+        model, tok = load_for_inference(str(spec.get("model", "smollm2")), "float32", "auto")
         if kind == "llm":
             return LLMJudge(model, tok, batch_size)
         return LikelihoodJudge(model, tok, batch_size, float(spec.get("margin", 0.05)))

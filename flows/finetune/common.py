@@ -13,6 +13,7 @@ import torch
 
 from flows.finetune.config import FinetuneConfig
 from model.errors import HerdError
+from model.sources import resolve_model
 
 
 @dataclass
@@ -60,12 +61,6 @@ class EpochSampler:
 
 
 # --- models ------------------------------------------------------------------------------------
-
-def resolve_model(spec: str | Path) -> Path:
-    from flows.train.loop import resolve_init_from
-
-    return resolve_init_from(str(spec))
-
 
 def load_policy(spec: str | Path):
     """(model fp32 on CPU in train mode, tokenizer)."""

@@ -23,6 +23,7 @@ from flows.finetune.common import (EpochSampler, StageResult, default_out_dir, e
                                    heldout_comparison, heldout_tasks, load_policy, mean, pad_id_of, pad_masks,
                                    pad_rows, resolve_model, sequence_logps, set_threads, stage_run, train_tasks)
 from flows.finetune.config import FinetuneConfig, load_config
+from flows.finetune.sampling import sample_completions, task_pairs
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
 from flows.train.loop import Task
 from flows.train.losses import LossOutput
@@ -36,23 +37,7 @@ def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r:
     return -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
 
 
-# --- pairs ---------------------------------------------------------------------------------------
-
-def wrong_answer(task: dict, rng: random.Random) -> str:
-    a = task["answer"]
-    if a.lstrip("-").isdigit():
-        return str(int(a) + rng.choice([-3, -2, -1, 1, 2, 3, 10]))
-    if a.isupper():
-        return a.lower()
-    others = [w for w in T.WORDS if w != a]
-    return rng.choice(others)
-
-
-def task_pairs(tasks: list[dict], system: str, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"prompt": T.messages(t, system), "chosen": t["answer"], "rejected": wrong_answer(t, rng), "task": t}
-            for t in tasks]
-
+# --- tokenized pairs -----------------------------------------------------------------------------
 
 @dataclass
 class TokPair:
@@ -194,8 +179,6 @@ def dpo_spec(fc: FinetuneConfig, base, pairs: list[TokPair], pad: int) -> TrainS
 
 def on_policy_pairs(model, tokenizer, tasks: list[dict], fc: FinetuneConfig, reward_fn, counts: chat.Counts) -> list[dict]:
     """Sample `sampling.n` completions per prompt; chosen = highest reward, rejected = lowest (ties skipped)."""
-    from flows.finetune.rejection import sample_completions
-
     samples = sample_completions(model, tokenizer, tasks, fc)
     pairs = []
     for t, texts in zip(tasks, samples):

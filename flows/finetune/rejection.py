@@ -13,33 +13,7 @@ from flows.finetune import tasks as T
 from flows.finetune.common import (StageResult, default_out_dir, load_policy, mean, resolve_model, set_threads,
                                    stage_run, train_tasks)
 from flows.finetune.config import FinetuneConfig, load_config
-
-
-def _params(fc: FinetuneConfig, seed: int):
-    from model.generate import SamplingParams
-
-    s = fc.sampling
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=seed)
-
-
-@torch.no_grad()
-def sample_completions(model, tokenizer, tasks: list[dict], fc: FinetuneConfig, seed: int | None = None,
-                       batch_prompts: int = 8) -> list[list[str]]:
-    """`sampling.n` completions per task, n copies of each prompt per batch (one KV cache)."""
-    from model.generate import generate
-
-    n = fc.sampling.n
-    out = []
-    base_seed = fc.sampling.seed if seed is None else seed
-    was = model.training
-    model.eval()
-    for s in range(0, len(tasks), batch_prompts):
-        chunk = tasks[s:s + batch_prompts]
-        prompts = [tokenizer.encode_chat(T.messages(t, fc.data.system)) for t in chunk for _ in range(n)]
-        gens = generate(model, prompts, _params(fc, base_seed + s), tokenizer)
-        out += [[g.text for g in gens[i * n:(i + 1) * n]] for i in range(len(chunk))]
-    model.train(was)
-    return out
+from flows.finetune.sampling import sample_completions
 
 
 def _sampler_actor():
@@ -67,9 +41,10 @@ def sample_distributed(model_dir: str, tasks: list[dict], fc: FinetuneConfig) ->
         return sample_completions(model, tok, tasks, fc)
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    from flows.ray_runtime import init_ray
+
+    init_ray(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     Sampler = _sampler_actor()
     actors = [Sampler.remote(str(model_dir), 1) for _ in range(workers)]
     shards = [tasks[i::workers] for i in range(workers)]

@@ -157,7 +157,7 @@ def rm_accuracy(rm: RewardModel, data: RMData, pairs) -> float:
 
 def run_reward_model(config, base_model_dir=None, out_dir=None, run_name: str | None = None) -> StageResult:
     """Train a Bradley-Terry reward model on preference pairs (files, or embedded right/wrong answers)."""
-    from flows.finetune.dpo import task_pairs
+    from flows.finetune.sampling import task_pairs
 
     fc = config if isinstance(config, FinetuneConfig) else load_config(config, "rm")
     set_threads(fc)

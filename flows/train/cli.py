@@ -54,8 +54,8 @@ def _local(cfg, args) -> int:
     from pathlib import Path
 
     from flows.train.launch import run_local
-    from flows.train.loop import resolve_init_from
     from model.checkpoint import consolidate
+    from model.sources import resolve_model
 
     over = {}
     if args.data:
@@ -63,7 +63,7 @@ def _local(cfg, args) -> int:
     if args.steps:
         over["training"] = {"steps": args.steps}
     if args.init_from or cfg.model.init_from:
-        over["model"] = {"init_from": str(resolve_init_from(args.init_from or cfg.model.init_from))}
+        over["model"] = {"init_from": str(resolve_model(args.init_from or cfg.model.init_from))}
     cfg = cfg.replace(**over) if over else cfg
     out = Path(args.local)
     if not args.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):

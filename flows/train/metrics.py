@@ -91,9 +91,9 @@ class MlflowLogger:
         self.client = None
         self.run_id = run_id
         if run_id:
-            from mlflow.tracking import MlflowClient
+            from flows.tracking import client
 
-            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.client = client(tracking_uri)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.client is None:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.ray_runtime import init_ray
 from flows.train.config import PretrainConfig, load_config
 from model.errors import HerdError
 
@@ -37,14 +38,6 @@ class PretrainResult:
     name: str
     warnings: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """Workers may run in another folder: pin a relative sqlite path to this one."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def _run_name(cfg: PretrainConfig, storage: Path, resume: bool) -> str:
@@ -187,7 +180,7 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
 
     from flows.data.shards import read_manifest, verify
     from flows.train.data import manifest_digest
-    from flows.train.loop import resolve_init_from
+    from model.sources import resolve_model
 
     if not cfg.data.dir:
         raise HerdError("pretrain: no data: set data.dir in the config or pass --data DIR (from `herd data prep`)")
@@ -196,7 +189,7 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
     verify(cfg.data.dir)  # a corrupted shard is refused here, before any worker reads it
     if cfg.model.init_from:
         # Import once here, so the workers do not race to convert the same weights.
-        resolved = resolve_init_from(cfg.model.init_from)
+        resolved = resolve_model(cfg.model.init_from)
         if not resolved.exists():
             raise HerdError(f"model.init_from: {resolved} not found")
         cfg = cfg.replace(model={"init_from": str(resolved.resolve())})
@@ -211,9 +204,9 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
 
     run_id, uri, ml = None, None, None
     if cfg.mlflow.enabled:
-        from flows.tracking import git_sha, setup_mlflow, tracking_uri as resolve_uri
+        from flows.tracking import absolute_tracking_uri, git_sha, setup_mlflow
 
-        uri = absolute_tracking_uri(resolve_uri(cfg.mlflow.tracking_uri or None))
+        uri = absolute_tracking_uri(cfg.mlflow.tracking_uri or None)
         ml = setup_mlflow(uri, cfg.mlflow.experiment or None)
         if prior.get("mlflow_run_id"):
             run = ml.start_run(run_id=prior["mlflow_run_id"])
@@ -270,24 +263,6 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
             ml.end_run()
 
 
-def init_ray(attempts: int = 3) -> None:
-    """Start a local Ray (unless connected); on a busy machine the raylet can miss Ray's
-    fixed 30 s start-up deadline, so try again."""
-    import ray
-
-    for i in range(attempts):
-        if ray.is_initialized():
-            return
-        try:
-            ray.init(include_dashboard=False, log_to_driver=True)
-            return
-        except Exception as e:  # "The current node timed out during startup"
-            if "timed out during startup" not in str(e) or i == attempts - 1:
-                raise
-            print(f"herd pretrain: Ray start-up timed out, retrying ({i + 1}/{attempts - 1})", file=sys.stderr)
-            ray.shutdown()
-
-
 def fit_task(cfg: PretrainConfig, build, run_dir: str | Path, tracking_uri: str | None = None,
              run_id: str | None = None):
     """Run the loop on Ray Train with a model and Task that `build(rank, world, logger)` makes in each
@@ -295,6 +270,8 @@ def fit_task(cfg: PretrainConfig, build, run_dir: str | Path, tracking_uri: str 
     `run_dir`. Returns (Ray's Result, rank 0's summary: step, losses, metrics, data_state)."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    from flows.tracking import absolute_tracking_uri
+
     uri = absolute_tracking_uri(tracking_uri) if tracking_uri else None
     result = _fit(cfg, run_dir.name, run_dir.parent, run_dir, uri, run_id, build=build)
     summary = json.loads((run_dir / RESULT_FILE).read_text())

@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP API: one module per endpoint, joined by services.server.create_app."""
+"""The OpenAI-compatible HTTP API: one module per endpoint, joined by services.api.app.create_app."""

@@ -33,7 +33,8 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
     check_model(state, body.model)
     check_capacity(state)
     ids = await chat_prompt(state, body)
-    run = Run(state, ids, sampling_params(state, body, len(ids)), request_id("chatcmpl"), body.cache_salt)
+    run = Run(state, ids, sampling_params(state, body, len(ids)), request_id("chatcmpl"), body.cache_salt,
+              prompt_param="messages")
     rid, created = run.rid, int(time.time())
 
     def logprobs_of(outs) -> dict | None:

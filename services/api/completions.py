@@ -36,10 +36,6 @@ async def prompt_token_lists(state: ServerState, prompts: list) -> list[list[int
             if tok.bos_id is None:
                 raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
             ids = [tok.bos_id]  # an empty prompt starts from BOS
-        vocab = state.engine.engine.runner.config.vocab_size
-        if any(t >= vocab for t in ids):
-            raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab}", "invalid_value",
-                           "prompt")
         out.append(ids)
     return out
 
@@ -51,7 +47,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
     prompts = split_prompts(body.prompt)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "streaming takes a single prompt", "invalid_value", "prompt")
-    limit = state.engine.engine.config.max_in_flight
+    limit = state.engine.max_in_flight
     if len(prompts) > limit:  # could never be admitted: not a retryable 503
         raise APIError(400, f"{len(prompts)} prompts in one request; this server holds at most {limit} requests "
                             "in flight", "invalid_value", "prompt")

@@ -35,10 +35,11 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-def from_engine_error(e: EngineError) -> APIError:
-    code = {400: "context_length_exceeded" if "context length" in str(e) else "invalid_value",
-            503: "server_overloaded"}.get(e.status)
-    return APIError(e.status, str(e), code, headers={"Retry-After": "1"} if e.status == 503 else None)
+def from_engine_error(e: EngineError, prompt_param: str = "prompt") -> APIError:
+    """The HTTP answer to an engine refusal: the one place engine errors become status codes.
+    prompt_param: the request field that holds the prompt (chat: `messages`)."""
+    param = prompt_param if e.param == "prompt" else e.param
+    return APIError(e.status, str(e), e.code, param, headers={"Retry-After": "1"} if e.status == 503 else None)
 
 
 def _loc(err: dict) -> str:
@@ -53,7 +54,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, e: EngineError):
         err = from_engine_error(e)
-        return error_response(err.status, err.message, err.code, headers=err.headers)
+        return error_response(err.status, err.message, err.code, err.param, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):

@@ -25,20 +25,11 @@ def request_id(prefix: str) -> str:
 
 
 def sampling_params(state: ServerState, body: SamplingFields, prompt_len: int) -> SamplingParams:
-    """Settings of one request; 400 when the prompt plus max_tokens exceeds the context."""
-    limit = state.max_model_len
-    if prompt_len >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                            f"{prompt_len} tokens, which leaves no room for the completion.",
-                       "context_length_exceeded", "messages" if hasattr(body, "messages") else "prompt")
+    """Settings of one request. Without max_tokens it is what the context leaves, up to the server's
+    default; whether the request fits is the engine's check (Run)."""
     wanted = body.requested_max_tokens
     if wanted is None:
-        wanted = min(state.config.default_max_tokens, limit - prompt_len)
-    elif prompt_len + wanted > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                            f"{prompt_len + wanted} tokens ({prompt_len} in the prompt, {wanted} for the "
-                            f"completion). Please reduce the prompt or max_tokens.",
-                       "context_length_exceeded", "max_tokens")
+        wanted = min(state.config.default_max_tokens, max(state.max_model_len - prompt_len, 1))
     try:
         return body.sampling(wanted)
     except HerdError as e:
@@ -77,17 +68,17 @@ class Run:
     submitted it (guard.Guard), however it ends: a disconnect before the first chunk included."""
 
     def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, rid: str,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, prompt_param: str = "prompt"):
         self.state, self.rid = state, rid
         exchange = EXCHANGE.get()
         start = exchange.arrival if exchange is not None else time.monotonic()
         # The 408 is sent a little before the limit: waking the event loop, aborting the request and
         # writing the answer take a few milliseconds, and no request may outlive request_timeout_s.
         self.deadline = start + max(state.config.request_timeout_s - RESPONSE_MARGIN_S, 0.0)
-        try:  # validated and enqueued now, so limits fail before any response starts
+        try:  # validated (context, vocabulary, capacity) and enqueued now, before any response starts
             self.queue = state.engine.submit(prompt_ids, params, rid, cache_salt)
         except EngineError as e:
-            raise from_engine_error(e) from None
+            raise from_engine_error(e, prompt_param) from None
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(prompt_ids), 0, 0
         self.finish_reason: str | None = None
         self.done = False
@@ -107,7 +98,7 @@ class Run:
                 try:
                     out = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.001))
                 except asyncio.TimeoutError:
-                    self.state.engine.engine.metrics.timeouts += 1
+                    self.state.engine.metrics.timeouts += 1
                     raise APIError(408, f"the request ran past the server's timeout "
                                         f"({self.state.config.request_timeout_s:g} s)", "timeout") from None
                 if isinstance(out, EngineError):

@@ -131,7 +131,7 @@ class Guard:
             elif progress["over"] and not progress["started"]:
                 await too_large(limit)(scope, receive, send)
             elif not progress["over"] and not exchange.runs and scope["method"] == "POST":
-                state.engine.engine.metrics.aborted += 1  # the client left before its request reached the engine
+                state.engine.metrics.aborted += 1  # the client left before its request reached the engine
         finally:
             reader.cancel()
             for run in exchange.runs:

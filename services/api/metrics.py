@@ -14,5 +14,5 @@ router = APIRouter()
 @router.get("/metrics", responses={**ERROR_RESPONSES, 200: {
     "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: ServerState = Depends(get_state)):
-    text = render(state.engine.engine.metrics, state.engine.snapshot(), state.model_name)
+    text = render(state.engine.metrics, state.engine.snapshot(), state.model_name)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

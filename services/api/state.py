@@ -31,25 +31,18 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.config.max_model_len
-
-
-# The Ray Serve replica sets this (one process per replica); create_app(state) overrides it.
-_STATE: ServerState | None = None
-
-
-def set_state(state: ServerState | None) -> None:
-    global _STATE
-    _STATE = state
+        return self.engine.max_model_len
 
 
 def current_state(app) -> ServerState | None:
-    return getattr(app.state, "herd", None) or _STATE
+    """The app's serving state, `app.state.herd`: given to create_app(state), or under Ray Serve set
+    from the replica's rollout as each request arrives (services/deployment.py); None while loading."""
+    return getattr(app.state, "herd", None)
 
 
 def get_state(request: Request) -> ServerState:
-    # request.state.herd: the state a request was pinned to when it arrived (services/app.py), so a
-    # model swap mid-request never mixes two versions in one answer.
+    # request.state.herd: the state a request was pinned to when it arrived (services/deployment.py),
+    # so a model swap mid-request never mixes two versions in one answer.
     state = getattr(request.state, "herd", None) or current_state(request.app)
     if state is None:
         from services.api.errors import APIError

@@ -18,7 +18,7 @@ import torch
 
 from model.generate import SamplingParams
 from services.engine.engine import LLMEngine, RequestOutput
-from services.engine.errors import EngineStoppedError, QueueFullError
+from services.engine.errors import EngineStoppedError
 
 log = logging.getLogger("herd.engine")
 
@@ -72,13 +72,24 @@ class AsyncLLMEngine:
         return queue
 
     def check_capacity(self) -> None:
-        """QueueFullError when one more request would pass the engine's bound (running + waiting). The
-        HTTP layer also asks before tokenizing, so a flood is refused at the cost of a JSON parse."""
-        eng = self.engine
-        pending = len(self._incoming) + eng.num_waiting + eng.num_running
-        if pending >= eng.config.max_in_flight:
-            eng.metrics.rejected += 1
-            raise QueueFullError(f"the server is at capacity ({pending} requests in flight); retry later")
+        """QueueFullError when one more request would pass the engine's bound (running + waiting +
+        handed over). The HTTP layer also asks before tokenizing, so a flood is refused at the cost of
+        a JSON parse."""
+        self.engine.check_capacity(arriving=len(self._incoming))
+
+    # What the HTTP layer reads of the engine.
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.engine.config.max_in_flight
+
+    @property
+    def metrics(self):
+        """The engine's counters (EngineMetrics); the HTTP layer counts timeouts and early aborts."""
+        return self.engine.metrics
 
     def abort(self, request_id: str) -> None:
         with self._cond:

@@ -47,33 +47,48 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # --- requests ---
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.config.vocab_size
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Every check a request passes before it is queued (the HTTP layer asks no other)."""
         if not prompt_ids:
-            raise EngineError("the prompt is empty: it needs at least one token")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.config.max_model_len:
+            raise EngineError("the prompt is empty: it needs at least one token", "prompt")
+        limit, n = self.config.max_model_len, len(prompt_ids)
+        if n >= limit:
             raise ContextLengthError(
-                f"This model's maximum context length is {self.config.max_model_len} tokens. However, you "
-                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for the "
-                f"completion). Please reduce the prompt or max_tokens.")
-        vocab = self.runner.config.vocab_size
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {n} tokens, "
+                "which leaves no room for the completion.", "prompt")
+        total = n + params.max_tokens
+        if total > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested {total} tokens "
+                f"({n} in the prompt, {params.max_tokens} for the completion). Please reduce the prompt or "
+                "max_tokens.", "max_tokens")
+        vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise EngineError(f"prompt token ids must be in [0, {vocab})")
+            raise EngineError(f"prompt token ids must be in [0, {vocab}): below the vocabulary size", "prompt")
         blocks = -(-total // self.config.block_size)
         if blocks > self.scheduler.pool.num_usable:
             raise ContextLengthError(
                 f"the request needs {blocks} KV-cache blocks of {self.config.block_size} tokens ({total} tokens), "
-                f"more than this server's cache holds ({self.scheduler.pool.num_usable} blocks)")
+                f"more than this server's cache holds ({self.scheduler.pool.num_usable} blocks)", "max_tokens")
+
+    def check_capacity(self, arriving: int = 0) -> None:
+        """QueueFullError when one more request would pass the bound on requests in flight (running,
+        waiting, and `arriving`: those handed over but not yet queued)."""
+        in_flight = arriving + self.num_waiting + self.num_running
+        if in_flight >= self.config.max_in_flight:
+            self.metrics.rejected += 1
+            raise QueueFullError(f"the server is at capacity ({in_flight} requests in flight); retry later")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     arrival: float | None = None, cache_salt: str | None = None) -> Sequence:
         """Queue a request. cache_salt: prefix-cache blocks are shared only between requests of the
         same salt (a tenant's), as vLLM's."""
         self.validate(prompt_ids, params)
-        in_flight = self.num_waiting + self.num_running
-        if in_flight >= self.config.max_in_flight:
-            self.metrics.rejected += 1
-            raise QueueFullError(f"the server is at capacity ({in_flight} requests in flight); retry later")
+        self.check_capacity()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise EngineError(f"duplicate request id {request_id}")

@@ -1,5 +1,5 @@
 """The FastAPI app and the engine behind it, without Ray: `create_app(state)` for tests and
-`herd serve`'s replicas alike (services/app.py wraps it in a Ray Serve deployment)."""
+`herd serve`'s replicas alike (services/deployment.py wraps it in a Ray Serve deployment)."""
 from __future__ import annotations
 
 import logging
@@ -12,14 +12,13 @@ from services.api.state import ServerState, current_state
 from services.config import ServerConfig, load_server_config
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.engine import LLMEngine
-from services.model_source import resolve_model
 
 log = logging.getLogger("herd.serve")
 
 
 def create_app(state: ServerState | None = None) -> FastAPI:
-    """The HTTP API. With `state` the app serves it; without, handlers use the replica's state
-    (services.api.state.set_state), as under Ray Serve."""
+    """The HTTP API over `state` (app.state.herd). Without one (Ray Serve), the deployment sets
+    app.state.herd from its replica's rollout as requests arrive; until then the API answers 503."""
     app = FastAPI(title="herd", version="0.1.0",
                   description="OpenAI-compatible completions and chat for herd's Llama 3 models.")
     app.state.herd = state
@@ -52,11 +51,13 @@ def documented_auth(app: FastAPI):
 
 def build_state(args: dict | ServerConfig) -> ServerState:
     """Load the model named by the config and start its engine thread."""
-    from model.cli import load_for_inference
+    from flows.eval.registry import resolve_model_uri
+    from model.sources import load_for_inference
 
     config = load_server_config(args)
     api_key = config.api_key()  # before the slow model load: a server without a key never starts
-    path = resolve_model(config.model)
+    # Registry URIs are downloaded with every file's sha256 checked (MLFLOW_TRACKING_URI's store).
+    path = resolve_model_uri(config.model)
     log.info("loading %s from %s (%s, %s)", config.model, path, config.dtype, config.device)
     model, tokenizer = load_for_inference(str(path), config.dtype, config.device)
     if hasattr(model, "fuse_projections"):

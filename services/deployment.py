@@ -1,6 +1,6 @@
 """The Ray Serve application: deployment `HerdLLMServer` with the FastAPI ingress.
 
-    serve run configs/serve/default.yaml        # import_path services.app:build_app
+    serve run configs/serve/default.yaml        # import_path services.deployment:build_app
     herd serve --model smollm2 [--config configs/serve/local.yaml]
 
 `build_app(args)` is the import path's builder; `deploy()` / `shutdown()` are what `herd serve`
@@ -24,10 +24,9 @@ from ray import serve
 from model.errors import HerdError
 from services import rollout as rollouts
 from services import proxy
-from services.api import state as api_state
 from services.config import load_server_config
 from services.rollout import Pinned, Rollout, check_user_config, pin
-from services.server import build_state, create_app
+from services.api.app import build_state, create_app
 
 log = logging.getLogger("herd.serve")
 
@@ -45,7 +44,8 @@ async def name_the_version(request, call_next):
     if rollout is None or rollout.state is None:
         return await call_next(request)
     state = rollout.state
-    request.state.herd = state
+    # The app's state is the rollout's current one; the request keeps the one it arrived with.
+    request.app.state.herd = request.state.herd = state
     response = await call_next(request)
     response.headers["x-herd-model-version"] = state.version or state.model_name
     response.headers["x-herd-model-since"] = f"{state.since:.3f}"
@@ -61,7 +61,7 @@ class HerdLLMServer:
     def __init__(self, args: dict[str, Any]):
         self.args = dict(args)
         self.model = load_server_config(self.args).model
-        self.rollout = Rollout(self._build, api_state.set_state)
+        self.rollout = Rollout(self._build)
         self.rollout.start(pin(self.model))
         rollouts.set_current(self.rollout)
 
@@ -125,9 +125,9 @@ def deploy(model_path: str | Path | None = None, config: str | Path | dict | Non
     import ray
 
     doc = read_serve_config(config)
-    apps = [a for a in doc["applications"] if a.get("import_path") == "services.app:build_app"]
+    apps = [a for a in doc["applications"] if a.get("import_path") == "services.deployment:build_app"]
     if not apps:
-        raise HerdError("serve config: no application with import_path services.app:build_app")
+        raise HerdError("serve config: no application with import_path services.deployment:build_app")
     spec = apps[0]
     app_args = {**(spec.get("args") or {}), **(args or {})}
     if model_path is not None:
@@ -144,8 +144,10 @@ def deploy(model_path: str | Path | None = None, config: str | Path | dict | Non
     config = load_server_config(app_args)
     key = config.api_key()  # no key and no `auth: none`: refuse before starting anything
     if not ray.is_initialized():
+        from flows.ray_runtime import init_ray
+
         os.environ.setdefault(proxy.CALLBACK_ENV, proxy.CALLBACK)  # the proxy a Ray started here drops them
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
+        init_ray(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
                  runtime_env={"env_vars": {config.api_key_env: key}} if key else None)
     for attempt in range(3):  # on a busy machine the proxy may miss Serve's 60 s start-up window
         try:

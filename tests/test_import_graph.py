@@ -1,0 +1,205 @@
+"""The import graph of the project's packages, read from the source with `ast` (nothing is imported).
+
+Rules (docs/architecture.md, "Layers"):
+- no import cycles, counting module-level and function-level imports alike (an import inside a
+  function still ties the two modules together; it only hides the cycle from the interpreter);
+- library code never imports a CLI module (a module named `cli` or ending in `_cli`); only CLI
+  modules and `__main__` modules may;
+- `model/` is the ground floor: it imports nothing from `flows/` or `services/`.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("model", "flows", "services", "infra")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            found[_module_name(path)] = path
+    return found
+
+
+def _resolve(name: str, known: dict[str, Path]) -> str | None:
+    """The longest known module that `name` names or lies in (`a.b.func` -> `a.b`)."""
+    while name:
+        if name in known:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def import_edges(known: dict[str, Path] | None = None) -> dict[str, set[tuple[str, int]]]:
+    """module -> {(imported project module, line)} for every import statement at any depth."""
+    known = known if known is not None else _modules()
+    edges: dict[str, set[tuple[str, int]]] = {m: set() for m in known}
+    for mod, path in known.items():
+        is_pkg = path.name == "__init__.py"
+        package = mod if is_pkg else mod.rpartition(".")[0]
+        for owner, node in _import_nodes(mod, ast.parse(path.read_text(), filename=str(path))):
+            edges.setdefault(owner, set())
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - (node.level - 1)]
+                    prefix = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    prefix = node.module or ""
+                # `from pkg import sub` imports the submodule `pkg.sub` when there is one.
+                targets = [f"{prefix}.{alias.name}" for alias in node.names] + [prefix]
+                targets = [t for t in targets[:-1] if t in known] or [prefix]
+            for target in targets:
+                resolved = _resolve(target, known)
+                if resolved is not None and resolved != mod:
+                    edges[owner].add((resolved, node.lineno))
+    return edges
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    """`if __name__ == "__main__":`"""
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
+            and test.left.id == "__name__" and len(test.comparators) == 1
+            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == "__main__")
+
+
+def _import_nodes(mod: str, tree: ast.Module):
+    """(owner, import node) for every import at any depth. A module's `if __name__ == "__main__":`
+    block runs only as the `__main__` module (`python -m mod`), a different module object from
+    `mod`, so its imports are owned by `mod.__main__`, a CLI."""
+    for top in tree.body:
+        owner = f"{mod}.__main__" if _is_main_guard(top) else mod
+        for node in ast.walk(top):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield owner, node
+
+
+def _is_cli(mod: str) -> bool:
+    last = mod.rpartition(".")[2]
+    return last == "cli" or last.endswith("_cli") or last == "__main__"
+
+
+def find_cycles(edges: dict[str, set[tuple[str, int]]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    graph = {m: sorted({t for t, _ in ts}) for m, ts in edges.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    counter = 0
+
+    def visit(v: str) -> None:
+        nonlocal counter
+        index[v] = low[v] = counter
+        counter += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return components
+
+
+def _edge_lines(edges, sources, predicate) -> list[str]:
+    out = []
+    for mod in sorted(sources):
+        for target, line in sorted(edges[mod], key=lambda e: (e[1], e[0])):
+            if predicate(mod, target):
+                out.append(f"{edges_path(mod)}:{line}: {mod} -> {target}")
+    return out
+
+
+_KNOWN = _modules()
+
+
+@functools.cache
+def _graph() -> dict[str, set[tuple[str, int]]]:
+    return import_edges(_KNOWN)
+
+
+def edges_path(mod: str) -> str:
+    path = _KNOWN.get(mod) or _KNOWN[mod.removesuffix(".__main__")]
+    return str(path.relative_to(ROOT))
+
+
+def test_graph_sees_the_packages():
+    edges = _graph()
+    assert {"model.model", "flows.cli", "services.engine.engine", "infra.kustomize"} <= set(edges)
+    # A sanity check that relative and absolute imports are both read.
+    assert any(t == "model.config" for t, _ in edges["model.model"])
+    assert sum(len(v) for v in edges.values()) > 200
+    # Function-level imports count: flows/finetune/__init__.py imports its stages inside functions.
+    assert any(t == "flows.finetune.sft" for t, _ in edges["flows.finetune"])
+    # `if __name__ == "__main__":` code is its own CLI node.
+    assert any(t == "flows.cli" for t, _ in edges["flows.lifecycle.__main__"])
+    assert not any(t == "flows.cli" for t, _ in edges["flows.lifecycle"])
+
+
+def test_the_checks_find_what_they_look_for():
+    graph = {"a": {("b", 1)}, "b": {("c", 2)}, "c": {("a", 3)}, "d": {("a", 4)}}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    assert find_cycles({"a": {("b", 1)}, "b": set()}) == []
+    assert _is_cli("model.cli") and _is_cli("flows.lifecycle_cli") and _is_cli("flows.lifecycle.__main__")
+    assert not _is_cli("flows.client") and not _is_cli("services.api.app")
+
+
+def test_no_import_cycles():
+    edges = _graph()
+    cycles = find_cycles(edges)
+    report = []
+    for comp in cycles:
+        members = set(comp)
+        report.append("cycle: " + ", ".join(comp))
+        report += ["  " + e for e in _edge_lines(edges, comp, lambda m, t: t in members)]
+    assert not cycles, "import cycles (module- and function-level imports):\n" + "\n".join(report)
+
+
+def test_library_code_never_imports_a_cli_module():
+    edges = _graph()
+    bad = _edge_lines(edges, [m for m in edges if not _is_cli(m)], lambda m, t: _is_cli(t))
+    assert not bad, "library modules importing CLI modules:\n" + "\n".join(bad)
+
+
+def test_model_imports_nothing_above_it():
+    edges = _graph()
+    above = ("flows", "services", "infra")
+    bad = _edge_lines(
+        edges,
+        [m for m in edges if m == "model" or m.startswith("model.")],
+        lambda m, t: t.split(".")[0] in above,
+    )
+    assert not bad, "model/ importing flows/, services/ or infra/:\n" + "\n".join(bad)
