@@ -164,8 +164,11 @@ def test_truncated_gz_is_counted_and_a_bad_count_writes_no_manifest(tmp_path, ra
     assert (tmp_path / "out2").is_dir() and not (tmp_path / "out2" / "manifest.json").exists()
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     from flows.cli import main
+
+    # the failed run is still recorded: in this test's own store, not ./mlflow.db beside other tests
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("minhash: {bandz: 2}\n")

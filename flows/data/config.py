@@ -161,7 +161,7 @@ class QualityConfig:
     judge_batch_size: int = 16  # prompts per forward pass
     judge_actors: int = 1  # Ray actors holding a copy of the judge
     model_dir: str = ""  # herd checkpoint of the judge; empty: SmolLM2 imported into the cache
-    features: str = "minilm"  # minilm (sentence embeddings) | hashed (word 1-2-grams)
+    features: str = "hashed"  # hashed (word 1-2-grams) | minilm (sentence embeddings)
     embed_max_tokens: int = 128  # MiniLM's input cut
     n_features: int = 1 << 16  # hashed features
     ridge_alpha: float = 1.0
