@@ -40,10 +40,9 @@ from flows.tracking import absolute_tracking_uri, ensure_experiment
 from flows.tracking import client as mlflow_client
 from model.errors import HerdError
 
-__all__ = ["LINEAGE", "MODEL_STAGES", "REPO", "STAGE_ORDER", "TAG", "LifecycleResult", "Stage", "StepContext",
-           "check_configs", "code_version", "config_hash", "deep_merge", "default_stages", "downstream", "execute_step", "find_cached",
-           "init_ray", "lineage_chain", "lineage_tags", "load_config", "quiet_worker", "ray_runtime_env", "record_cached",
-           "run_lifecycle", "sha256_text", "step_key", "still_valid", "tag_model_version", "tree_digest", "wiring"]
+__all__ = ["REPO", "LifecycleResult", "Stage", "check_configs", "code_version", "config_hash", "default_stages",
+           "downstream", "execute_step", "find_cached", "init_ray", "load_config", "quiet_worker", "ray_runtime_env",
+           "record_cached", "run_lifecycle", "step_key", "still_valid", "wiring"]
 
 
 # --- the driver ---------------------------------------------------------------------------------

@@ -203,3 +203,38 @@ def test_model_imports_nothing_above_it():
         lambda m, t: t.split(".")[0] in above,
     )
     assert not bad, "model/ importing flows/, services/ or infra/:\n" + "\n".join(bad)
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level (definitions, assignments and imports, also inside
+    top-level if/try blocks)."""
+    names: set[str] = set()
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(node.orelse)
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+    visit(tree.body)
+    return names
+
+
+def test_every_name_in_all_is_bound():
+    """`from module import *` must not raise: each name in a module's `__all__` is bound there."""
+    missing = []
+    for mod, path in _modules().items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+                bound = _top_level_names(tree)
+                missing += [f"{mod}.{name}" for name in ast.literal_eval(node.value) if name not in bound]
+    assert not missing, "names in __all__ that the module does not bind:\n" + "\n".join(missing)
