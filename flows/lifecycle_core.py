@@ -31,7 +31,7 @@ LINEAGE = "herd.lineage."
 
 @dataclass
 class StepContext:
-    """What a stage function gets: its resolved config, its inputs (slot -> StepResult dict, or
+    """What a stage function gets: its resolved config, its inputs (slot -> the upstream step's result dict, or
     None), a folder named by its key, the seed, the lineage so far and the lifecycle's identity."""
 
     stage: str

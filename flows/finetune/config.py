@@ -67,7 +67,7 @@ class SamplingSection:
 @dataclass
 class RewardSection:
     kind: str = "verifiable"  # verifiable (the embedded tasks' checker) | model (a reward-model checkpoint)
-    model: str = ""  # reward model directory (flows.finetune.reward_model.save_reward_model)
+    model: str = ""  # reward model directory (flows.finetune.rewards.save_reward_model)
     threshold: float = 1.0  # rejection sampling keeps the best sample only when reward >= threshold
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 # Logits per chunk: ~128M elements (512 MiB in fp32) whatever the vocabulary. Each chunk adds one
-# pass over the (vocab x dim) fp32 weight gradient; 4x smaller chunks cost ~25% more on CPU.
+# pass over the (vocab x dim) fp32 weight gradient, so smaller chunks cost more passes.
 CHUNK_ELEMENTS = 1 << 27
 
 _CPU_BUFFERS: dict = {}
