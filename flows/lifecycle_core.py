@@ -1,6 +1,6 @@
 """The lifecycle's pure core: stages and their context, step keys and digests, the config, the plan.
 
-No MLflow and no Ray here (flows/lifecycle_steps.py records and runs one step, flows/lifecycle.py
+No MLflow and no Ray here (flows/lifecycle_steps.py records and runs one step, flows/lifecycle/
 drives the DAG, flows/lifecycle_lineage.py reads the chain back, flows/lifecycle_cli.py is
 `herd run` / `herd lineage`).
 """

@@ -1,7 +1,7 @@
 """The lifecycle's stages: thin adapters from a StepContext to each stage package's entry function.
 
 Each adapter reads its resolved stage config (the stage's own YAML with the lifecycle's overrides),
-its inputs, and its key-named folder; it returns outputs, metrics and lineage (see flows/lifecycle.py).
+its inputs, and its key-named folder; it returns outputs, metrics and lineage (see flows/lifecycle/).
 Stage packages log into the step's MLflow run (it is the active run while the adapter runs), or
 into a run nested under it where they open their own.
 """

@@ -71,23 +71,13 @@ def import_edges(known: dict[str, Path] | None = None) -> dict[str, set[tuple[st
     return edges
 
 
-def _is_main_guard(node: ast.stmt) -> bool:
-    """`if __name__ == "__main__":`"""
-    test = getattr(node, "test", None)
-    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
-            and test.left.id == "__name__" and len(test.comparators) == 1
-            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == "__main__")
-
-
 def _import_nodes(mod: str, tree: ast.Module):
-    """(owner, import node) for every import at any depth. A module's `if __name__ == "__main__":`
-    block runs only as the `__main__` module (`python -m mod`), a different module object from
-    `mod`, so its imports are owned by `mod.__main__`, a CLI."""
-    for top in tree.body:
-        owner = f"{mod}.__main__" if _is_main_guard(top) else mod
-        for node in ast.walk(top):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                yield owner, node
+    """(owner, import node) for every import at any depth, an `if __name__ == "__main__":` block's
+    too: it is part of the module's file, so a library module's main guard may not import a CLI
+    (`python -m pkg` entrypoints live in a `__main__.py` of their own)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield mod, node
 
 
 def _is_cli(mod: str) -> bool:
@@ -152,8 +142,7 @@ def _graph() -> dict[str, set[tuple[str, int]]]:
 
 
 def edges_path(mod: str) -> str:
-    path = _KNOWN.get(mod) or _KNOWN[mod.removesuffix(".__main__")]
-    return str(path.relative_to(ROOT))
+    return str(_KNOWN[mod].relative_to(ROOT))
 
 
 def test_graph_sees_the_packages():
@@ -164,7 +153,7 @@ def test_graph_sees_the_packages():
     assert sum(len(v) for v in edges.values()) > 200
     # Function-level imports count: flows/finetune/__init__.py imports its stages inside functions.
     assert any(t == "flows.finetune.sft" for t, _ in edges["flows.finetune"])
-    # `if __name__ == "__main__":` code is its own CLI node.
+    # `python -m flows.lifecycle` is the package's own __main__ module, a CLI.
     assert any(t == "flows.cli" for t, _ in edges["flows.lifecycle.__main__"])
     assert not any(t == "flows.cli" for t, _ in edges["flows.lifecycle"])
 

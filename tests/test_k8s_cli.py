@@ -115,7 +115,7 @@ def test_apply_server_side_applies_every_manifest_in_order(api, kubeconfig, crd_
 
 
 def test_submit_posts_a_rayjob_that_validates_against_the_crd(api, kubeconfig, crd_dir, tmp_path, monkeypatch):
-    # The lifecycle's config arrives with flows/lifecycle.py; submit only checks it exists.
+    # The lifecycle's config arrives with flows/lifecycle/; submit only checks it exists.
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "default.yaml").write_text("{}\n")
     monkeypatch.setattr(k8s_cli, "REPO", tmp_path)

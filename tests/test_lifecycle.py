@@ -103,8 +103,8 @@ def test_step_key_covers_config_inputs_code_and_seed():
 
 
 def test_code_version_follows_the_stage_sources(tmp_path):
-    v = lcm.code_version(["flows/lifecycle.py"])
-    assert v == lcm.code_version(["flows/lifecycle.py"]) and len(v) == 64
+    v = lcm.code_version(["flows/lifecycle"])
+    assert v == lcm.code_version(["flows/lifecycle"]) and len(v) == 64
     assert v != lcm.code_version(["flows/tracking.py"])
 
 

@@ -214,11 +214,3 @@ def default_stages() -> dict[str, Stage]:
     from flows import lifecycle_stages
 
     return lifecycle_stages.STAGES
-
-
-if __name__ == "__main__":  # python -m flows.lifecycle (the KubeRay RayJob's entrypoint) = herd run
-    import sys
-
-    from flows.cli import main
-
-    sys.exit(main(["run", *sys.argv[1:]]))
