@@ -23,7 +23,7 @@ from flows.data import dedup_ray
 from flows.data.accounting import Accounting
 from flows.data.config import DataConfig
 from flows.data.readers import ReadTask, input_digest, plan_tasks, read_task
-from flows.data.recipe import hold_from_quality, release_held, tokenize_and_balance
+from flows.data.recipe import tokenize_and_balance
 from flows.data.shards import FORMAT, POSITION_DTYPE, TOKEN_DTYPE, PAD_POSITION, ShardWriter
 from flows.data.stages import FilterStage
 
@@ -107,8 +107,6 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
         ds, n = dedup_ray.semdedup(ds, cfg)
         phases.record("semdedup", n, t)
 
-    # The quality model and its judge read English prose: other languages and code pass by.
-    ds = hold_from_quality(ds, cfg)
     classifier = None  # the quality stage's QualityRecord
     if cfg.quality.enabled:
         t = time.perf_counter()
@@ -116,7 +114,6 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
         phases.record("quality", n, t)
     else:
         qinfo = {}
-    ds = release_held(ds, cfg)
 
     t = time.perf_counter()
     ds, recipe, n = tokenize_and_balance(ds, cfg)
@@ -160,16 +157,20 @@ class _Judge:
 
 
 class _QualityScore:
-    """A Ray Data actor holding the classifier: scores the living documents, drops the low ones."""
+    """A Ray Data actor holding the classifier: scores the living documents in the stage's scope
+    (quality.quality_scope), drops the low ones; the others pass untouched."""
 
-    def __init__(self, head_path: str, threshold: float, sample_chars: int, batch_size: int):
+    def __init__(self, head_path: str, cfg: DataConfig):
         from flows.data.quality import QualityClassifier, QualityHead
 
-        self.clf = QualityClassifier(QualityHead.load(head_path), batch_size)
-        self.threshold, self.sample_chars = threshold, sample_chars
+        self.clf = QualityClassifier(QualityHead.load(head_path), cfg.ray.batch_size)
+        self.threshold, self.sample_chars, self.cfg = cfg.quality.threshold, cfg.output.sample_chars, cfg
 
     def __call__(self, batch: dict) -> dict:
-        alive = [i for i, r in enumerate(batch["reason"]) if not r]
+        from flows.data.quality import quality_scope
+
+        scope = quality_scope(batch["lang"], batch["domain"], self.cfg)
+        alive = [i for i, (r, s) in enumerate(zip(batch["reason"], scope)) if not r and s]
         reasons, texts = list(batch["reason"]), list(batch["text"])
         p = np.full(len(reasons), np.nan)
         if alive:
@@ -191,7 +192,11 @@ def _quality(ds, cfg: DataConfig, out: Path, log):
     from flows.data.quality_judge import JudgeConfig, judge_digest, prompt_sha256
 
     q = cfg.quality
-    cols = _columns(ds, ["seq", "id"])
+    # The judge and the head read English prose: code and (with `quality` in langid.primary_only)
+    # other languages are out of the stage's scope and pass untouched.
+    cols = _columns(ds, ["seq", "id", "lang", "domain"])
+    scope = quality.quality_scope(cols["lang"], cols["domain"], cfg)
+    cols = {k: [v for v, s in zip(vals, scope) if s] for k, vals in cols.items()}
     n = len(cols["seq"])
     if n < 4:
         log(f"quality: {n} documents left, too few to rate; stage skipped")
@@ -239,7 +244,7 @@ def _quality(ds, cfg: DataConfig, out: Path, log):
                  **{f"heldout_{k}": v for k, v in metrics.items()}})
     info = {k: v for k, v in asdict(record).items() if not k.endswith("_path")}
     info["metrics"] = {k: (None if np.isnan(v) else round(v, 4)) for k, v in record.metrics.items()}  # JSON has no NaN
-    ds = ds.map_batches(_QualityScore, fn_constructor_args=(str(head_path), q.threshold, cfg.output.sample_chars, cfg.ray.batch_size),
+    ds = ds.map_batches(_QualityScore, fn_constructor_args=(str(head_path), cfg),
                         batch_size=cfg.ray.batch_size, compute=ray.data.ActorPoolStrategy(size=1))
     return ds, record, n, info
 

@@ -18,9 +18,20 @@ import numpy as np
 
 from model.errors import HerdError
 
-from flows.data.config import QualityConfig, SemDedupConfig
+from flows.data.config import DataConfig, QualityConfig, SemDedupConfig
 
 FEATURES = ("minilm", "hashed")
+
+
+def quality_scope(langs, domains, cfg: DataConfig) -> list[bool]:
+    """Which documents the model-based quality stage scores: not code domains, and not other
+    languages when `quality` is in langid.primary_only (its labeller and features read English)."""
+    from flows.data.langid import UNDETERMINED
+
+    other_skip = "quality" in cfg.langid.primary_only
+    code = set(cfg.mix.code_domains)
+    return [str(d) not in code and not (other_skip and str(l) not in (cfg.langid.primary, UNDETERMINED))
+            for l, d in zip(langs, domains)]
 
 
 def labeller_dir(cfg: QualityConfig) -> Path:

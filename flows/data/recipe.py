@@ -9,44 +9,6 @@ from flows.data.config import DataConfig
 from flows.data.stages import TokenizeStage, apply_drops
 
 EMPTY = {"quota": {}, "languages": {}, "mix": {}}
-# A row set aside while a stage runs: every stage passes rows with a reason through untouched.
-HELD = "held:quality"
-
-
-def quality_scope(langs, domains, cfg: DataConfig) -> list[bool]:
-    """Which documents the model-based quality stage scores: not code domains, and not other
-    languages when `quality` is in langid.primary_only (its labeller and features read English)."""
-    from flows.data.langid import UNDETERMINED
-
-    other_skip = "quality" in cfg.langid.primary_only
-    code = set(cfg.mix.code_domains)
-    return [str(d) not in code and not (other_skip and str(l) not in (cfg.langid.primary, UNDETERMINED))
-            for l, d in zip(langs, domains)]
-
-
-def hold_from_quality(ds, cfg: DataConfig):
-    """Mark the alive documents outside the quality stage's scope HELD, so that it skips them."""
-    if not cfg.quality.enabled:
-        return ds
-
-    def hold(batch):
-        scope = quality_scope(batch["lang"], batch["domain"], cfg)
-        reasons = [HELD if not r and not s else r for r, s in zip(batch["reason"], scope)]
-        return {**batch, "reason": reasons}
-
-    return ds.map_batches(hold, batch_size=cfg.ray.batch_size)
-
-
-def release_held(ds, cfg: DataConfig):
-    if not cfg.quality.enabled:
-        return ds
-
-    def release(batch):
-        return {**batch, "reason": ["" if r == HELD else r for r in batch["reason"]]}
-
-    return ds.map_batches(release, batch_size=cfg.ray.batch_size)
-
-
 def _gather(ds, names: list[str]) -> tuple[dict[str, list], list[str]]:
     """The named columns of the alive rows, and the language of every row."""
     cols: dict[str, list] = {n: [] for n in names}
