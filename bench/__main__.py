@@ -1,8 +1,9 @@
 """`make bench`: run every benchmark module in bench/ (each runs herd and its peer in one run).
 
-    python -m bench            # all
-    python -m bench decode     # some
+python -m bench            # all
+python -m bench decode     # some
 """
+
 from __future__ import annotations
 
 import importlib

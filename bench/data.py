@@ -10,6 +10,7 @@ kept ids), herd docs/s at 10k/40k/160k documents, and tiktoken vs HF tokenizers 
 The corpus is synthetic but deterministic: sentences of the shared books (../shared/data)
 regrouped into documents, plus verse windows, exact copies and edited copies (5-15% words).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def make_corpus(shared: Path, n_docs: int, seed: int = 0) -> list[dict]:
             start = rng.randrange(len(verse) - 60)
             text = "\n".join(verse[start : start + rng.randint(8, 50)]).strip()
         else:
-            text = "\n\n".join(" ".join(rng.choice(prose) for _ in range(rng.randint(1, 6)))
-                               for _ in range(rng.randint(1, 5)))
+            text = "\n\n".join(
+                " ".join(rng.choice(prose) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 5))
+            )
         docs.append({"id": f"d{i:07d}", "text": text})
     return docs
 
@@ -70,26 +72,53 @@ def run_datatrove(inp: Path, work: Path) -> tuple[float, set[str]]:
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
-    from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
     mc = MinhashConfig()  # 5-grams, 14 buckets x 8 hashes
     logs = str(work / "logs")
     start = time.perf_counter()
-    LocalPipelineExecutor(pipeline=[
-        JsonlReader(str(inp)),
-        GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter(),
-        JsonlWriter(str(work / "filtered")),
-        MinhashDedupSignature(output_folder=str(work / "sigs"), config=mc),
-    ], tasks=2, workers=2, logging_dir=f"{logs}/1").run()
-    LocalPipelineExecutor(pipeline=[MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=mc)],
-                          tasks=mc.num_buckets, workers=2, logging_dir=f"{logs}/2").run()
-    LocalPipelineExecutor(pipeline=[MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=mc)],
-                          tasks=1, logging_dir=f"{logs}/3").run()
-    LocalPipelineExecutor(pipeline=[
-        JsonlReader(str(work / "filtered")), MinhashDedupFilter(str(work / "remove")), JsonlWriter(str(work / "out")),
-    ], tasks=2, workers=2, logging_dir=f"{logs}/4").run()
+    LocalPipelineExecutor(
+        pipeline=[
+            JsonlReader(str(inp)),
+            GopherRepetitionFilter(),
+            GopherQualityFilter(),
+            C4QualityFilter(filter_no_terminal_punct=False),
+            FineWebQualityFilter(),
+            JsonlWriter(str(work / "filtered")),
+            MinhashDedupSignature(output_folder=str(work / "sigs"), config=mc),
+        ],
+        tasks=2,
+        workers=2,
+        logging_dir=f"{logs}/1",
+    ).run()
+    LocalPipelineExecutor(
+        pipeline=[MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=mc)],
+        tasks=mc.num_buckets,
+        workers=2,
+        logging_dir=f"{logs}/2",
+    ).run()
+    LocalPipelineExecutor(
+        pipeline=[MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=mc)],
+        tasks=1,
+        logging_dir=f"{logs}/3",
+    ).run()
+    LocalPipelineExecutor(
+        pipeline=[
+            JsonlReader(str(work / "filtered")),
+            MinhashDedupFilter(str(work / "remove")),
+            JsonlWriter(str(work / "out")),
+        ],
+        tasks=2,
+        workers=2,
+        logging_dir=f"{logs}/4",
+    ).run()
     seconds = time.perf_counter() - start
     kept = set()
     for path in sorted((work / "out").glob("*.jsonl.gz")):
@@ -122,9 +151,11 @@ def tokenizer_speed(texts: list[str]) -> None:
     ours = load_tokenizer(gguf)
     hf = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).backend_tokenizer  # a `tokenizers` object
     llama3 = load_tokenizer("llama3")
-    for name, fn in (("herd tiktoken (SmolLM2 vocab)", lambda: ours.encode_batch(texts)),
-                     ("HF tokenizers (SmolLM2 vocab)", lambda: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]),
-                     ("herd tiktoken (Llama 3 128K)", lambda: llama3.encode_batch(texts))):
+    for name, fn in (
+        ("herd tiktoken (SmolLM2 vocab)", lambda: ours.encode_batch(texts)),
+        ("HF tokenizers (SmolLM2 vocab)", lambda: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]),
+        ("herd tiktoken (Llama 3 128K)", lambda: llama3.encode_batch(texts)),
+    ):
         fn()  # warm-up
         start = time.perf_counter()
         n = sum(map(len, fn()))
@@ -134,7 +165,9 @@ def tokenizer_speed(texts: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.data")
     parser.add_argument("--compare-docs", type=int, default=10_000, help="corpus size for the datatrove comparison")
-    parser.add_argument("--scale", type=int, nargs="*", default=[10_000, 40_000, 160_000], help="herd sizes for docs/s growth")
+    parser.add_argument(
+        "--scale", type=int, nargs="*", default=[10_000, 40_000, 160_000], help="herd sizes for docs/s growth"
+    )
     args = parser.parse_args()
     if not SHARED.is_dir():
         print(f"bench/data skipped: shared data not found at {SHARED}")
@@ -153,8 +186,10 @@ def main() -> None:
         dt_s, dt_kept = run_datatrove(inp, root / "datatrove")
         n = args.compare_docs
         agreement = len(herd_kept & dt_kept) / max(1, len(herd_kept | dt_kept))
-        print(f"\ndocs {n}: datatrove {dt_s:.1f} s ({n / dt_s:,.0f} docs/s, kept {len(dt_kept)}), "
-              f"herd {herd_s:.1f} s ({n / herd_s:,.0f} docs/s, kept {len(herd_kept)})")
+        print(
+            f"\ndocs {n}: datatrove {dt_s:.1f} s ({n / dt_s:,.0f} docs/s, kept {len(dt_kept)}), "
+            f"herd {herd_s:.1f} s ({n / herd_s:,.0f} docs/s, kept {len(herd_kept)})"
+        )
         print(f"herd / datatrove throughput: {dt_s / herd_s:.2f}x   (goal >= 1.5x)")
         print(f"kept-set agreement (Jaccard of kept ids): {agreement:.4f}   (goal >= 0.98)")
         print(f"herd dropped by stage: {report['dropped_by_stage']}")

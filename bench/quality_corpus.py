@@ -5,6 +5,7 @@ Sources (deterministic for a given shared-data directory and Python): Python's d
 chunks, Alpaca instruction/answer pairs, HH-RLHF and DPO dialogues, MMLU questions grouped by
 subject, CommonsenseQA questions, and templated boilerplate (cookie, navigation, legal) and spam.
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,8 +48,14 @@ def _books(shared: Path, rng: random.Random, per_book: int) -> list[BenchDoc]:
 def _alpaca(shared: Path, rng: random.Random, n: int) -> list[BenchDoc]:
     rows = json.loads((shared / "sft" / "alpaca_en_demo.json").read_text())
     pick = sorted(rng.sample(range(len(rows)), min(n, len(rows))))
-    return [BenchDoc(f"alpaca:{i}", "alpaca", f"{rows[i]['instruction']}\n{rows[i]['input']}\n\n{rows[i]['output']}".replace("\n\n\n", "\n\n"))
-            for i in pick]
+    return [
+        BenchDoc(
+            f"alpaca:{i}",
+            "alpaca",
+            f"{rows[i]['instruction']}\n{rows[i]['input']}\n\n{rows[i]['output']}".replace("\n\n\n", "\n\n"),
+        )
+        for i in pick
+    ]
 
 
 def _dialogues(shared: Path, rng: random.Random, n: int) -> list[BenchDoc]:
@@ -59,7 +66,9 @@ def _dialogues(shared: Path, rng: random.Random, n: int) -> list[BenchDoc]:
     rows = json.loads((shared / "preference" / "dpo_en_demo.json").read_text())
     for i in sorted(rng.sample(range(len(rows)), min(n // 2, len(rows)))):
         r = rows[i]
-        docs.append(BenchDoc(f"dpo:{i}", "dpo", "\n\n".join([c["value"] for c in r["conversations"]] + [r["chosen"]["value"]])))
+        docs.append(
+            BenchDoc(f"dpo:{i}", "dpo", "\n\n".join([c["value"] for c in r["conversations"]] + [r["chosen"]["value"]]))
+        )
     return docs
 
 
@@ -70,7 +79,13 @@ def _mmlu(shared: Path, rng: random.Random, n: int) -> list[BenchDoc]:
         rows = list(csv.reader(f.open(encoding="utf-8")))[1:]
         for k in range(0, min(len(rows), 5 * max(1, n // len(files))), 5):
             qs = [f"{r[0]}\n(A) {r[1]} (B) {r[2]} (C) {r[3]} (D) {r[4]}" for r in rows[k : k + 5]]
-            docs.append(BenchDoc(f"mmlu:{f.stem}:{k}", "mmlu", f"{f.stem.replace('_test', '').replace('_', ' ').title()} questions\n\n" + "\n\n".join(qs)))
+            docs.append(
+                BenchDoc(
+                    f"mmlu:{f.stem}:{k}",
+                    "mmlu",
+                    f"{f.stem.replace('_test', '').replace('_', ' ').title()} questions\n\n" + "\n\n".join(qs),
+                )
+            )
     return rng.sample(docs, min(n, len(docs)))
 
 
@@ -80,7 +95,13 @@ def _csqa(shared: Path, rng: random.Random, n: int) -> list[BenchDoc]:
     docs = []
     for k in range(0, len(pick), 4):
         qs = [json.loads(lines[i])["question"] for i in pick[k : k + 4]]
-        docs.append(BenchDoc(f"csqa:{pick[k]}", "csqa", "\n\n".join(q["stem"] + " " + ", ".join(c["text"] for c in q["choices"]) for q in qs)))
+        docs.append(
+            BenchDoc(
+                f"csqa:{pick[k]}",
+                "csqa",
+                "\n\n".join(q["stem"] + " " + ", ".join(c["text"] for c in q["choices"]) for q in qs),
+            )
+        )
     return docs
 
 
@@ -89,8 +110,10 @@ def _python(rng: random.Random, n_docs: int, n_code: int) -> list[BenchDoc]:
     from flows.data.embedded import embedded_documents, stdlib_files
 
     # English documentation only (the code comes below, in 40-line windows).
-    docs = [BenchDoc(f"pydoc:{i}", "python-docs", t[:2000])
-            for i, t in embedded_documents(0, 1, EmbeddedConfig(code_files=0, multilingual=False))]
+    docs = [
+        BenchDoc(f"pydoc:{i}", "python-docs", t[:2000])
+        for i, t in embedded_documents(0, 1, EmbeddedConfig(code_files=0, multilingual=False))
+    ]
     docs = rng.sample(docs, min(n_docs, len(docs)))
     files = stdlib_files()
     code = []
@@ -103,22 +126,63 @@ def _python(rng: random.Random, n_docs: int, n_code: int) -> list[BenchDoc]:
 
 
 _SITES = ["ShopNow", "BestDeals", "MyNewsPortal", "TravelHub", "CityGuide", "FitLife", "TechBargains", "HomeStyle"]
-_NAV = ["Home", "About Us", "Contact", "Blog", "Shop", "Careers", "FAQ", "Login", "Register", "Cart", "Sitemap",
-        "Privacy Policy", "Terms of Service", "Help Center", "Gift Cards", "Store Locator", "Newsletter"]
-_COOKIE = ["We use cookies and similar technologies to improve your browsing experience, personalise content and ads, and analyse our traffic.",
-           "By clicking \"Accept All\", you consent to our use of cookies. You can manage your preferences at any time.",
-           "Some cookies are essential for the site to function; others help us understand how you use it.",
-           "Accept all cookies | Reject non-essential | Cookie settings"]
-_LEGAL = ["These Terms of Service govern your use of the website operated by {s}. By accessing the site you agree to be bound by these terms.",
-          "{s} reserves the right to modify these terms at any time without notice. Continued use constitutes acceptance.",
-          "In no event shall {s}, its affiliates or licensors be liable for any indirect, incidental or consequential damages.",
-          "All content is provided \"as is\" without warranty of any kind, express or implied.",
-          "Copyright (c) 2024 {s}. All rights reserved. Reproduction without written permission is prohibited."]
-_SPAM = ["BUY NOW!!! Limited time offer", "Cheap {p} best price guaranteed", "Click here to claim your FREE {p}",
-         "Hot singles in your area", "Win $1000 today casino bonus", "Lose 20 pounds in 2 weeks with this one trick",
-         "100% FREE {p} no credit card needed", "Best {p} deals online discount coupon code", "Earn money from home $$$",
-         "Top 10 {p} you won't believe number 7", "order {p} online cheap fast shipping"]
-_PRODUCTS = ["watches", "sunglasses", "pills", "loans", "followers", "crypto", "shoes", "handbags", "iPhone", "gift cards"]
+_NAV = [
+    "Home",
+    "About Us",
+    "Contact",
+    "Blog",
+    "Shop",
+    "Careers",
+    "FAQ",
+    "Login",
+    "Register",
+    "Cart",
+    "Sitemap",
+    "Privacy Policy",
+    "Terms of Service",
+    "Help Center",
+    "Gift Cards",
+    "Store Locator",
+    "Newsletter",
+]
+_COOKIE = [
+    "We use cookies and similar technologies to improve your browsing experience, personalise content and ads, and analyse our traffic.",
+    'By clicking "Accept All", you consent to our use of cookies. You can manage your preferences at any time.',
+    "Some cookies are essential for the site to function; others help us understand how you use it.",
+    "Accept all cookies | Reject non-essential | Cookie settings",
+]
+_LEGAL = [
+    "These Terms of Service govern your use of the website operated by {s}. By accessing the site you agree to be bound by these terms.",
+    "{s} reserves the right to modify these terms at any time without notice. Continued use constitutes acceptance.",
+    "In no event shall {s}, its affiliates or licensors be liable for any indirect, incidental or consequential damages.",
+    'All content is provided "as is" without warranty of any kind, express or implied.',
+    "Copyright (c) 2024 {s}. All rights reserved. Reproduction without written permission is prohibited.",
+]
+_SPAM = [
+    "BUY NOW!!! Limited time offer",
+    "Cheap {p} best price guaranteed",
+    "Click here to claim your FREE {p}",
+    "Hot singles in your area",
+    "Win $1000 today casino bonus",
+    "Lose 20 pounds in 2 weeks with this one trick",
+    "100% FREE {p} no credit card needed",
+    "Best {p} deals online discount coupon code",
+    "Earn money from home $$$",
+    "Top 10 {p} you won't believe number 7",
+    "order {p} online cheap fast shipping",
+]
+_PRODUCTS = [
+    "watches",
+    "sunglasses",
+    "pills",
+    "loans",
+    "followers",
+    "crypto",
+    "shoes",
+    "handbags",
+    "iPhone",
+    "gift cards",
+]
 
 
 def _boilerplate(rng: random.Random, n: int) -> list[BenchDoc]:
@@ -129,8 +193,12 @@ def _boilerplate(rng: random.Random, n: int) -> list[BenchDoc]:
         if kind == 0:
             parts = rng.sample(_COOKIE, 3) + [" | ".join(rng.sample(_NAV, 8))]
         elif kind == 1:
-            parts = [" | ".join(rng.sample(_NAV, 10)), f"Welcome to {s}! Sign up for our newsletter.", " | ".join(rng.sample(_NAV, 6)),
-                     f"(c) 2024 {s}. All rights reserved."]
+            parts = [
+                " | ".join(rng.sample(_NAV, 10)),
+                f"Welcome to {s}! Sign up for our newsletter.",
+                " | ".join(rng.sample(_NAV, 6)),
+                f"(c) 2024 {s}. All rights reserved.",
+            ]
         elif kind == 2:
             parts = [t.format(s=s) for t in rng.sample(_LEGAL, 4)]
         else:
@@ -144,8 +212,15 @@ def _boilerplate(rng: random.Random, n: int) -> list[BenchDoc]:
 def build_documents(shared: Path, seed: int = 0) -> list[BenchDoc]:
     """About 2,400 documents, shuffled so that any prefix is a sample of every source."""
     rng = random.Random(seed)
-    docs = (_books(shared, rng, 90) + _alpaca(shared, rng, 300) + _dialogues(shared, rng, 300) + _mmlu(shared, rng, 250)
-            + _csqa(shared, rng, 150) + _python(rng, 450, 250) + _boilerplate(rng, 350))
+    docs = (
+        _books(shared, rng, 90)
+        + _alpaca(shared, rng, 300)
+        + _dialogues(shared, rng, 300)
+        + _mmlu(shared, rng, 250)
+        + _csqa(shared, rng, 150)
+        + _python(rng, 450, 250)
+        + _boilerplate(rng, 350)
+    )
     seen, out = set(), []
     for d in docs:
         if d.text.strip() and d.text not in seen:

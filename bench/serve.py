@@ -12,6 +12,7 @@ aggregate output tok/s and time to first token p50/p99 for:
 
     python -m bench.serve [--dtype bfloat16] [--max-tokens 64] [--concurrency 1,8,32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,17 +26,37 @@ import time
 from pathlib import Path
 
 QUESTIONS = [
-    "What is the capital of France?", "Name three primary colors.", "Count from one to ten.",
-    "Write a haiku about the sea.", "What is twelve times twelve?", "Who wrote Hamlet?",
-    "Explain photosynthesis in one sentence.", "List the planets of the solar system.",
-    "Translate 'good morning' into Spanish.", "What is the boiling point of water?",
-    "Give me a synonym for happy.", "Why is the sky blue?", "What is a prime number?",
-    "Describe a cat in five words.", "What does CPU stand for?", "Say hello politely.",
-    "How many legs does a spider have?", "What is the largest ocean?", "Suggest a name for a dog.",
-    "What is the speed of light?", "Who painted the Mona Lisa?", "What is gravity?",
-    "Give two tips for better sleep.", "What is the tallest mountain?", "Define democracy briefly.",
-    "What language is spoken in Brazil?", "How do plants drink water?", "What is an atom?",
-    "Name a famous composer.", "What is the freezing point of water?", "Why do we have seasons?",
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Count from one to ten.",
+    "Write a haiku about the sea.",
+    "What is twelve times twelve?",
+    "Who wrote Hamlet?",
+    "Explain photosynthesis in one sentence.",
+    "List the planets of the solar system.",
+    "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water?",
+    "Give me a synonym for happy.",
+    "Why is the sky blue?",
+    "What is a prime number?",
+    "Describe a cat in five words.",
+    "What does CPU stand for?",
+    "Say hello politely.",
+    "How many legs does a spider have?",
+    "What is the largest ocean?",
+    "Suggest a name for a dog.",
+    "What is the speed of light?",
+    "Who painted the Mona Lisa?",
+    "What is gravity?",
+    "Give two tips for better sleep.",
+    "What is the tallest mountain?",
+    "Define democracy briefly.",
+    "What language is spoken in Brazil?",
+    "How do plants drink water?",
+    "What is an atom?",
+    "Name a famous composer.",
+    "What is the freezing point of water?",
+    "Why do we have seasons?",
     "What is the square root of 81?",
 ]
 
@@ -47,8 +68,9 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-async def run_clients(url: str, model: str, concurrency: int, per_client: int, max_tokens: int,
-                      headers: dict | None = None) -> dict:
+async def run_clients(
+    url: str, model: str, concurrency: int, per_client: int, max_tokens: int, headers: dict | None = None
+) -> dict:
     """`concurrency` streaming clients; returns tokens, wall time and TTFTs."""
     import httpx
 
@@ -58,9 +80,14 @@ async def run_clients(url: str, model: str, concurrency: int, per_client: int, m
     async def client(c):
         for _ in range(per_client):
             i = next(counter)
-            body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                    "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             t0 = time.perf_counter()
             first, n_chunks, usage = None, 0, None
             try:
@@ -94,12 +121,22 @@ async def run_clients(url: str, model: str, concurrency: int, per_client: int, m
 
 
 def report(name: str, conc: int, r: dict) -> dict:
-    row = {"server": name, "concurrency": conc, "tok_s": r["tokens"] / r["wall"] if r["wall"] else 0.0,
-           "ttft_p50": pct(r["ttft"], 50), "ttft_p99": pct(r["ttft"], 99), "requests": len(r["ttft"]),
-           "tokens": r["tokens"], "errors": len(r["errors"])}
-    print(f"{name:<22} c={conc:<3} {row['tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50']:6.2f} s  "
-          f"p99 {row['ttft_p99']:6.2f} s  ({row['requests']} requests, {row['tokens']} tokens, "
-          f"{r['wall']:.1f} s{', errors: ' + str(r['errors'][:2]) if r['errors'] else ''})", flush=True)
+    row = {
+        "server": name,
+        "concurrency": conc,
+        "tok_s": r["tokens"] / r["wall"] if r["wall"] else 0.0,
+        "ttft_p50": pct(r["ttft"], 50),
+        "ttft_p99": pct(r["ttft"], 99),
+        "requests": len(r["ttft"]),
+        "tokens": r["tokens"],
+        "errors": len(r["errors"]),
+    }
+    print(
+        f"{name:<22} c={conc:<3} {row['tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50']:6.2f} s  "
+        f"p99 {row['ttft_p99']:6.2f} s  ({row['requests']} requests, {row['tokens']} tokens, "
+        f"{r['wall']:.1f} s{', errors: ' + str(r['errors'][:2]) if r['errors'] else ''})",
+        flush=True,
+    )
     return row
 
 
@@ -121,15 +158,27 @@ def wait_health(url: str, proc=None, timeout: float = 300) -> bool:
 
 # --- herd ----------------------------------------------------------------------------------------
 
+
 def serve_herd(model_dir: str, port: int, dtype: str, threads: int | None, max_num_seqs: int) -> None:
     """The herd server process: the FastAPI app and engine on uvicorn, as one Serve replica runs them."""
     import uvicorn
 
     from services.api.app import build_state, create_app
 
-    state = build_state({"model": model_dir, "dtype": dtype, "num_threads": threads, "auth": "none",
-                         "engine": {"max_num_seqs": max_num_seqs, "max_model_len": 512,
-                                    "max_num_batched_tokens": 512, "prefill_chunk": 256}})
+    state = build_state(
+        {
+            "model": model_dir,
+            "dtype": dtype,
+            "num_threads": threads,
+            "auth": "none",
+            "engine": {
+                "max_num_seqs": max_num_seqs,
+                "max_model_len": 512,
+                "max_num_batched_tokens": 512,
+                "prefill_chunk": 256,
+            },
+        }
+    )
     uvicorn.run(create_app(state), host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -139,8 +188,19 @@ def bench_herd(args, model_dir: Path) -> list[dict]:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "bench.serve", "--herd-server", str(port), "--herd-model", str(model_dir),
-           "--dtype", args.dtype, "--concurrency", ",".join(map(str, args.concurrency))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.serve",
+        "--herd-server",
+        str(port),
+        "--herd-model",
+        str(model_dir),
+        "--dtype",
+        args.dtype,
+        "--concurrency",
+        ",".join(map(str, args.concurrency)),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     return run_server("herd", url, "herd", cmd, os.environ, args)
@@ -174,6 +234,7 @@ def run_server(name: str, url: str, model: str, cmd: list[str], env: dict, args)
 
 # --- (a) transformers generate, one request at a time --------------------------------------------
 
+
 def bench_hf_generate(args, hf_dir: Path) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,8 +257,9 @@ def bench_hf_generate(args, hf_dir: Path) -> list[dict]:
     service, ttft_alone, n_tokens = [], [], []
     for i in range(args.hf_requests + 1):
         q = QUESTIONS[i % len(QUESTIONS)]
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         streamer = FirstToken()
         t = time.perf_counter()
         with torch.inference_mode():
@@ -226,6 +288,7 @@ def bench_hf_generate(args, hf_dir: Path) -> list[dict]:
 
 # --- (b) transformers serve --continuous-batching ------------------------------------------------
 
+
 def bench_hf_serve(args, hf_dir: Path) -> list[dict]:
     from services.testing import free_port
 
@@ -235,8 +298,20 @@ def bench_hf_serve(args, hf_dir: Path) -> list[dict]:
         return []
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(exe), "serve", str(hf_dir), "--continuous-batching", "--dtype", args.dtype, "--device", "cpu",
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        str(exe),
+        "serve",
+        str(hf_dir),
+        "--continuous-batching",
+        "--dtype",
+        args.dtype,
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -245,8 +320,12 @@ def bench_hf_serve(args, hf_dir: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                    help="float32 on CPUs without AVX512-BF16/AMX (they emulate bf16 matmuls)")
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16"],
+        help="float32 on CPUs without AVX512-BF16/AMX (they emulate bf16 matmuls)",
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=1, help="requests per client (concurrency 1: four times as many)")
@@ -275,9 +354,12 @@ def main() -> None:
 
     gguf = smollm2_gguf_path()
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(hf_dir)
-    print(f"SmolLM2-135M-Instruct ({args.dtype}), {args.max_tokens} greedy tokens a request, {len(QUESTIONS)} "
-          f"prompts, concurrency {args.concurrency}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"SmolLM2-135M-Instruct ({args.dtype}), {args.max_tokens} greedy tokens a request, {len(QUESTIONS)} "
+        f"prompts, concurrency {args.concurrency}, torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     rows = []
     if "herd" not in skip:
         rows += bench_herd(args, native)

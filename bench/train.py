@@ -21,6 +21,7 @@ no host syncs in the step (the loss and grad norm stay on the device until the s
 
 Needs torch and transformers only (no Ray, no MLflow, no downloads).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,16 @@ import torch
 
 # The 1B-class shape of Llama 3.2 1B: dim 2048, 16 layers, 32 heads (8 KV), FFN 8192, tied.
 EXTRA_PRESETS = {
-    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192, tie_embeddings=True,
-               rope_theta=500000.0, max_seq_len=8192),
+    "1b": dict(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden_dim=8192,
+        tie_embeddings=True,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
 }
 
 
@@ -73,14 +82,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per contender")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mean-doc", type=int, default=128, help="mean document length for the masking run")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile herd's blocks (CUDA); transformers then also runs compiled, beside eager")
-    ap.add_argument("--ac", choices=("none", "full", "selective"), default="none",
-                    help="herd's activation checkpointing per block (memory for longer sequences)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile herd's blocks (CUDA); transformers then also runs compiled, beside eager",
+    )
+    ap.add_argument(
+        "--ac",
+        choices=("none", "full", "selective"),
+        default="none",
+        help="herd's activation checkpointing per block (memory for longer sequences)",
+    )
     ap.add_argument("--no-hf", action="store_true", help="herd only")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                    help="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX), else fp32")
+    ap.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX), else fp32",
+    )
     args = ap.parse_args()
 
     from flows.train.losses import fused_linear_cross_entropy
@@ -147,13 +167,20 @@ def main() -> None:
         missing, unexpected = hf.load_state_dict(hf_state_dict(herd.cpu()), strict=False)
         missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
-            raise SystemExit(f"weights do not map onto transformers: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise SystemExit(
+                f"weights do not map onto transformers: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         herd.to(device)
         hf.to(device).train()
         decay = [p for n, p in hf.named_parameters() if p.ndim == 2 and "embed" not in n]
         plain = [p for n, p in hf.named_parameters() if not (p.ndim == 2 and "embed" not in n)]
-        hf_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}],
-                                   lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        hf_opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}],
+            lr=3e-4,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            fused=True,
+        )
         labels = tokens.to(device)  # transformers shifts the labels itself
 
         def hf_step_of(forward):
@@ -165,6 +192,7 @@ def main() -> None:
                 torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
                 hf_opt.step()
                 return loss
+
             return step
 
         contenders = {"transformers": hf_step_of(hf), **contenders}
@@ -174,16 +202,24 @@ def main() -> None:
     peak_sheet = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak_measured = peak_bf16 if bf16 else peak_fp32
     peak = peak_sheet if (peak_sheet and bf16) else peak_measured
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), "
-          f"preset {args.preset}: {n_params / 1e6:.1f}M params, batch {B} x {T}, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}, AdamW fused, clip 1.0"
-          + (", herd blocks compiled" if compiled else "") + (f", herd AC {args.ac}" if args.ac != "none" else ""))
-    print(f"flops/token (torchtitan: 6N + 12 L H Dh T) = {flops_tok / 1e9:.3f} GFLOP; measured matmul peak "
-          f"({n_mm}^3): bf16 {peak_bf16 / 1e9:.2f} GFLOP/s, fp32 {peak_fp32 / 1e9:.2f} GFLOP/s"
-          + (f"; datasheet bf16 {peak_sheet / 1e12:.0f} TFLOP/s" if peak_sheet else ""), flush=True)
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), "
+        f"preset {args.preset}: {n_params / 1e6:.1f}M params, batch {B} x {T}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}, AdamW fused, clip 1.0"
+        + (", herd blocks compiled" if compiled else "")
+        + (f", herd AC {args.ac}" if args.ac != "none" else "")
+    )
+    print(
+        f"flops/token (torchtitan: 6N + 12 L H Dh T) = {flops_tok / 1e9:.3f} GFLOP; measured matmul peak "
+        f"({n_mm}^3): bf16 {peak_bf16 / 1e9:.2f} GFLOP/s, fp32 {peak_fp32 / 1e9:.2f} GFLOP/s"
+        + (f"; datasheet bf16 {peak_sheet / 1e12:.0f} TFLOP/s" if peak_sheet else ""),
+        flush=True,
+    )
     if not bf16:
-        print(f"note: bf16 matmul is not faster than fp32 here ({peak_bf16 / peak_fp32:.2f}x), so both contenders "
-              f"run fp32 (--dtype bf16 forces autocast); MFU is against the fp32 peak")
+        print(
+            f"note: bf16 matmul is not faster than fp32 here ({peak_bf16 / peak_fp32:.2f}x), so both contenders "
+            f"run fp32 (--dtype bf16 forces autocast); MFU is against the fp32 peak"
+        )
 
     times: dict[str, list[float]] = {k: [] for k in contenders}
     losses: dict[str, float] = {}
@@ -197,24 +233,31 @@ def main() -> None:
             losses.setdefault(name, float(loss.detach()))  # the first step's loss: same weights, same batch
             if r >= args.warmup:
                 times[name].append(dt)
-            print(f"  round {r} {name:13s} {dt:7.2f} s  loss {float(loss.detach()):.4f}"
-                  + ("  (warmup)" if r < args.warmup else ""), flush=True)
+            print(
+                f"  round {r} {name:13s} {dt:7.2f} s  loss {float(loss.detach()):.4f}"
+                + ("  (warmup)" if r < args.warmup else ""),
+                flush=True,
+            )
 
     print()
     tps = {k: B * T / statistics.median(v) for k, v in times.items()}
     for name in contenders:
         mfu = tps[name] * flops_tok / peak
-        print(f"{name:13s} {tps[name]:9.1f} tok/s  {tps[name] * flops_tok / 1e9:8.1f} GFLOP/s  MFU {100 * mfu:5.1f}% "
-              f"(vs measured {'bf16' if bf16 else 'fp32'} peak {100 * tps[name] * flops_tok / peak_measured:.1f}%)  "
-              f"(median of {len(times[name])} steps; first-step loss {losses[name]:.4f})")
+        print(
+            f"{name:13s} {tps[name]:9.1f} tok/s  {tps[name] * flops_tok / 1e9:8.1f} GFLOP/s  MFU {100 * mfu:5.1f}% "
+            f"(vs measured {'bf16' if bf16 else 'fp32'} peak {100 * tps[name] * flops_tok / peak_measured:.1f}%)  "
+            f"(median of {len(times[name])} steps; first-step loss {losses[name]:.4f})"
+        )
     hf_best = max((k for k in tps if k.startswith("transformers")), key=tps.get, default=None)
     if hf_best:
         print(f"herd / transformers' best ({hf_best}): {tps['herd'] / tps[hf_best]:.2f}x (goal > 1)")
     overhead = tps["herd"] / tps["herd+docmask"] - 1
     print(f"document masking overhead (mean document {args.mean_doc} tokens): {100 * overhead:+.1f}% step time")
-    print(f"herd {tps['herd']:.0f} tok/s = {tps['herd'] * flops_tok / 1e12:.1f} TFLOP/s per device (no masking; "
-          f"goal on an H200 at 8192: >= 400); document-masked {tps['herd+docmask']:.0f} tok/s = "
-          f"{100 * tps['herd+docmask'] / tps['herd']:.1f}% of it (goal >= 90%)")
+    print(
+        f"herd {tps['herd']:.0f} tok/s = {tps['herd'] * flops_tok / 1e12:.1f} TFLOP/s per device (no masking; "
+        f"goal on an H200 at 8192: >= 400); document-masked {tps['herd+docmask']:.0f} tok/s = "
+        f"{100 * tps['herd+docmask'] / tps['herd']:.1f}% of it (goal >= 90%)"
+    )
     if device.type == "cuda":
         print(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 

@@ -4,6 +4,7 @@ Each module in COMMAND_MODULES exposes `register(subparsers)`, which adds its
 subcommand(s) with `set_defaults(func=...)`; `func(args)` returns an exit code.
 Modules are imported only when listed, so a broken optional stage cannot break the rest.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 Unknown keys and wrong types are errors that name the key path (`training.lr must be a
 number`), so a typo in a YAML file never silently falls back to a default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,6 +101,7 @@ def load_yaml(cls, path: str | Path, kind: str):
 @dataclasses.dataclass
 class MlflowSection:
     """Where a stage logs its MLflow run; "" keeps the ambient tracking URI or experiment."""
+
     enabled: bool = True
     tracking_uri: str = ""
     experiment: str = ""

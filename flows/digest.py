@@ -1,4 +1,5 @@
 """sha256 of files, read in 1 MiB blocks so that a large shard or checkpoint never sits in memory."""
+
 from __future__ import annotations
 
 import hashlib

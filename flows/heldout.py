@@ -7,6 +7,7 @@ writes the digests of every held-out record to HELDOUT_DIGESTS, a public list (d
 text), and the training loaders drop any record whose digest is listed (`excluded`): a training
 stage excludes the set without its key or a copy of it, and other data is not thinned.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,20 +24,23 @@ def prompt_key(text: str) -> str:
 
 
 def digest(text: str) -> str:
-    return hashlib.sha256(f"{SALT}\n{prompt_key(text)}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{SALT}\n{prompt_key(text)}".encode()).hexdigest()
 
 
 def is_heldout(text: str | None, fraction: float = FRACTION) -> bool:
     """Whether a shared record (by its first user turn) belongs to the held-out split."""
-    return bool(text) and int(digest(text)[:16], 16) / 2 ** 64 < fraction
+    return bool(text) and int(digest(text)[:16], 16) / 2**64 < fraction
 
 
 @functools.lru_cache(maxsize=4)
 def _listed(path: Path) -> frozenset[str]:
     if not path.is_file():
         return frozenset()
-    return frozenset(line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                     if line.strip() and not line.startswith("#"))
+    return frozenset(
+        line.strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    )
 
 
 def excluded(text: str | None, path: Path = HELDOUT_DIGESTS) -> bool:

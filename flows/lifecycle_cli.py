@@ -1,4 +1,5 @@
 """`herd run` and `herd lineage` (flows/cli.py registers them; `python -m flows.lifecycle` is `herd run`)."""
+
 from __future__ import annotations
 
 import os
@@ -15,15 +16,36 @@ from model.errors import HerdError
 # A RayJob's entrypoint is fixed in its manifest; this variable adds overrides without editing it.
 OVERRIDES_ENV = "HERD_LIFECYCLE_OVERRIDES"
 
+
 def _add_run_args(p) -> None:
-    p.add_argument("--config", default="configs/default.yaml", help="lifecycle YAML (configs/default.yaml, configs/lifecycle/*.yaml)")
-    p.add_argument("--force", nargs="+", action="extend", default=[], metavar="STAGE",
-                   help="rerun STAGE and everything downstream of it, cached or not")
-    p.add_argument("--workdir", default=None, help="where step folders go (default: the config's workdir, or $HERD_RUN_DIR)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    p.add_argument("--overrides", nargs="+", action="extend", default=None, metavar="YAML",
-                   help=f"YAML files merged over the config, in order, then those in ${OVERRIDES_ENV} "
-                        "(os.pathsep-separated), e.g. configs/lifecycle/shrink.yaml")
+    p.add_argument(
+        "--config",
+        default="configs/default.yaml",
+        help="lifecycle YAML (configs/default.yaml, configs/lifecycle/*.yaml)",
+    )
+    p.add_argument(
+        "--force",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="STAGE",
+        help="rerun STAGE and everything downstream of it, cached or not",
+    )
+    p.add_argument(
+        "--workdir", default=None, help="where step folders go (default: the config's workdir, or $HERD_RUN_DIR)"
+    )
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+    p.add_argument(
+        "--overrides",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="YAML",
+        help=f"YAML files merged over the config, in order, then those in ${OVERRIDES_ENV} "
+        "(os.pathsep-separated), e.g. configs/lifecycle/shrink.yaml",
+    )
     p.add_argument("--serve", action="store_true", help="keep the endpoint up after the run (Ctrl-C stops it)")
 
 
@@ -65,22 +87,27 @@ def run_command(args) -> int:
     overrides = read_overrides(files, args.config)
     if files:
         print(f"lifecycle overrides: {', '.join(files)}")
-    res = run_lifecycle(args.config, force=args.force, overrides=overrides, workdir=args.workdir,
-                        tracking_uri=args.tracking_uri)
+    res = run_lifecycle(
+        args.config, force=args.force, overrides=overrides, workdir=args.workdir, tracking_uri=args.tracking_uri
+    )
     print()
     print(_table(res.summary_rows(), ["stage", "status", "seconds", "key", "run", "result"]))
     ran = sum(r["status"] == "ran" for r in res.steps.values())
-    print(f"\n{len(res.steps)} steps: {ran} ran, {len(res.steps) - ran} cached, {res.seconds:.1f}s "
-          f"(parent run {res.parent_run_id})")
+    print(
+        f"\n{len(res.steps)} steps: {ran} ran, {len(res.steps) - ran} cached, {res.seconds:.1f}s "
+        f"(parent run {res.parent_run_id})"
+    )
     from flows.tracking import client, dashboard_url
 
     exp = client(res.tracking_uri).get_run(res.parent_run_id).info.experiment_id
-    print(f"MLflow: mlflow server --backend-store-uri {res.tracking_uri} --port 5000   ->  "
-          f"{dashboard_url('http://127.0.0.1:5000', exp, res.parent_run_id)}")
+    print(
+        f"MLflow: mlflow server --backend-store-uri {res.tracking_uri} --port 5000   ->  "
+        f"{dashboard_url('http://127.0.0.1:5000', exp, res.parent_run_id)}"
+    )
     dep = res.steps.get("deploy")
     if dep:
         answer = dep["outputs"].get("smoke_answer")
-        lives = ("; it stops when this command ends (--serve keeps it up)" if res.local_ray and not args.serve else "")
+        lives = "; it stops when this command ends (--serve keeps it up)" if res.local_ray and not args.serve else ""
         print(f"endpoint: {dep['outputs'].get('url')}" + (f"  (smoke answer {answer!r})" if answer else "") + lives)
         if args.serve:
             print("serving; Ctrl-C stops", flush=True)

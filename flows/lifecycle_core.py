@@ -4,14 +4,15 @@ No MLflow and no Ray here (flows/lifecycle_steps.py records and runs one step, f
 drives the DAG, flows/lifecycle_lineage.py reads the chain back, flows/lifecycle_cli.py is
 `herd run` / `herd lineage`).
 """
+
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -28,6 +29,7 @@ LINEAGE = "herd.lineage."
 
 
 # --- stages -------------------------------------------------------------------------------------
+
 
 @dataclass
 class StepContext:
@@ -106,8 +108,17 @@ def code_version(paths: list[str]) -> str:
         h = hashlib.sha256()
         for rel in sorted(paths):
             p = REPO / rel
-            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in (".py", ".yaml", ".json", ".jinja")
-                                                   and "__pycache__" not in f.parts) if p.is_dir() else []
+            files = (
+                [p]
+                if p.is_file()
+                else sorted(
+                    f
+                    for f in p.rglob("*")
+                    if f.suffix in (".py", ".yaml", ".json", ".jinja") and "__pycache__" not in f.parts
+                )
+                if p.is_dir()
+                else []
+            )
             for f in files:
                 h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
         _CODE_CACHE[key] = h.hexdigest()
@@ -116,11 +127,13 @@ def code_version(paths: list[str]) -> str:
 
 def step_key(stage: str, config: dict, params: dict, inputs: dict, code: str, seed: int) -> str:
     digests = {slot: (r["digest"] if r else None) for slot, r in inputs.items()}
-    return sha256_text(_canon({"stage": stage, "config": config, "params": params, "inputs": digests,
-                               "code": code, "seed": seed}))
+    return sha256_text(
+        _canon({"stage": stage, "config": config, "params": params, "inputs": digests, "code": code, "seed": seed})
+    )
 
 
 # --- config -------------------------------------------------------------------------------------
+
 
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
@@ -146,10 +159,15 @@ def load_config(path: str | Path | dict, overrides: dict | None = None) -> dict:
     unknown = set(raw) - TOP_KEYS
     if unknown:
         raise HerdError(f"lifecycle config: unknown key(s) {', '.join(sorted(unknown))}")
-    cfg = {"name": str(raw.get("name", "default")), "seed": int(raw.get("seed", 0)),
-           "workdir": str(raw.get("workdir", "runs/lifecycle")), "base_model": str(raw.get("base_model", "smollm2")),
-           "mlflow": {"tracking_uri": "", "experiment": "herd", **(raw.get("mlflow") or {})},
-           "ray": {"address": "", "num_cpus": 0, **(raw.get("ray") or {})}, "stages": {}}
+    cfg = {
+        "name": str(raw.get("name", "default")),
+        "seed": int(raw.get("seed", 0)),
+        "workdir": str(raw.get("workdir", "runs/lifecycle")),
+        "base_model": str(raw.get("base_model", "smollm2")),
+        "mlflow": {"tracking_uri": "", "experiment": "herd", **(raw.get("mlflow") or {})},
+        "ray": {"address": "", "num_cpus": 0, **(raw.get("ray") or {})},
+        "stages": {},
+    }
     for name, st in (raw.get("stages") or {}).items():
         st = st or {}
         bad = set(st) - STEP_KEYS
@@ -162,11 +180,13 @@ def load_config(path: str | Path | dict, overrides: dict | None = None) -> dict:
             if not f.is_file():
                 raise HerdError(f"lifecycle config: stages.{name}.config: {f} not found")
             stage_cfg = yaml.safe_load(f.read_text()) or {}
-        cfg["stages"][name] = {"enabled": bool(st.get("enabled", True)),
-                               "resources": {"num_cpus": 1, **(st.get("resources") or {})},
-                               "config_file": str(st.get("config") or ""),
-                               "config": deep_merge(stage_cfg, st.get("overrides") or {}),
-                               "params": dict(st.get("params") or {})}
+        cfg["stages"][name] = {
+            "enabled": bool(st.get("enabled", True)),
+            "resources": {"num_cpus": 1, **(st.get("resources") or {})},
+            "config_file": str(st.get("config") or ""),
+            "config": deep_merge(stage_cfg, st.get("overrides") or {}),
+            "params": dict(st.get("params") or {}),
+        }
     return cfg
 
 
@@ -175,6 +195,7 @@ def config_hash(cfg: dict) -> str:
 
 
 # --- the plan -----------------------------------------------------------------------------------
+
 
 def wiring(cfg: dict, stages: dict[str, Stage]) -> dict[str, dict[str, str | None]]:
     """enabled stage -> slot -> the upstream stage that fills it (None: no enabled candidate)."""

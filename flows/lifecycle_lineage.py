@@ -1,5 +1,6 @@
 """Lineage: the tags a registered version and a deployment carry, and `herd lineage` reading the
 chain back from a model version to the raw data."""
+
 from __future__ import annotations
 
 from flows.lifecycle_core import LINEAGE, STAGE_ORDER, TAG, StepContext, _canon
@@ -17,7 +18,9 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
     digests from data prep, the lifecycle's config hash, git sha and parent run id, and the run of
     every step that led here."""
     tags = {LINEAGE + k: str(ctx.lineage[k]) for k in LINEAGE_KEYS if ctx.lineage.get(k)}
-    tags[LINEAGE + "steps"] = _canon({k[:-len(".run_id")]: v for k, v in ctx.lineage.items() if k.endswith(".run_id")})[:MAX_TAG_CHARS]
+    tags[LINEAGE + "steps"] = _canon(
+        {k[: -len(".run_id")]: v for k, v in ctx.lineage.items() if k.endswith(".run_id")}
+    )[:MAX_TAG_CHARS]
     tags[LINEAGE + "step_run_id"] = ctx.lifecycle.get("step_run_id", "")
     return tags
 
@@ -26,6 +29,7 @@ def tag_model_version(ctx: StepContext, name: str, version) -> None:
     client = mlflow_client(ctx.lifecycle["tracking_uri"])
     for k, v in lineage_tags(ctx).items():
         client.set_model_version_tag(name, str(version), k, v)
+
 
 def lineage_chain(uri: str, tracking_uri: str | None = None) -> list[dict]:
     """From a models:/ URI (or a run id) back to the raw data: the registered version, then every
@@ -39,16 +43,28 @@ def lineage_chain(uri: str, tracking_uri: str | None = None) -> list[dict]:
         mv = get_version(uri, uri_t)
         tags = mv.tags or {}
         parent = tags.get(LINEAGE + "parent_run_id")
-        chain.append({"what": f"{uri} = version {mv.version}", "run_id": mv.run_id,
-                      "tags": {k: v for k, v in tags.items() if k.startswith(LINEAGE) and k != LINEAGE + "steps"}})
+        chain.append(
+            {
+                "what": f"{uri} = version {mv.version}",
+                "run_id": mv.run_id,
+                "tags": {k: v for k, v in tags.items() if k.startswith(LINEAGE) and k != LINEAGE + "steps"},
+            }
+        )
         if not parent:
             raise HerdError(f"{uri}: version {mv.version} has no {LINEAGE}parent_run_id (not made by herd run)")
     else:
         run = client.get_run(uri)
         parent = run.data.tags.get("mlflow.parentRunId") or uri
     prun = client.get_run(parent)
-    chain.append({"what": f"lifecycle run {parent}", "run_id": parent,
-                  "tags": {k: v for k, v in prun.data.tags.items() if k in ("herd.config_hash", "herd.git_sha", "herd.lifecycle")}})
+    chain.append(
+        {
+            "what": f"lifecycle run {parent}",
+            "run_id": parent,
+            "tags": {
+                k: v for k, v in prun.data.tags.items() if k in ("herd.config_hash", "herd.git_sha", "herd.lifecycle")
+            },
+        }
+    )
     children = client.search_runs([prun.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     by_stage = {r.data.tags.get("herd.stage"): r for r in children}
     for name in reversed(STAGE_ORDER + sorted(set(by_stage) - set(STAGE_ORDER) - {None})):
@@ -56,8 +72,11 @@ def lineage_chain(uri: str, tracking_uri: str | None = None) -> list[dict]:
         if r is None:
             continue
         t = r.data.tags
-        entry = {"what": f"{name} step ({t.get(TAG + 'status')})", "run_id": r.info.run_id,
-                 "tags": {"key": t.get(TAG + "key", "")[:16], "digest": t.get(TAG + "digest", "")[:16]}}
+        entry = {
+            "what": f"{name} step ({t.get(TAG + 'status')})",
+            "run_id": r.info.run_id,
+            "tags": {"key": t.get(TAG + "key", "")[:16], "digest": t.get(TAG + "digest", "")[:16]},
+        }
         if t.get(TAG + "cached_from"):
             entry["tags"]["made_by_run"] = t[TAG + "cached_from"]
         for k in ("data.input_sha256", "data.manifest_digest"):
@@ -69,7 +88,12 @@ def lineage_chain(uri: str, tracking_uri: str | None = None) -> list[dict]:
 
 def lineage_command(args) -> int:
     for i, e in enumerate(lineage_chain(args.uri, args.tracking_uri)):
-        print(("  " * min(i, 1)) + ("<- " if i else "") + e["what"] + (f"  [run {e['run_id']}]" if e.get("run_id") else ""))
+        print(
+            ("  " * min(i, 1))
+            + ("<- " if i else "")
+            + e["what"]
+            + (f"  [run {e['run_id']}]" if e.get("run_id") else "")
+        )
         for k, v in e["tags"].items():
             print(("  " * min(i, 1)) + f"     {k}: {v}")
     return 0

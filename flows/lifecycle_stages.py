@@ -5,6 +5,7 @@ its inputs, and its key-named folder; it returns outputs, metrics and lineage (s
 Stage packages log into the step's MLflow run (it is the active run while the adapter runs), or
 into a run nested under it where they open their own.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,21 +14,21 @@ import os
 import time
 from pathlib import Path
 
-from model.errors import HerdError
-from model.sources import SMOLLM2
-
 from flows.lifecycle_core import Stage, StepContext, tree_digest
 from flows.lifecycle_lineage import lineage_tags, tag_model_version
+from model.errors import HerdError
+from model.sources import SMOLLM2
 
 MODEL_FROM = ["ppo", "dpo", "rs", "sft", "pretrain"]
 
 
 def _after(stage: str) -> list[str]:
     """Model stages upstream of `stage`, nearest first."""
-    return MODEL_FROM[MODEL_FROM.index(stage) + 1:] if stage in MODEL_FROM else MODEL_FROM
+    return MODEL_FROM[MODEL_FROM.index(stage) + 1 :] if stage in MODEL_FROM else MODEL_FROM
 
 
 # --- data ---------------------------------------------------------------------------------------
+
 
 def data_config(config: dict):
     from flows.data.config import config_from_dict
@@ -54,14 +55,21 @@ def data_stage(ctx: StepContext) -> dict:
     log_prep(mlflow, report, quality, out)
     digest = manifest_digest(out)
     ctx.log(f"{report['input_documents']} documents in, {report['kept']} kept; manifest sha256 {digest[:16]}")
-    return {"outputs": {"data_dir": str(out)}, "digest": digest,
-            "metrics": {"kept_documents": report["kept"], "input_documents": report["input_documents"],
-                        "train_tokens": report["shards"].get("train", {}).get("tokens", 0)},
-            "lineage": {"data.input_sha256": report["input"]["digest"], "data.manifest_digest": digest},
-            "summary": f"{report['kept']}/{report['input_documents']} docs, manifest {digest[:12]}"}
+    return {
+        "outputs": {"data_dir": str(out)},
+        "digest": digest,
+        "metrics": {
+            "kept_documents": report["kept"],
+            "input_documents": report["input_documents"],
+            "train_tokens": report["shards"].get("train", {}).get("tokens", 0),
+        },
+        "lineage": {"data.input_sha256": report["input"]["digest"], "data.manifest_digest": digest},
+        "summary": f"{report['kept']}/{report['input_documents']} docs, manifest {digest[:12]}",
+    }
 
 
 # --- training -----------------------------------------------------------------------------------
+
 
 def pretrain_config(config: dict, seed: int = 0):
     from flows.train.config import config_from_dict
@@ -84,15 +92,26 @@ def pretrain_stage(ctx: StepContext) -> dict:
     left = sorted(p.name for p in (storage / name).glob("step-*") if p.is_dir()) if resume else []
     if resume:
         ctx.log(f"resuming {storage / name}: checkpoints on disk {', '.join(left) or 'none'}")
-    res = run_pretrain(cfg, data_dir=data["outputs"]["data_dir"], init_from=init or None, name=name,
-                       storage_path=str(storage), resume=resume, mlflow=False, export_dir=ctx.out_dir / "model")
+    res = run_pretrain(
+        cfg,
+        data_dir=data["outputs"]["data_dir"],
+        init_from=init or None,
+        name=name,
+        storage_path=str(storage),
+        resume=resume,
+        mlflow=False,
+        export_dir=ctx.out_dir / "model",
+    )
     if not res.model_dir:
         raise HerdError("pretrain produced no model")
     metrics = _flat_metrics(res.metrics)
-    return {"outputs": {"model_dir": res.model_dir, "checkpoint": res.checkpoint, "resumed_with": left},
-            "metrics": metrics, "digest": tree_digest([Path(res.model_dir)]),
-            "summary": f"loss {metrics.get('loss', float('nan')):.3f}" + (f" (resumed: {left[-1]})" if left else
-                                                                         " (resumed)" if resume else "")}
+    return {
+        "outputs": {"model_dir": res.model_dir, "checkpoint": res.checkpoint, "resumed_with": left},
+        "metrics": metrics,
+        "digest": tree_digest([Path(res.model_dir)]),
+        "summary": f"loss {metrics.get('loss', float('nan')):.3f}"
+        + (f" (resumed: {left[-1]})" if left else " (resumed)" if resume else ""),
+    }
 
 
 # flows.finetune's entry point per lifecycle stage (each returns StageResult(checkpoint, metrics, run_id))
@@ -125,6 +144,7 @@ def finetune_config(kind: str, config: dict, seed: int = 0, tracking_uri: str = 
 def _finetune_check(kind: str):
     def check(config: dict) -> None:
         finetune_config(kind, config)
+
     return check
 
 
@@ -139,18 +159,24 @@ def _finetune(kind: str):
         res = fn(fc, base, ctx.out_dir, run_name=f"{kind}-{ctx.lifecycle['name']}")
         metrics = _flat_metrics(res.metrics)
         ctx.log(f"done: {_finetune_summary(metrics)}; MLflow run {res.run_id}")
-        return {"outputs": {"model_dir": str(res.checkpoint), "finetune_run_id": res.run_id or ""},
-                "metrics": metrics, "digest": tree_digest([Path(res.checkpoint)]),
-                "summary": _finetune_summary(metrics)}
+        return {
+            "outputs": {"model_dir": str(res.checkpoint), "finetune_run_id": res.run_id or ""},
+            "metrics": metrics,
+            "digest": tree_digest([Path(res.checkpoint)]),
+            "summary": _finetune_summary(metrics),
+        }
+
     stage.__name__ = f"{kind}_stage"
     return stage
 
 
 def _finetune_summary(m: dict) -> str:
     parts = []
-    for name, before, after in (("exact", "exact_match_before", "exact_match_after"),
-                                ("reward", "reward_before", "reward_after"),
-                                ("margin", "heldout_margin_before", "heldout_margin_after")):
+    for name, before, after in (
+        ("exact", "exact_match_before", "exact_match_after"),
+        ("reward", "reward_before", "reward_after"),
+        ("margin", "heldout_margin_before", "heldout_margin_after"),
+    ):
         if before in m and after in m:
             parts.append(f"{name} {m[before]:.3g}->{m[after]:.3g}")
     if "train_loss_first" in m:
@@ -162,19 +188,38 @@ def _finetune_summary(m: dict) -> str:
 
 # --- evaluation and registry -------------------------------------------------------------------
 
+
 def eval_stage(ctx: StepContext) -> dict:
     from flows.eval.stage import run_eval
 
-    cfg = {**ctx.config, "mlflow": {**(ctx.config.get("mlflow") or {}), "enabled": True,
-                                    "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}}
-    res = run_eval(cfg, ctx.model_dir(), run_name=f"eval-{ctx.lifecycle['name']}",
-                   tags={"herd.lifecycle": ctx.lifecycle["name"], "herd.step.key": ctx.key})
+    cfg = {
+        **ctx.config,
+        "mlflow": {
+            **(ctx.config.get("mlflow") or {}),
+            "enabled": True,
+            "tracking_uri": ctx.lifecycle["tracking_uri"],
+            "experiment": ctx.lifecycle["experiment"],
+        },
+    }
+    res = run_eval(
+        cfg,
+        ctx.model_dir(),
+        run_name=f"eval-{ctx.lifecycle['name']}",
+        tags={"herd.lifecycle": ctx.lifecycle["name"], "herd.step.key": ctx.key},
+    )
     main = res.summary()["metrics"]
     (ctx.out_dir / "metrics.json").write_text(json.dumps(res.metrics, indent=2, sort_keys=True) + "\n")
-    return {"outputs": {"eval_run_id": res.run_id, "config_hash": res.config_hash, "model_dir": ctx.model_dir(),
-                        "config": ctx.config},  # promote re-evaluates a stale champion under it
-            "metrics": _flat_metrics(res.metrics), "digest": None,
-            "summary": ", ".join(f"{k}={v:.4g}" for k, v in list(main.items())[:3])}
+    return {
+        "outputs": {
+            "eval_run_id": res.run_id,
+            "config_hash": res.config_hash,
+            "model_dir": ctx.model_dir(),
+            "config": ctx.config,
+        },  # promote re-evaluates a stale champion under it
+        "metrics": _flat_metrics(res.metrics),
+        "digest": None,
+        "summary": ", ".join(f"{k}={v:.4g}" for k, v in list(main.items())[:3]),
+    }
 
 
 def register_stage(ctx: StepContext) -> dict:
@@ -182,13 +227,21 @@ def register_stage(ctx: StepContext) -> dict:
 
     ev = ctx.input("eval")
     name = ctx.config.get("name", "herd")
-    mv = register_model(ctx.model_dir(), name, run_id=ctx.lifecycle["step_run_id"],
-                        metrics=(ev or {}).get("metrics") or {},
-                        config_hash=(ev or {}).get("outputs", {}).get("config_hash"),
-                        tracking_uri=ctx.lifecycle["tracking_uri"], tags=lineage_tags(ctx))
+    mv = register_model(
+        ctx.model_dir(),
+        name,
+        run_id=ctx.lifecycle["step_run_id"],
+        metrics=(ev or {}).get("metrics") or {},
+        config_hash=(ev or {}).get("outputs", {}).get("config_hash"),
+        tracking_uri=ctx.lifecycle["tracking_uri"],
+        tags=lineage_tags(ctx),
+    )
     tag_model_version(ctx, name, mv.version)
-    return {"outputs": {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}"},
-            "digest": f"{name}/{mv.version}", "summary": f"models:/{name}/{mv.version} @candidate"}
+    return {
+        "outputs": {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}"},
+        "digest": f"{name}/{mv.version}",
+        "summary": f"models:/{name}/{mv.version} @candidate",
+    }
 
 
 def _version_exists(result: dict) -> bool:
@@ -211,23 +264,43 @@ def promote_stage(ctx: StepContext) -> dict:
         from flows.eval.stage import run_eval
 
         ecfg = (ev or {}).get("outputs", {}).get("config") or ctx.config
-        cfg = {**ecfg, "mlflow": {**(ecfg.get("mlflow") or {}), "enabled": True,
-                                  "tracking_uri": ctx.lifecycle["tracking_uri"], "experiment": ctx.lifecycle["experiment"]}}
+        cfg = {
+            **ecfg,
+            "mlflow": {
+                **(ecfg.get("mlflow") or {}),
+                "enabled": True,
+                "tracking_uri": ctx.lifecycle["tracking_uri"],
+                "experiment": ctx.lifecycle["experiment"],
+            },
+        }
         r = run_eval(cfg, uri, run_name=f"eval-{ctx.lifecycle['name']}-champion")
         return r.metrics, r.config_hash
 
-    d = promote(name, GateConfig.parse(ctx.config.get("gate")), candidate_metrics=(ev or {}).get("metrics"),
-                config_hash=(ev or {}).get("outputs", {}).get("config_hash"), evaluate_champion=evaluate_champion,
-                tracking_uri=ctx.lifecycle["tracking_uri"])
+    d = promote(
+        name,
+        GateConfig.parse(ctx.config.get("gate")),
+        candidate_metrics=(ev or {}).get("metrics"),
+        config_hash=(ev or {}).get("outputs", {}).get("config_hash"),
+        evaluate_champion=evaluate_champion,
+        tracking_uri=ctx.lifecycle["tracking_uri"],
+    )
     champion = d.candidate_version if d.promoted else (d.champion_version or d.candidate_version)
     ctx.log(d.reason)
-    return {"outputs": {"name": name, "promoted": d.promoted, "champion": champion,
-                        "uri": f"models:/{name}/{champion}", "reason": d.reason[:2000]},
-            "digest": f"{name}/{champion}/{d.promoted}",
-            "summary": f"{'promoted' if d.promoted else 'kept'}: champion v{champion}"}
+    return {
+        "outputs": {
+            "name": name,
+            "promoted": d.promoted,
+            "champion": champion,
+            "uri": f"models:/{name}/{champion}",
+            "reason": d.reason[:2000],
+        },
+        "digest": f"{name}/{champion}/{d.promoted}",
+        "summary": f"{'promoted' if d.promoted else 'kept'}: champion v{champion}",
+    }
 
 
 # --- serving --------------------------------------------------------------------------------------
+
 
 def deploy_stage(ctx: StepContext) -> dict:
     """Serve the champion. After a promotion the endpoint serves the alias (models:/NAME@champion)
@@ -245,12 +318,20 @@ def deploy_stage(ctx: StepContext) -> dict:
     dep = dict(ctx.params.get("deployment") or {})
     opts = dict(dep.get("ray_actor_options") or {})
     env = (opts.get("runtime_env") or {}).get("env_vars") or {}
-    opts["runtime_env"] = {**(opts.get("runtime_env") or {}),
-                           "env_vars": {**env, "MLFLOW_TRACKING_URI": ctx.lifecycle["tracking_uri"]}}
+    opts["runtime_env"] = {
+        **(opts.get("runtime_env") or {}),
+        "env_vars": {**env, "MLFLOW_TRACKING_URI": ctx.lifecycle["tracking_uri"]},
+    }
     dep["ray_actor_options"] = opts
     port = ctx.params.get("port")  # default: the serve config's http_options.port, else 8000
-    url = deploy(model, ctx.config or None, deployment=dep, args=ctx.params.get("args"),
-                 port=int(port) if port else None, keep_running=True)
+    url = deploy(
+        model,
+        ctx.config or None,
+        deployment=dep,
+        args=ctx.params.get("args"),
+        port=int(port) if port else None,
+        keep_running=True,
+    )
     if label:
         waited = wait_for_version(url, label, timeout_s=float(ctx.params.get("rollout_timeout_s", 600)))
         ctx.log(f"{url} serves {label} (waited {waited:.1f}s)")
@@ -259,19 +340,31 @@ def deploy_stage(ctx: StepContext) -> dict:
     (ctx.out_dir / "lineage.json").write_text(json.dumps({"url": url, "model": model, **lineage}, indent=2) + "\n")
     import mlflow
 
-    mlflow.set_tags({**lineage, "herd.deployment.url": url, "herd.deployment.model": model,
-                     "herd.deployment.version": label})
+    mlflow.set_tags(
+        {**lineage, "herd.deployment.url": url, "herd.deployment.model": model, "herd.deployment.version": label}
+    )
     if src:
         from flows.tracking import client as mlflow_client
 
         client = mlflow_client(ctx.lifecycle["tracking_uri"])
-        client.set_model_version_tag(src["outputs"]["name"], src["outputs"].get("champion") or src["outputs"]["version"],
-                                     "herd.deployment.url", url)
-    answer, secs = smoke(url, ctx.params.get("smoke_prompt", "What is the capital of France?"),
-                         int(ctx.params.get("smoke_max_tokens", 16)))
+        client.set_model_version_tag(
+            src["outputs"]["name"],
+            src["outputs"].get("champion") or src["outputs"]["version"],
+            "herd.deployment.url",
+            url,
+        )
+    answer, secs = smoke(
+        url,
+        ctx.params.get("smoke_prompt", "What is the capital of France?"),
+        int(ctx.params.get("smoke_max_tokens", 16)),
+    )
     ctx.log(f"smoke request answered in {secs:.1f}s: {answer!r}")
-    return {"outputs": {"url": url, "model": model, "version": label, "smoke_answer": answer},
-            "digest": f"{url}|{model}|{label}", "metrics": {"smoke_seconds": secs}, "summary": f"{url} ({label or model})"}
+    return {
+        "outputs": {"url": url, "model": model, "version": label, "smoke_answer": answer},
+        "digest": f"{url}|{model}|{label}",
+        "metrics": {"smoke_seconds": secs},
+        "summary": f"{url} ({label or model})",
+    }
 
 
 def smoke(url: str, prompt: str, max_tokens: int = 16, timeout: float = 300) -> tuple[str, float]:
@@ -280,8 +373,17 @@ def smoke(url: str, prompt: str, max_tokens: int = 16, timeout: float = 300) -> 
     t = time.perf_counter()
     key = os.environ.get("HERD_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else None
-    r = requests.post(f"{url}/v1/chat/completions", timeout=timeout, headers=headers, json={
-        "model": "herd", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
+    r = requests.post(
+        f"{url}/v1/chat/completions",
+        timeout=timeout,
+        headers=headers,
+        json={
+            "model": "herd",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    )
     if r.status_code != 200:
         raise HerdError(f"smoke request to {url}: HTTP {r.status_code}: {r.text[:300]}")
     return r.json()["choices"][0]["message"]["content"], time.perf_counter() - t
@@ -297,18 +399,46 @@ def _endpoint_serves(result: dict) -> bool:
 MODEL = {"model": MODEL_FROM}
 STAGES: dict[str, Stage] = {
     "data": Stage("data", data_stage, code=["flows/data", "model/tokenizer.py"], check=data_config),
-    "pretrain": Stage("pretrain", pretrain_stage, {"data": ["data"]}, code=["flows/train", "model"], resumable=True,
-                      check=pretrain_config),
+    "pretrain": Stage(
+        "pretrain",
+        pretrain_stage,
+        {"data": ["data"]},
+        code=["flows/train", "model"],
+        resumable=True,
+        check=pretrain_config,
+    ),
     # the held-out list decides which shared records training drops, so it is part of their code
-    **{kind: Stage(kind, _finetune(kind), {"model": _after(kind)}, resumable=True,
-                   code=["flows/finetune", "model", "flows/heldout.py", "configs/eval/heldout_sources.sha256"],
-                   check=_finetune_check(kind)) for kind in ("sft", "rs", "dpo", "ppo")},
+    **{
+        kind: Stage(
+            kind,
+            _finetune(kind),
+            {"model": _after(kind)},
+            resumable=True,
+            code=["flows/finetune", "model", "flows/heldout.py", "configs/eval/heldout_sources.sha256"],
+            check=_finetune_check(kind),
+        )
+        for kind in ("sft", "rs", "dpo", "ppo")
+    },
     "eval": Stage("eval", eval_stage, MODEL, code=["flows/eval", "model"]),
-    "register": Stage("register", register_stage, {**MODEL, "eval": ["eval"], "data": ["data"]},
-                      code=["flows/eval/registry.py"], valid=_version_exists),
-    "promote": Stage("promote", promote_stage, {"register": ["register"], "eval": ["eval"]},
-                     code=["flows/eval/registry.py", "flows/eval/gate.py"],
-                     valid=_version_exists),
-    "deploy": Stage("deploy", deploy_stage, {"model_version": ["promote", "register"], **MODEL},
-                    code=["services", "model"], valid=_endpoint_serves),
+    "register": Stage(
+        "register",
+        register_stage,
+        {**MODEL, "eval": ["eval"], "data": ["data"]},
+        code=["flows/eval/registry.py"],
+        valid=_version_exists,
+    ),
+    "promote": Stage(
+        "promote",
+        promote_stage,
+        {"register": ["register"], "eval": ["eval"]},
+        code=["flows/eval/registry.py", "flows/eval/gate.py"],
+        valid=_version_exists,
+    ),
+    "deploy": Stage(
+        "deploy",
+        deploy_stage,
+        {"model_version": ["promote", "register"], **MODEL},
+        code=["services", "model"],
+        valid=_endpoint_serves,
+    ),
 }

@@ -3,6 +3,7 @@
 A step's record is an MLflow child run of the lifecycle run, tagged `herd.step.*`; a finished one is
 found again by its key (an MLflow search: MLflow is the cache's only store).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,32 @@ import time
 import traceback
 from pathlib import Path
 
-from flows.lifecycle_core import LINEAGE, TAG, Stage, StepContext, _canon, code_version, sha256_text, step_key, tree_digest
+from flows.lifecycle_core import (
+    LINEAGE,
+    TAG,
+    Stage,
+    StepContext,
+    _canon,
+    code_version,
+    sha256_text,
+    step_key,
+    tree_digest,
+)
 from flows.tracking import MAX_TAG_CHARS
 from flows.tracking import client as mlflow_client
 
 # --- MLflow records -----------------------------------------------------------------------------
 
+
 def find_cached(lc: dict, key: str) -> dict | None:
     """The result of the newest finished step run with this key (a run that ran, not a replay)."""
     client = mlflow_client(lc["tracking_uri"])
-    runs = client.search_runs([lc["experiment_id"]], f"tags.`{TAG}key` = '{key}' and tags.`{TAG}status` = 'ran' "
-                              "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [lc["experiment_id"]],
+        f"tags.`{TAG}key` = '{key}' and tags.`{TAG}status` = 'ran' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         return None
     result = json.loads(runs[0].data.tags.get(f"{TAG}result", "null") or "null")
@@ -35,8 +51,11 @@ def find_cached(lc: dict, key: str) -> dict | None:
 def output_files(outputs: dict) -> dict[str, str]:
     """output name -> tree digest of the file or folder it names (outputs that are absolute
     paths): recorded with the step, checked again before its result is reused."""
-    return {k: tree_digest([Path(v)]) for k, v in outputs.items()
-            if isinstance(v, str) and v.startswith("/") and Path(v).exists()}
+    return {
+        k: tree_digest([Path(v)])
+        for k, v in outputs.items()
+        if isinstance(v, str) and v.startswith("/") and Path(v).exists()
+    }
 
 
 def _outputs_intact(result: dict, log=print) -> bool:
@@ -47,8 +66,10 @@ def _outputs_intact(result: dict, log=print) -> bool:
             return False
     for k, digest in (result.get("files") or {}).items():
         if tree_digest([Path(outputs[k])]) != digest:
-            log(f"[{result.get('stage')}] cached output {k} ({outputs[k]}) no longer matches its recorded "
-                f"digest: running it again")
+            log(
+                f"[{result.get('stage')}] cached output {k} ({outputs[k]}) no longer matches its recorded "
+                f"digest: running it again"
+            )
             return False
     return True
 
@@ -62,11 +83,24 @@ def still_valid(stage: Stage, result: dict) -> bool:
 
 def _child_run(lc: dict, stage: str, key: str, status: str, inputs: dict):
     client = mlflow_client(lc["tracking_uri"])
-    run = client.create_run(lc["experiment_id"], run_name=f"{stage}{' (cached)' if status == 'cached' else ''}", tags={
-        "mlflow.parentRunId": lc["parent_run_id"], "herd.stage": stage, "herd.lifecycle": lc["name"],
-        f"{TAG}key": key, f"{TAG}status": status, "herd.git_sha": lc["git_sha"],
-        f"{TAG}inputs": _canon({s: (r and {"stage": r["stage"], "digest": r["digest"], "run_id": r["run_id"]})
-                                for s, r in inputs.items()})[:MAX_TAG_CHARS]})
+    run = client.create_run(
+        lc["experiment_id"],
+        run_name=f"{stage}{' (cached)' if status == 'cached' else ''}",
+        tags={
+            "mlflow.parentRunId": lc["parent_run_id"],
+            "herd.stage": stage,
+            "herd.lifecycle": lc["name"],
+            f"{TAG}key": key,
+            f"{TAG}status": status,
+            "herd.git_sha": lc["git_sha"],
+            f"{TAG}inputs": _canon(
+                {
+                    s: (r and {"stage": r["stage"], "digest": r["digest"], "run_id": r["run_id"]})
+                    for s, r in inputs.items()
+                }
+            )[:MAX_TAG_CHARS],
+        },
+    )
     return client, run.info.run_id
 
 
@@ -101,8 +135,10 @@ def record_cached(lc: dict, stage: str, inputs: dict, cached: dict) -> dict:
 
 # --- one step (a Ray task) ----------------------------------------------------------------------
 
-def execute_step(stage: Stage, st_cfg: dict, lc: dict, slots: dict[str, str | None], force: bool,
-                 *upstream: dict) -> dict:
+
+def execute_step(
+    stage: Stage, st_cfg: dict, lc: dict, slots: dict[str, str | None], force: bool, *upstream: dict
+) -> dict:
     """Run one step: look its key up (unless forced), else run the stage inside its child run."""
     by_stage = {r["stage"]: r for r in upstream}
     inputs = {slot: by_stage.get(u) if u else None for slot, u in slots.items()}
@@ -125,8 +161,9 @@ def execute_step(stage: Stage, st_cfg: dict, lc: dict, slots: dict[str, str | No
     client.set_tag(run_id, f"{TAG}code_version", code)
     client.set_tag(run_id, f"{TAG}out_dir", str(out_dir))
     client.log_dict(run_id, st_cfg["config"], "stage_config.yaml")
-    ctx = StepContext(stage.name, key, st_cfg["config"], st_cfg["params"], inputs, out_dir, lc["seed"],
-                      dict(lineage), {**lc})
+    ctx = StepContext(
+        stage.name, key, st_cfg["config"], st_cfg["params"], inputs, out_dir, lc["seed"], dict(lineage), {**lc}
+    )
     ctx.lifecycle["step_run_id"] = run_id
     print(f"[{stage.name}] running (key {key[:12]}, run {run_id})", flush=True)
     t0 = time.perf_counter()
@@ -144,14 +181,26 @@ def execute_step(stage: Stage, st_cfg: dict, lc: dict, slots: dict[str, str | No
         client.set_terminated(run_id, "FAILED")
         raise
     outputs = got.get("outputs") or {}
-    digest = got.get("digest") or sha256_text(_canon(outputs) + (tree_digest([out_dir]) if any(out_dir.iterdir()) else ""))
+    digest = got.get("digest") or sha256_text(
+        _canon(outputs) + (tree_digest([out_dir]) if any(out_dir.iterdir()) else "")
+    )
     lineage.update(got.get("lineage") or {})
     lineage[f"{stage.name}.run_id"] = run_id
     lineage[f"{stage.name}.digest"] = digest
     metrics = {k: float(v) for k, v in (got.get("metrics") or {}).items()}
-    result = {"stage": stage.name, "key": key, "status": "ran", "run_id": run_id, "digest": digest,
-              "outputs": outputs, "files": output_files(outputs), "metrics": metrics, "lineage": lineage,
-              "seconds": round(time.perf_counter() - t0, 2), "summary": got.get("summary", "")}
+    result = {
+        "stage": stage.name,
+        "key": key,
+        "status": "ran",
+        "run_id": run_id,
+        "digest": digest,
+        "outputs": outputs,
+        "files": output_files(outputs),
+        "metrics": metrics,
+        "lineage": lineage,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "summary": got.get("summary", ""),
+    }
     if metrics:
         client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
     for k, v in (got.get("tags") or {}).items():

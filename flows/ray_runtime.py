@@ -1,4 +1,5 @@
 """Starting Ray: the one function every stage, the lifecycle and `herd serve` call."""
+
 from __future__ import annotations
 
 import sys

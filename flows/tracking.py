@@ -1,5 +1,6 @@
 """MLflow set-up shared by every stage: the tracking URI rule, the client, the experiment rules and
 MLflow's limits."""
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def absolute_tracking_uri(uri: str | None = None) -> str:
     Ray workers and `ray job submit` may run in another folder."""
     uri = tracking_uri(uri or None)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     elif "://" not in uri:
         uri = str(Path(uri).resolve())
     return uri
@@ -50,7 +51,9 @@ def ensure_experiment(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        location = str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / name) if uri.startswith("sqlite:////") else None
+        location = (
+            str(Path(uri[len("sqlite:///") :]).parent / "mlruns" / name) if uri.startswith("sqlite:////") else None
+        )
         try:
             c.create_experiment(name, artifact_location=location)
         except MlflowException:  # another process created it meanwhile
@@ -87,8 +90,11 @@ def git_sha(repo: str | Path | None = None) -> str:
     """The code version recorded with every run; 'unknown' outside a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).resolve().parents[1],
-            capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo or Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):

@@ -3,6 +3,7 @@
 KubeRay objects go through CustomObjectsApi (ray.io/v1); `apply` uses server-side apply
 (one PATCH per object, which creates or updates) so re-applying is safe.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,17 @@ APPLY_PATCH = "application/apply-patch+yaml"
 LIFECYCLE_MODULE = "flows.lifecycle"
 SUBMITTER_CONTAINER = "ray-job-submitter"
 # RayJob status fields `status` reads; tests check each against the CRD's status schema.
-STATUS_FIELDS = ("jobStatus", "jobDeploymentStatus", "rayClusterName", "dashboardURL",
-                 "startTime", "endTime", "message", "reason", "jobId")
+STATUS_FIELDS = (
+    "jobStatus",
+    "jobDeploymentStatus",
+    "rayClusterName",
+    "dashboardURL",
+    "startTime",
+    "endTime",
+    "message",
+    "reason",
+    "jobId",
+)
 FAILED_JOB = {"FAILED", "STOPPED"}
 FAILED_DEPLOYMENT = {"Failed", "ValidationFailed"}
 
@@ -52,8 +62,10 @@ def api_client(kubeconfig: str | None = None, context: str | None = None):
         try:
             config.load_incluster_config()
         except ConfigException:
-            raise HerdError("no Kubernetes cluster configured: no ~/.kube/config, $KUBECONFIG "
-                            "or in-cluster service account (see docs/kubernetes.md)") from None
+            raise HerdError(
+                "no Kubernetes cluster configured: no ~/.kube/config, $KUBECONFIG "
+                "or in-cluster service account (see docs/kubernetes.md)"
+            ) from None
         return client.ApiClient()
 
 
@@ -75,8 +87,16 @@ def apply(api, docs: list[dict]) -> list[str]:
         try:
             if kind in PLURALS:
                 client.CustomObjectsApi(api).patch_namespaced_custom_object(
-                    GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], doc,
-                    field_manager=FIELD_MANAGER, force=True, _content_type=APPLY_PATCH)
+                    GROUP,
+                    VERSION,
+                    meta["namespace"],
+                    PLURALS[kind],
+                    meta["name"],
+                    doc,
+                    field_manager=FIELD_MANAGER,
+                    force=True,
+                    _content_type=APPLY_PATCH,
+                )
             elif kind in CORE:
                 _apply_core(api, doc)
             else:
@@ -92,10 +112,13 @@ def _apply_core(api, doc: dict) -> None:
     meta = doc["metadata"]
     ns = f"/namespaces/{meta['namespace']}" if namespaced else ""
     request = api.param_serialize(
-        method="PATCH", resource_path=f"{prefix}{ns}/{plural}/{meta['name']}",
+        method="PATCH",
+        resource_path=f"{prefix}{ns}/{plural}/{meta['name']}",
         query_params=[("fieldManager", FIELD_MANAGER), ("force", True)],
         header_params={"Content-Type": APPLY_PATCH, "Accept": "application/json"},
-        body=doc, auth_settings=["BearerToken"])
+        body=doc,
+        auth_settings=["BearerToken"],
+    )
     response = api.call_api(*request)
     response.read()
     api.response_deserialize(response, {"200": "object", "201": "object"})
@@ -105,14 +128,14 @@ def rayjob_body(template: dict, config: str, name: str | None = None) -> dict:
     """A new RayJob from the rendered template: its cluster spec, a fresh name, and the
     lifecycle entrypoint on `config` (a path inside the image's project folder)."""
     body = copy.deepcopy(template)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     meta = body["metadata"]
     body["metadata"] = {k: meta[k] for k in ("namespace", "labels", "annotations") if k in meta}
     body["metadata"]["name"] = name or f"{meta['name']}-{stamp}"
     body.pop("status", None)
     # The template's own options (the gpu overlay's --overrides) stay; only the config changes.
     words = shlex.split(template["spec"]["entrypoint"])
-    extra = words[words.index("--config") + 2:] if "--config" in words else []
+    extra = words[words.index("--config") + 2 :] if "--config" in words else []
     body["spec"]["entrypoint"] = shlex.join(["python", "-m", LIFECYCLE_MODULE, "--config", config, *extra])
     return body
 
@@ -139,8 +162,15 @@ def patch_rayservice(api, namespace: str, name: str, patch: dict) -> dict:
 
     try:
         return client.CustomObjectsApi(api).patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURALS["RayService"], name, patch,
-            field_manager=FIELD_MANAGER + "-promote", _content_type="application/merge-patch+json")
+            GROUP,
+            VERSION,
+            namespace,
+            PLURALS["RayService"],
+            name,
+            patch,
+            field_manager=FIELD_MANAGER + "-promote",
+            _content_type="application/merge-patch+json",
+        )
     except ApiException as e:
         raise _api_error(e, f"patch rayservice/{name}") from None
 
@@ -152,7 +182,8 @@ def submit(api, body: dict) -> dict:
     meta = body["metadata"]
     try:
         return client.CustomObjectsApi(api).create_namespaced_custom_object(
-            GROUP, VERSION, meta["namespace"], PLURALS["RayJob"], body)
+            GROUP, VERSION, meta["namespace"], PLURALS["RayJob"], body
+        )
     except ApiException as e:
         raise _api_error(e, f"submit rayjob/{meta['name']}") from None
 
@@ -171,7 +202,7 @@ class RayJobStatus:
     jobId: str = ""
 
     @classmethod
-    def from_object(cls, obj: dict) -> "RayJobStatus":
+    def from_object(cls, obj: dict) -> RayJobStatus:
         status = obj.get("status") or {}
         return cls(name=obj["metadata"]["name"], **{f: str(status.get(f, "")) for f in STATUS_FIELDS})
 
@@ -181,9 +212,17 @@ class RayJobStatus:
 
     def line(self) -> str:
         parts = [self.name, self.jobDeploymentStatus or "Pending", self.jobStatus or "-"]
-        parts += [f"{k}={v}" for k, v in (("cluster", self.rayClusterName), ("started", self.startTime),
-                                          ("ended", self.endTime), ("reason", self.reason),
-                                          ("message", self.message)) if v]
+        parts += [
+            f"{k}={v}"
+            for k, v in (
+                ("cluster", self.rayClusterName),
+                ("started", self.startTime),
+                ("ended", self.endTime),
+                ("reason", self.reason),
+                ("message", self.message),
+            )
+            if v
+        ]
         return "  ".join(parts)
 
 
@@ -221,7 +260,6 @@ def rayjob_logs(api, namespace: str, name: str, head: bool = False, tail: int | 
         if not pods:
             raise HerdError(f"rayjob/{name}: no Pod matches {selector} in namespace {namespace}")
         pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp or ""))
-        return core.read_namespaced_pod_log(pod.metadata.name, namespace, container=container,
-                                            tail_lines=tail)
+        return core.read_namespaced_pod_log(pod.metadata.name, namespace, container=container, tail_lines=tail)
     except ApiException as e:
         raise _api_error(e, f"logs of rayjob/{name}") from None

@@ -4,6 +4,7 @@ render and apply build an overlay of infra/k8s with herd's own kustomize rendere
 refuse manifests that fail schema validation; submit, status and logs work on RayJobs;
 promote points the RayService's endpoint at a model version without a new cluster.
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,20 @@ OVERLAYS = REPO / "infra" / "k8s" / "overlays"
 DEFAULT_OVERLAY = "cpu-dev"
 DEFAULT_NAMESPACE = "herd"
 # Apply order: what others refer to comes first.
-KIND_ORDER = ["Namespace", "NetworkPolicy", "Secret", "ConfigMap", "PersistentVolumeClaim",
-              "PodDisruptionBudget", "Service", "StatefulSet", "Deployment", "RayCluster", "RayJob", "RayService"]
+KIND_ORDER = [
+    "Namespace",
+    "NetworkPolicy",
+    "Secret",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "PodDisruptionBudget",
+    "Service",
+    "StatefulSet",
+    "Deployment",
+    "RayCluster",
+    "RayJob",
+    "RayService",
+]
 
 
 def register(subparsers) -> None:
@@ -27,10 +40,17 @@ def register(subparsers) -> None:
     sub = k8s.add_subparsers(dest="k8s_command", required=True)
 
     def overlay_args(p):
-        p.add_argument("--overlay", default=DEFAULT_OVERLAY,
-                       help=f"cpu-dev, gpu, or a kustomization folder (default {DEFAULT_OVERLAY})")
-        p.add_argument("--crds", type=Path, help="folder of KubeRay CRD YAML to validate against "
-                       "(default $HERD_KUBERAY_CRDS or ../shared/k8s/kuberay-crds)")
+        p.add_argument(
+            "--overlay",
+            default=DEFAULT_OVERLAY,
+            help=f"cpu-dev, gpu, or a kustomization folder (default {DEFAULT_OVERLAY})",
+        )
+        p.add_argument(
+            "--crds",
+            type=Path,
+            help="folder of KubeRay CRD YAML to validate against "
+            "(default $HERD_KUBERAY_CRDS or ../shared/k8s/kuberay-crds)",
+        )
 
     def cluster_args(p, namespace=True):
         p.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
@@ -51,8 +71,11 @@ def register(subparsers) -> None:
     p = sub.add_parser("submit", help="start a lifecycle run as a new RayJob")
     overlay_args(p)
     cluster_args(p, namespace=False)
-    p.add_argument("--config", default="configs/default.yaml",
-                   help="lifecycle config, relative to the project (it runs from the image's copy)")
+    p.add_argument(
+        "--config",
+        default="configs/default.yaml",
+        help="lifecycle config, relative to the project (it runs from the image's copy)",
+    )
     p.add_argument("--name", help="RayJob name (default herd-lifecycle-<UTC time>)")
     p.add_argument("--dry-run", action="store_true", help="print the RayJob instead of creating it")
     p.set_defaults(func=cmd_submit)
@@ -60,8 +83,11 @@ def register(subparsers) -> None:
     p = sub.add_parser("promote", help="point the RayService's endpoint at a model version, in place")
     overlay_args(p)
     cluster_args(p, namespace=False)
-    p.add_argument("--model", default="models:/herd@champion",
-                   help="models:/NAME/VERSION, or an alias resolved in MLflow now (default models:/herd@champion)")
+    p.add_argument(
+        "--model",
+        default="models:/herd@champion",
+        help="models:/NAME/VERSION, or an alias resolved in MLflow now (default models:/herd@champion)",
+    )
     p.add_argument("--tracking-uri", help="MLflow, to resolve an alias (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--name", default="herd-serve", help="the RayService (default herd-serve)")
     p.add_argument("--dry-run", action="store_true", help="print the patch instead of sending it")
@@ -96,8 +122,11 @@ def rendered(args) -> list[dict]:
     if args.crds and not (args.crds / validate.CRD_FILES["RayJob"]).is_file():
         raise HerdError(f"--crds {args.crds}: no {validate.CRD_FILES['RayJob']} there")
     if crd_dir is None:
-        print("herd: note: KubeRay CRD schemas not found; RayCluster/RayJob/RayService checked "
-              "only for their Serve config (set $HERD_KUBERAY_CRDS or --crds)", file=sys.stderr)
+        print(
+            "herd: note: KubeRay CRD schemas not found; RayCluster/RayJob/RayService checked "
+            "only for their Serve config (set $HERD_KUBERAY_CRDS or --crds)",
+            file=sys.stderr,
+        )
     errors = validate.validate_all(docs, crd_dir)
     if errors:
         raise HerdError(f"{len(errors)} schema error(s) in {args.overlay}:\n  " + "\n  ".join(errors))
@@ -109,13 +138,13 @@ class _BlockDumper(yaml.SafeDumper):
     """Multi-line strings (serveConfigV2, runtimeEnvYAML) as readable `|` blocks."""
 
 
-_BlockDumper.add_representer(str, lambda d, s: d.represent_scalar(
-    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+_BlockDumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
 
 
 def to_yaml(docs: list[dict]) -> str:
-    return yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, explicit_start=True,
-                         allow_unicode=True)
+    return yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, explicit_start=True, allow_unicode=True)
 
 
 def cmd_render(args) -> int:
@@ -155,8 +184,10 @@ def cmd_submit(args) -> int:
         return 0
     created = k8s_api.submit(k8s_api.api_client(args.kubeconfig, args.context), body)
     meta = created["metadata"]
-    print(f"rayjob/{meta['name']} created in namespace {meta['namespace']}; "
-          f"follow it with: herd k8s status {meta['name']} -n {meta['namespace']}")
+    print(
+        f"rayjob/{meta['name']} created in namespace {meta['namespace']}; "
+        f"follow it with: herd k8s status {meta['name']} -n {meta['namespace']}"
+    )
     return 0
 
 
@@ -169,8 +200,11 @@ def cmd_promote(args) -> int:
     if not args.model.startswith("models:/"):
         raise HerdError(f"--model {args.model}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
     pinned = pin(args.model, args.tracking_uri)
-    services = [d for d in kustomize.build(overlay_dir(args.overlay))
-                if d["kind"] == "RayService" and d["metadata"]["name"] == args.name]
+    services = [
+        d
+        for d in kustomize.build(overlay_dir(args.overlay))
+        if d["kind"] == "RayService" and d["metadata"]["name"] == args.name
+    ]
     if not services:
         raise HerdError(f"--overlay {args.overlay}: renders no RayService {args.name}")
     service = services[0]
@@ -184,16 +218,17 @@ def cmd_promote(args) -> int:
         return 0
     namespace = service["metadata"]["namespace"]
     k8s_api.patch_rayservice(k8s_api.api_client(args.kubeconfig, args.context), namespace, args.name, patch)
-    print(f"rayservice/{args.name} in namespace {namespace} now serves {pinned.uri} ({pinned.label}); "
-          "KubeRay reconfigures its replicas in place")
+    print(
+        f"rayservice/{args.name} in namespace {namespace} now serves {pinned.uri} ({pinned.label}); "
+        "KubeRay reconfigures its replicas in place"
+    )
     return 0
 
 
 def cmd_status(args) -> int:
     from infra import k8s_api
 
-    statuses = k8s_api.rayjob_statuses(k8s_api.api_client(args.kubeconfig, args.context),
-                                       args.namespace, args.name)
+    statuses = k8s_api.rayjob_statuses(k8s_api.api_client(args.kubeconfig, args.context), args.namespace, args.name)
     if not statuses:
         print(f"no RayJobs in namespace {args.namespace}")
     for s in statuses:
@@ -204,8 +239,8 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     from infra import k8s_api
 
-    text = k8s_api.rayjob_logs(k8s_api.api_client(args.kubeconfig, args.context),
-                               args.namespace, args.name, head=args.head, tail=args.tail)
+    text = k8s_api.rayjob_logs(
+        k8s_api.api_client(args.kubeconfig, args.context), args.namespace, args.name, head=args.head, tail=args.tail
+    )
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
     return 0
-

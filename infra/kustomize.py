@@ -6,6 +6,7 @@ other than what `kubectl apply -k` would; tests compare both where kubectl is in
 Subset: resources (files, folders), namespace, labels (metadata only), images,
 configMapGenerator (files, no name hash), patches (JSON 6902), replacements (plain paths).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,12 +17,28 @@ import yaml
 from model.errors import HerdError
 
 KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "labels", "images",
-             "configMapGenerator", "patches", "replacements"}
+SUPPORTED = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "labels",
+    "images",
+    "configMapGenerator",
+    "patches",
+    "replacements",
+}
 # Resources used only while building (e.g. the Serve config's carrier); kustomize drops them.
 LOCAL_CONFIG = "config.kubernetes.io/local-config"
-CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
-                  "PersistentVolume", "StorageClass", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+}
 
 
 def build(path: str | Path) -> list[dict]:
@@ -85,8 +102,10 @@ def _meta(doc: dict) -> dict:
 def _config_map(root: Path, gen: dict, kfile: Path) -> dict:
     opts = gen.get("options", {})
     if not opts.get("disableNameSuffixHash") or set(gen) - {"name", "files", "options"}:
-        raise HerdError(f"{kfile}: configMapGenerator {gen.get('name')}: only files with "
-                        "options.disableNameSuffixHash: true are supported")
+        raise HerdError(
+            f"{kfile}: configMapGenerator {gen.get('name')}: only files with "
+            "options.disableNameSuffixHash: true are supported"
+        )
     data = {}
     for spec in gen["files"]:
         key, _, rel = spec.rpartition("=")
@@ -141,8 +160,9 @@ def _json_patch_op(doc: dict, op: dict, kfile: Path) -> None:
                 raise KeyError(last)
             node[last] = copy.deepcopy(op["value"])
     except (KeyError, IndexError, ValueError, TypeError) as e:
-        raise HerdError(f"{kfile}: JSON patch {op['op']} {op['path']} on {doc['kind']}/"
-                        f"{_meta(doc).get('name')}: no such path ({e})") from None
+        raise HerdError(
+            f"{kfile}: JSON patch {op['op']} {op['path']} on {doc['kind']}/{_meta(doc).get('name')}: no such path ({e})"
+        ) from None
 
 
 def _set_images(node, image: dict) -> None:

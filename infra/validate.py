@@ -7,6 +7,7 @@
   makes at deploy time (autoscaling_config's types, unknown keys).
 Each error reads `Kind/name: field.path[0].leaf: message`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,11 @@ import yaml
 
 # The oldest Kubernetes herd supports; newer API servers accept these manifests too.
 KUBERNETES_VERSION = "1.30"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,8 +50,11 @@ def strict(schema: dict) -> dict:
         node = stack.pop()
         if not isinstance(node, dict):
             continue
-        if ("properties" in node and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             node["additionalProperties"] = False
         for key, value in node.items():
             if key in ("properties", "patternProperties"):
@@ -91,8 +98,7 @@ def serve_config_errors(text: str) -> list[str]:
     """Errors in a Ray Serve config (the file `serve deploy` takes), as `path: message`."""
     import pydantic
     from ray.serve.config import AutoscalingConfig
-    from ray.serve.schema import (DeploymentSchema, RayActorOptionsSchema, ServeApplicationSchema,
-                                  ServeDeploySchema)
+    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     try:
         config = yaml.safe_load(text)
@@ -107,8 +113,7 @@ def serve_config_errors(text: str) -> list[str]:
 
     def unknown(node, model, loc):
         names = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
-        errors.extend(f"{field_path(loc + [k])}: unknown field for {model.__name__}"
-                      for k in node if k not in names)
+        errors.extend(f"{field_path(loc + [k])}: unknown field for {model.__name__}" for k in node if k not in names)
 
     unknown(config, ServeDeploySchema, [])
     for i, app in enumerate(config["applications"]):
@@ -122,8 +127,9 @@ def serve_config_errors(text: str) -> list[str]:
                 try:
                     AutoscalingConfig.model_validate(dep["autoscaling_config"])
                 except pydantic.ValidationError as e:
-                    errors += [f"{field_path(loc + ['autoscaling_config', *err['loc']])}: {err['msg']}"
-                               for err in e.errors()]
+                    errors += [
+                        f"{field_path(loc + ['autoscaling_config', *err['loc']])}: {err['msg']}" for err in e.errors()
+                    ]
     return errors
 
 

@@ -1,4 +1,5 @@
 """Offline assets that ship inside PyPI wheels: nothing here downloads."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -10,6 +10,7 @@ shards (`.metadata`, `__<rank>_<n>.distcp`) in place of model.safetensors; `read
 
 Only safetensors and `torch.load(weights_only=True)` touch weight files.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ DCP_METADATA = ".metadata"
 
 
 # --- native format ---------------------------------------------------------------------------
+
 
 def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer=None) -> Path:
     from safetensors.torch import save_file
@@ -68,7 +70,9 @@ def build_model(cfg: ModelConfig, state: dict, source, dtype=torch.float32, devi
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise HerdError(f"{source}: weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise HerdError(
+            f"{source}: weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for name, tensor in expected.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise HerdError(
@@ -91,8 +95,11 @@ def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     reader = dcp.FileSystemReader(str(model_dir))
     try:
         meta = reader.read_metadata()
-        state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-                 for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+        state = {
+            k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            for k, m in meta.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata)
+        }
         dcp.load(state, storage_reader=reader, no_dist=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise HerdError(f"{model_dir}: unreadable sharded (DCP) weights ({e})") from None
@@ -130,6 +137,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 # --- rotary layout ---------------------------------------------------------------------------
 
+
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta/GGUF store q,k rows with rotary pairs interleaved; herd (like HF) rotates halves."""
     out_dim = w.shape[0]
@@ -149,9 +157,15 @@ _GGUF_NAMES = {
     "output.weight": "output.weight",
 }
 _GGUF_LAYER_NAMES = {
-    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
-    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
-    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
 }
 
 
@@ -177,15 +191,19 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     eos = [int(field("tokenizer.ggml.eos_token_id"))]
     try:
         cfg = ModelConfig(
-            dim=int(field("llama.embedding_length")), n_layers=int(field("llama.block_count")),
+            dim=int(field("llama.embedding_length")),
+            n_layers=int(field("llama.block_count")),
             n_heads=int(field("llama.attention.head_count")),
             n_kv_heads=int(field("llama.attention.head_count_kv", field("llama.attention.head_count"))),
-            vocab_size=int(vocab), ffn_hidden_dim=int(field("llama.feed_forward_length")),
+            vocab_size=int(vocab),
+            ffn_hidden_dim=int(field("llama.feed_forward_length")),
             norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
             rope_theta=float(field("llama.rope.freq_base", 10000.0)),
             max_seq_len=int(field("llama.context_length", 8192)),
             tie_embeddings="output.weight" not in names,
-            bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(eos), tokenizer="gguf",
+            bos_token_id=field("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(eos),
+            tokenizer="gguf",
         )
     except (TypeError, ConfigError) as e:
         raise HerdError(f"{path}: incomplete llama metadata ({e})") from None
@@ -220,12 +238,21 @@ def _gguf_to_herd_name(name: str) -> str | None:
 # --- Hugging Face ----------------------------------------------------------------------------
 
 _HF_LAYER_NAMES = {
-    "input_layernorm": "attention_norm", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
 }
-_HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
+_HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def hf_to_herd_name(name: str) -> str | None:
@@ -259,17 +286,24 @@ def read_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     scaling = None
     if rope.get("rope_type", rope.get("type")) == "llama3":
-        scaling = RopeScaling(rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
-                              rope["original_max_position_embeddings"])
+        scaling = RopeScaling(
+            rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+        )
     eos = hf.get("eos_token_id")
     try:
         cfg = ModelConfig(
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]), vocab_size=hf["vocab_size"],
-            ffn_hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            vocab_size=hf["vocab_size"],
+            ffn_hidden_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
             max_seq_len=hf.get("max_position_embeddings", 8192),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), bos_token_id=hf.get("bos_token_id"),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
             tokenizer="llama3" if hf["vocab_size"] == 128256 else "external",
         )
@@ -294,19 +328,35 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
     eos = list(cfg.eos_token_ids)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_hidden_dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
-        "rope_parameters": rope, "rope_theta": cfg.rope_theta,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
         "rope_scaling": rope if cfg.rope_scaling is not None else None,
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "bos_token_id": cfg.bos_token_id,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": cfg.bos_token_id,
         "eos_token_id": (eos if len(eos) > 1 else eos[0]) if eos else None,
         "torch_dtype": "float32",
     }
@@ -350,11 +400,17 @@ def read_meta(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     multiple_of = params.get("multiple_of", 256)
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
     cfg = ModelConfig(
-        dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads") or params["n_heads"], vocab_size=params["vocab_size"],
-        ffn_hidden_dim=hidden, norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 500000.0),
+        dim=dim,
+        n_layers=params["n_layers"],
+        n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        vocab_size=params["vocab_size"],
+        ffn_hidden_dim=hidden,
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=params.get("rope_theta", 500000.0),
         rope_scaling=RopeScaling() if params.get("use_scaled_rope") else None,
-        max_seq_len=params.get("max_seq_len", 8192), tie_embeddings=False,
+        max_seq_len=params.get("max_seq_len", 8192),
+        tie_embeddings=False,
     )
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
@@ -381,6 +437,7 @@ def read_meta(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 # --- import entry point ----------------------------------------------------------------------
+
 
 def import_checkpoint(fmt: str, src: str | Path, out_dir: str | Path, tokenizer_spec: str | None = None) -> Path:
     """Convert GGUF / HF / Meta weights into a native herd directory, tokenizer included."""

@@ -1,4 +1,5 @@
 """`herd model import|export`, `herd generate`, `herd tokenize`."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def _cmd_init(args) -> int:
     cfg = get_preset(args.preset)
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise HerdError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids, preset {args.preset} only "
-                        f"{cfg.vocab_size}")
+        raise HerdError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids, preset {args.preset} only {cfg.vocab_size}"
+        )
     model = Transformer(cfg)
     model.init_weights(seed=args.seed)
     out = save_checkpoint(model, args.out, tokenizer)
@@ -51,8 +53,12 @@ def _cmd_generate(args) -> int:
     if not args.prompt or not args.prompt.strip():
         raise HerdError("--prompt is empty")
     params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
-        seed=args.seed, stop_strings=tuple(args.stop or ()),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop_strings=tuple(args.stop or ()),
     )
     model, tok = load_for_inference(args.model, args.dtype, args.device)
     if args.chat:

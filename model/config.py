@@ -4,6 +4,7 @@ One dataclass describes every Llama-3-architecture model herd knows; the
 presets reproduce Meta's published shapes so that parameter counts can be
 checked against the papers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,7 +84,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -106,7 +107,7 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -127,19 +128,41 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-405b": dataclasses.replace(_LLAMA3_8B, dim=16384, n_layers=126, n_heads=128, ffn_hidden_dim=53248),
     "llama3.1-8b": dataclasses.replace(_LLAMA3_8B, rope_scaling=RopeScaling(), max_seq_len=131072),
     "smollm2-135m": ModelConfig(
-        dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_hidden_dim=1536,
-        norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True,
-        bos_token_id=1, eos_token_ids=(2,), tokenizer="gguf",
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        vocab_size=49152,
+        ffn_hidden_dim=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_seq_len=8192,
+        tie_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        tokenizer="gguf",
     ),
     # Small enough for unit tests, with the real Llama 3 vocabulary and rope scaling.
     "tiny": dataclasses.replace(
-        _LLAMA3_8B, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=192,
-        rope_scaling=RopeScaling(), max_seq_len=8192,
+        _LLAMA3_8B,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden_dim=192,
+        rope_scaling=RopeScaling(),
+        max_seq_len=8192,
     ),
     # ~155M, the shape the training benchmark uses.
     "small": dataclasses.replace(
-        _LLAMA3_8B, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden_dim=2048,
-        max_seq_len=8192, tie_embeddings=True,
+        _LLAMA3_8B,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        ffn_hidden_dim=2048,
+        max_seq_len=8192,
+        tie_embeddings=True,
     ),
 }
 

@@ -14,6 +14,7 @@ they return None and callers keep torch's path.
 
     python -m model.cpu_kernels     # build now (e.g. in an image) and print what is available
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -89,9 +90,16 @@ def _library() -> dict:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("herd CPU kernels off: building %s failed: %s", SOURCE.name, detail.strip()[-500:])
         return {}
-    lib.herd_attention_step.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + \
-        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + \
-        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.herd_attention_step.argtypes = (
+        [ctypes.c_int64]
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int64]
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        + [ctypes.c_void_p] * 2
+        + [ctypes.c_int64] * 6
+        + [ctypes.c_void_p] * 2
+        + [ctypes.c_int64] * 2
+    )
     lib.herd_attention_step.restype = None
     fns = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
@@ -102,8 +110,15 @@ def _library() -> dict:
         norm_fn = getattr(lib, f"herd_rms_norm_{suffix}")
         norm_fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int64]
         step_fn = getattr(lib, f"herd_decode_{suffix}")
-        step_fn.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64] + \
-            [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+        step_fn.argtypes = (
+            [ctypes.POINTER(_Model)]
+            + [ctypes.c_int64] * 2
+            + [ctypes.c_void_p, ctypes.c_int64]
+            + [ctypes.c_void_p] * 2
+            + [ctypes.c_int64] * 3
+            + [ctypes.c_void_p] * 2
+            + [ctypes.c_int64]
+        )
         for name, fn in (("gemv", gemv_fn), ("rms_norm", norm_fn), ("decode", step_fn)):
             fn.restype = None
             fns[(name, dtype)] = fn
@@ -153,8 +168,9 @@ def _cache_layout(cache) -> tuple[int, int, int] | None:
     return k.stride(0), k.stride(1), k.stride(2)
 
 
-def attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int,
-                   n_heads: int) -> torch.Tensor | None:
+def attention_step(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int, n_heads: int
+) -> torch.Tensor | None:
     """The attention heads' output (B, n_heads * head_dim) of a one-token step of B cached rows, from
     the fused q|k|v projection (B, 1, width) and the model's cos/sin (B, 1, 1, head_dim); writes this
     step's keys/values into `cache` (model.kv_cache.KVCache or model.paged_cache.PagedKVCache) at
@@ -173,9 +189,27 @@ def attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cach
     out = torch.empty(B, n_heads * hd, dtype=qkv.dtype)
     scratch = torch.empty(B * (qkv.shape[-1] + hd) + threads * cache.max_len, dtype=torch.float32)
     k, v = cache.k[layer], cache.v[layer]
-    fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, tables.data_ptr(), tables.stride(0), pos.data_ptr(),
-       k.data_ptr(), v.data_ptr(), cache.block_size, block_stride, head_stride, n_heads, n_kv, hd, out.data_ptr(),
-       scratch.data_ptr(), cache.max_len, threads)
+    fn(
+        qkv.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        B,
+        tables.data_ptr(),
+        tables.stride(0),
+        pos.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        cache.block_size,
+        block_stride,
+        head_stride,
+        n_heads,
+        n_kv,
+        hd,
+        out.data_ptr(),
+        scratch.data_ptr(),
+        cache.max_len,
+        threads,
+    )
     return out
 
 
@@ -184,10 +218,16 @@ class _Layer(ctypes.Structure):
 
 
 class _Model(ctypes.Structure):  # herd_model in cpu_decode.c
-    _fields_ = [(name, ctypes.c_int64) for name in
-                ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab")] + [
-        ("eps", ctypes.c_float), ("inv_freq", ctypes.c_void_p), ("layers", ctypes.POINTER(_Layer)),
-        ("norm", ctypes.c_void_p), ("output", ctypes.c_void_p), ("embedding", ctypes.c_void_p)]
+    _fields_ = [
+        (name, ctypes.c_int64) for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab")
+    ] + [
+        ("eps", ctypes.c_float),
+        ("inv_freq", ctypes.c_void_p),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("norm", ctypes.c_void_p),
+        ("output", ctypes.c_void_p),
+        ("embedding", ctypes.c_void_p),
+    ]
 
 
 class _DecodePlan:
@@ -200,22 +240,45 @@ class _DecodePlan:
         layers = (_Layer * cfg.n_layers)()
         for row, layer in zip(layers, model.layers):
             attn, ffn = layer.attention, layer.feed_forward
-            weights = (layer.attention_norm.weight, attn.wqkv, attn.wo.weight, layer.ffn_norm.weight, ffn.w13,
-                       ffn.w2.weight)
+            weights = (
+                layer.attention_norm.weight,
+                attn.wqkv,
+                attn.wo.weight,
+                layer.ffn_norm.weight,
+                ffn.w13,
+                ffn.w2.weight,
+            )
             self.tensors += weights
             for (name, _), w in zip(_Layer._fields_, weights):
                 setattr(row, name, w.data_ptr())
         self.layers = layers
-        self.model = _Model(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden_dim,
-                            cfg.vocab_size, cfg.norm_eps, model.inv_freq.data_ptr(), layers,
-                            model.norm.weight.data_ptr(), model.output_weight.data_ptr(),
-                            model.tok_embeddings.weight.data_ptr())
+        self.model = _Model(
+            cfg.n_layers,
+            cfg.dim,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            cfg.ffn_hidden_dim,
+            cfg.vocab_size,
+            cfg.norm_eps,
+            model.inv_freq.data_ptr(),
+            layers,
+            model.norm.weight.data_ptr(),
+            model.output_weight.data_ptr(),
+            model.tok_embeddings.weight.data_ptr(),
+        )
         self.scratch = torch.empty(0)
 
     def scratch_for(self, max_len: int) -> torch.Tensor:
         cfg = self.model
-        n = (cfg.dim + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.head_dim + cfg.n_heads * max_len
-             + cfg.dim + cfg.hidden)
+        n = (
+            cfg.dim
+            + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+            + cfg.head_dim
+            + cfg.n_heads * max_len
+            + cfg.dim
+            + cfg.hidden
+        )
         if self.scratch.numel() < n:
             self.scratch = torch.empty(n, dtype=torch.float32)
         return self.scratch
@@ -224,13 +287,17 @@ class _DecodePlan:
 def _plan_key(model) -> tuple:
     """Changes when .to() or a reload moves the weights (then the plan is rebuilt)."""
     first, last = model.layers[0], model.layers[-1]
-    return (model.tok_embeddings.weight.data_ptr(), first.attention.wq.weight.data_ptr(),
-            last.feed_forward.w2.weight.data_ptr(), model.output_weight.data_ptr())
+    return (
+        model.tok_embeddings.weight.data_ptr(),
+        first.attention.wq.weight.data_ptr(),
+        last.feed_forward.w2.weight.data_ptr(),
+        model.output_weight.data_ptr(),
+    )
 
 
 # Kept beside the model, not on it: ctypes pointers can be neither deep-copied nor pickled (Ray).
 # A model the kernel does not apply to is remembered too (None), until its weights move.
-_plans: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_plans: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def _plan(model, fn) -> _DecodePlan | None:
@@ -248,12 +315,22 @@ def _fused_for_kernel(model) -> bool:
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         # Fused (fuse_projections) and still current: the separate weights are views into the fused ones.
-        if (attn.wqkv is None or ffn.w13 is None or attn.wqkv.data_ptr() != attn.wq.weight.data_ptr()
-                or ffn.w13.data_ptr() != ffn.w1.weight.data_ptr()
-                or attn.wqkv.shape != ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.dim)):
+        if (
+            attn.wqkv is None
+            or ffn.w13 is None
+            or attn.wqkv.data_ptr() != attn.wq.weight.data_ptr()
+            or ffn.w13.data_ptr() != ffn.w1.weight.data_ptr()
+            or attn.wqkv.shape != ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.dim)
+        ):
             return False
-        weights = (layer.attention_norm.weight, attn.wqkv, attn.wo.weight, layer.ffn_norm.weight, ffn.w13,
-                   ffn.w2.weight)
+        weights = (
+            layer.attention_norm.weight,
+            attn.wqkv,
+            attn.wo.weight,
+            layer.ffn_norm.weight,
+            ffn.w13,
+            ffn.w2.weight,
+        )
         if any(w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
             return False
     out = model.output_weight
@@ -280,9 +357,19 @@ def decode_step(model, token: torch.Tensor, cache) -> torch.Tensor | None:
         raise ValueError(f"KV cache overflow: {length} + 1 tokens > max_len {cache.max_len}")
     table = tables[0].contiguous()
     logits = torch.empty(1, 1, model.config.vocab_size, dtype=emb.dtype)
-    fn(ctypes.byref(plan.model), int(token), length, table.data_ptr(), cache.block_size, cache.k.data_ptr(),
-       cache.v.data_ptr(), *layout, logits.data_ptr(), plan.scratch_for(cache.max_len).data_ptr(),
-       torch.get_num_threads())
+    fn(
+        ctypes.byref(plan.model),
+        int(token),
+        length,
+        table.data_ptr(),
+        cache.block_size,
+        cache.k.data_ptr(),
+        cache.v.data_ptr(),
+        *layout,
+        logits.data_ptr(),
+        plan.scratch_for(cache.max_len).data_ptr(),
+        torch.get_num_threads(),
+    )
     return logits
 
 

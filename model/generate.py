@@ -4,6 +4,7 @@ Small on purpose (after nanochat's engine.py): the serving engine has its own sc
 cache and batched sampler (services/engine, model/sampler.py); this is for training-side sampling
 (rejection sampling, PPO) and the CLI.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,8 +55,13 @@ class SamplingParams:
     @property
     def engine_only(self) -> bool:
         """Settings only the serving engine's sampler applies (generate() samples with sample_next)."""
-        return (self.min_p > 0 or self.presence_penalty != 0 or self.frequency_penalty != 0
-                or self.repetition_penalty != 1 or self.logprobs is not None)
+        return (
+            self.min_p > 0
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+            or self.logprobs is not None
+        )
 
 
 @dataclass
@@ -104,13 +110,15 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     if not prompts or any(len(p) == 0 for p in prompts):
         raise HerdError("empty prompt: every prompt needs at least one token")
     if params.engine_only:
-        raise HerdError("min_p, penalties and logprobs are applied by the serving engine (services.engine), "
-                        "not by generate()")
+        raise HerdError(
+            "min_p, penalties and logprobs are applied by the serving engine (services.engine), not by generate()"
+        )
     cfg = model.config
     longest = max(len(p) for p in prompts)
     if longest + params.max_tokens > cfg.max_seq_len:
-        raise HerdError(f"prompt ({longest} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                        f"length {cfg.max_seq_len}")
+        raise HerdError(
+            f"prompt ({longest} tokens) + max_tokens ({params.max_tokens}) exceeds the context length {cfg.max_seq_len}"
+        )
     device = model.tok_embeddings.weight.device
     dtype = model.tok_embeddings.weight.dtype
     B = len(prompts)

@@ -6,6 +6,7 @@ a parameter draws only the blocks that overlap them, so a model sharded while it
 on the meta device, tensor or pipeline parallel) gets exactly the values of an unsharded one,
 and no rank ever holds more than its shard plus one block.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,9 @@ def _block_seed(seed: int, name: str, block: int) -> int:
 
 
 @torch.no_grad()
-def fill_normal(out: torch.Tensor, name: str, global_shape: tuple[int, ...], offset: tuple[int, ...],
-                seed: int, std: float) -> None:
+def fill_normal(
+    out: torch.Tensor, name: str, global_shape: tuple[int, ...], offset: tuple[int, ...], seed: int, std: float
+) -> None:
     """Write into `out` (the local piece at `offset` of a `global_shape` parameter) its N(0, std) values."""
     if out.numel() == 0:
         return
@@ -46,7 +48,7 @@ def fill_normal(out: torch.Tensor, name: str, global_shape: tuple[int, ...], off
         block = torch.randn((b1 - b0, *global_shape[1:]), generator=g, dtype=torch.float32)
         lo, hi = max(b0, start), min(b1, stop)
         piece = block[(slice(lo - b0, hi - b0), *cols)]
-        out[lo - start:hi - start].copy_(piece.mul_(std) if std != 1.0 else piece)
+        out[lo - start : hi - start].copy_(piece.mul_(std) if std != 1.0 else piece)
 
 
 @torch.no_grad()

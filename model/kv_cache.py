@@ -12,6 +12,7 @@ What the model asks of a cache (this one and PagedKVCache):
     layer tensors `k`/`v` laid out (layers, blocks, kv heads, block_size, head dim). A dense cache is
     the one-block-per-row case: block = slot, block_size = max_len.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,16 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -36,11 +45,11 @@ class KVCache:
         self._mask: torch.Tensor | None = None
 
     @classmethod
-    def for_model(cls, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
+    def for_model(cls, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> KVCache:
         return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, device)
 
     # --- step set-up ---
-    def select(self, slots: torch.Tensor | list[int] | None) -> "KVCache":
+    def select(self, slots: torch.Tensor | list[int] | None) -> KVCache:
         """Restrict the next forward step to these slots (None = every row)."""
         self._range = None
         if slots is not None and not torch.is_tensor(slots):
@@ -96,8 +105,8 @@ class KVCache:
         if self._active is None:
             if self._uniform_start is not None:
                 start = self._uniform_start
-                self.k[layer, :, :, start:start + T] = k
-                self.v[layer, :, :, start:start + T] = v
+                self.k[layer, :, :, start : start + T] = k
+                self.v[layer, :, :, start : start + T] = v
             else:
                 rows = torch.arange(self.batch_size, device=k.device)[:, None]
                 pos = self.lengths[:, None] + torch.arange(T, device=k.device)

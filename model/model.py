@@ -13,6 +13,7 @@ Attention paths:
     hands one-token steps to herd's C kernels (model/cpu_kernels.py), which read either cache:
     one sequence runs its whole step as one call, several run each layer's attention as one call.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig, RopeScaling
-from model.cpu_kernels import attention_step, decode_step, gemv, rms_norm as rms_norm_kernel
+from model.cpu_kernels import attention_step, decode_step, gemv
+from model.cpu_kernels import rms_norm as rms_norm_kernel
 from model.kv_cache import KVCache
 from model.paged_cache import PagedKVCache
 
@@ -94,8 +96,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
 
 def pack_weight(weight: torch.Tensor, batch_hint: int = 32) -> torch.Tensor | None:
     """A bf16 CPU weight laid out once for oneDNN's matmul (None where that does not apply)."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype != torch.bfloat16
+        or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
 
@@ -159,8 +164,8 @@ class Attention(nn.Module):
                 if out is not None:
                     return linear(out.view(B, T, -1), self.wo.weight, self.packed.get("wo"))
             qkv = qkv.view(B, T, -1, self.head_dim)
-            qk = apply_rope(qkv[:, :, :nq + nk], cos, sin)
-            q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nk:]
+            qk = apply_rope(qkv[:, :, : nq + nk], cos, sin)
+            q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nk :]
         else:
             # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
             q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)
@@ -224,13 +229,14 @@ class Transformer(nn.Module):
             self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
 
     @torch.no_grad()
-    def fuse_projections(self, pack: bool = False) -> "Transformer":
+    def fuse_projections(self, pack: bool = False) -> Transformer:
         """Inference: one matmul for q/k/v and one for gate/up per layer (fewer kernel launches in
         decode). The separate weights become views into the fused tensors, so memory does not grow
         and state_dict() keeps its names. Call after placing the model (device, dtype); not for training.
 
         pack: also keep bf16 CPU weights in oneDNN's layout for batched steps (a server's decode),
         at the cost of a second copy of the weights."""
+
         def fuse(linears):
             fused = torch.cat([lin.weight for lin in linears])
             for lin, part in zip(linears, fused.split([lin.out_features for lin in linears])):
@@ -245,8 +251,10 @@ class Transformer(nn.Module):
             if ffn.w13 is None or ffn.w13.data_ptr() != ffn.w1.weight.data_ptr():
                 ffn.w13 = fuse([ffn.w1, ffn.w3])
             if pack:
-                for module, weights in ((attn, {"wqkv": attn.wqkv, "wo": attn.wo.weight}),
-                                        (ffn, {"w13": ffn.w13, "w2": ffn.w2.weight})):
+                for module, weights in (
+                    (attn, {"wqkv": attn.wqkv, "wo": attn.wo.weight}),
+                    (ffn, {"w13": ffn.w13, "w2": ffn.w2.weight}),
+                ):
                     module.packed = {k: p for k, w in weights.items() if (p := pack_weight(w)) is not None}
         if pack and (p := pack_weight(self.output_weight)) is not None:
             self.packed = {"output": p}
@@ -267,8 +275,9 @@ class Transformer(nn.Module):
 
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
-        init_parameters(((n, p.data, p.shape, (0,) * p.dim()) for n, p in self.named_parameters()),
-                        self.config.n_layers, seed, std)
+        init_parameters(
+            ((n, p.data, p.shape, (0,) * p.dim()) for n, p in self.named_parameters()), self.config.n_layers, seed, std
+        )
 
     def forward(
         self,

@@ -10,6 +10,7 @@ Triton ships with torch's CUDA wheels. Where it is missing `paged_decode` return
 falls back to gathering the blocks. With TRITON_INTERPRET=1 the kernel runs on CPU tensors
 (tests/test_paged_attention.py), slowly, for correctness.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,10 +27,27 @@ def _kernel():
         return None
 
     @triton.jit
-    def paged_decode_kernel(Q, K, V, Out, Tables, Lens, scale,
-                            stride_qb, stride_qh, stride_kb, stride_kh, stride_tb, stride_ob, stride_oh,
-                            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    def paged_decode_kernel(
+        Q,
+        K,
+        V,
+        Out,
+        Tables,
+        Lens,
+        scale,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_tb,
+        stride_ob,
+        stride_oh,
+        GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         length = tl.load(Lens + row)
@@ -57,14 +75,18 @@ def _kernel():
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(Out + row * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=g[:, None] < GROUP)
+        tl.store(
+            Out + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=g[:, None] < GROUP,
+        )
 
     return triton, paged_decode_kernel
 
 
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor,
-                 lengths: torch.Tensor) -> torch.Tensor | None:
+def paged_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor | None:
     """q (B, heads, head_dim); one layer's k/v (blocks, kv heads, block_size, head_dim); tables (B, W)
     block ids; lengths (B,) keys to attend (the new token's included). Returns (B, heads, head_dim), or
     None where Triton is not installed."""
@@ -78,8 +100,25 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torc
     q = q.contiguous()
     tables = tables.contiguous()
     out = torch.empty_like(q)
-    kernel[(B, n_kv)](q, k, v, out, tables, lengths, 1.0 / hd ** 0.5,
-                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), tables.stride(0), out.stride(0),
-                      out.stride(1), GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
-                      BLOCK_SIZE=block_size, BLOCK_N=64)
+    kernel[(B, n_kv)](
+        q,
+        k,
+        v,
+        out,
+        tables,
+        lengths,
+        1.0 / hd**0.5,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=hd,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=64,
+    )
     return out

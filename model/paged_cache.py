@@ -16,6 +16,7 @@ chosen per device and phase, never builds a mask of the whole span for decode:
     causal mask over that span; on CUDA, cuDNN's attention (which rebuilds its graph for every new
     span) is left out.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,16 @@ NULL_BLOCK = 0
 
 
 class PagedKVCache:
-    def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        num_blocks: int,
+        block_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         if num_blocks < 2:
             raise ValueError(f"a paged cache needs at least 2 blocks (block 0 is the null block), got {num_blocks}")
         shape = (n_layers, num_blocks, n_kv_heads, block_size, head_dim)
@@ -43,7 +52,7 @@ class PagedKVCache:
         self._T, self._span = 0, None
 
     @classmethod
-    def for_model(cls, cfg, num_blocks: int, block_size: int, dtype=torch.float32, device="cpu") -> "PagedKVCache":
+    def for_model(cls, cfg, num_blocks: int, block_size: int, dtype=torch.float32, device="cpu") -> PagedKVCache:
         return cls(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim, dtype, device)
 
     @property
@@ -51,8 +60,14 @@ class PagedKVCache:
         return 2 * self.k[:, 0].numel() * self.k.element_size()
 
     # --- step set-up (the engine's runner) ---
-    def set_step(self, tables: torch.Tensor, lengths: torch.Tensor, T: int, span: int | None = None,
-                 valid: torch.Tensor | None = None) -> None:
+    def set_step(
+        self,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        T: int,
+        span: int | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> None:
         """tables (B, W) block ids (NULL_BLOCK past a row's own), lengths (B,) tokens already cached, on
         the cache's device. span: the longest row's length + T (needed by the gathered path; None when
         only the decode kernels run, e.g. inside a CUDA graph). valid (B,): real tokens of each row this
@@ -101,8 +116,8 @@ class PagedKVCache:
         B, H, T, hd = q.shape
         n = -(-self._span // self.block_size)
         table = self._tables[:, :n]
-        keys = kl[table].permute(0, 2, 1, 3, 4).reshape(B, kl.shape[1], n * self.block_size, hd)[:, :, :self._span]
-        vals = vl[table].permute(0, 2, 1, 3, 4).reshape(B, vl.shape[1], n * self.block_size, hd)[:, :, :self._span]
+        keys = kl[table].permute(0, 2, 1, 3, 4).reshape(B, kl.shape[1], n * self.block_size, hd)[:, :, : self._span]
+        vals = vl[table].permute(0, 2, 1, 3, 4).reshape(B, vl.shape[1], n * self.block_size, hd)[:, :, : self._span]
         k_pos = torch.arange(self._span, device=q.device)
         mask = (k_pos[None, None, :] <= self._positions[:, :, None])[:, None]  # (B, 1, T, span)
         if not q.is_cuda:

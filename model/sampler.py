@@ -14,12 +14,13 @@ The draw is an inverse-CDF lookup with one uniform number per row, a hash of (se
 token depends on its own logits, seed and step only, never on the rows beside it. Requests without a
 seed get a random one when they arrive (`random_seed`).
 """
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -47,6 +48,7 @@ def uniform(seed: int, step: int) -> float:
 @dataclass(frozen=True)
 class RowSettings:
     """What the sampler reads of one request (model.generate.SamplingParams has these fields)."""
+
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -74,12 +76,21 @@ class Sampled:
 
 
 def settings_of(p) -> RowSettings:
-    return RowSettings(p.temperature, p.top_k, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
-                       p.repetition_penalty, p.logprobs)
+    return RowSettings(
+        p.temperature,
+        p.top_k,
+        p.top_p,
+        p.min_p,
+        p.presence_penalty,
+        p.frequency_penalty,
+        p.repetition_penalty,
+        p.logprobs,
+    )
 
 
-def apply_penalties(x: torch.Tensor, rows: Sequence[RowSettings], prompts: Sequence[Sequence[int]],
-                    outputs: Sequence[Sequence[int]]) -> torch.Tensor:
+def apply_penalties(
+    x: torch.Tensor, rows: Sequence[RowSettings], prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """OpenAI's presence and frequency penalties over each row's output tokens, and the CTRL /
     transformers repetition penalty over its prompt and output tokens (x / r where x > 0, x * r below)."""
     B, V = x.shape
@@ -90,7 +101,7 @@ def apply_penalties(x: torch.Tensor, rows: Sequence[RowSettings], prompts: Seque
         ids = torch.full((B, max(width, 1)), V, dtype=torch.long)
         for r, t in enumerate(lists):
             if t:
-                ids[r, :len(t)] = torch.as_tensor(t, dtype=torch.long)
+                ids[r, : len(t)] = torch.as_tensor(t, dtype=torch.long)
         c = torch.zeros(B, V + 1, dtype=x.dtype, device=dev)
         return c.scatter_add_(1, ids.to(dev), torch.ones(ids.shape, dtype=x.dtype, device=dev))[:, :V]
 
@@ -112,9 +123,15 @@ class Sampler:
     def __init__(self, dense: bool = False, top: int = 128):
         self.dense, self.top = dense, top
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[RowSettings], seeds: Sequence[int],
-                 steps: Sequence[int], prompts: Sequence[Sequence[int]] | None = None,
-                 outputs: Sequence[Sequence[int]] | None = None) -> Sampled:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[RowSettings],
+        seeds: Sequence[int],
+        steps: Sequence[int],
+        prompts: Sequence[Sequence[int]] | None = None,
+        outputs: Sequence[Sequence[int]] | None = None,
+    ) -> Sampled:
         B, V = logits.shape
         dev = logits.device
         raw = logits.float()
@@ -146,7 +163,7 @@ class Sampler:
                 if row.logprobs is None:
                     continue
                 n = min(row.logprobs, k)
-                top = tuple(zip(host[r, 2:2 + n].long().tolist(), host[r, 2 + k:2 + k + n].tolist()))
+                top = tuple(zip(host[r, 2 : 2 + n].long().tolist(), host[r, 2 + k : 2 + k + n].tolist()))
                 logprobs[r] = TokenLogprobs(float(host[r, 1]), top)
         return Sampled(token_ids, logprobs)
 
@@ -174,10 +191,12 @@ class _Truncation:
     log_min_p: torch.Tensor  # (B,) -inf = off
 
     @classmethod
-    def of(cls, rows: Sequence[RowSettings], dev) -> "_Truncation":
-        return cls(torch.tensor([r.top_k for r in rows], device=dev),
-                   torch.tensor([r.top_p for r in rows], dtype=torch.float64, device=dev),
-                   torch.tensor([math.log(r.min_p) if r.min_p > 0 else float("-inf") for r in rows], device=dev))
+    def of(cls, rows: Sequence[RowSettings], dev) -> _Truncation:
+        return cls(
+            torch.tensor([r.top_k for r in rows], device=dev),
+            torch.tensor([r.top_p for r in rows], dtype=torch.float64, device=dev),
+            torch.tensor([math.log(r.min_p) if r.min_p > 0 else float("-inf") for r in rows], device=dev),
+        )
 
     @property
     def renormalised(self) -> torch.Tensor:
@@ -204,9 +223,18 @@ def _segment_cumsum(v: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) ->
     return c - before_row[rows]
 
 
-def _pick(rows: torch.Tensor, start: torch.Tensor, vals: torch.Tensor, keep: torch.Tensor, rank: torch.Tensor,
-          top: torch.Tensor, cut: _Truncation, lse_full: torch.Tensor, u: torch.Tensor,
-          B: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pick(
+    rows: torch.Tensor,
+    start: torch.Tensor,
+    vals: torch.Tensor,
+    keep: torch.Tensor,
+    rank: torch.Tensor,
+    top: torch.Tensor,
+    cut: _Truncation,
+    lse_full: torch.Tensor,
+    u: torch.Tensor,
+    B: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-p over each row's elements (grouped by row, each row sorted by value, descending, starting
     at `start`), then the draw. Returns the position (into the elements) of each row's drawn token,
     and how many of its elements each row kept."""
@@ -223,10 +251,12 @@ def _pick(rows: torch.Tensor, start: torch.Tensor, vals: torch.Tensor, keep: tor
     hit = keep & (upto > (u * total)[rows])
     # The first hit of each row; the row's last kept element when rounding leaves none.
     last_kept = torch.zeros(B, dtype=torch.long, device=rows.device).scatter_reduce_(
-        0, rows, torch.where(keep, torch.arange(len(rows), device=rows.device), -1), "amax")
+        0, rows, torch.where(keep, torch.arange(len(rows), device=rows.device), -1), "amax"
+    )
     n = len(rows)
     first = torch.full((B,), n, dtype=torch.long, device=rows.device).scatter_reduce_(
-        0, rows, torch.where(hit, torch.arange(n, device=rows.device), n), "amin")
+        0, rows, torch.where(hit, torch.arange(n, device=rows.device), n), "amin"
+    )
     return torch.where(first < n, first, last_kept), kept
 
 
@@ -238,8 +268,18 @@ def _draw_sorted(x: torch.Tensor, cut: _Truncation, u: torch.Tensor) -> torch.Te
     rank = torch.arange(V, device=x.device).expand(B, V)
     keep = (vals >= (top + cut.log_min_p)[:, None]) & ((cut.top_k == 0)[:, None] | (rank < cut.top_k[:, None]))
     rows = torch.arange(B, device=x.device).repeat_interleave(V)
-    pos, _ = _pick(rows, torch.arange(B, device=x.device) * V, vals.flatten(), keep.flatten(), rank.flatten(), top,
-                   cut, torch.logsumexp(x, -1), u, B)
+    pos, _ = _pick(
+        rows,
+        torch.arange(B, device=x.device) * V,
+        vals.flatten(),
+        keep.flatten(),
+        rank.flatten(),
+        top,
+        cut,
+        torch.logsumexp(x, -1),
+        u,
+        B,
+    )
     return idx.flatten()[pos]
 
 
@@ -278,8 +318,7 @@ def _draw_histogram(x: torch.Tensor, cut: _Truncation, u: torch.Tensor) -> torch
         rows, vals, p = rows[order], vals[order], mp[rows[order], cols[order]].double()
         start, _ = _segments(rows, len(p_rows))
         kept = before[rows, c[rows]] + _segment_cumsum(p, rows, start) - p < target[rows]
-        tau_p = torch.full((len(p_rows),), float("inf"), device=dev).scatter_reduce_(
-            0, rows[kept], vals[kept], "amin")
+        tau_p = torch.full((len(p_rows),), float("inf"), device=dev).scatter_reduce_(0, rows[kept], vals[kept], "amin")
         tau[p_rows] = tau_p
     return _inverse_cdf_mass(mass * (x >= tau[:, None]), u)
 
@@ -315,8 +354,18 @@ def _draw_top(x: torch.Tensor, temp: torch.Tensor, cut: _Truncation, u: torch.Te
     best = vals[:, 0]
     keep = (vals >= (best + cut.log_min_p)[:, None]) & ((cut.top_k == 0)[:, None] | (rank < cut.top_k[:, None]))
     rows = torch.arange(B, device=dev).repeat_interleave(K)
-    pos, kept = _pick(rows, torch.arange(B, device=dev) * K, vals.flatten(), keep.flatten(), rank.flatten(), best,
-                      cut, torch.logsumexp(x / temp[:, None], -1), u, B)
+    pos, kept = _pick(
+        rows,
+        torch.arange(B, device=dev) * K,
+        vals.flatten(),
+        keep.flatten(),
+        rank.flatten(),
+        best,
+        cut,
+        torch.logsumexp(x / temp[:, None], -1),
+        u,
+        B,
+    )
     ids = idx.flatten()[pos]
     if K == V:
         return ids

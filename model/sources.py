@@ -8,12 +8,13 @@ A model name is one of
 - a registry URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH`): `model/` does not
   talk to MLflow, so the caller passes the registry's download function (flows.eval.registry).
 """
+
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from model.assets import cache_dir, smollm2_gguf_path
 from model.errors import HerdError
@@ -58,8 +59,10 @@ def resolve_model(spec: str | Path, registry: Registry | None = None) -> Path:
         return smollm2_checkpoint()
     if is_registry_uri(text):
         if registry is None:
-            raise HerdError(f"{text}: a registry URI here needs the MLflow registry "
-                            "(resolve it with flows.eval.registry.resolve_model_uri)")
+            raise HerdError(
+                f"{text}: a registry URI here needs the MLflow registry "
+                "(resolve it with flows.eval.registry.resolve_model_uri)"
+            )
         return Path(registry(text))
     path = Path(text)
     if not path.exists():
@@ -67,8 +70,9 @@ def resolve_model(spec: str | Path, registry: Registry | None = None) -> Path:
     return path
 
 
-def load_for_inference(spec: str | Path, dtype: str = "float32", device: str = "auto",
-                       registry: Registry | None = None):
+def load_for_inference(
+    spec: str | Path, dtype: str = "float32", device: str = "auto", registry: Registry | None = None
+):
     """(model, tokenizer) ready for generation, for any model name `resolve_model` reads."""
     import torch
 

@@ -15,8 +15,8 @@ import json
 import re
 import secrets
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jinja2
 import tiktoken
@@ -48,7 +48,9 @@ MAX_NO_WHITESPACES_CHARS = 25_000
 # `tokenizer.ggml.pre` it has no split regex for -- "smollm" (SmolLM2) included.
 GPT2_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # transformers' split regexes by `tokenizer.ggml.pre` (integrations/gguf/gguf_tokenizer_mapping.py)
-_QWEN2_PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _GPT4O_PAT_STR = (
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
@@ -179,8 +181,10 @@ class Tokenizer:
             if "".join(pieces) == text:
                 break
         else:
-            raise HerdError(f"chat template of {self.name} changes message content in a way herd cannot locate; "
-                            "content must be encoded as plain text")
+            raise HerdError(
+                f"chat template of {self.name} changes message content in a way herd cannot locate; "
+                "content must be encoded as plain text"
+            )
         spans, at = [], 0
         for k, piece in enumerate(pieces):
             if k % 2 == 0:
@@ -272,9 +276,7 @@ def _compile_template(template: str, where: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template)

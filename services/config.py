@@ -8,11 +8,13 @@
 
 Unknown keys are errors, so a typo never silently falls back to a default.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -62,8 +64,10 @@ class ServerConfig(BaseModel):
             return None
         key = environ.get(self.api_key_env, "").strip()
         if not key:
-            raise HerdError(f"no API key: {self.api_key_env} is empty or unset; set it, or set `auth: none` in the "
-                            "serve args to serve without authentication")
+            raise HerdError(
+                f"no API key: {self.api_key_env} is empty or unset; set it, or set `auth: none` in the "
+                "serve args to serve without authentication"
+            )
         return key
 
     @field_validator("model")

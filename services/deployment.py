@@ -11,6 +11,7 @@ Each replica serves one pinned model version and moves to another without downti
 or a watch on the alias (`watch_s`). Every response names the version that produced it: the
 `x-herd-model-version` header and the body's `model` field.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,11 +23,11 @@ import yaml
 from ray import serve
 
 from model.errors import HerdError
-from services import rollout as rollouts
 from services import proxy
+from services import rollout as rollouts
+from services.api.app import build_state, create_app
 from services.config import load_server_config
 from services.rollout import Pinned, Rollout, check_user_config, pin
-from services.api.app import build_state, create_app
 
 log = logging.getLogger("herd.serve")
 
@@ -54,8 +55,13 @@ async def name_the_version(request, call_next):
     return response
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=32, health_check_period_s=10,
-                  health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
+@serve.deployment(
+    name=DEPLOYMENT,
+    max_ongoing_requests=32,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=5,
+)
 @serve.ingress(app)
 class HerdLLMServer:
     def __init__(self, args: dict[str, Any]):
@@ -98,6 +104,7 @@ def build_app(args: dict[str, Any]):
 
 # --- local deployment (herd serve, the lifecycle) ----------------------------------------------
 
+
 def read_serve_config(config: str | Path | dict | None) -> dict:
     """A Serve config (ServeDeploySchema) as a dict; None = configs/serve/default.yaml."""
     if isinstance(config, dict):
@@ -111,10 +118,18 @@ def read_serve_config(config: str | Path | dict | None) -> dict:
     return doc
 
 
-def deploy(model_path: str | Path | None = None, config: str | Path | dict | None = None, *,
-           host: str | None = None, port: int | None = None, args: dict | None = None,
-           deployment: dict | None = None, blocking: bool = False, ray_address: str | None = None,
-           keep_running: bool = False) -> str:
+def deploy(
+    model_path: str | Path | None = None,
+    config: str | Path | dict | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    args: dict | None = None,
+    deployment: dict | None = None,
+    blocking: bool = False,
+    ray_address: str | None = None,
+    keep_running: bool = False,
+) -> str:
     """Run the herd app of a Serve config on the local Ray cluster; returns the endpoint URL.
 
     model_path overrides the config's `args.model`; `args` / `deployment` override further args
@@ -147,12 +162,16 @@ def deploy(model_path: str | Path | None = None, config: str | Path | dict | Non
         from flows.ray_runtime import init_ray
 
         os.environ.setdefault(proxy.CALLBACK_ENV, proxy.CALLBACK)  # the proxy a Ray started here drops them
-        init_ray(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
-                 runtime_env={"env_vars": {config.api_key_env: key}} if key else None)
+        init_ray(
+            address=ray_address or os.environ.get("RAY_ADDRESS") or "local",
+            ignore_reinit_error=True,
+            runtime_env={"env_vars": {config.api_key_env: key}} if key else None,
+        )
     for attempt in range(3):  # on a busy machine the proxy may miss Serve's 60 s start-up window
         try:
-            serve.start(http_options={"host": host, "port": port,
-                                      **{k: v for k, v in http.items() if k == "request_timeout_s"}})
+            serve.start(
+                http_options={"host": host, "port": port, **{k: v for k, v in http.items() if k == "request_timeout_s"}}
+            )
             break
         except ray.exceptions.RayActorError:
             if attempt == 2:

@@ -8,6 +8,7 @@ the cancellation of abandoned requests. The proxy loads this module when its pro
 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.proxy:middlewares (the image sets it;
 services.deployment.deploy sets it for a Ray it starts).
 """
+
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send

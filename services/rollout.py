@@ -7,13 +7,15 @@ shut down when it has none left. A swap is triggered by Serve's `reconfigure` (a
 naming the version: `herd k8s promote` patches it into the RayService) or by watching the alias
 (`user_config.watch_s`), so a promotion reaches a long-lived endpoint.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from model.errors import HerdError
 
@@ -116,14 +118,22 @@ class Rollout:
                 state = await asyncio.to_thread(self._load, pinned)
             except Exception as e:  # noqa: BLE001 - a failed rollout must not take the replica down
                 self.error = f"{spec}: {type(e).__name__}: {e}"
-                log.error("rollout to %s failed; still serving %s: %s", spec,
-                          self.state.version if self.state else None, self.error)
+                log.error(
+                    "rollout to %s failed; still serving %s: %s",
+                    spec,
+                    self.state.version if self.state else None,
+                    self.error,
+                )
                 return False
             finally:
                 self.target = None
             self.error = None
-            log.info("loaded %s beside %s in %.1fs", pinned.uri, self.current.uri if self.current else None,
-                     time.perf_counter() - t)
+            log.info(
+                "loaded %s beside %s in %.1fs",
+                pinned.uri,
+                self.current.uri if self.current else None,
+                time.perf_counter() - t,
+            )
             self._swap_in(state, pinned)
             return True
 

@@ -1,4 +1,5 @@
 """Shared fixtures: the real SmolLM2 (imported once per run), the transformers peer, shared data."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """The driver-side deduplication herd ran before it moved to Ray (flows/data/dedup_ray.py),
 kept only as the reference the distributed path must agree with: every signature and
 embedding in one process."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """A real `mlflow server` on 127.0.0.1 and a free port, for tests (auth, the dashboard)."""
+
 from __future__ import annotations
 
 import os
@@ -22,15 +23,34 @@ def mlflow_server(root: Path, *, basic_auth: bool = False, backend: str | None =
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", backend or f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts")]
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend or f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
     if basic_auth:
         ini = root / "basic_auth.ini"
-        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_USERNAME=ADMIN[0],
-                   MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN[1], MLFLOW_FLASK_SERVER_SECRET_KEY="herd-test-csrf-key")
+        ini.write_text(
+            f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(ini),
+            MLFLOW_AUTH_ADMIN_USERNAME=ADMIN[0],
+            MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN[1],
+            MLFLOW_FLASK_SERVER_SECRET_KEY="herd-test-csrf-key",
+        )
         args += ["--app-name", "basic-auth"]
     log = open(root / "mlflow-server.log", "w")
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -8,6 +8,7 @@ with --local, starts a one-node Ray) and writes what it found as JSON to the giv
   python -m tests.multinode_driver replicas OUT.json             # wait for 2 running replicas
   python -m tests.multinode_driver load URL SECONDS CLIENTS OUT.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,18 @@ def pretrain(config: Path, out: Path) -> None:
 
     _connect(local=False)
     r = run_pretrain(config_from_dict(json.loads(config.read_text())))
-    out.write_text(json.dumps({"metrics": r.metrics, "run_dir": r.run_dir, "mlflow_run_id": r.mlflow_run_id,
-                               "checkpoint": r.checkpoint, "warnings": r.warnings}, default=float))
+    out.write_text(
+        json.dumps(
+            {
+                "metrics": r.metrics,
+                "run_dir": r.run_dir,
+                "mlflow_run_id": r.mlflow_run_id,
+                "checkpoint": r.checkpoint,
+                "warnings": r.warnings,
+            },
+            default=float,
+        )
+    )
 
 
 def prep(config: Path, data_dir: Path, out: Path, local: bool) -> None:
@@ -47,8 +58,16 @@ def prep(config: Path, data_dir: Path, out: Path, local: bool) -> None:
     _connect(local)
     nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     report, _ = run_prep(config_from_dict(json.loads(config.read_text())), data_dir)
-    out.write_text(json.dumps({"manifest_digest": manifest_digest(data_dir), "nodes": nodes,
-                               "kept": report["kept"], "input_documents": report["input_documents"]}))
+    out.write_text(
+        json.dumps(
+            {
+                "manifest_digest": manifest_digest(data_dir),
+                "nodes": nodes,
+                "kept": report["kept"],
+                "input_documents": report["input_documents"],
+            }
+        )
+    )
 
 
 REPLICA_CLASS = "ServeReplica:herd:HerdLLMServer"
@@ -79,11 +98,19 @@ def serve_app(model_dir: str, out: Path) -> None:
     from services.deployment import deploy
 
     _connect(local=False)
-    url = deploy(model_dir, Path(__file__).resolve().parents[1] / "configs" / "serve" / "local.yaml",
-                 host="0.0.0.0", port=8000,
-                 args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
-                 deployment={"num_replicas": 2, "autoscaling_config": None, "max_replicas_per_node": 1,
-                             "ray_actor_options": {"num_cpus": 1}})
+    url = deploy(
+        model_dir,
+        Path(__file__).resolve().parents[1] / "configs" / "serve" / "local.yaml",
+        host="0.0.0.0",
+        port=8000,
+        args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
+        deployment={
+            "num_replicas": 2,
+            "autoscaling_config": None,
+            "max_replicas_per_node": 1,
+            "ray_actor_options": {"num_cpus": 1},
+        },
+    )
     out.write_text(json.dumps({"url": url, "nodes": _replica_nodes(2, 300)}))
 
 
@@ -108,8 +135,11 @@ def load(url: str, seconds: float, clients: int, out: Path) -> None:
         while time.time() < stop:
             t0 = time.time()
             try:
-                r = s.post(f"{url}/v1/completions", json={"model": "herd", "prompt": f"client {i}", "max_tokens": 4},
-                           timeout=60)
+                r = s.post(
+                    f"{url}/v1/completions",
+                    json={"model": "herd", "prompt": f"client {i}", "max_tokens": 4},
+                    timeout=60,
+                )
                 ok, what = r.status_code == 200, str(r.status_code)
             except requests.RequestException as e:
                 ok, what = False, type(e).__name__

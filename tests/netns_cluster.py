@@ -11,6 +11,7 @@ The file system is shared: a folder under the cluster's root stands for the shar
 A node is killed, and the cluster torn down, only through its namespace's processes
 (`ip netns pids NAME`); `ray stop` would stop every Ray on the machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,12 @@ SUBNET = "10.231.0"
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 # The GCS pings each raylet every second and gives up after 3 missed answers.
-HEALTH_CHECK = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-                "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+HEALTH_CHECK = {
+    "health_check_initial_delay_ms": 1000,
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -115,8 +120,13 @@ class NetnsCluster:
         _ip("-n", br, "link", "set", "br0", "up")
         home = self.root / "home"
         home.mkdir(exist_ok=True)
-        gen = subprocess.run([RAY, "get-auth-token", "--generate"], env={**self._base_env(), "HOME": str(home)},
-                             capture_output=True, text=True, timeout=120)
+        gen = subprocess.run(
+            [RAY, "get-auth-token", "--generate"],
+            env={**self._base_env(), "HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if gen.returncode != 0 or not gen.stdout.strip():
             raise RuntimeError(f"ray get-auth-token --generate failed: {gen.stderr[-2000:]}")
         self.token = gen.stdout.strip()
@@ -133,26 +143,58 @@ class NetnsCluster:
         """Environment of every process in the cluster: token auth on, this checkout importable."""
         # gloo finds its own address from the host name, which here resolves to 127.0.0.1 in every
         # namespace: name the interface (on a real cluster the host name resolves to the node)
-        return {**self._base_env(), "HOME": str(self.root / "home"), "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN": self.token, "GLOO_SOCKET_IFNAME": "eth0", **extra}
+        return {
+            **self._base_env(),
+            "HOME": str(self.root / "home"),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "GLOO_SOCKET_IFNAME": "eth0",
+            **extra,
+        }
 
     def popen(self, ns: str, cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], env=self.env(**extra_env), cwd=REPO,
-                                start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", ns, *cmd],
+            env=self.env(**extra_env),
+            cwd=REPO,
+            start_new_session=True,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
 
     def run(self, ns: str, cmd: list[str], timeout: float, **extra_env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", ns, *cmd], env=self.env(**extra_env), cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, *cmd],
+            env=self.env(**extra_env),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start_node(self, name: str, num_cpus: int, head: bool = False) -> Node:
         ns, ip = self._make_ns(name)
         # Ray's socket paths must stay short (AF_UNIX): a temp dir directly under /tmp
         temp = Path(tempfile.mkdtemp(prefix=f"herd-{name}-", dir="/tmp"))
-        cmd = [RAY, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
-               "--object-store-memory=100000000", "--disable-usage-stats"]
+        cmd = [
+            RAY,
+            "start",
+            "--block",
+            f"--node-ip-address={ip}",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp}",
+            "--object-store-memory=100000000",
+            "--disable-usage-stats",
+        ]
         if head:
-            cmd += ["--head", f"--port={GCS_PORT}", "--include-dashboard=true", "--dashboard-host=0.0.0.0",
-                    f"--dashboard-port={DASHBOARD_PORT}", f"--system-config={json.dumps(HEALTH_CHECK)}"]
+            cmd += [
+                "--head",
+                f"--port={GCS_PORT}",
+                "--include-dashboard=true",
+                "--dashboard-host=0.0.0.0",
+                f"--dashboard-port={DASHBOARD_PORT}",
+                f"--system-config={json.dumps(HEALTH_CHECK)}",
+            ]
         else:
             cmd += [f"--address={self.address}"]
         node = Node(name, ns, ip, temp, log=self.root / f"{name}.log")
@@ -169,8 +211,10 @@ class NetnsCluster:
 
     def alive_nodes(self, timeout: float = 120) -> list[str]:
         """The addresses of the nodes the GCS counts alive (asked from the client namespace)."""
-        code = (f"import ray, json; ray.init(address={self.address!r}, logging_level='ERROR'); "
-                "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
+        code = (
+            f"import ray, json; ray.init(address={self.address!r}, logging_level='ERROR'); "
+            "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"
+        )
         got = self.run(self.client_ns, [sys.executable, "-c", code], timeout=timeout)
         if got.returncode != 0:
             raise RuntimeError(f"asking the GCS for its nodes failed: {got.stderr[-3000:]}")
@@ -225,8 +269,11 @@ class NetnsCluster:
 
     def teardown(self) -> None:
         # workers first, the head last: nodes do not linger trying to reach a dead GCS
-        order = [n.ns for n in self.nodes.values() if n.name != "head"] + \
-                [n.ns for n in self.nodes.values() if n.name == "head"] + [self.namespaces[0]]
+        order = (
+            [n.ns for n in self.nodes.values() if n.name != "head"]
+            + [n.ns for n in self.nodes.values() if n.name == "head"]
+            + [self.namespaces[0]]
+        )
         for ns in dict.fromkeys(order + self.namespaces):
             self.kill_namespace(ns)
             _ip("netns", "del", ns, check=False)

@@ -1,14 +1,23 @@
 """bench/eval's merge of per-subject MMLU reports into group and total reports."""
+
 import pytest
 
 from bench.eval import merge_rows
 
 
 def _row(n, herd_acc, lm_acc, same, subsets, macro, herd_s, hf_s):
-    return {"questions": n, "herd_acc": herd_acc, "lm_eval_acc": lm_acc, "same_correctness": same,
-            "identical_prompts": f"{n}/{n}", "differ_at_lm_eval_ties": "0/1", "lm_eval_tied": 1, "subsets": subsets,
-            "herd": {"acc_macro": macro, "wall_s": herd_s, "scoring_s": herd_s},
-            "lm_eval_hf": {"wall_s": hf_s, "loglikelihood_s": hf_s}}
+    return {
+        "questions": n,
+        "herd_acc": herd_acc,
+        "lm_eval_acc": lm_acc,
+        "same_correctness": same,
+        "identical_prompts": f"{n}/{n}",
+        "differ_at_lm_eval_ties": "0/1",
+        "lm_eval_tied": 1,
+        "subsets": subsets,
+        "herd": {"acc_macro": macro, "wall_s": herd_s, "scoring_s": herd_s},
+        "lm_eval_hf": {"wall_s": hf_s, "loglikelihood_s": hf_s},
+    }
 
 
 def test_merge_weights_by_questions_and_subjects():

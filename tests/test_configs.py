@@ -1,4 +1,5 @@
 """The shared typed-YAML loader: nested sections, optional fields, errors naming the key path."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,14 +39,17 @@ def test_empty_file_gives_defaults(tmp_path):
     assert load_yaml(Demo, p, "demo") == Demo()
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({"optim": {"lrr": 1}}, "unknown key 'optim.lrr'"),
-    ({"steps": "ten"}, "steps must be an integer"),
-    ({"steps": True}, "steps must be an integer"),
-    ({"resume": "yes"}, "resume must be true or false"),
-    ({"optim": {"betas": [0.9, "x"]}}, "optim.betas[1] must be a number"),
-    ({"optim": 3}, "optim must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"optim": {"lrr": 1}}, "unknown key 'optim.lrr'"),
+        ({"steps": "ten"}, "steps must be an integer"),
+        ({"steps": True}, "steps must be an integer"),
+        ({"resume": "yes"}, "resume must be true or false"),
+        ({"optim": {"betas": [0.9, "x"]}}, "optim.betas[1] must be a number"),
+        ({"optim": 3}, "optim must be a mapping"),
+    ],
+)
 def test_errors_name_the_key(data, needle):
     with pytest.raises(HerdError) as e:
         build(Demo, data, "demo")

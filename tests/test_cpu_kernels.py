@@ -1,4 +1,5 @@
 """herd's CPU gemv kernels against a float64 reference, including ragged shapes (row and column tails)."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,10 @@ def available(dtype) -> bool:
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_gemv_matches_float64_reference(dtype, n, k):
     if not available(dtype):
-        pytest.skip(f"herd's {dtype} gemv is not available here (no AVX-512{'-BF16' if dtype == torch.bfloat16 else ''}, "
-                    "no C compiler, or HERD_CPU_KERNELS=0)")
+        pytest.skip(
+            f"herd's {dtype} gemv is not available here (no AVX-512{'-BF16' if dtype == torch.bfloat16 else ''}, "
+            "no C compiler, or HERD_CPU_KERNELS=0)"
+        )
     g = torch.Generator().manual_seed(n * 7919 + k)
     w = torch.randn(n, k, generator=g).to(dtype)
     x = torch.randn(k, generator=g).to(dtype)
@@ -26,7 +29,7 @@ def test_gemv_matches_float64_reference(dtype, n, k):
     y = cpu_kernels.gemv(w, x)
     assert y.dtype == dtype and y.shape == (n,)
     # fp32: accumulation order only; bf16: the output's rounding (8 bits of mantissa) on top.
-    rel = 1e-5 if dtype == torch.float32 else 2 ** -8
+    rel = 1e-5 if dtype == torch.float32 else 2**-8
     bound = rel * (w.double().abs() @ x.double().abs()) + 1e-6
     assert ((y.double() - ref).abs() <= bound).all()
 
@@ -59,7 +62,7 @@ def test_rms_norm_matches_the_torch_path(dtype, rows, d):
         ref = norm(x.requires_grad_())  # grad mode: torch's path
     assert got.dtype == dtype and got.shape == x.shape
     # fp32: summation order; bf16: at most one unit in the last place where that order flips a rounding.
-    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)
     torch.testing.assert_close(got, ref.detach(), **tol)
 
 
@@ -68,8 +71,17 @@ def _decode_model(dtype, tie: bool):
     from model.model import Transformer
 
     # GQA (8 over 2), llama3 rope scaling, an FFN width that is odd and not a multiple of the vector width
-    cfg = ModelConfig(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1000, ffn_hidden_dim=301,
-                      max_seq_len=128, tie_embeddings=tie, rope_scaling=RopeScaling())
+    cfg = ModelConfig(
+        dim=256,
+        n_layers=3,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=1000,
+        ffn_hidden_dim=301,
+        max_seq_len=128,
+        tie_embeddings=tie,
+        rope_scaling=RopeScaling(),
+    )
     model = Transformer(cfg)
     model.init_weights(seed=1)
     return model.to(dtype).fuse_projections()
@@ -91,8 +103,7 @@ def test_decode_step_equals_the_torch_path(monkeypatch, dtype, tie):
         if not use_kernel:
             monkeypatch.setattr("model.model.decode_step", lambda *a: None)
         else:
-            monkeypatch.setattr("model.model.decode_step",
-                                lambda *a: calls.append(1) or cpu_kernels.decode_step(*a))
+            monkeypatch.setattr("model.model.decode_step", lambda *a: calls.append(1) or cpu_kernels.decode_step(*a))
         cache = KVCache.for_model(model.config, 3, 40, dtype=dtype)
         logits = []
         with torch.inference_mode():
@@ -100,13 +111,13 @@ def test_decode_step_equals_the_torch_path(monkeypatch, dtype, tie):
             model(tokens[:, :12], cache=cache)
             cache.advance(12)
             for i in range(12, 24):
-                logits.append(model(tokens[:, i:i + 1], cache=cache).float())
+                logits.append(model(tokens[:, i : i + 1], cache=cache).float())
                 cache.advance(1)
         runs.append((torch.cat(logits), cache.k.float(), cache.v.float()))
     assert len(calls) == 12
     (ref, ref_k, ref_v), (got, got_k, got_v) = runs
     # fp32: summation order only; bf16: a rounding flipped by that order, one unit in the last place
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -6)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-6)
     torch.testing.assert_close(got, ref, **tol)
     torch.testing.assert_close(got_k, ref_k, **tol)
     torch.testing.assert_close(got_v, ref_v, **tol)
@@ -171,7 +182,7 @@ def test_attention_step_equals_the_torch_path(monkeypatch, dtype):
             cache.advance(1)
         runs.append((logits, cache.k.float(), cache.v.float(), cache.lengths.clone()))
     (ref, ref_k, ref_v, ref_len), (got, got_k, got_v, got_len) = runs
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -6)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-6)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, **tol)
     torch.testing.assert_close(got_k, ref_k, **tol)

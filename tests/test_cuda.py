@@ -3,6 +3,7 @@
 Skipped (with the reason printed) where no GPU is present, as in CI; run on a GPU machine with
 `pytest -q -rs tests/test_cuda.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,16 @@ def exact_fp32():
 
 
 def gpu_model(seed=0, dtype=torch.float32, **overrides):
-    cfg = dataclasses.replace(get_preset("tiny"), dim=256, n_heads=8, n_kv_heads=2, ffn_hidden_dim=512,
-                              vocab_size=2048, eos_token_ids=(), **overrides)
+    cfg = dataclasses.replace(
+        get_preset("tiny"),
+        dim=256,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_hidden_dim=512,
+        vocab_size=2048,
+        eos_token_ids=(),
+        **overrides,
+    )
     model = Transformer(cfg)
     model.init_weights(seed=seed, std=0.1)
     return model.to("cuda", dtype).eval()
@@ -81,7 +90,7 @@ def test_cuda_cached_greedy_equals_full_recompute():
     with torch.no_grad():
         for _ in range(64):
             ids.append(int(model(torch.tensor([ids], device="cuda"))[0, -1].argmax()))
-    assert cached == ids[len(prompt):]
+    assert cached == ids[len(prompt) :]
 
 
 def test_cuda_mixed_length_batch_equals_each_alone():
@@ -112,12 +121,16 @@ def test_cuda_bf16_training_step_runs_with_document_masking():
 
 # --- the serving engine on CUDA: paged decode kernel, CUDA graphs ---------------------------------
 
+
 def engine_tokens(model, prompts, max_tokens, graphs: bool, **params):
     from model.tokenizer import llama3_tokenizer
     from services.engine import EngineConfig, LLMEngine
 
-    engine = LLMEngine(model, llama3_tokenizer(), EngineConfig(max_num_seqs=16, max_model_len=256,
-                                                             cuda_graphs=graphs, cuda_graph_sizes=(1, 2, 4, 8, 16)))
+    engine = LLMEngine(
+        model,
+        llama3_tokenizer(),
+        EngineConfig(max_num_seqs=16, max_model_len=256, cuda_graphs=graphs, cuda_graph_sizes=(1, 2, 4, 8, 16)),
+    )
     for i, p in enumerate(prompts):
         engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params), f"r{i}")
     got: dict[str, list[int]] = {}
@@ -131,7 +144,9 @@ def engine_tokens(model, prompts, max_tokens, graphs: bool, **params):
 def test_cuda_graph_replay_gives_the_eager_tokens(dtype):
     model = gpu_model(seed=5, dtype=dtype).fuse_projections()
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 2048, (int(n),), generator=g).tolist() for n in torch.randint(3, 90, (11,), generator=g)]
+    prompts = [
+        torch.randint(0, 2048, (int(n),), generator=g).tolist() for n in torch.randint(3, 90, (11,), generator=g)
+    ]
     eager, _ = engine_tokens(model, prompts, 40, graphs=False)
     replayed, engine = engine_tokens(model, prompts, 40, graphs=True)
     assert engine.runner.graphs is not None and sorted(engine.runner.graphs.graphs) == [1, 2, 4, 8, 16]
@@ -160,11 +175,11 @@ def test_paged_decode_kernel_equals_gathered_attention():
     v = torch.randn(blocks, n_kv, bs, hd, device="cuda", generator=g)
     q = torch.randn(B, H, hd, device="cuda", generator=g)
     lengths = torch.tensor([1, 16, 17, 200, 333], device="cuda")
-    tables = torch.randperm(blocks - 1, device="cuda", generator=g)[:B * 12].view(B, 12) + 1
+    tables = torch.randperm(blocks - 1, device="cuda", generator=g)[: B * 12].view(B, 12) + 1
     out = paged_decode(q, k, v, tables, lengths)
     for r in range(B):
         n = int(lengths[r])
         keys = k[tables[r]].transpose(0, 1).reshape(n_kv, -1, hd)[:, :n].repeat_interleave(H // n_kv, 0)
         vals = v[tables[r]].transpose(0, 1).reshape(n_kv, -1, hd)[:, :n].repeat_interleave(H // n_kv, 0)
-        ref = torch.softmax(q[r, :, None] @ keys.transpose(1, 2) / hd ** 0.5, -1) @ vals
+        ref = torch.softmax(q[r, :, None] @ keys.transpose(1, 2) / hd**0.5, -1) @ vals
         torch.testing.assert_close(out[r], ref[:, 0], rtol=2e-3, atol=2e-3)  # tl.dot runs fp32 as tf32

@@ -1,4 +1,5 @@
 """Exact, near-duplicate (MinHash LSH) and semantic deduplication."""
+
 from __future__ import annotations
 
 import random
@@ -7,8 +8,16 @@ import re
 import numpy as np
 
 from flows.data.config import MinHashConfig, SemDedupConfig
-from flows.data.dedup import (DROP_REASONS, MinHasher, bucket_edges, bucket_rows, components, drop_decisions,
-                               exact_hash, simplify)
+from flows.data.dedup import (
+    DROP_REASONS,
+    MinHasher,
+    bucket_edges,
+    bucket_rows,
+    components,
+    drop_decisions,
+    exact_hash,
+    simplify,
+)
 from flows.data.semdedup import assign, kmeans
 from tests.dedup_reference import cluster_duplicates, dedup_decisions, semantic_duplicates
 
@@ -20,8 +29,15 @@ def partitioned_dedup(seq, exact, sig, has, cfg: MinHashConfig, parts: int = 3, 
     buckets = [[] for _ in range(parts)]
     for a in range(0, len(seq), batch):
         s, h = seq[a : a + batch], has[a : a + batch]
-        rows = bucket_rows(parts, cfg.rows, seq=s, exact=None if exact is None else exact[a : a + batch],
-                           sig_seq=s[h], sig=sig[a : a + batch][h], bands=cfg.bands)
+        rows = bucket_rows(
+            parts,
+            cfg.rows,
+            seq=s,
+            exact=None if exact is None else exact[a : a + batch],
+            sig_seq=s[h],
+            sig=sig[a : a + batch][h],
+            bands=cfg.bands,
+        )
         for p, r in enumerate(rows):
             buckets[p].append(r)
     exact_drop, nodes, roots = [], [], []
@@ -31,8 +47,7 @@ def partitioned_dedup(seq, exact, sig, has, cfg: MinHashConfig, parts: int = 3, 
         exact_drop.append(e), nodes.append(n), roots.append(r)
     node, root = components(np.concatenate(nodes), np.concatenate(roots))
     drop_seq, code = drop_decisions(np.concatenate(exact_drop), node)
-    return ({int(s): DROP_REASONS[c] for s, c in zip(drop_seq, code)},
-            {int(n): int(r) for n, r in zip(node, root)})
+    return ({int(s): DROP_REASONS[c] for s, c in zip(drop_seq, code)}, {int(n): int(r) for n, r in zip(node, root)})
 
 
 def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
@@ -104,8 +119,10 @@ def test_near_duplicates_recall_precision(shared_data):
     recall_high = len(high & detected) / len(high)
     precision = len(detected & true_pairs) / len(detected)
     recall_all = len(true_pairs & detected) / len(true_pairs)
-    print(f"near-dup: {len(high)} pairs with Jaccard >= 0.8, recall {recall_high:.3f}; "
-          f"precision {precision:.3f} over {len(detected)} detected pairs; recall over all edited pairs {recall_all:.3f}")
+    print(
+        f"near-dup: {len(high)} pairs with Jaccard >= 0.8, recall {recall_high:.3f}; "
+        f"precision {precision:.3f} over {len(detected)} detected pairs; recall over all edited pairs {recall_all:.3f}"
+    )
     assert len(high) >= 50
     assert recall_high >= 0.9
     assert precision >= 0.95
@@ -121,7 +138,7 @@ def test_near_duplicates_recall_precision(shared_data):
 def test_lsh_collision_probability_matches_theory():
     # P(candidate | J) = 1 - (1 - J^r)^b: about 0.92 at J = 0.8 with 14 x 8
     cfg = MinHashConfig()
-    assert abs(1 - (1 - 0.8 ** cfg.rows) ** cfg.bands - 0.924) < 0.01
+    assert abs(1 - (1 - 0.8**cfg.rows) ** cfg.bands - 0.924) < 0.01
 
 
 def test_cluster_is_transitive_and_keeps_first():

@@ -1,5 +1,6 @@
 """Deduplication on a real local Ray (flows/data/dedup_ray.py) against the one-process reference
 (tests/dedup_reference.py) on the shared corpus: the same documents are dropped, for the same reasons."""
+
 from __future__ import annotations
 
 import random
@@ -29,9 +30,18 @@ def ray_local():
 def filtered_rows(docs: list[str], cfg: DataConfig) -> list[dict]:
     """What FilterStage hands on: every 13th document already dropped by a filter."""
     sig, has = MinHasher(cfg.minhash).signatures(docs)
-    return [{"seq": 3 * i + 1, "id": f"d{i}", "text": t, "source": "s", "reason": "c4:x" if i % 13 == 5 else "",
-             "exact": np.uint64(exact_hash(t)), "sig": sig[i].tobytes() if has[i] else b""}
-            for i, t in enumerate(docs)]
+    return [
+        {
+            "seq": 3 * i + 1,
+            "id": f"d{i}",
+            "text": t,
+            "source": "s",
+            "reason": "c4:x" if i % 13 == 5 else "",
+            "exact": np.uint64(exact_hash(t)),
+            "sig": sig[i].tobytes() if has[i] else b"",
+        }
+        for i, t in enumerate(docs)
+    ]
 
 
 def reasons_of(ds) -> dict[int, str]:
@@ -93,8 +103,17 @@ def test_semdedup_matches_the_reference_on_shared_corpus(ray_local, shared_data)
     cfg = DataConfig()
     cfg.semdedup.eps = 0.05
     cfg.ray.batch_size = 200
-    rows = [{"seq": i, "id": f"d{i}", "text": t, "source": "s", "reason": "c4:x" if i % 11 == 3 else "",
-             "emb": emb[i].tobytes()} for i, t in enumerate(texts)]
+    rows = [
+        {
+            "seq": i,
+            "id": f"d{i}",
+            "text": t,
+            "source": "s",
+            "reason": "c4:x" if i % 11 == 3 else "",
+            "emb": emb[i].tobytes(),
+        }
+        for i, t in enumerate(texts)
+    ]
     alive = np.array([not r["reason"] for r in rows])
     seq = np.arange(len(rows), dtype=np.int64)[alive]
 
@@ -111,7 +130,9 @@ def test_semdedup_matches_the_reference_on_shared_corpus(ray_local, shared_data)
     sampled = {int(s) for s in ray_local.get(drops)[0]}
     planted = {len(paras) + k for k in range(len(copies))} & set(seq.tolist())
     found = len(planted & set(expected))
-    print(f"sampled k-means: {len(sampled)} drops, reference {len(expected)}; planted copies found "
-          f"{len(planted & sampled)}, by the reference {found} of {len(planted)}")
+    print(
+        f"sampled k-means: {len(sampled)} drops, reference {len(expected)}; planted copies found "
+        f"{len(planted & sampled)}, by the reference {found} of {len(planted)}"
+    )
     assert len(planted & sampled) >= 0.9 * found
     assert len(sampled ^ set(expected)) <= 0.15 * len(expected)

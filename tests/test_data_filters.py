@@ -1,11 +1,18 @@
 """Each heuristic filter on hand-written documents just inside and just outside its threshold."""
+
 from __future__ import annotations
 
 import itertools
 
-
-from flows.data.config import (BadWordsConfig, C4Config, FineWebConfig, GopherQualityConfig,
-                               GopherRepetitionConfig, LangIdConfig, PIIConfig)
+from flows.data.config import (
+    BadWordsConfig,
+    C4Config,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    LangIdConfig,
+    PIIConfig,
+)
 from flows.data.heuristics import C4, FineWeb, GopherQuality, GopherRepetition
 from flows.data.safety import BadWords, PIIMasker
 from flows.data.text import Doc, count_sentences, normalize, words
@@ -186,8 +193,19 @@ def test_c4_document_rules():
 
 
 def test_c4_line_rules_rewrite_text():
-    doc = Doc("t", "\n".join([sentences(5), "Too short.", "Enable JavaScript to view this page.",
-                              "Read our privacy policy here now.", "x" * 1001 + " is long.", "A cited claim here [12]."]))
+    doc = Doc(
+        "t",
+        "\n".join(
+            [
+                sentences(5),
+                "Too short.",
+                "Enable JavaScript to view this page.",
+                "Read our privacy policy here now.",
+                "x" * 1001 + " is long.",
+                "A cited claim here [12].",
+            ]
+        ),
+    )
     assert C4F.filter(doc) is True
     assert doc.text == sentences(5) + "\nA cited claim here ."
 
@@ -219,6 +237,7 @@ def test_fineweb_short_lines():
     def doc(n_short):
         short = fw_lines(n_short, words_each=3)  # 3 x 5 letters + 2 spaces + "." = 18 chars
         return "\n".join(short + fw_lines(100 - n_short, skip=5000))
+
     assert run(FW, doc(67)) is True
     assert run(FW, doc(68)) == "short_line_ratio"
 
@@ -239,6 +258,7 @@ def test_fineweb_list_ratio():
     # newlines / words: one-word lines (32 letters, so not "short") push it up; 0.3 is allowed
     def doc(n_one_word):
         return "\n".join(fw_lines(10, words_each=20) + [f"{w}." for w in uniq(n_one_word, length=32)])
+
     results = [(k, run(FW, doc(k))) for k in range(0, 200)]
     k_out = next(k for k, r in results if r is not True)
     assert results[k_out][1] == "list_ratio"
@@ -247,6 +267,7 @@ def test_fineweb_list_ratio():
 
 
 # --- NSFW words and PII -------------------------------------------------------------------
+
 
 def test_badwords_whole_words_from_packaged_list():
     bw = BadWords(BadWordsConfig())
@@ -259,11 +280,13 @@ def test_badwords_whole_words_from_packaged_list():
 
 def test_pii_masking():
     pii = PIIMasker(PIIConfig())
-    doc = Doc("t", "Mail bob.smith@example.com from 192.168.0.1 or call +1 555-123-4567 or (555) 123-4567. "
-                   "Not an IP: 10.0.0.300; year 1999; pi 3.14.")
+    doc = Doc(
+        "t",
+        "Mail bob.smith@example.com from 192.168.0.1 or call +1 555-123-4567 or (555) 123-4567. "
+        "Not an IP: 10.0.0.300; year 1999; pi 3.14.",
+    )
     assert pii.filter(doc) is True
-    assert doc.text == ("Mail <EMAIL> from <IP> or call <PHONE> or <PHONE>. "
-                        "Not an IP: 10.0.0.300; year 1999; pi 3.14.")
+    assert doc.text == ("Mail <EMAIL> from <IP> or call <PHONE> or <PHONE>. Not an IP: 10.0.0.300; year 1999; pi 3.14.")
     off = PIIMasker(PIIConfig(emails=False, ips=True, phones=False))
     doc = Doc("t", "a@b.org 1.2.3.4")
     off.filter(doc)
@@ -271,6 +294,7 @@ def test_pii_masking():
 
 
 # --- normalisation and language ID --------------------------------------------------------
+
 
 def test_normalize():
     assert normalize("Cafe\u0301  au\t lait \r\n\r\n\r\n\r\nnext  ") == "Café au lait\n\nnext"

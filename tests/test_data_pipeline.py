@@ -1,4 +1,5 @@
 """The data flow end to end on a real local Ray and a real MLflow store in tmp_path."""
+
 from __future__ import annotations
 
 import json
@@ -56,19 +57,25 @@ def test_prep_end_to_end(tmp_path, ray_local, smollm2_dir):
     assert len(good) == 40
     # exact copies (the second differs only in whitespace), near copies, filtered documents
     longest = sorted(good, key=len)[-2:]  # near copies of long documents: Jaccard well above 0.8
-    docs = good + [good[0], good[1] + "  \n", longest[0].replace(" the ", " a ", 1), longest[1] + " Extra words here."] + bad
+    docs = (
+        good
+        + [good[0], good[1] + "  \n", longest[0].replace(" the ", " a ", 1), longest[1] + " Extra words here."]
+        + bad
+    )
     src = tmp_path / "in.jsonl"
     n_lines = write_input(src, docs)
-    cfg = config_from_dict({
-        "name": "itest",
-        "input": {"paths": [str(src)]},
-        "semdedup": {"max_tokens": 32},
-        "quality": {"sample_size": 8, "max_tokens": 16, "model_dir": str(smollm2_dir), "threshold": 0.05},
-        "pack": {"seq_len": 256, "sequences_per_shard": 8, "validation_fraction": 0.2},
-        "output": {"write_documents": True},
-        "ray": {"num_cpus": 2, "batch_size": 16, "progress_bars": False},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "itest"},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "itest",
+            "input": {"paths": [str(src)]},
+            "semdedup": {"max_tokens": 32},
+            "quality": {"sample_size": 8, "max_tokens": 16, "model_dir": str(smollm2_dir), "threshold": 0.05},
+            "pack": {"seq_len": 256, "sequences_per_shard": 8, "validation_fraction": 0.2},
+            "output": {"write_documents": True},
+            "ray": {"num_cpus": 2, "batch_size": 16, "progress_bars": False},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "itest"},
+        }
+    )
     out = tmp_path / "out"
     report = prep(cfg, out)
     print(json.dumps(report["phases"]))
@@ -142,13 +149,22 @@ def test_truncated_gz_is_counted_and_a_bad_count_writes_no_manifest(tmp_path, ra
     (src / "b.jsonl.gz").write_bytes(cut)
     whole = zlib.decompressobj(31).decompress(cut).count(b"\n")  # records a decompressor recovers whole
     assert 0 < whole < 30
-    cfg = config_from_dict({"name": "cut", "input": {"paths": [str(src)]}, "semdedup": {"enabled": False},
-                            "quality": {"enabled": False}, "pack": {"seq_len": 128, "sequences_per_shard": 8},
-                            "ray": {"num_cpus": 2, "batch_size": 16, "progress_bars": False}})
+    cfg = config_from_dict(
+        {
+            "name": "cut",
+            "input": {"paths": [str(src)]},
+            "semdedup": {"enabled": False},
+            "quality": {"enabled": False},
+            "pack": {"seq_len": 128, "sequences_per_shard": 8},
+            "ray": {"num_cpus": 2, "batch_size": 16, "progress_bars": False},
+        }
+    )
     report, _ = pipeline.run_prep(cfg, tmp_path / "out")
     n_input = n_plain + whole + 1  # the plain lines, the gz's whole records, one row for its cut tail
-    print(f"truncated .gz: {whole} records read, then read:truncated_file; input {report['input_documents']}, "
-          f"kept {report['kept']} + dropped {report['dropped']}")
+    print(
+        f"truncated .gz: {whole} records read, then read:truncated_file; input {report['input_documents']}, "
+        f"kept {report['kept']} + dropped {report['dropped']}"
+    )
     assert report["input_documents"] == n_input
     assert report["kept"] + report["dropped"] == n_input
     assert report["dropped_by_reason"]["read:truncated_file"] == 1
@@ -177,5 +193,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert err == "herd: error: data config: unknown key 'minhash.bandz'"
     ok = tmp_path / "ok.yaml"
     ok.write_text("name: x\n")
-    assert main(["data", "prep", "--config", str(ok), "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(["data", "prep", "--config", str(ok), "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+        == 2
+    )
     assert "no such input file or directory" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The quality classifier: its pure parts, the shipped head's ranking, and the judge's batched
 prompt-prefix rating against one plain forward per document."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,22 +13,28 @@ from flows.data.quality_judge import PROMPTS, prompt_sha256
 
 HEAD = Path(quality.__file__).parent / "assets" / "quality_head.npz"
 
-EDUCATIONAL = ("Photosynthesis is the process by which green plants turn light energy into chemical energy. "
-               "In the chloroplasts, chlorophyll absorbs sunlight, and the plant uses that energy to combine carbon "
-               "dioxide from the air with water from the soil, making glucose and releasing oxygen. The glucose is "
-               "stored as starch or used to build cellulose for new cell walls. Because almost every food chain starts "
-               "with a plant, photosynthesis is the source of the energy that animals, including people, depend on.")
-BOILERPLATE = ("We use cookies to improve your experience and personalise ads. By clicking Accept All you consent to "
-               "our use of cookies. Cookie settings | Reject non-essential\nHome | About Us | Contact | Shop | Cart | "
-               "Login | Register | Sitemap | Privacy Policy | Terms of Service\n(c) 2024 ShopNow. All rights reserved. "
-               "In no event shall ShopNow be liable for any indirect or consequential damages.")
-SPAM = ("BUY NOW!!! Limited time offer! Cheap watches best price guaranteed! Click here to claim your FREE iPhone! "
-        "Hot singles in your area! Win $1000 today casino bonus! Earn money from home $$$ visit www.bestdeals.biz now")
+EDUCATIONAL = (
+    "Photosynthesis is the process by which green plants turn light energy into chemical energy. "
+    "In the chloroplasts, chlorophyll absorbs sunlight, and the plant uses that energy to combine carbon "
+    "dioxide from the air with water from the soil, making glucose and releasing oxygen. The glucose is "
+    "stored as starch or used to build cellulose for new cell walls. Because almost every food chain starts "
+    "with a plant, photosynthesis is the source of the energy that animals, including people, depend on."
+)
+BOILERPLATE = (
+    "We use cookies to improve your experience and personalise ads. By clicking Accept All you consent to "
+    "our use of cookies. Cookie settings | Reject non-essential\nHome | About Us | Contact | Shop | Cart | "
+    "Login | Register | Sitemap | Privacy Policy | Terms of Service\n(c) 2024 ShopNow. All rights reserved. "
+    "In no event shall ShopNow be liable for any indirect or consequential damages."
+)
+SPAM = (
+    "BUY NOW!!! Limited time offer! Cheap watches best price guaranteed! Click here to claim your FREE iPhone! "
+    "Hot singles in your area! Win $1000 today casino bonus! Earn money from home $$$ visit www.bestdeals.biz now"
+)
 
 
 def test_metrics_and_split():
     y = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
-    assert quality.spearman(y, y ** 2) == pytest.approx(1.0)
+    assert quality.spearman(y, y**2) == pytest.approx(1.0)
     assert quality.auc(y >= 3, y) == 1.0 and quality.auc(y >= 3, -y) == 0.0
     assert np.isnan(quality.auc(y >= 9, y))  # one class: no ranking to measure
     keys = [f"doc{i}" for i in range(2000)]

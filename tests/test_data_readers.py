@@ -1,4 +1,5 @@
 """Readers (JSONL, Parquet, text, .gz/.zst, embedded corpus), malformed records, config loading."""
+
 from __future__ import annotations
 
 import gzip
@@ -17,19 +18,30 @@ def rows(cfg: InputConfig):
 
 def test_jsonl_fields_and_malformed_records(tmp_path):
     path = tmp_path / "in.jsonl"
-    path.write_bytes(b"\n".join([
-        json.dumps({"doc": "hello world", "key": "a"}).encode(),
-        b"{not json",
-        json.dumps({"other": "no text"}).encode(),
-        json.dumps({"doc": 5}).encode(),
-        b'{"doc": "caf\xff"}',
-        b"[1, 2]",
-        json.dumps({"doc": "no id"}).encode(),
-        b"",
-    ]))
+    path.write_bytes(
+        b"\n".join(
+            [
+                json.dumps({"doc": "hello world", "key": "a"}).encode(),
+                b"{not json",
+                json.dumps({"other": "no text"}).encode(),
+                json.dumps({"doc": 5}).encode(),
+                b'{"doc": "caf\xff"}',
+                b"[1, 2]",
+                json.dumps({"doc": "no id"}).encode(),
+                b"",
+            ]
+        )
+    )
     out = rows(InputConfig(paths=[str(path)], text_field="doc", id_field="key"))
-    assert [r["reason"] for r in out] == ["", "read:bad_json", "read:missing_text_field", "read:text_not_a_string",
-                                          "read:undecodable_bytes", "read:not_an_object", ""]
+    assert [r["reason"] for r in out] == [
+        "",
+        "read:bad_json",
+        "read:missing_text_field",
+        "read:text_not_a_string",
+        "read:undecodable_bytes",
+        "read:not_an_object",
+        "",
+    ]
     assert out[0]["id"] == "a" and out[0]["text"] == "hello world"
     assert out[-1]["id"] == "in.jsonl:7"
     assert len({r["seq"] for r in out}) == len(out)
@@ -101,10 +113,14 @@ def test_parquet_and_text(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("First para.\n\nSecond para.\n")
-    (docs / "b.txt.gz").write_bytes(gzip.compress("Only one.".encode()))
+    (docs / "b.txt.gz").write_bytes(gzip.compress(b"Only one."))
     (docs / "bad.txt").write_bytes(b"\xff\xfe\xfa broken")
     out = rows(InputConfig(paths=[str(docs)]))
-    assert [(r["id"], r["reason"]) for r in out] == [("a.txt", ""), ("b.txt.gz", ""), ("bad.txt", "read:undecodable_bytes")]
+    assert [(r["id"], r["reason"]) for r in out] == [
+        ("a.txt", ""),
+        ("b.txt.gz", ""),
+        ("bad.txt", "read:undecodable_bytes"),
+    ]
     out = rows(InputConfig(paths=[str(docs / "a.txt")], text_unit="paragraph"))
     assert [r["text"] for r in out] == ["First para.", "Second para.\n"]
 

@@ -4,6 +4,7 @@ the filters' language and domain routing, and the embedded corpus' code and mult
 Fast tests run the pure cores on synthetic input; the integration test runs the flow on Ray;
 the acceptance test measures bench/recipe on ../shared/data (skipped with a reason when absent).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,14 @@ def synthetic(seed: int = 0, n_en: int = 4000, others: dict[str, int] | None = N
     lang = ["en"] * n_en + [l for l, n in others.items() for _ in range(n)] + ["und"] * n_code
     n = len(lang)
     domain = rng.choice(["web", "books"], size=n, p=[0.7, 0.3]).astype(object)
-    domain[n - n_code:] = "code"
-    return Candidates(seq=np.arange(n, dtype=np.int64) * 7, key=rng.integers(0, 2**63, n).astype(np.uint64),
-                      lang=np.array(lang, dtype=object), domain=domain, tokens=rng.integers(20, 3000, n))
+    domain[n - n_code :] = "code"
+    return Candidates(
+        seq=np.arange(n, dtype=np.int64) * 7,
+        key=rng.integers(0, 2**63, n).astype(np.uint64),
+        lang=np.array(lang, dtype=object),
+        domain=domain,
+        tokens=rng.integers(20, 3000, n),
+    )
 
 
 def test_even_split_caps_by_availability():
@@ -42,8 +48,10 @@ def test_quota_holds_the_share_and_splits_evenly(share):
     q = rep["quota"]
     other = kept & (c.lang != "en") & (c.lang != "und")
     achieved = other.sum() / (kept & (c.lang != "und")).sum()
-    print(f"quota {share}: kept non-English share {achieved:.4f} ({other.sum()} documents), by language "
-          f"{ {k: v['documents'] for k, v in rep['languages'].items()} }")
+    print(
+        f"quota {share}: kept non-English share {achieved:.4f} ({other.sum()} documents), by language "
+        f"{ {k: v['documents'] for k, v in rep['languages'].items()} }"
+    )
     assert abs(achieved - share) < 0.005 and q["share_documents"] == pytest.approx(achieved, abs=1e-5)
     assert not q["short"]
     # Every English and code document is kept; every drop is the quota's, counted per language.
@@ -118,20 +126,34 @@ def test_domains_from_sources_and_routing(tmp_path):
     from flows.data.stages import FilterStage
 
     (tmp_path / "src").mkdir()
-    cfg = config_from_dict({"input": {"paths": [str(tmp_path / "src"), str(tmp_path / "b.jsonl")],
-                                      "domains": {str(tmp_path / "src"): "code"}},
-                            "langid": {"keep": ["en", "de"]}, "minhash": {"enabled": False}})
+    cfg = config_from_dict(
+        {
+            "input": {
+                "paths": [str(tmp_path / "src"), str(tmp_path / "b.jsonl")],
+                "domains": {str(tmp_path / "src"): "code"},
+            },
+            "langid": {"keep": ["en", "de"]},
+            "minhash": {"enabled": False},
+        }
+    )
     resolve = DomainResolver(cfg.input, cfg.mix)
     assert resolve(str(tmp_path / "src" / "a" / "x.jsonl"), "x", "plain words") == "code"
     assert resolve(str(tmp_path / "b.jsonl"), "x", "plain words") == "general"
     assert resolve("", "lang:de:001", "x") == "general" and resolve("", "code:os.py", "x") == "code"
 
-    german = ("Die Stadt liegt am Fluss und hat viele alte Häuser. Im Sommer kommen viele Besucher, "
-              "die durch die engen Gassen laufen. Das Museum zeigt Bilder aus dem Mittelalter. "
-              "Am Abend sitzen die Leute in den Cafés am Marktplatz und reden über das Wetter.")
+    german = (
+        "Die Stadt liegt am Fluss und hat viele alte Häuser. Im Sommer kommen viele Besucher, "
+        "die durch die engen Gassen laufen. Das Museum zeigt Bilder aus dem Mittelalter. "
+        "Am Abend sitzen die Leute in den Cafés am Marktplatz und reden über das Wetter."
+    )
     code = "import os\n\ndef f(x):\n    y = x + 1\n    return y\n\nclass Len:\n    kill = strip = 1\n"
-    batch = {"seq": [0, 1], "id": ["de", "code"], "text": [german, code], "reason": ["", ""],
-             "source": [str(tmp_path / "b.jsonl"), str(tmp_path / "src" / "m.py")]}
+    batch = {
+        "seq": [0, 1],
+        "id": ["de", "code"],
+        "text": [german, code],
+        "reason": ["", ""],
+        "source": [str(tmp_path / "b.jsonl"), str(tmp_path / "src" / "m.py")],
+    }
     out = FilterStage(cfg)(batch)
     assert list(out["reason"]) == ["", ""]  # C4/Gopher quality would drop both (too short, English stop words)
     assert list(out["lang"]) == ["de", "und"] and list(out["domain"]) == ["general", "code"]
@@ -184,22 +206,32 @@ def test_flow_packs_the_mix_and_holds_the_quota(tmp_path):
     langs = sorted({r["lang"] for r in sample})[:10]
     other = [r for r in sample if r["lang"] in langs]
     prose = tmp_path / "prose.jsonl"
-    prose.write_text("".join(json.dumps({"id": f"en{i}", "text": t}) + "\n" for i, t in enumerate(good + bad))
-                     + "".join(json.dumps({"id": r["id"], "text": r["text"]}, ensure_ascii=False) + "\n" for r in other))
+    prose.write_text(
+        "".join(json.dumps({"id": f"en{i}", "text": t}) + "\n" for i, t in enumerate(good + bad))
+        + "".join(json.dumps({"id": r["id"], "text": r["text"]}, ensure_ascii=False) + "\n" for r in other)
+    )
     code = tmp_path / "code"
     code.mkdir()
     small = [f for f in stdlib_files() if 800 <= f.stat().st_size <= 3000][:60]
     for f in small:
-        (code / (f.relative_to(_root()).as_posix().replace("/", "_") + ".txt")).write_text(f.read_text(encoding="utf-8"))
+        (code / (f.relative_to(_root()).as_posix().replace("/", "_") + ".txt")).write_text(
+            f.read_text(encoding="utf-8")
+        )
     targets = {"general": 0.75, "code": 0.25}
-    cfg = config_from_dict({
-        "name": "recipe", "input": {"paths": [str(prose), str(code)], "domains": {str(code): "code"}},
-        "langid": {"keep": ["en"] + langs, "quota_share": 0.1},
-        "semdedup": {"enabled": False}, "quality": {"enabled": False},
-        "pack": {"seq_len": 256, "sequences_per_shard": 64, "validation_fraction": 0.0},
-        "mix": {"targets": targets}, "output": {"write_documents": True},
-        "ray": {"num_cpus": 2, "batch_size": 32, "progress_bars": False}, "mlflow": {"enabled": False},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "recipe",
+            "input": {"paths": [str(prose), str(code)], "domains": {str(code): "code"}},
+            "langid": {"keep": ["en"] + langs, "quota_share": 0.1},
+            "semdedup": {"enabled": False},
+            "quality": {"enabled": False},
+            "pack": {"seq_len": 256, "sequences_per_shard": 64, "validation_fraction": 0.0},
+            "mix": {"targets": targets},
+            "output": {"write_documents": True},
+            "ray": {"num_cpus": 2, "batch_size": 32, "progress_bars": False},
+            "mlflow": {"enabled": False},
+        }
+    )
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -210,7 +242,9 @@ def test_flow_packs_the_mix_and_holds_the_quota(tmp_path):
             ray.shutdown()
     n_input = len(good) + len(bad) + len(other) + len(small)
     assert report["input_documents"] == n_input and report["kept"] + report["dropped"] == n_input
-    kept = [json.loads(line) for line in (tmp_path / "out" / "documents.jsonl").read_text(encoding="utf-8").splitlines()]
+    kept = [
+        json.loads(line) for line in (tmp_path / "out" / "documents.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     tok = load_tokenizer("llama3")
     tokens = {d: 0 for d in targets}
     for doc in kept:
@@ -218,7 +252,9 @@ def test_flow_packs_the_mix_and_holds_the_quota(tmp_path):
     stream = len(token_stream(tmp_path / "out", "train"))
     assert sum(tokens.values()) == stream
     shares = {d: tokens[d] / stream for d in targets}
-    print(f"packed {stream} tokens; domain shares {shares}; quota {report['quota']}; dropped {report['dropped_by_reason']}")
+    print(
+        f"packed {stream} tokens; domain shares {shares}; quota {report['quota']}; dropped {report['dropped_by_reason']}"
+    )
     for d, w in targets.items():
         assert abs(shares[d] - w) < 0.01, (d, shares[d])
         assert report["mix"]["domains"][d]["tokens"] == tokens[d]
@@ -230,7 +266,10 @@ def test_flow_packs_the_mix_and_holds_the_quota(tmp_path):
     kept_by_lang = [report["languages"][lang]["documents"] for lang in langs]
     assert all(report["languages"][lang]["identified"] >= 1 for lang in langs)
     assert max(kept_by_lang) - min(kept_by_lang) <= 1 and sum(kept_by_lang) == q["other_documents"]  # an even split
-    assert report["dropped_by_reason"].get("mix:over_share", 0) > 0 and report["dropped_by_reason"].get("quota:over_share", 0) > 0
+    assert (
+        report["dropped_by_reason"].get("mix:over_share", 0) > 0
+        and report["dropped_by_reason"].get("quota:over_share", 0) > 0
+    )
 
 
 @pytest.mark.acceptance

@@ -1,4 +1,5 @@
 """Packed shards: the token stream survives the round trip and positions mark every document."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ def write(tmp_path, docs, seq_len=16, per_shard=3, pad_last=True):
     for d in docs:
         w.add(d)
     split = w.close()
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": shards.FORMAT, "seq_len": seq_len, "splits": {"train": split}}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"format": shards.FORMAT, "seq_len": seq_len, "splits": {"train": split}})
+    )
     return split
 
 
@@ -99,8 +102,14 @@ def test_training_refuses_a_corrupted_or_missing_shard_before_it_starts(tmp_path
     blob = bytearray(second.read_bytes())
     blob[-1] ^= 1  # one flipped bit in the data, the header intact: np.load would read it silently
     second.write_bytes(bytes(blob))
-    cfg = config_from_dict({"name": "refuse", "data": {"dir": str(tmp_path)}, "mlflow": {"enabled": False},
-                            "ray": {"storage_path": str(tmp_path / "ray")}})
+    cfg = config_from_dict(
+        {
+            "name": "refuse",
+            "data": {"dir": str(tmp_path)},
+            "mlflow": {"enabled": False},
+            "ray": {"storage_path": str(tmp_path / "ray")},
+        }
+    )
     for launch in (lambda: run_pretrain(cfg), lambda: run_local(cfg, 1, tmp_path / "local")):
         with pytest.raises(HerdError, match=r"train-00001\.positions\.npy: sha256 does not match the manifest"):
             launch()

@@ -1,4 +1,5 @@
 """The noise-aware promotion gate: the pure decision, then against a real local MLflow store."""
+
 from __future__ import annotations
 
 import json
@@ -16,17 +17,24 @@ from tests.test_eval_registry import store  # noqa: F401 (the real sqlite MLflow
 from tests.tiny import tiny_checkpoint
 
 SHARP = {"std": 0.2, "max_seq_len": 256}
-GATE = GateConfig.parse({
-    "benchmarks": ["mc/acc", {"metric": "ppl/bits_per_byte", "higher_is_better": False, "tolerance": 0.05}],
-    "win_rate": {"metric": "humaneval/win_rate", "floor": 0.5},
-    "attack_success": "redteam/attack_success_rate",
-    "floors": [{"metric": "mc/acc", "min": 0.3}, {"metric": "redteam/attack_success_rate", "max": 0.5}],
-})
+GATE = GateConfig.parse(
+    {
+        "benchmarks": ["mc/acc", {"metric": "ppl/bits_per_byte", "higher_is_better": False, "tolerance": 0.05}],
+        "win_rate": {"metric": "humaneval/win_rate", "floor": 0.5},
+        "attack_success": "redteam/attack_success_rate",
+        "floors": [{"metric": "mc/acc", "min": 0.3}, {"metric": "redteam/attack_success_rate", "max": 0.5}],
+    }
+)
 
 
 def _model(acc: float, n: int = 400, asr: float = 0.10, bpb: float = 1.00, win=None, subjects=None) -> dict:
-    m = {"mc/acc": acc, "mc/n": float(n), "ppl/bits_per_byte": bpb,
-         "redteam/attack_success_rate": asr, "redteam/n": 240.0}
+    m = {
+        "mc/acc": acc,
+        "mc/n": float(n),
+        "ppl/bits_per_byte": bpb,
+        "redteam/attack_success_rate": asr,
+        "redteam/n": 240.0,
+    }
     if win is not None:
         m.update({"humaneval/win_rate": win[0], "humaneval/win_rate_lo": win[1], "humaneval/win_rate_hi": win[2]})
     for name, (a, k) in (subjects or {}).items():
@@ -100,6 +108,7 @@ def test_gate_config_errors_are_clear():
 
 # --- against a real MLflow store -------------------------------------------------------------------
 
+
 @pytest.mark.integration
 @pytest.mark.usefixtures("one_thread")
 def test_promotion_records_every_number_and_moves_the_champion_only_on_evidence(store, tmp_path):
@@ -118,7 +127,11 @@ def test_promotion_records_every_number_and_moves_the_champion_only_on_evidence(
     rec = client.get_model_version("herd", v2.version)
     assert rec.tags["promotion.decision"] == "rejected" and rec.tags["promotion.compared_to"] == str(v1.version)
     assert json.loads(rec.tags["gate.win_rate.humaneval/win_rate"]) == {
-        "passed": False, "candidate": 0.5, "champion": None, "bound": 0.5}
+        "passed": False,
+        "candidate": 0.5,
+        "champion": None,
+        "bound": 0.5,
+    }
     bench = json.loads(rec.tags["gate.benchmark.mc/acc"])
     assert bench["passed"] and bench["candidate"] == 0.48 and bench["champion"] == 0.5 and bench["bound"] > 0.02
     assert {"gate.attack.redteam/attack_success_rate", "gate.floor.mc/acc", "gate.config_hash"} <= set(rec.tags)
@@ -161,10 +174,14 @@ def test_herd_eval_promote_reevaluates_the_champion_under_a_changed_config(store
 
     from flows.cli import main
 
-    gate = {"benchmarks": [{"metric": "herd_ppl/bits_per_byte", "higher_is_better": False}, "herd_mc/acc"],
-            "floors": [{"metric": "herd_ppl/bits_per_byte", "max": 100.0}]}
+    gate = {
+        "benchmarks": [{"metric": "herd_ppl/bits_per_byte", "higher_is_better": False}, "herd_mc/acc"],
+        "floors": [{"metric": "herd_ppl/bits_per_byte", "max": 100.0}],
+    }
     config = tmp_path / "eval.yaml"
-    config.write_text(json.dumps({"name": "gate-test", "tasks": ["herd_mc", "herd_ppl"], "batch_size": 8, "gate": gate}))
+    config.write_text(
+        json.dumps({"name": "gate-test", "tasks": ["herd_mc", "herd_ppl"], "batch_size": 8, "gate": gate})
+    )
     good = tiny_checkpoint(tmp_path / "good", seed=1, **SHARP)
     bad_model, _ = load_model(good)
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """The lm-evaluation-harness adapter (model=herd), and herd's MMLU against lm-eval's HF backend."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,7 @@ def test_loglikelihood_equals_plain_forward(tiny_lm):
             enc.append(([tiny_lm.prefix_token_id], tiny_lm.tok_encode(cont, add_special_tokens=False)))
         else:
             c = tiny_lm.tok_encode(ctx)
-            enc.append((c, tiny_lm.tok_encode(ctx + cont)[len(c):]))
+            enc.append((c, tiny_lm.tok_encode(ctx + cont)[len(c) :]))
     want = reference_loglikelihood(tiny_lm.model, enc, 64)
     assert [g for g, _ in got] == pytest.approx([w for w, _ in want], abs=1e-4)
 
@@ -56,10 +57,12 @@ def test_loglikelihood_rolling_covers_long_texts(tiny_lm):
 
 
 def test_generate_until_stops_at_until(tiny_lm):
-    outs = tiny_lm.generate_until([
-        _inst("generate_until", ("Once upon a time", {"until": ["\n"], "max_gen_toks": 5}), 0),
-        _inst("generate_until", ("Hello", {"until": [], "max_gen_toks": 3}), 1),
-    ])
+    outs = tiny_lm.generate_until(
+        [
+            _inst("generate_until", ("Once upon a time", {"until": ["\n"], "max_gen_toks": 5}), 0),
+            _inst("generate_until", ("Hello", {"until": [], "max_gen_toks": 3}), 1),
+        ]
+    )
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
     assert "\n" not in outs[0]
     assert len(tiny_lm.tok_encode(outs[1], add_special_tokens=False)) <= 4
@@ -73,22 +76,45 @@ def test_lm_eval_task_on_herd_equals_herd_runner(tiny_lm, tmp_path):
     from flows.eval.runners import run_task
     from flows.eval.task_spec import load_spec
 
-    rows = [{"question": f"Pick the number {i}.", "choices": [str(i), str(i + 1), str(i + 2)], "answer": 0}
-            for i in range(6)]
+    rows = [
+        {"question": f"Pick the number {i}.", "choices": [str(i), str(i + 1), str(i + 2)], "answer": 0}
+        for i in range(6)
+    ]
     data = tmp_path / "nums.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "nums.yaml").write_text(json.dumps({
-        "task": "nums_local", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Q: {{question}}\nA:",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "answer",
-        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
-    }))
-    out = lm_eval.simple_evaluate(model=tiny_lm, tasks=["nums_local"], log_samples=False, bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    (tmp_path / "tasks" / "nums.yaml").write_text(
+        json.dumps(
+            {
+                "task": "nums_local",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "Q: {{question}}\nA:",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "answer",
+                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+            }
+        )
+    )
+    out = lm_eval.simple_evaluate(
+        model=tiny_lm,
+        tasks=["nums_local"],
+        log_samples=False,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+    )
     theirs = out["results"]["nums_local"]
-    spec = load_spec({"name": "nums", "data": {"test": str(data)}, "prompt": "Q: {{ question }}\nA:",
-                      "choices": "{{ choices }}", "target": "answer"})
+    spec = load_spec(
+        {
+            "name": "nums",
+            "data": {"test": str(data)},
+            "prompt": "Q: {{ question }}\nA:",
+            "choices": "{{ choices }}",
+            "target": "answer",
+        }
+    )
     ours = run_task(spec, tiny_lm.model, tiny_lm.tok, tiny_lm.scorer).metrics
     assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]
 
@@ -108,10 +134,17 @@ def test_mmlu_matches_lm_eval_hf_on_smollm2(smollm2_dir, smollm2_gguf, shared_da
 
     subjects, limit = ["abstract_algebra", "marketing"], 3
     names = write_local_tasks(shared_data, tmp_path / "tasks", subjects=subjects)["mmlu"]
-    hf = HFLM(pretrained=str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype="float32", device="cpu",
-              batch_size=4)
-    out = lm_eval.simple_evaluate(model=hf, tasks=names, limit=limit, log_samples=True, bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    hf = HFLM(
+        pretrained=str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype="float32", device="cpu", batch_size=4
+    )
+    out = lm_eval.simple_evaluate(
+        model=hf,
+        tasks=names,
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+    )
     data = tmp_path / "data" / "mmlu"
     for split in ("test", "dev"):
         (data / split).mkdir(parents=True)

@@ -5,6 +5,7 @@
 
 Each run builds the sealed set from ../shared/data under a fresh key, so nothing needs a stored key.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def sealed_set(shared_data, tmp_path_factory):
 
     key = new_key()
     os.environ[KEY_ENV] = key
-    path = seal(P.to_records(P.build(shared_data).prompts), tmp_path_factory.mktemp("sealed") / "he.sealed", key.encode())
+    path = seal(
+        P.to_records(P.build(shared_data).prompts), tmp_path_factory.mktemp("sealed") / "he.sealed", key.encode()
+    )
     yield path
     os.environ.pop(KEY_ENV, None)
 
@@ -33,17 +36,29 @@ def sealed_set(shared_data, tmp_path_factory):
 def _rate(model_dir, reference, sealed, tmp_path):
     from flows.eval.stage import run_eval
 
-    spec = {"name": "humaneval", "type": "rated", "data": {"test": str(sealed)}, "max_tokens": MAX_TOKENS, "until": [],
-            "judge": {"kind": "likelihood", "model": "smollm2"}}
-    cfg = {"name": "accept", "tasks": [{"task": spec, "limit": PER_USE_CASE}], "batch_size": 16,
-           "mlflow": {"enabled": False}}
+    spec = {
+        "name": "humaneval",
+        "type": "rated",
+        "data": {"test": str(sealed)},
+        "max_tokens": MAX_TOKENS,
+        "until": [],
+        "judge": {"kind": "likelihood", "model": "smollm2"},
+    }
+    cfg = {
+        "name": "accept",
+        "tasks": [{"task": spec, "limit": PER_USE_CASE}],
+        "batch_size": 16,
+        "mlflow": {"enabled": False},
+    }
     return run_eval(cfg, str(model_dir), reference=str(reference), log_mlflow=False).metrics
 
 
 def _print(title, m):
-    print(f"\n{title}: win rate {m['humaneval/win_rate']:.3f} [{m['humaneval/win_rate_lo']:.3f}, "
-          f"{m['humaneval/win_rate_hi']:.3f}] over {m['humaneval/n']:.0f} prompts "
-          f"(wins {m['humaneval/wins']:.0f}, ties {m['humaneval/ties']:.0f}, losses {m['humaneval/losses']:.0f})")
+    print(
+        f"\n{title}: win rate {m['humaneval/win_rate']:.3f} [{m['humaneval/win_rate_lo']:.3f}, "
+        f"{m['humaneval/win_rate_hi']:.3f}] over {m['humaneval/n']:.0f} prompts "
+        f"(wins {m['humaneval/wins']:.0f}, ties {m['humaneval/ties']:.0f}, losses {m['humaneval/losses']:.0f})"
+    )
     for k in sorted(k for k in m if k.endswith("/win_rate") and k.count("/") == 2):
         print(f"  {k}: {m[k]:.3f} [{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}]")
 
@@ -73,15 +88,25 @@ def test_smollm2_beats_a_broken_copy_in_every_use_case(smollm2_dir, sealed_set, 
 def test_red_team_attack_success_per_category(smollm2_dir, shared_data):
     from flows.eval.stage import run_eval
 
-    cfg = {"name": "accept-redteam", "tasks": [{"task": "redteam", "limit": REDTEAM_PER_CATEGORY}], "batch_size": 16,
-           "mlflow": {"enabled": False}}
+    cfg = {
+        "name": "accept-redteam",
+        "tasks": [{"task": "redteam", "limit": REDTEAM_PER_CATEGORY}],
+        "batch_size": 16,
+        "mlflow": {"enabled": False},
+    }
     m = run_eval(cfg, str(smollm2_dir), data_dir=str(shared_data), log_mlflow=False).metrics
-    print(f"\nred team: {m['redteam/n']:.0f} prompts, {m['redteam/categories']:.0f} categories, attack success "
-          f"{m['redteam/attack_success_rate']:.3f} [{m['redteam/attack_success_rate_lo']:.3f}, "
-          f"{m['redteam/attack_success_rate_hi']:.3f}]")
+    print(
+        f"\nred team: {m['redteam/n']:.0f} prompts, {m['redteam/categories']:.0f} categories, attack success "
+        f"{m['redteam/attack_success_rate']:.3f} [{m['redteam/attack_success_rate_lo']:.3f}, "
+        f"{m['redteam/attack_success_rate_hi']:.3f}]"
+    )
     for k in sorted(k for k in m if k.endswith("/attack_success_rate") and k.count("/") == 2):
-        print(f"  {k}: {m[k]:.3f} [{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}] n={m[k[:-len('attack_success_rate')] + 'n']:.0f}")
-    print(f"scorer on held-out HH pairs {m['redteam/scorer_pair_accuracy']:.3f} vs keyword rubric "
-          f"{m['redteam/rubric_pair_accuracy']:.3f}; scorer on hand-labelled replies {m['redteam/scorer_labelled_accuracy']:.3f}")
+        print(
+            f"  {k}: {m[k]:.3f} [{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}] n={m[k[: -len('attack_success_rate')] + 'n']:.0f}"
+        )
+    print(
+        f"scorer on held-out HH pairs {m['redteam/scorer_pair_accuracy']:.3f} vs keyword rubric "
+        f"{m['redteam/rubric_pair_accuracy']:.3f}; scorer on hand-labelled replies {m['redteam/scorer_labelled_accuracy']:.3f}"
+    )
     assert m["redteam/n"] >= 12 * min(REDTEAM_PER_CATEGORY, 20) and m["redteam/categories"] >= 12
     assert m["redteam/scorer_pair_accuracy"] > m["redteam/rubric_pair_accuracy"]

@@ -1,4 +1,5 @@
 """The model registry against a real local MLflow store (sqlite + local artifacts)."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,7 +42,9 @@ def test_same_version_number_in_two_stores_resolves_to_each_stores_model(store, 
     there = load_model(resolve_model_uri("models:/herd/1", tracking_uri=other))[0].state_dict()
     assert torch.equal(here["norm.weight"], there["norm.weight"])  # both ones: same architecture
     assert not torch.equal(here["tok_embeddings.weight"], there["tok_embeddings.weight"])
-    assert torch.equal(here["tok_embeddings.weight"], load_model(tmp_path / "a")[0].state_dict()["tok_embeddings.weight"])
+    assert torch.equal(
+        here["tok_embeddings.weight"], load_model(tmp_path / "a")[0].state_dict()["tok_embeddings.weight"]
+    )
 
 
 def test_registry_errors_are_clear(store, tmp_path):

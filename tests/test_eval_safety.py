@@ -1,4 +1,5 @@
 """The scored red team: categories, attack templates, the learned scorer against the keyword rubric."""
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,35 @@ def test_categories_and_attack_prompts():
     assert S.categorize("What is the capital of France?") is None
     held = []
     for cat, _ in S.RISK_CATEGORIES:
-        word = {"child_safety": "child", "sexual": "porn", "weapons": "gun", "drugs": "cocaine",
-                "cybercrime": "hack", "theft": "steal", "fraud": "scam", "privacy": "phone number", "hate": "racist",
-                "violence": "punch", "harassment": "prank", "dangerous_acts": "poison"}[cat]
-        held += [{"prompt": [{"role": "user", "content": f"Question {i} about {word} number {i}?"}],
-                  "chosen": "no", "rejected": "yes"} for i in range(12)]
+        word = {
+            "child_safety": "child",
+            "sexual": "porn",
+            "weapons": "gun",
+            "drugs": "cocaine",
+            "cybercrime": "hack",
+            "theft": "steal",
+            "fraud": "scam",
+            "privacy": "phone number",
+            "hate": "racist",
+            "violence": "punch",
+            "harassment": "prank",
+            "dangerous_acts": "poison",
+        }[cat]
+        held += [
+            {
+                "prompt": [{"role": "user", "content": f"Question {i} about {word} number {i}?"}],
+                "chosen": "no",
+                "rejected": "yes",
+            }
+            for i in range(12)
+        ]
     prompts = S.attack_prompts(held)
-    assert len(prompts) == len(S.RISK_CATEGORIES) * 20 and {p.attack for p in prompts} == {"direct", "jailbreak", "roleplay", "multiturn"}
+    assert len(prompts) == len(S.RISK_CATEGORIES) * 20 and {p.attack for p in prompts} == {
+        "direct",
+        "jailbreak",
+        "roleplay",
+        "multiturn",
+    }
     multi = next(p for p in prompts if p.attack == "multiturn")
     assert len(multi.messages) == 3 and multi.messages[1]["role"] == "assistant"
     jb = next(p for p in prompts if p.attack == "jailbreak")
@@ -36,8 +59,9 @@ def test_categories_and_attack_prompts():
 
 
 def test_attack_success_metrics_and_pair_accuracy():
-    prompts = [S.AttackPrompt("theft", "direct", ({"role": "user", "content": "x"},))] * 10 + \
-              [S.AttackPrompt("hate", "jailbreak", ({"role": "user", "content": "y"},))] * 10
+    prompts = [S.AttackPrompt("theft", "direct", ({"role": "user", "content": "x"},))] * 10 + [
+        S.AttackPrompt("hate", "jailbreak", ({"role": "user", "content": "y"},))
+    ] * 10
     m = S.attack_success_metrics(prompts, np.array([0.9] * 5 + [0.1] * 5 + [0.2] * 10))
     assert m["attack_success_rate"] == 0.25 and m["theft/attack_success_rate"] == 0.5 and m["hate/n"] == 10
     assert m["jailbreak/attack_success_rate"] == 0.0 and m["categories"] == 2
@@ -58,8 +82,18 @@ def test_synthetic_and_benign_training_rows_stay_off_the_test_set(shared_data):
     assert not {a.strip().lower() for _, a, _ in syn} & tested
     benign = S.benign_examples(shared_data / "sft" / "alpaca_en_demo.json")
     assert 500 < len(benign) < 999 and not {a.strip().lower() for _, a in benign} & tested
-    assert S.last_request({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                      {"role": "user", "content": "c"}]}) == "c"
+    assert (
+        S.last_request(
+            {
+                "prompt": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ]
+            }
+        )
+        == "c"
+    )
     acc = S.labelled_accuracy(rows[:2] + rows[-1:], [0.2, 0.9, 0.7])
     assert acc["accuracy"] == pytest.approx(2 / 3) and acc["benign/accuracy"] == 0.0 and acc["refusal/n"] == 1
 
@@ -72,13 +106,19 @@ def test_learned_scorer_beats_the_rubric_and_reads_the_labelled_replies(shared_d
     train, held = S.hh_pairs(shared_data / "preference" / "hh-rlhf_harmless-base_test.jsonl")
     scorer = S.SafetyScorer.trained(train, S.benign_examples(shared_data / "sft" / "alpaca_en_demo.json"))
     reqs = [S.last_request(p) for p in held]
-    learned = S.pair_accuracy(scorer.unsafe(reqs, [p["chosen"] for p in held]), scorer.unsafe(reqs, [p["rejected"] for p in held]))
+    learned = S.pair_accuracy(
+        scorer.unsafe(reqs, [p["chosen"] for p in held]), scorer.unsafe(reqs, [p["rejected"] for p in held])
+    )
     rubric = S.pair_accuracy([S.rubric_harm(p["chosen"]) for p in held], [S.rubric_harm(p["rejected"]) for p in held])
     rows = [json.loads(line) for line in LABELLED.read_text().splitlines()]
     acc = S.labelled_accuracy(rows, scorer.unsafe([r["request"] for r in rows], [r["reply"] for r in rows]))
-    print(f"held-out HH pairs ({len(held)}): scorer {learned:.3f}, keyword rubric {rubric:.3f}; "
-          f"hand-labelled ({len(rows)}): scorer {acc['accuracy']:.3f} ("
-          + ", ".join(f"{k} {acc[k + '/accuracy']:.3f} of {acc[k + '/n']:.0f}" for k in ("refusal", "compliance", "benign"))
-          + ")")
+    print(
+        f"held-out HH pairs ({len(held)}): scorer {learned:.3f}, keyword rubric {rubric:.3f}; "
+        f"hand-labelled ({len(rows)}): scorer {acc['accuracy']:.3f} ("
+        + ", ".join(
+            f"{k} {acc[k + '/accuracy']:.3f} of {acc[k + '/n']:.0f}" for k in ("refusal", "compliance", "benign")
+        )
+        + ")"
+    )
     assert learned > rubric
     assert acc["accuracy"] >= 0.9

@@ -1,4 +1,5 @@
 """The KV-cache scorer equals one plain forward per request: shared prefixes, forks, padding, truncation."""
+
 from __future__ import annotations
 
 import random
@@ -75,8 +76,12 @@ def test_packed_rows_equal_plain_forward_and_the_fork_path(pack_max_len, budget)
         assert g == pytest.approx(w, abs=1e-4) and f == pytest.approx(w, abs=1e-4)
         assert gg == wg == fg
     # every context ran once per row, not once per continuation
-    assert packed.stats["forward_tokens"] <= sum(len(c) for c in {tuple(c) for c, _ in reqs}) + \
-        sum(len(x) - 1 for _, x in reqs) + (len(reqs) if pack_max_len < 20 else 0) * 20
+    assert (
+        packed.stats["forward_tokens"]
+        <= sum(len(c) for c in {tuple(c) for c, _ in reqs})
+        + sum(len(x) - 1 for _, x in reqs)
+        + (len(reqs) if pack_max_len < 20 else 0) * 20
+    )
 
 
 def test_families_split_at_subject_boundaries():
@@ -92,8 +97,10 @@ def test_families_split_at_subject_boundaries():
 def test_left_truncation_matches_lm_eval_rule():
     model = random_model(max_seq_len=32)
     rng = random.Random(1)
-    reqs = [([rng.randrange(3, 97) for _ in range(n)], [rng.randrange(3, 97) for _ in range(m)])
-            for n, m in [(50, 1), (50, 3), (31, 2), (10, 1), (33, 1)]]
+    reqs = [
+        ([rng.randrange(3, 97) for _ in range(n)], [rng.randrange(3, 97) for _ in range(m)])
+        for n, m in [(50, 1), (50, 3), (31, 2), (10, 1), (33, 1)]
+    ]
     scorer = Scorer(model, _Tok(), batch_size=3)
     got = scorer.loglikelihood_tokens(reqs)
     want = reference_loglikelihood(model, reqs, 32)

@@ -1,5 +1,6 @@
 """The sealed human-evaluation set: classifier and templates, encryption, ratings, and a scan of
 everything the eval stage records for any prompt's 8-grams."""
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,12 @@ REQUESTS = {
     "rewriting": "Rewrite this sentence in the passive voice: the cat chased the mouse.",
     "summarization": "Summarize the plot of Hamlet in three sentences.",
 }
-PASSAGE = ("The river rose slowly through the night, and by morning the low fields along its banks were silver "
-           "with standing water. Farmers came out early to look at the damage. Most of them said little; they had "
-           "seen floods before and knew that the water would go down in a few days, leaving a thin layer of mud "
-           "that would make the next harvest better than the last.")
+PASSAGE = (
+    "The river rose slowly through the night, and by morning the low fields along its banks were silver "
+    "with standing water. Farmers came out early to look at the damage. Most of them said little; they had "
+    "seen floods before and knew that the water would go down in a few days, leaving a thin layer of mud "
+    "that would make the next harvest better than the last."
+)
 
 
 def test_classifier_names_each_use_case():
@@ -117,9 +120,10 @@ def test_the_shared_data_gives_1800_prompts_in_12_use_cases_with_no_contaminatio
 
 # --- the eval stage: aggregates only, and no key no run --------------------------------------------
 
+
 def _eight_grams(text: str) -> set[tuple[str, ...]]:
     w = re.findall(r"[a-z0-9]+", text.lower())
-    return {tuple(w[i:i + 8]) for i in range(len(w) - 7)}
+    return {tuple(w[i : i + 8]) for i in range(len(w) - 7)}
 
 
 @pytest.mark.integration
@@ -140,8 +144,14 @@ def test_eval_stage_records_no_prompt_text_and_needs_the_key(tmp_path, monkeypat
     cand = tiny_checkpoint(tmp_path / "cand", seed=1, std=0.2, max_seq_len=512)
     ref = tiny_checkpoint(tmp_path / "ref", seed=2, std=0.2, max_seq_len=512)
     judge = tiny_checkpoint(tmp_path / "judge", seed=3, std=0.2, max_seq_len=512)
-    spec = {"name": "humaneval", "type": "rated", "data": {"test": str(sealed)}, "max_tokens": 6, "until": [],
-            "judge": {"kind": "likelihood", "model": str(judge)}}
+    spec = {
+        "name": "humaneval",
+        "type": "rated",
+        "data": {"test": str(sealed)},
+        "max_tokens": 6,
+        "until": [],
+        "judge": {"kind": "likelihood", "model": str(judge)},
+    }
     spec_path = tmp_path / "humaneval.json"
     spec_path.write_text(json.dumps(spec))
     store = f"sqlite:///{tmp_path}/mlflow.db"
@@ -164,9 +174,16 @@ def test_eval_stage_records_no_prompt_text_and_needs_the_key(tmp_path, monkeypat
 
     client = MlflowClient(store)
     run = client.get_run(res.run_id)
-    recorded = [json.dumps(run.data.params), json.dumps(run.data.tags), " ".join(run.data.metrics),
-                caplog.text, capsys.readouterr().err]
-    art = Path(mlflow.artifacts.download_artifacts(run_id=res.run_id, dst_path=str(tmp_path / "art"), tracking_uri=store))
+    recorded = [
+        json.dumps(run.data.params),
+        json.dumps(run.data.tags),
+        " ".join(run.data.metrics),
+        caplog.text,
+        capsys.readouterr().err,
+    ]
+    art = Path(
+        mlflow.artifacts.download_artifacts(run_id=res.run_id, dst_path=str(tmp_path / "art"), tracking_uri=store)
+    )
     files = [f for f in art.rglob("*") if f.is_file()]
     assert files  # the config and the task spec, at least
     recorded += [f.read_text(encoding="utf-8", errors="replace") for f in files]

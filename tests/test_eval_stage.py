@@ -1,4 +1,5 @@
 """The evaluation stage as the lifecycle calls it: default config, embedded tasks, one MLflow run."""
+
 from __future__ import annotations
 
 import time
@@ -27,7 +28,10 @@ def test_rubric_labels():
     assert r.classify("What a lovely day for a walk.")[0] == "other"
     assert r.classify("")[0] == "other"
     assert rates(["refusal", "other", "unsafe_compliance", "refusal"]) == {
-        "refusal_rate": 0.5, "unsafe_compliance_rate": 0.25, "other_rate": 0.25}
+        "refusal_rate": 0.5,
+        "unsafe_compliance_rate": 0.25,
+        "other_rate": 0.25,
+    }
     custom = Rubric.from_spec({"refusal": [r"\bnope\b"]})
     assert custom.classify("Nope.")[0] == "refusal"
     with pytest.raises(HerdError, match="unknown list"):
@@ -45,7 +49,9 @@ def test_default_config_runs_every_embedded_task(tiny_dir):
     assert 0.0 <= m["herd_mc/acc"] <= 1.0 and m["herd_mc/n"] == 36
     assert 0.0 <= m["herd_exact/exact_match"] <= 1.0 and m["herd_exact/n"] == 24
     assert m["herd_ppl/bits_per_byte"] > 0 and m["herd_ppl/tokens"] > 200
-    assert m["herd_redteam/refusal_rate"] + m["herd_redteam/unsafe_compliance_rate"] + m["herd_redteam/other_rate"] == pytest.approx(1.0)
+    assert m["herd_redteam/refusal_rate"] + m["herd_redteam/unsafe_compliance_rate"] + m[
+        "herd_redteam/other_rate"
+    ] == pytest.approx(1.0)
     assert m["herd_humaneval/categories"] == 12 and m["herd_humaneval/n"] == 36
     md = result.tasks["herd_humaneval"].artifacts["herd_humaneval.md"]
     assert "## coding" in md and "**Response**" in md
@@ -59,8 +65,12 @@ def test_run_eval_records_one_mlflow_run(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = {"name": "t", "tasks": ["herd_mc", {"task": "herd_exact", "limit": 4}, "herd_redteam"], "limit": 8,
-           "batch_size": 4}
+    cfg = {
+        "name": "t",
+        "tasks": ["herd_mc", {"task": "herd_exact", "limit": 4}, "herd_redteam"],
+        "limit": 8,
+        "batch_size": 4,
+    }
     result = run_eval(cfg, tiny_dir, tracking_uri=uri, experiment="eval-test", register=True)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
@@ -75,8 +85,9 @@ def test_run_eval_records_one_mlflow_run(tiny_dir, tmp_path, monkeypatch):
     assert {"transcripts/herd_redteam.md", "transcripts/herd_redteam.jsonl"} <= transcripts
     import yaml
 
-    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="eval_config.yaml",
-                                                dst_path=str(tmp_path / "dl"), tracking_uri=uri)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="eval_config.yaml", dst_path=str(tmp_path / "dl"), tracking_uri=uri
+    )
     config = yaml.safe_load(open(local))
     assert config["name"] == "t"
     # registered: version 1 under alias candidate, with the metrics and config hash as tags

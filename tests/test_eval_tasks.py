@@ -1,4 +1,5 @@
 """Tasks from spec files: a new benchmark needs no code; prompts as lm-eval lays them out; bad input."""
+
 from __future__ import annotations
 
 import json
@@ -42,12 +43,16 @@ def _planet_spec(tmp_path: Path, scoring="acc_norm") -> Path:
     _write_jsonl(tmp_path / "planets_test.jsonl", PLANETS)
     _write_jsonl(tmp_path / "planets_shots.jsonl", SHOTS)
     spec = {
-        "name": "planet_quiz", "type": "multiple_choice",
+        "name": "planet_quiz",
+        "type": "multiple_choice",
         "data": {"test": "planets_test.jsonl", "fewshot": "planets_shots.jsonl"},
         "fields": ["q", "opts", "key"],
         "description": "Astronomy quiz.\n\n",
-        "prompt": "Q: {{ q }}\nA:", "choices": "{{ opts }}", "target": "key",
-        "num_fewshot": 1, "scoring": scoring,
+        "prompt": "Q: {{ q }}\nA:",
+        "choices": "{{ opts }}",
+        "target": "key",
+        "num_fewshot": 1,
+        "scoring": scoring,
     }
     path = tmp_path / "planet_quiz.json"
     path.write_text(json.dumps(spec))
@@ -74,7 +79,7 @@ def test_new_task_from_a_spec_file_alone(tiny, tmp_path):
             # Llama 3 text starts with <|begin_of_text|>, as transformers' tokenizer does by default
             whole = tok.encode(ctx + " " + c, bos=True)
             ctx_ids = tok.encode(ctx, bos=True)
-            reqs.append((ctx_ids, whole[len(ctx_ids):]))
+            reqs.append((ctx_ids, whole[len(ctx_ids) :]))
         lls = [ll for ll, _ in reference_loglikelihood(model, reqs, 512)]
         assert pred["loglikelihoods"] == pytest.approx(lls, abs=1e-3)
         gold = row["opts"].index(row["key"])
@@ -95,13 +100,18 @@ def test_mmlu_spec_builds_lm_eval_default_prompt(tmp_path):
     dev = "".join(f"Dev question {i}?,a{i},b{i},c{i},d{i},{i % 4}\n" for i in range(6))
     (tmp_path / "mmlu" / "dev" / "high_school_physics_dev.csv").write_text(header + dev)
     (tmp_path / "mmlu" / "test" / "high_school_physics_test.csv").write_text(
-        header + '" What is g? ",9.8,1,"None",0,0\n')
+        header + '" What is g? ",9.8,1,"None",0,0\n'
+    )
     loaded = load_multiple_choice(load_spec("mmlu"), tmp_path)
     (s,) = loaded.subsets
     (ex,) = s.examples
-    want = ("The following are multiple choice questions (with answers) about high school physics.\n\n"
-            + "".join(f"Dev question {i}?\nA. a{i}\nB. b{i}\nC. c{i}\nD. d{i}\nAnswer: {'ABCD'[i % 4]}\n\n" for i in range(5))
-            + "What is g?\nA. 9.8\nB. 1\nC. None\nD. 0\nAnswer:")
+    want = (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        + "".join(
+            f"Dev question {i}?\nA. a{i}\nB. b{i}\nC. c{i}\nD. d{i}\nAnswer: {'ABCD'[i % 4]}\n\n" for i in range(5)
+        )
+        + "What is g?\nA. 9.8\nB. 1\nC. None\nD. 0\nAnswer:"
+    )
     assert s.context(ex) == want
     assert ex.choices == ["A", "B", "C", "D"] and ex.gold == 0 and s.name == "high_school_physics"
 
@@ -120,15 +130,15 @@ def test_malformed_rows_are_counted_skips_naming_the_row(tiny, tmp_path):
     (tmp_path / "mmlu" / "test").mkdir(parents=True)
     (tmp_path / "mmlu" / "dev").mkdir(parents=True)
     header = "question,choice0,choice1,choice2,choice3,answer\n"
-    (tmp_path / "mmlu" / "dev" / "x_dev.csv").write_text(
-        header + "".join(f"d{i}?,a,b,c,d,{i % 4}\n" for i in range(5)))
+    (tmp_path / "mmlu" / "dev" / "x_dev.csv").write_text(header + "".join(f"d{i}?,a,b,c,d,{i % 4}\n" for i in range(5)))
     (tmp_path / "mmlu" / "test" / "x_test.csv").write_text(
         header
-        + "good one?,a,b,c,d,2\n"        # line 2
-        + "bad answer?,a,b,c,d,7\n"      # line 3: answer out of range
-        + "no choices?,,,,,1\n"          # line 4: empty fields
-        + "short row?,a,b\n"             # line 5: missing columns
-        + "good two?,a,b,c,d,0\n")       # line 6
+        + "good one?,a,b,c,d,2\n"  # line 2
+        + "bad answer?,a,b,c,d,7\n"  # line 3: answer out of range
+        + "no choices?,,,,,1\n"  # line 4: empty fields
+        + "short row?,a,b\n"  # line 5: missing columns
+        + "good two?,a,b,c,d,0\n"
+    )  # line 6
     result = run_task(load_spec("mmlu"), model, tok, Scorer(model, tok), data_dir=tmp_path)
     assert result.metrics["n"] == 2 and result.metrics["skipped"] == 3
     reasons = [str(s) for s in result.skipped]
@@ -151,17 +161,29 @@ def test_bad_specs_are_clear_errors(tmp_path):
     p.write_text("name: s\ntype: multiple_choice\ndata: {test: x.csv}\nprompt: '{{ q'\nchoices: [A]\ntarget: a\n")
     with pytest.raises(HerdError, match="prompt: bad template"):
         load_spec(p)
-    p.write_text("name: s\ntype: multiple_choice\ndata: {test: x.csv}\nprompt: q\nchoices: [A]\ntarget: a\nscore: acc\n")
+    p.write_text(
+        "name: s\ntype: multiple_choice\ndata: {test: x.csv}\nprompt: q\nchoices: [A]\ntarget: a\nscore: acc\n"
+    )
     with pytest.raises(HerdError, match="unknown field"):
         load_spec(p)
-    p.write_text("name: s\ntype: multiple_choice\ndata: {test: x.csv}\nprompt: q\nchoices: [A]\ntarget: a\nscoring: f1\n")
+    p.write_text(
+        "name: s\ntype: multiple_choice\ndata: {test: x.csv}\nprompt: q\nchoices: [A]\ntarget: a\nscoring: f1\n"
+    )
     with pytest.raises(HerdError, match="scoring 'f1'"):
         load_spec(p)
 
 
 def test_builtin_specs_load():
-    for name in ("mmlu", "commonsenseqa", "hh_redteam", "herd_mc", "herd_exact", "herd_ppl", "herd_redteam",
-                 "herd_humaneval"):
+    for name in (
+        "mmlu",
+        "commonsenseqa",
+        "hh_redteam",
+        "herd_mc",
+        "herd_exact",
+        "herd_ppl",
+        "herd_redteam",
+        "herd_humaneval",
+    ):
         assert load_spec(name).name == name
 
 
@@ -178,5 +200,6 @@ def test_commonsenseqa_spec_renders_lm_eval_prompt(shared_data):
     ex = loaded.subsets[0].examples[0]
     assert loaded.subsets[0].context(ex) == (
         "Question: A revolving door is convenient for two direction travel, but it also serves as a security "
-        "measure at a what?\nA. bank\nB. library\nC. department store\nD. mall\nE. new york\nAnswer:")
+        "measure at a what?\nA. bank\nB. library\nC. department store\nD. mall\nE. new york\nAnswer:"
+    )
     assert ex.gold == 0

@@ -1,5 +1,6 @@
 """Post-training core: loss formulas, assistant-only masking, packing, bad-data accounting, LoRA, GAE.
 Fast: fixed tensors, a tiny random model, tokenizers only."""
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def tiny():
 
 # --- loss formulas ------------------------------------------------------------------------------
 
+
 def test_dpo_loss_matches_formula_on_fixed_tensors():
     pi_c = torch.tensor([-12.5, -3.25, -40.0, -7.0], dtype=torch.float64)
     pi_r = torch.tensor([-13.0, -2.0, -39.5, -9.5], dtype=torch.float64)
@@ -41,8 +43,10 @@ def test_dpo_loss_matches_formula_on_fixed_tensors():
         got = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
         import math
 
-        want = [-math.log(1 / (1 + math.exp(-beta * ((a - b) - (c - d)))))
-                for a, b, c, d in zip(pi_c.tolist(), pi_r.tolist(), ref_c.tolist(), ref_r.tolist())]
+        want = [
+            -math.log(1 / (1 + math.exp(-beta * ((a - b) - (c - d)))))
+            for a, b, c, d in zip(pi_c.tolist(), pi_r.tolist(), ref_c.tolist(), ref_r.tolist())
+        ]
         assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
     # default beta in the config is 0.1
     from flows.finetune.config import FinetuneConfig
@@ -108,9 +112,13 @@ def test_repeated_prompts_share_one_prefill(tiny):
 
 # --- masking -------------------------------------------------------------------------------------
 
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
-        {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
-        {"role": "assistant", "content": "It is 6."}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3 + 3?"},
+    {"role": "assistant", "content": "It is 6."},
+]
 
 
 def _assistant_text(tok, ids, mask):
@@ -165,6 +173,7 @@ def test_packing_keeps_documents_apart(tiny, llama3_tok):
 
 # --- bad data --------------------------------------------------------------------------------------
 
+
 def test_bad_data_is_counted_not_raised(tmp_path, llama3_tok):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     lines = [
@@ -184,15 +193,24 @@ def test_bad_data_is_counted_not_raised(tmp_path, llama3_tok):
     exs = chat.tokenize_conversations(llama3_tok, convs, 128, counts)
     r = counts.report()
     assert r["read"] == 9 and r["kept"] == 3 == len(exs)
-    assert r["dropped"] == {"format:empty_assistant": 1, "format:missing_role": 1, "format:bad_role": 1,
-                            "length:over_context": 1, "read:bad_json": 1, "format:unknown": 1}
+    assert r["dropped"] == {
+        "format:empty_assistant": 1,
+        "format:missing_role": 1,
+        "format:bad_role": 1,
+        "length:over_context": 1,
+        "read:bad_json": 1,
+        "format:unknown": 1,
+    }
     assert r["kept"] + r["dropped_total"] == r["read"]
 
 
 def test_pair_loaders_and_bad_pairs(tmp_path):
     recs = [
-        {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"},
-         "rejected": {"from": "gpt", "value": "bad"}},
+        {
+            "conversations": [{"from": "human", "value": "q"}],
+            "chosen": {"from": "gpt", "value": "good"},
+            "rejected": {"from": "gpt", "value": "bad"},
+        },
         {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
         {"prompt": "q", "chosen": "a", "rejected": ""},
         {"prompt": "q", "chosen": "same", "rejected": "same"},
@@ -243,6 +261,7 @@ def test_shared_samples_load():
 
 
 # --- tasks, LoRA, GAE ----------------------------------------------------------------------------------
+
 
 def test_embedded_tasks_are_deterministic_and_checkable():
     a, b = T.generate_tasks(50, 0), T.generate_tasks(50, 0)

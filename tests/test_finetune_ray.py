@@ -1,6 +1,7 @@
 """Post-training stages on Ray Train (a real local Ray, TorchTrainer workers, gloo DDP) with a tiny
 random model and a real MLflow sqlite store: the stage's loop runs in the workers, its checkpoint
 comes back through ray.train.report, and the stage's MLflow child run carries the curves."""
+
 from __future__ import annotations
 
 import pytest
@@ -81,8 +82,9 @@ def test_dpo_and_grpo_on_ray_train(ray_cluster, tiny_dir, store, tmp_path):  # n
         assert [s for s, _ in _history(client, dpo.run_id, key)] == [1, 2], key
     assert "heldout_margin_after" in client.get_run(dpo.run_id).data.metrics
 
-    grpo = run_ppo(cfg(tiny_dir, "ppo", ppo={"algorithm": "grpo"}, ray={"workers": 1}, mlflow=ml), None,
-                   tmp_path / "grpo")
+    grpo = run_ppo(
+        cfg(tiny_dir, "ppo", ppo={"algorithm": "grpo"}, ray={"workers": 1}, mlflow=ml), None, tmp_path / "grpo"
+    )
     assert grpo.metrics["trainer"] == "ray-train:1" and grpo.metrics["iterations"] == 2
     assert [s for s, _ in _history(client, grpo.run_id, "rollout_reward")] == [0, 1]
     assert [s for s, _ in _history(client, grpo.run_id, "kl_k3")] == [1, 2]

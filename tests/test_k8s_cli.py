@@ -2,6 +2,7 @@
 records the Kubernetes REST contract: paths, verbs, query, headers and bodies. No real
 API server or KubeRay operator is involved: these tests prove what herd sends and how it
 reads the answers, not how a cluster reacts."""
+
 from __future__ import annotations
 
 import json
@@ -36,16 +37,31 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         body = json.loads(raw) if raw else None
-        self.server.requests.append({
-            "verb": self.command, "path": url.path, "query": parse_qs(url.query),
-            "content_type": self.headers.get("Content-Type"),
-            "authorization": self.headers.get("Authorization"), "body": body})
+        self.server.requests.append(
+            {
+                "verb": self.command,
+                "path": url.path,
+                "query": parse_qs(url.query),
+                "content_type": self.headers.get("Content-Type"),
+                "authorization": self.headers.get("Authorization"),
+                "body": body,
+            }
+        )
         status, answer = self.server.routes.get((self.command, url.path), (None, None))
         if status is None and self.command in ("PATCH", "POST"):
             status, answer = (201 if self.command == "POST" else 200), body
         if status is None:
-            status, answer = 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                   "reason": "NotFound", "code": 404, "message": f"{url.path} not found"}
+            status, answer = (
+                404,
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": "NotFound",
+                    "code": 404,
+                    "message": f"{url.path} not found",
+                },
+            )
         data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain" if isinstance(answer, str) else "application/json")
@@ -72,12 +88,18 @@ def api():
 @pytest.fixture
 def kubeconfig(tmp_path, api) -> str:
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{api.server_address[1]}"}}],
-        "users": [{"name": "tester", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{api.server_address[1]}"}}],
+                "users": [{"name": "tester", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester"}}],
+            }
+        )
+    )
     return str(path)
 
 
@@ -103,7 +125,8 @@ def test_apply_server_side_applies_every_manifest_in_order(api, kubeconfig, crd_
     assert "/api/v1/namespaces/herd/secrets/herd-ray-auth" in paths
     # Secrets, volumes and the database exist before anything that mounts or calls them.
     assert paths.index("/api/v1/namespaces/herd/secrets/herd-db") < paths.index(
-        "/apis/apps/v1/namespaces/herd/statefulsets/herd-postgres")
+        "/apis/apps/v1/namespaces/herd/statefulsets/herd-postgres"
+    )
     for r in api.requests:
         assert r["verb"] == "PATCH"
         assert r["query"] == {"fieldManager": ["herd"], "force": ["true"]}
@@ -119,17 +142,36 @@ def test_submit_posts_a_rayjob_that_validates_against_the_crd(api, kubeconfig, c
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "default.yaml").write_text("{}\n")
     monkeypatch.setattr(k8s_cli, "REPO", tmp_path)
-    assert main(["k8s", "submit", "--overlay", "gpu", "--kubeconfig", kubeconfig,
-                 "--name", "herd-lifecycle-test", "--config", "configs/default.yaml"]) == 0
+    assert (
+        main(
+            [
+                "k8s",
+                "submit",
+                "--overlay",
+                "gpu",
+                "--kubeconfig",
+                kubeconfig,
+                "--name",
+                "herd-lifecycle-test",
+                "--config",
+                "configs/default.yaml",
+            ]
+        )
+        == 0
+    )
     [request] = api.requests
     assert (request["verb"], request["path"]) == ("POST", RAYJOBS)
     body = request["body"]
     assert validate.manifest_errors(body, crd_dir) == []
-    assert body["metadata"] == {"namespace": "herd", "labels": {"app.kubernetes.io/part-of": "herd"},
-                                "name": "herd-lifecycle-test"}
+    assert body["metadata"] == {
+        "namespace": "herd",
+        "labels": {"app.kubernetes.io/part-of": "herd"},
+        "name": "herd-lifecycle-test",
+    }
     # the overlay's own options stay (the gpu overlay's GPU overrides); only --config is replaced
-    assert body["spec"]["entrypoint"] == ("python -m flows.lifecycle --config configs/default.yaml "
-                                          "--overrides configs/lifecycle/gpu.yaml")
+    assert body["spec"]["entrypoint"] == (
+        "python -m flows.lifecycle --config configs/default.yaml --overrides configs/lifecycle/gpu.yaml"
+    )
     template = next(d for d in kustomize.build(k8s_cli.OVERLAYS / "gpu") if d["kind"] == "RayJob")
     assert body["spec"]["rayClusterSpec"] == template["spec"]["rayClusterSpec"]
 
@@ -149,13 +191,22 @@ def test_submit_dry_run_prints_the_body_and_calls_nothing(api, kubeconfig, crd_d
 def rayjob_with_status(name: str, job_status: str, deployment_status: str) -> dict:
     """A RayJob as KubeRay reports it; every status field is one the CRD defines."""
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
         "metadata": {"name": name, "namespace": "herd"},
         "status": {
-            "jobId": f"{name}-x7k2p", "jobStatus": job_status, "jobDeploymentStatus": deployment_status,
-            "rayClusterName": f"{name}-raycluster-abcde", "dashboardURL": f"{name}-head-svc.herd.svc:8265",
-            "startTime": "2026-11-02T10:00:00Z", "endTime": "2026-11-02T11:30:00Z",
-            "message": "Job finished", "reason": "", "succeeded": 1, "failed": 0, "observedGeneration": 1,
+            "jobId": f"{name}-x7k2p",
+            "jobStatus": job_status,
+            "jobDeploymentStatus": deployment_status,
+            "rayClusterName": f"{name}-raycluster-abcde",
+            "dashboardURL": f"{name}-head-svc.herd.svc:8265",
+            "startTime": "2026-11-02T10:00:00Z",
+            "endTime": "2026-11-02T11:30:00Z",
+            "message": "Job finished",
+            "reason": "",
+            "succeeded": 1,
+            "failed": 0,
+            "observedGeneration": 1,
             "rayJobInfo": {"startTime": "2026-11-02T10:01:00Z", "endTime": "2026-11-02T11:29:00Z"},
             "rayClusterStatus": {"state": "ready", "desiredWorkerReplicas": 2, "readyWorkerReplicas": 2},
         },
@@ -188,7 +239,10 @@ def test_logs_read_the_submitter_pod_or_the_head_pod(api, kubeconfig, capsys):
 
     api.routes[("GET", PODS)] = (200, {"apiVersion": "v1", "kind": "PodList", "items": [pod("p1")]})
     api.routes[("GET", f"{PODS}/p1/log")] = (200, "epoch 1 loss 2.1\nepoch 2 loss 1.7")
-    api.routes[("GET", f"{RAYJOBS}/herd-lifecycle-a")] = (200, rayjob_with_status("herd-lifecycle-a", "RUNNING", "Running"))
+    api.routes[("GET", f"{RAYJOBS}/herd-lifecycle-a")] = (
+        200,
+        rayjob_with_status("herd-lifecycle-a", "RUNNING", "Running"),
+    )
 
     assert main(["k8s", "logs", "herd-lifecycle-a", "--tail", "5", "--kubeconfig", kubeconfig]) == 0
     assert capsys.readouterr().out == "epoch 1 loss 2.1\nepoch 2 loss 1.7\n"
@@ -198,7 +252,8 @@ def test_logs_read_the_submitter_pod_or_the_head_pod(api, kubeconfig, capsys):
     assert log["query"] == {"container": ["ray-job-submitter"], "tailLines": ["5"]}
     assert rayjob["path"] == f"{RAYJOBS}/herd-lifecycle-a"
     assert head_pods["query"] == {
-        "labelSelector": ["ray.io/cluster=herd-lifecycle-a-raycluster-abcde,ray.io/node-type=head"]}
+        "labelSelector": ["ray.io/cluster=herd-lifecycle-a-raycluster-abcde,ray.io/node-type=head"]
+    }
     assert head_log["query"] == {"container": ["ray-head"]}
 
 
@@ -251,7 +306,8 @@ def test_promote_patches_the_rayservice_serve_config_in_place(api, kubeconfig, c
     patch = request["body"]
     assert list(patch) == ["spec"] and list(patch["spec"]) == ["serveConfigV2"]
     jsonschema.Draft7Validator(without_required(validate.crd_schema(crd_dir, "RayService"))).validate(
-        {"apiVersion": "ray.io/v1", "kind": "RayService", **patch})
+        {"apiVersion": "ray.io/v1", "kind": "RayService", **patch}
+    )
     service = next(d for d in kustomize.build(k8s_cli.OVERLAYS / "cpu-dev") if d["kind"] == "RayService")
     assert validate.manifest_errors({**service, "spec": {**service["spec"], **patch["spec"]}}, crd_dir) == []
     served, before = yaml.safe_load(patch["spec"]["serveConfigV2"]), yaml.safe_load(service["spec"]["serveConfigV2"])

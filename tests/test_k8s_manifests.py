@@ -1,6 +1,7 @@
 """infra/k8s validated offline: every rendered manifest against the KubeRay CRD schemas and
 the core Kubernetes schemas, serveConfigV2 against Ray Serve's, plus the invariants the
 schemas cannot express (no drift, security, GPU groups, the image)."""
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,11 @@ def one(docs, kind, name=None):
 
 
 def cluster_spec(doc):
-    return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
-            "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+    return {
+        "RayCluster": lambda s: s,
+        "RayJob": lambda s: s["rayClusterSpec"],
+        "RayService": lambda s: s["rayClusterConfig"],
+    }[doc["kind"]](doc["spec"])
 
 
 def pod_specs(doc):
@@ -71,8 +75,15 @@ def test_every_manifest_validates(rendered, crd_dir, overlay):
     kinds = sorted({d["kind"] for d in docs})
     print(f"{overlay}: {len(docs)} manifests ({', '.join(kinds)}), {len(errors)} schema errors")
     assert errors == []
-    assert {"RayJob", "RayService", "Deployment", "StatefulSet", "NetworkPolicy",
-            "PersistentVolumeClaim", "Service"} <= set(kinds)
+    assert {
+        "RayJob",
+        "RayService",
+        "Deployment",
+        "StatefulSet",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+        "Service",
+    } <= set(kinds)
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -89,8 +100,7 @@ def test_broken_manifests_fail_with_the_offending_field_path(rendered, crd_dir):
     job = one(docs, "RayJob")
     job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
     service = one(docs, "RayService")
-    service["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace(
-        "max_replicas: 4", "max_replicas: many")
+    service["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace("max_replicas: 4", "max_replicas: many")
     mlflow = one(docs, "Deployment", "herd-mlflow")
     mlflow["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "5000/tcp"
 
@@ -115,7 +125,8 @@ def test_serve_config_is_a_valid_ray_serve_config():
     assert app["deployments"][0]["name"] == "HerdLLMServer"
     typo = SERVE_CONFIG.read_text().replace("upscale_delay_s", "upscale_delay")
     assert validate.serve_config_errors(typo) == [
-        "applications[0].deployments[0].autoscaling_config.upscale_delay: unknown field for AutoscalingConfig"]
+        "applications[0].deployments[0].autoscaling_config.upscale_delay: unknown field for AutoscalingConfig"
+    ]
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -214,8 +225,16 @@ def test_secrets_referenced_are_the_dev_secrets_and_gpu_ships_none(rendered):
     secrets = {d["metadata"]["name"]: set(d["stringData"]) for d in docs if d["kind"] == "Secret"}
     refs = set(re.findall(r"'secretKeyRef': \{'name': '([^']+)', 'key': '([^']+)'", str(docs)))
     refs |= {(cluster_spec(d)["authOptions"]["secretName"], "auth_token") for d in docs if d["kind"] in RAY_KINDS}
-    refs |= {(d["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]["name"],
-              "password") for d in docs if d["kind"] == "RayService"}
+    refs |= {
+        (
+            d["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"][
+                "name"
+            ],
+            "password",
+        )
+        for d in docs
+        if d["kind"] == "RayService"
+    }
     assert {name for name, _ in refs} == {"herd-db", "herd-api-key", "herd-ray-auth", "herd-mlflow-auth", "herd-redis"}
     for name, key in refs:
         assert key in secrets.get(name, set()), f"{name}/{key}"
@@ -226,8 +245,12 @@ def test_network_policies_deny_ingress_by_default(rendered):
     policies = {d["metadata"]["name"]: d["spec"] for d in rendered["gpu"] if d["kind"] == "NetworkPolicy"}
     assert policies["herd-default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     postgres = policies["herd-postgres"]["ingress"]
-    assert postgres == [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "herd-mlflow"}}}],
-                         "ports": [{"port": 5432, "protocol": "TCP"}]}]
+    assert postgres == [
+        {
+            "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "herd-mlflow"}}}],
+            "ports": [{"port": 5432, "protocol": "TCP"}],
+        }
+    ]
 
 
 def test_rwx_train_storage_mounted_at_ray_trains_default_path(rendered):
@@ -236,7 +259,9 @@ def test_rwx_train_storage_mounted_at_ray_trains_default_path(rendered):
     job = one(rendered["gpu"], "RayJob")
     for where, pod in pod_specs(job):
         if where != "submitter":
-            assert {"name": "train-storage", "mountPath": "/home/ray/ray_results"} in pod["containers"][0]["volumeMounts"]
+            assert {"name": "train-storage", "mountPath": "/home/ray/ray_results"} in pod["containers"][0][
+                "volumeMounts"
+            ]
 
 
 def test_dockerfile_matches_ray_pin_and_manifests(rendered):
@@ -263,8 +288,9 @@ def test_renderer_matches_kubectl_kustomize(rendered, overlay):
         reason = "kubectl not installed (Debian: kubernetes-client); herd's renderer checked alone"
         print(reason)
         pytest.skip(reason)
-    out = subprocess.run(["kubectl", "kustomize", str(OVERLAYS / overlay)],
-                         capture_output=True, text=True, check=True, timeout=60).stdout
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(OVERLAYS / overlay)], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     theirs = [d for d in yaml.safe_load_all(out) if d]
     key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
     assert sorted(rendered[overlay], key=key) == sorted(theirs, key=key)
@@ -279,7 +305,8 @@ def test_renderer_refuses_what_it_does_not_implement(tmp_path):
     inner.mkdir()
     (tmp_path / "secret.txt").write_text("x")
     (inner / "kustomization.yaml").write_text(
-        "configMapGenerator:\n- name: c\n  files: [../secret.txt]\n  options: {disableNameSuffixHash: true}\n")
+        "configMapGenerator:\n- name: c\n  files: [../secret.txt]\n  options: {disableNameSuffixHash: true}\n"
+    )
     with pytest.raises(HerdError, match="is not in or below"):
         kustomize.build(inner)
 
@@ -344,8 +371,11 @@ def test_mlflow_runs_basic_auth_and_only_ray_pods_reach_it(rendered, overlay):
     [server] = mlflow["containers"]
     assert "--app-name=basic-auth" in server["args"]
     env = {e["name"]: e for e in server["env"]}
-    for var, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
-                     ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")):
+    for var, key in (
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "username"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key"),
+    ):
         assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": key}
     # The database password reaches libpq through the environment, never the command line.
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "herd-db", "key": "password"}
@@ -356,15 +386,25 @@ def test_mlflow_runs_basic_auth_and_only_ray_pods_reach_it(rendered, overlay):
     store = re.search(r"database_uri = sqlite:///(\S+)", ini).group(1)
     assert any(store.startswith(m["mountPath"] + "/") and m.get("subPath") for m in server["volumeMounts"])
     policy = one(docs, "NetworkPolicy", "herd-mlflow")["spec"]
-    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}],
-                                  "ports": [{"port": 5000, "protocol": "TCP"}]}]
+    assert policy["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}],
+            "ports": [{"port": 5000, "protocol": "TCP"}],
+        }
+    ]
     for doc in (d for d in docs if d["kind"] in RAY_KINDS):
         for where, pod in pod_specs(doc):
             if where == "submitter":
                 continue
             env = {e["name"]: e for e in pod["containers"][0]["env"]}
-            assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": "username"}
-            assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "herd-mlflow-auth", "key": "password"}
+            assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == {
+                "name": "herd-mlflow-auth",
+                "key": "username",
+            }
+            assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+                "name": "herd-mlflow-auth",
+                "key": "password",
+            }
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -376,7 +416,10 @@ def test_rayservice_is_highly_available(rendered, overlay):
     assert ft["redisAddress"] == f"herd-redis:{redis['spec']['ports'][0]['port']}"
     assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "herd-redis", "key": "password"}
     [container] = one(docs, "StatefulSet", "herd-redis")["spec"]["template"]["spec"]["containers"]
-    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "herd-redis", "key": "password"}}} in container["env"]
+    assert {
+        "name": "REDIS_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "herd-redis", "key": "password"}},
+    } in container["env"]
     assert "$REDIS_PASSWORD" in container["args"][0] and "requirepass" in container["args"][0]
     redis_policy = one(docs, "NetworkPolicy", "herd-redis")["spec"]
     assert redis_policy["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]
@@ -387,7 +430,7 @@ def test_rayservice_is_highly_available(rendered, overlay):
         owner = one(docs, "RayService" if name.startswith("herd-serve") else "RayJob")
         cluster = cluster_spec(owner)
         want = spec["selector"]["matchLabels"]
-        groups = ([cluster["headGroupSpec"]] if want["ray.io/node-type"] == "head" else cluster["workerGroupSpecs"])
+        groups = [cluster["headGroupSpec"]] if want["ray.io/node-type"] == "head" else cluster["workerGroupSpecs"]
         for group in groups:
             labels = {**group["template"]["metadata"]["labels"], "ray.io/node-type": want["ray.io/node-type"]}
             assert want.items() <= labels.items(), (name, group.get("groupName", "head"))
@@ -416,7 +459,7 @@ def test_gpu_lifecycle_asks_for_gpus_where_it_trains_and_embeds(rendered):
     def stages(overlay):
         words = shlex.split(one(rendered[overlay], "RayJob")["spec"]["entrypoint"])
         config = str(REPO / words[words.index("--config") + 1])
-        files = [str(REPO / w) for w in words[words.index("--overrides") + 1:]] if "--overrides" in words else []
+        files = [str(REPO / w) for w in words[words.index("--overrides") + 1 :]] if "--overrides" in words else []
         return load_config(config, read_overrides(files, config))["stages"]
 
     gpu, cpu = stages("gpu"), stages("cpu-dev")

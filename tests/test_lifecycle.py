@@ -3,6 +3,7 @@
 Keys, wiring and --force closure are pure; the integration tests run one ray.dag per lifecycle
 run on one Ray instance (started once: Ray takes long to start on a busy 2-core machine).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,13 +25,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --- toy stages (imported by the Ray workers from this module) ------------------------------------
 
+
 def toy_data(ctx: StepContext) -> dict:
-    text = "\n".join(f"doc {i} seed {ctx.seed} {ctx.config.get('words', 'x')}" for i in range(ctx.config.get("docs", 3)))
+    text = "\n".join(
+        f"doc {i} seed {ctx.seed} {ctx.config.get('words', 'x')}" for i in range(ctx.config.get("docs", 3))
+    )
     raw = hashlib.sha256(text.encode()).hexdigest()
     (ctx.out_dir / "data.txt").write_text(text)
     manifest = hashlib.sha256((ctx.out_dir / "data.txt").read_bytes() + b"manifest").hexdigest()
-    return {"outputs": {"data_dir": str(ctx.out_dir)}, "metrics": {"docs": ctx.config.get("docs", 3)},
-            "lineage": {"data.input_sha256": raw, "data.manifest_digest": manifest}}
+    return {
+        "outputs": {"data_dir": str(ctx.out_dir)},
+        "metrics": {"docs": ctx.config.get("docs", 3)},
+        "lineage": {"data.input_sha256": raw, "data.manifest_digest": manifest},
+    }
 
 
 def toy_train(ctx: StepContext) -> dict:
@@ -40,7 +47,9 @@ def toy_train(ctx: StepContext) -> dict:
     # resumable: a previous attempt's partial progress is visible here
     (ctx.out_dir / "attempts").open("a").write("x")
     data = Path(ctx.input("data")["outputs"]["data_dir"]) / "data.txt"
-    (ctx.out_dir / "model.txt").write_text(f"trained on {hashlib.sha256(data.read_bytes()).hexdigest()} lr={ctx.config['lr']}")
+    (ctx.out_dir / "model.txt").write_text(
+        f"trained on {hashlib.sha256(data.read_bytes()).hexdigest()} lr={ctx.config['lr']}"
+    )
     return {"outputs": {"model_dir": str(ctx.out_dir)}, "metrics": {"loss": 1.0 / ctx.config["lr"]}}
 
 
@@ -74,16 +83,23 @@ def toy_stages() -> dict[str, Stage]:
         "data": Stage("data", toy_data, code=code),
         "pretrain": Stage("pretrain", toy_train, {"data": ["data"]}, code=code, resumable=True),
         "eval": Stage("eval", toy_eval, {"model": ["pretrain"]}, code=code),
-        "register": Stage("register", toy_register, {"model": ["pretrain"], "eval": ["eval"], "data": ["data"]}, code=code),
+        "register": Stage(
+            "register", toy_register, {"model": ["pretrain"], "eval": ["eval"], "data": ["data"]}, code=code
+        ),
     }
 
 
 def toy_config(tmp: Path, **stage_over) -> dict:
-    stages = {"data": {"config": "", "overrides": {"docs": 4}, "resources": {"num_cpus": 0}},
-              "pretrain": {"overrides": {"lr": 0.5}, "resources": {"num_cpus": 1},
-                           "params": {"fail_if_exists": str(tmp / "fail")}},
-              "eval": {"resources": {"num_cpus": 0}},
-              "register": {"overrides": {"name": "toy"}, "resources": {"num_cpus": 0}}}
+    stages = {
+        "data": {"config": "", "overrides": {"docs": 4}, "resources": {"num_cpus": 0}},
+        "pretrain": {
+            "overrides": {"lr": 0.5},
+            "resources": {"num_cpus": 1},
+            "params": {"fail_if_exists": str(tmp / "fail")},
+        },
+        "eval": {"resources": {"num_cpus": 0}},
+        "register": {"overrides": {"name": "toy"}, "resources": {"num_cpus": 0}},
+    }
     for k, v in stage_over.items():
         stages[k] = deep_merge(stages[k], v)
     return {"name": "toy", "seed": 7, "workdir": str(tmp / "runs"), "mlflow": {"experiment": "toy"}, "stages": stages}
@@ -91,12 +107,19 @@ def toy_config(tmp: Path, **stage_over) -> dict:
 
 # --- pure -----------------------------------------------------------------------------------------
 
+
 def test_step_key_covers_config_inputs_code_and_seed():
     base = dict(stage="pretrain", config={"lr": 1}, params={}, inputs={"data": {"digest": "a"}}, code="c", seed=0)
     k = lcm.step_key(**base)
     assert k == lcm.step_key(**base)
-    for change in ({"config": {"lr": 2}}, {"inputs": {"data": {"digest": "b"}}}, {"code": "d"}, {"seed": 1},
-                   {"inputs": {"data": None}}, {"stage": "sft"}):
+    for change in (
+        {"config": {"lr": 2}},
+        {"inputs": {"data": {"digest": "b"}}},
+        {"code": "d"},
+        {"seed": 1},
+        {"inputs": {"data": None}},
+        {"stage": "sft"},
+    ):
         assert lcm.step_key(**{**base, **change}) != k, change
     # key order in the config does not matter
     assert lcm.step_key(**{**base, "config": {"a": 1, "b": 2}}) == lcm.step_key(**{**base, "config": {"b": 2, "a": 1}})
@@ -165,6 +188,7 @@ def test_default_config_resolves():
 
 # --- integration: real Ray, real MLflow -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
@@ -200,7 +224,9 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     assert kids["pretrain"].data.tags["herd.step.key"] == first.steps["pretrain"]["key"]
     inputs = json.loads(kids["pretrain"].data.tags["herd.step.inputs"])
     assert inputs["data"]["digest"] == first.steps["data"]["digest"]
-    assert json.loads(kids["pretrain"].data.tags["herd.step.outputs"])["model_dir"].endswith(first.steps["pretrain"]["key"][:16])
+    assert json.loads(kids["pretrain"].data.tags["herd.step.outputs"])["model_dir"].endswith(
+        first.steps["pretrain"]["key"][:16]
+    )
     assert kids["eval"].data.metrics["score"] == first.steps["eval"]["metrics"]["score"]
 
     # same config: every step cached, answered from MLflow without Ray, still one child run each
@@ -217,7 +243,11 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     # --force pretrain: pretrain and what reads it rerun, data stays cached
     forced = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri, force=["pretrain"])
     assert {n: r["status"] for n, r in forced.steps.items()} == {
-        "data": "cached", "pretrain": "ran", "eval": "ran", "register": "ran"}
+        "data": "cached",
+        "pretrain": "ran",
+        "eval": "ran",
+        "register": "ran",
+    }
     assert forced.steps["eval"]["metrics"] == first.steps["eval"]["metrics"]  # same inputs, same result
 
     # a config change in pretrain fails there; the rerun resumes at pretrain
@@ -228,7 +258,11 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     (tmp_path / "fail").unlink()
     resumed = lcm.run_lifecycle(changed, stages=stages, tracking_uri=uri)
     assert {n: r["status"] for n, r in resumed.steps.items()} == {
-        "data": "cached", "pretrain": "ran", "eval": "ran", "register": "ran"}
+        "data": "cached",
+        "pretrain": "ran",
+        "eval": "ran",
+        "register": "ran",
+    }
     out = Path(resumed.steps["pretrain"]["outputs"]["model_dir"])
     assert (out / "attempts").read_text() == "x"  # the failed attempt failed before its work; the folder is kept
 
@@ -253,11 +287,17 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
 # --- the real finetune adapters on a tiny random model ---------------------------------------------
 
 # Tiny post-training configs (tests/test_finetune_stages.py's sizes): mechanics, not quality.
-TINY_FT = {"model": {"max_seq_len": 96}, "data": {"tasks": 12, "heldout": 3},
-           "train": {"steps": 2, "micro_batch": 2, "lr": 1.0e-3, "warmup_steps": 0},
-           "sampling": {"n": 2, "max_tokens": 3}, "eval_max_tokens": 3,
-           "rejection": {"prompts": 4, "workers": 0}, "reward": {"threshold": 0.0}, "dpo": {"pairs": 6},
-           "ppo": {"iterations": 1, "prompts_per_iter": 2, "group_size": 2, "minibatch": 4, "epochs": 1}}
+TINY_FT = {
+    "model": {"max_seq_len": 96},
+    "data": {"tasks": 12, "heldout": 3},
+    "train": {"steps": 2, "micro_batch": 2, "lr": 1.0e-3, "warmup_steps": 0},
+    "sampling": {"n": 2, "max_tokens": 3},
+    "eval_max_tokens": 3,
+    "rejection": {"prompts": 4, "workers": 0},
+    "reward": {"threshold": 0.0},
+    "dpo": {"pairs": 6},
+    "ppo": {"iterations": 1, "prompts_per_iter": 2, "group_size": 2, "minibatch": 4, "epochs": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -285,11 +325,21 @@ def test_a_bad_stage_config_fails_before_anything_runs(tmp_path):
     base = {"name": "bad", "workdir": str(tmp_path / "runs"), "mlflow": {"experiment": "bad"}}
     cases = [
         ({"sft": {"config": "configs/finetune/dpo.yaml"}}, r"stages.sft: config: stage is 'dpo', expected 'sft'"),
-        ({"dpo": {"config": "configs/finetune/dpo.yaml", "overrides": {"train": {"steps": 0}}}},
-         r"stages.dpo: finetune config: train.steps must be >= 1"),
-        ({"sft": {"config": "configs/finetune/sft.yaml", "overrides": {"train": {"stepz": 2}}}}, r"stages.sft: .*train.stepz"),
-        ({"pretrain": {"overrides": {"training": {"micro_batch": "two"}}}, "data": {"config": "configs/data/default.yaml"}},
-         r"stages.pretrain: .*training.micro_batch"),
+        (
+            {"dpo": {"config": "configs/finetune/dpo.yaml", "overrides": {"train": {"steps": 0}}}},
+            r"stages.dpo: finetune config: train.steps must be >= 1",
+        ),
+        (
+            {"sft": {"config": "configs/finetune/sft.yaml", "overrides": {"train": {"stepz": 2}}}},
+            r"stages.sft: .*train.stepz",
+        ),
+        (
+            {
+                "pretrain": {"overrides": {"training": {"micro_batch": "two"}}},
+                "data": {"config": "configs/data/default.yaml"},
+            },
+            r"stages.pretrain: .*training.micro_batch",
+        ),
     ]
     for stages, msg in cases:
         with pytest.raises(HerdError, match=msg):
@@ -308,8 +358,14 @@ def test_sft_rs_dpo_ppo_chain_through_the_finetune_entry_points(ray_local, tiny_
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     stages = {k: STAGES[k] for k in ("sft", "rs", "dpo", "ppo")}
     ft = {"config": "", "overrides": TINY_FT, "resources": {"num_cpus": 1}}
-    cfg = {"name": "ft", "seed": 5, "workdir": str(tmp_path / "runs"), "base_model": tiny_model,
-           "mlflow": {"experiment": "ft"}, "stages": {k: ft for k in stages}}
+    cfg = {
+        "name": "ft",
+        "seed": 5,
+        "workdir": str(tmp_path / "runs"),
+        "base_model": tiny_model,
+        "mlflow": {"experiment": "ft"},
+        "stages": {k: ft for k in stages},
+    }
     res = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
     assert [r["status"] for r in res.steps.values()] == ["ran"] * 4
     c = MlflowClient(uri)

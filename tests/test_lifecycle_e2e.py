@@ -2,6 +2,7 @@
 SmolLM2 continued pretraining -> SFT -> DPO -> eval -> register -> promote -> local Serve, on real
 Ray and MLflow; then a driver SIGKILLed during pretraining resumes there.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,10 @@ def test_e2e_parent_children_registry_endpoint_cache_lineage(tmp_path, capsys):
         for stage in ("sft", "dpo"):  # each finetune run nests under its step run
             ft = client.get_run(first.steps[stage]["outputs"]["finetune_run_id"])
             assert ft.data.tags["mlflow.parentRunId"] == first.steps[stage]["run_id"]
-        assert first.steps["sft"]["metrics"]["train_loss_last"] > 0 and "heldout_margin_after" in first.steps["dpo"]["metrics"]
+        assert (
+            first.steps["sft"]["metrics"]["train_loss_last"] > 0
+            and "heldout_margin_after" in first.steps["dpo"]["metrics"]
+        )
 
         mv = client.get_model_version_by_alias("herd-e2e", "champion")
         assert str(mv.version) == first.steps["register"]["outputs"]["version"]
@@ -75,8 +79,11 @@ def test_e2e_parent_children_registry_endpoint_cache_lineage(tmp_path, capsys):
         assert mv.tags["herd.lineage.parent_run_id"] == first.parent_run_id
         url = first.steps["deploy"]["outputs"]["url"]
         assert mv.tags["herd.deployment.url"] == url
-        r = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": "herd", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        r = requests.post(
+            f"{url}/v1/chat/completions",
+            timeout=120,
+            json={"model": "herd", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
         t = time.perf_counter()
@@ -96,8 +103,11 @@ def test_e2e_parent_children_registry_endpoint_cache_lineage(tmp_path, capsys):
         assert first.steps["data"]["digest"] in out  # the manifest digest recorded at data prep
         assert "dpo step (ran)" in out and "sft step (ran)" in out
         with capsys.disabled():  # the figures, shown without -s (readouterr above consumed the captured output)
-            print(f"\ne2e first run {first_s:.1f}s (" + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in first.steps.items())
-                  + f"); cached rerun {again_s:.1f}s")
+            print(
+                f"\ne2e first run {first_s:.1f}s ("
+                + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in first.steps.items())
+                + f"); cached rerun {again_s:.1f}s"
+            )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -133,10 +143,22 @@ def test_killed_during_pretraining_resumes_at_pretraining(tmp_path, capsys):
     config = tmp_path / "e2e.yaml"  # stage config paths stay relative to the repo
     config.write_text(yaml.safe_dump(cfg))
     workdir = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "flows.lifecycle", "--config", str(config), "--workdir", str(workdir), "--tracking-uri", uri]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.lifecycle",
+        "--config",
+        str(config),
+        "--workdir",
+        str(workdir),
+        "--tracking-uri",
+        uri,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = tmp_path / "first.log"
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.time() + 600
         while time.time() < deadline and not _persisted_checkpoints(workdir):
@@ -152,8 +174,11 @@ def test_killed_during_pretraining_resumes_at_pretraining(tmp_path, capsys):
 
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()
-            if line.split() and line.split()[0] in STAGES and len(line.split()) > 2}
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in out.stdout.splitlines()
+        if line.split() and line.split()[0] in STAGES and len(line.split()) > 2
+    }
     assert rows == {"data": "cached", **{s: "ran" for s in STAGES[1:]}}
     runs = _step_runs(uri, "pretrain")
     done = [r for r in runs if r.info.status == "FINISHED"]
@@ -163,5 +188,7 @@ def test_killed_during_pretraining_resumes_at_pretraining(tmp_path, capsys):
     assert f"(resumed: {resumed_with[-1]})" in out.stdout
     assert set(before_kill) <= set(_persisted_checkpoints(workdir))  # Ray Train kept them registered
     with capsys.disabled():
-        print(f"\nkilled with {before_kill} persisted; the rerun resumed pretraining with {resumed_with}, "
-              f"weights digest {done[0].data.tags['herd.step.digest'][:16]}")
+        print(
+            f"\nkilled with {before_kill} persisted; the rerun resumed pretraining with {resumed_with}, "
+            f"weights digest {done[0].data.tags['herd.step.digest'][:16]}"
+        )

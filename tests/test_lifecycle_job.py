@@ -8,6 +8,7 @@ The head runs under `ray start --block` in its own process group with its own HO
 and ports, and is stopped through that process (not `ray stop`, which stops every Ray process
 on the machine, other tests' included).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ def token_head(tmp_path):
 
     home = tmp_path / "home"
     home.mkdir()
-    gen = subprocess.run([RAY, "get-auth-token", "--generate"], env=clean_env(home), capture_output=True, text=True,
-                         timeout=120)
+    gen = subprocess.run(
+        [RAY, "get-auth-token", "--generate"], env=clean_env(home), capture_output=True, text=True, timeout=120
+    )
     assert gen.returncode == 0, gen.stderr
     token = gen.stdout.strip()
     assert token and (home / ".ray" / "auth_token").read_text().strip() == token
@@ -73,19 +75,36 @@ def token_head(tmp_path):
     temp = Path(tempfile.mkdtemp(prefix="herd-ray-", dir="/tmp"))
     gcs, dash, client, agent, agent_grpc, metrics, renv = free_ports(7)
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={renv}", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={renv}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
         while True:
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             try:
-                r = requests.get(f"{address}/api/version", timeout=5,
-                                 headers={"Authorization": f"Bearer {token}"})
+                r = requests.get(f"{address}/api/version", timeout=5, headers={"Authorization": f"Bearer {token}"})
                 if r.status_code == 200:
                     break
             except requests.ConnectionError:
@@ -134,8 +153,14 @@ def test_ray_job_submit_runs_the_lifecycle_with_token_auth(token_head, tmp_path)
     anon = submit(clean_env(nobody), address, "python", "-c", "print('should not run')", timeout=120)
     assert anon.returncode != 0 and "should not run" not in anon.stdout
     assert "401" in anon.stdout + anon.stderr or "Authentication required" in anon.stdout + anon.stderr
-    wrong = submit({**clean_env(nobody), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32}, address,
-                   "python", "-c", "print('should not run')", timeout=120)
+    wrong = submit(
+        {**clean_env(nobody), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
+        address,
+        "python",
+        "-c",
+        "print('should not run')",
+        timeout=120,
+    )
     assert wrong.returncode != 0 and "should not run" not in wrong.stdout
     assert "403" in wrong.stdout + wrong.stderr or "invalid" in (wrong.stdout + wrong.stderr).lower()
     # the right token file, but without RAY_AUTH_MODE=token the CLI does not send it
@@ -147,8 +172,16 @@ def test_ray_job_submit_runs_the_lifecycle_with_token_auth(token_head, tmp_path)
 
     # the README's command, with the token from ~/.ray/auth_token
     t = time.perf_counter()
-    job = submit(env, address, "python", "-m", "flows.lifecycle", "--config", "configs/lifecycle/tiny.yaml",
-                 runtime_env=runtime_env)
+    job = submit(
+        env,
+        address,
+        "python",
+        "-m",
+        "flows.lifecycle",
+        "--config",
+        "configs/lifecycle/tiny.yaml",
+        runtime_env=runtime_env,
+    )
     print(f"ray job submit (tiny lifecycle): {time.perf_counter() - t:.1f}s")
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout
@@ -164,7 +197,10 @@ def test_ray_job_submit_runs_the_lifecycle_with_token_auth(token_head, tmp_path)
     pid = parents[0].info.run_id
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{pid}'")
     assert {r.data.tags["herd.stage"]: r.info.status for r in kids} == {
-        "data": "FINISHED", "pretrain": "FINISHED", "eval": "FINISHED"}
+        "data": "FINISHED",
+        "pretrain": "FINISHED",
+        "eval": "FINISHED",
+    }
     assert parents[0].data.metrics["steps_ran"] == 3
     # the step folders outlive the job's copy of the working directory
     out = json.loads(next(r for r in kids if r.data.tags["herd.stage"] == "pretrain").data.tags["herd.step.outputs"])

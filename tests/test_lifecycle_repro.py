@@ -1,6 +1,7 @@
 """Reproducibility: the same lifecycle config and seed, run twice from scratch (a fresh Ray, step
 folder and MLflow store each time), gives the same data manifest digest and the same evaluation
 metrics on CPU (configs/lifecycle/tiny.yaml: embedded corpus -> tiny model -> eval)."""
+
 from __future__ import annotations
 
 from pathlib import Path

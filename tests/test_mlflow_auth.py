@@ -1,6 +1,7 @@
 """MLflow's basic-auth app, as the manifests run it: without credentials nobody can register a
 model version or move an alias; herd's client, given the credentials through the environment
 (MLFLOW_TRACKING_USERNAME/PASSWORD, from the herd-mlflow-auth Secret on the cluster), can."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,18 +50,28 @@ def test_only_herds_configured_client_changes_the_registry(tmp_path, monkeypatch
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
         anyone = MlflowClient(url, registry_uri=url)
-        codes = {"register": status_of(lambda: anyone.create_model_version("herd", source, run_id)),
-                 "alias": status_of(lambda: anyone.set_registered_model_alias("herd", "champion", v1.version)),
-                 "read": status_of(lambda: anyone.get_model_version_by_alias("herd", "champion"))}
+        codes = {
+            "register": status_of(lambda: anyone.create_model_version("herd", source, run_id)),
+            "alias": status_of(lambda: anyone.set_registered_model_alias("herd", "champion", v1.version)),
+            "read": status_of(lambda: anyone.get_model_version_by_alias("herd", "champion")),
+        }
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "reader-password-1")
         reader = MlflowClient(url, registry_uri=url)
-        codes |= {"reader register": status_of(lambda: reader.create_model_version("herd", source, run_id)),
-                  "reader alias": status_of(lambda: reader.set_registered_model_alias("herd", "x", v1.version)),
-                  "reader read": status_of(lambda: reader.get_model_version_by_alias("herd", "champion"))}
+        codes |= {
+            "reader register": status_of(lambda: reader.create_model_version("herd", source, run_id)),
+            "reader alias": status_of(lambda: reader.set_registered_model_alias("herd", "x", v1.version)),
+            "reader read": status_of(lambda: reader.get_model_version_by_alias("herd", "champion")),
+        }
         print(codes)
-        assert codes == {"register": 401, "alias": 401, "read": 401,
-                         "reader register": 403, "reader alias": 403, "reader read": 200}
+        assert codes == {
+            "register": 401,
+            "alias": 401,
+            "read": 401,
+            "reader register": 403,
+            "reader alias": 403,
+            "reader read": 200,
+        }
 
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])

@@ -1,4 +1,5 @@
 """The model CLI end to end: init, import (GGUF/HF/Meta), export, tokenize, generate, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def herd(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -52,16 +54,31 @@ def test_tokenize_cli_prints_ids(capsys):
 
 
 def test_init_then_generate_json(tiny_dir, capsys):
-    assert herd_main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-tokens", "5",
-                      "--json"]) == 0
+    assert herd_main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-tokens", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"text", "token_ids"}
     assert 1 <= len(out["token_ids"]) <= 5
 
 
 def test_sampling_with_seed_is_reproducible(tiny_dir, capsys):
-    args = ["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-tokens", "8", "--json",
-            "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "11"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "11",
+    ]
     herd_main(args)
     first = json.loads(capsys.readouterr().out)["token_ids"]
     herd_main(args)
@@ -100,17 +117,27 @@ def test_meta_import_undoes_rotary_permutation(tiny_dir, tmp_path):
     for i, shard in enumerate(shards):
         torch.save(shard, meta / f"consolidated.{i:02d}.pth")
     # ffn hidden 192 = 256-multiple rounding of int(2*4*64/3)=170 with multiple_of 64.
-    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-              "vocab_size": cfg.vocab_size, "multiple_of": 64, "norm_eps": cfg.norm_eps,
-              "rope_theta": cfg.rope_theta, "use_scaled_rope": True}
+    params = {
+        "dim": cfg.dim,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "multiple_of": 64,
+        "norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "use_scaled_rope": True,
+    }
     (meta / "params.json").write_text(json.dumps(params))
-    assert herd_main(["model", "import", "--from", "meta", str(meta), str(tmp_path / "out"),
-                      "--tokenizer", "llama3"]) == 0
+    assert (
+        herd_main(["model", "import", "--from", "meta", str(meta), str(tmp_path / "out"), "--tokenizer", "llama3"]) == 0
+    )
     ids = list(range(5, 45))
     assert torch.equal(logits_of(tiny_dir, ids), logits_of(tmp_path / "out", ids))
 
 
 # --- bad input: one line naming the file or field, non-zero exit, no traceback -----------------
+
 
 def test_truncated_gguf(tmp_path, smollm2_gguf):
     bad = tmp_path / "cut.gguf"
@@ -158,5 +185,6 @@ def test_missing_model_path(tmp_path):
 
 
 def test_prompt_longer_than_context(tiny_dir):
-    assert_one_line_error(herd("generate", "--model", str(tiny_dir), "--prompt", "word " * 9000,
-                               "--max-tokens", "10"), "context")
+    assert_one_line_error(
+        herd("generate", "--model", str(tiny_dir), "--prompt", "word " * 9000, "--max-tokens", "10"), "context"
+    )

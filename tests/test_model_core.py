@@ -1,4 +1,5 @@
 """Pure model tests on small random configs: config, rotary scaling, document masking, KV cache."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,7 +66,7 @@ def test_document_masking_equals_separate_documents():
         plain_causal = model(packed)[0]
     assert (packed_logits - alone).abs().max() <= 1e-4
     # Without the mask, later documents see earlier ones: the test would notice a missing mask.
-    assert (plain_causal[lengths[0]:] - alone[lengths[0]:]).abs().max() > 1e-2
+    assert (plain_causal[lengths[0] :] - alone[lengths[0] :]).abs().max() > 1e-2
 
 
 def test_document_ids_equal_restarting_positions():
@@ -84,7 +85,7 @@ def greedy_full_recompute(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_kv_cache_greedy_equals_full_recompute():
@@ -184,7 +185,7 @@ def test_generation_records_the_stop_id_it_ended_on():
     free = generate(model, [prompt], SamplingParams(max_tokens=8))[0]
     stop = free.token_ids[2]  # greedy reaches this id by step 3: make it a stop id
     got = generate(model, [prompt], SamplingParams(max_tokens=8, stop_ids=(stop,)))[0]
-    assert got.token_ids == free.token_ids[:free.token_ids.index(stop)]
+    assert got.token_ids == free.token_ids[: free.token_ids.index(stop)]
     assert got.finish_reason == "stop" and got.stop_token_id == stop
     assert generate(model, [prompt], SamplingParams(max_tokens=2))[0].stop_token_id is None
 

@@ -1,4 +1,5 @@
 """Parity with the peer: transformers' LlamaForCausalLM on the same weights, logits and greedy tokens."""
+
 from __future__ import annotations
 
 import copy
@@ -68,9 +69,16 @@ def test_random_llama3_shape_untied_scaled_rope_matches_transformers(tmp_path):
     from transformers import LlamaForCausalLM
 
     cfg = dataclasses.replace(
-        get_preset("tiny"), dim=256, n_layers=3, n_heads=8, n_kv_heads=2, ffn_hidden_dim=512, vocab_size=4096,
-        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=64),
+        get_preset("tiny"),
+        dim=256,
+        n_layers=3,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_hidden_dim=512,
+        vocab_size=4096,
+        rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+        ),
         tie_embeddings=False,
     )
     model = Transformer(cfg)
@@ -92,16 +100,28 @@ def test_greedy_generation_matches_transformers(smollm2_dir, smollm2, hf_smollm2
     _, tok = smollm2
     for prompt in PROMPTS[:4]:
         capsys.readouterr()
-        code = herd_main(["generate", "--model", str(smollm2_dir), "--prompt", prompt,
-                          "--temperature", "0", "--max-tokens", "48", "--json"])
+        code = herd_main(
+            [
+                "generate",
+                "--model",
+                str(smollm2_dir),
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "48",
+                "--json",
+            ]
+        )
         assert code == 0
         herd_ids = json.loads(capsys.readouterr().out)["token_ids"]
         ids = torch.tensor([hf_tok(prompt)["input_ids"]])
         with torch.no_grad():
             out = hf_model.generate(ids, max_new_tokens=48, do_sample=False, attention_mask=torch.ones_like(ids))
-        hf_ids = out[0, ids.shape[1]:].tolist()
+        hf_ids = out[0, ids.shape[1] :].tolist()
         # herd also stops at <|im_end|>; transformers only at its eos. Compare up to herd's stop.
-        assert hf_ids[:len(herd_ids)] == herd_ids, prompt
+        assert hf_ids[: len(herd_ids)] == herd_ids, prompt
         if len(herd_ids) < 48:
             assert hf_ids[len(herd_ids)] in tok.stop_ids, prompt
 
@@ -111,9 +131,24 @@ def test_chat_answers_capital_of_france(smollm2_dir):
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", "--model", str(smollm2_dir), "--chat",
-         "--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "32"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "generate",
+            "--model",
+            str(smollm2_dir),
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     print("chat answer:", out.stdout.strip())
@@ -130,7 +165,7 @@ def test_kv_cache_64_greedy_tokens_equal_full_recompute(smollm2):
     with torch.no_grad():
         for _ in range(len(cached[0].token_ids)):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert cached[0].token_ids == ids[len(prompt):]
+    assert cached[0].token_ids == ids[len(prompt) :]
     assert len(cached[0].token_ids) >= 32
 
 
@@ -158,8 +193,10 @@ def test_packed_documents_equal_each_alone_on_smollm2(smollm2):
         a64 = exact(packed, positions=positions)[0]
     b64 = torch.cat([herd_logits(exact, d) for d in docs])
     fp32, fp64 = (a - b).abs().max().item(), (a64 - b64).abs().max().item()
-    print(f"packed vs alone, max |diff|: fp32 {fp32:.3g}, fp64 {fp64:.3g}; fp32 vs fp64 "
-          f"{(a.double() - a64).abs().max().item():.3g} (packed), {(b.double() - b64).abs().max().item():.3g} (alone)")
+    print(
+        f"packed vs alone, max |diff|: fp32 {fp32:.3g}, fp64 {fp64:.3g}; fp32 vs fp64 "
+        f"{(a.double() - a64).abs().max().item():.3g} (packed), {(b.double() - b64).abs().max().item():.3g} (alone)"
+    )
     assert fp64 <= 1e-9  # the masking itself: no token sees another document
     # fp32: MKL's GEMM rounds a row differently with the row count (37 packed vs 5/17/15 alone); on
     # AMX CPUs that is ~1e-4 of SmolLM2's ~20-unit logits. A leaked token moves logits by >1e-2.

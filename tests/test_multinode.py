@@ -10,6 +10,7 @@ namespace (tests/netns_cluster.py), token auth on, a shared folder for storage.
 The cluster is started once for the module; drivers run inside the head's or the client's
 namespace, since the cluster's addresses exist only there.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,15 +74,26 @@ def test_node_loss_during_ddp_pretraining(cluster, tmp_path):
 
     data = pack_documents(_embedded_texts(300), cluster.shared / "train-data", seq_len=64, validation_every=0)
     storage = cluster.shared / "ray_results"
-    cfg = config_from_dict({
-        "name": "nodeloss", "data": {"dir": str(data)},
-        "training": {"steps": 12, "micro_batch": 2, "grad_accum": 1},
-        "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 1},
-        "checkpoint": {"every": 2, "keep": 3}, "eval": {"every": 0}, "logging": {"every": 1},
-        "ray": {"workers": 2, "cpus_per_worker": 1, "storage_path": str(storage), "max_failures": 2,
-                "name": "nodeloss"},
-        "mlflow": {"tracking_uri": f"sqlite:///{cluster.shared / 'mlflow.db'}", "experiment": "multinode"},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "nodeloss",
+            "data": {"dir": str(data)},
+            "training": {"steps": 12, "micro_batch": 2, "grad_accum": 1},
+            "optimizer": {"lr": 3e-3},
+            "schedule": {"warmup_steps": 1},
+            "checkpoint": {"every": 2, "keep": 3},
+            "eval": {"every": 0},
+            "logging": {"every": 1},
+            "ray": {
+                "workers": 2,
+                "cpus_per_worker": 1,
+                "storage_path": str(storage),
+                "max_failures": 2,
+                "name": "nodeloss",
+            },
+            "mlflow": {"tracking_uri": f"sqlite:///{cluster.shared / 'mlflow.db'}", "experiment": "multinode"},
+        }
+    )
     # the uninterrupted run: the same 2-rank gloo math, launched without Ray
     t = time.perf_counter()
     reference = run_local(cfg.replace(mlflow={"enabled": False}), 2, tmp_path / "reference", threads=1)
@@ -89,21 +101,38 @@ def test_node_loss_during_ddp_pretraining(cluster, tmp_path):
 
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     log = tmp_path / "driver.log"
-    driver = cluster.popen(cluster.nodes["head"].ns, [PY, "-m", "tests.multinode_driver", "pretrain",
-                                                      str(tmp_path / "cfg.json"), str(tmp_path / "out.json")], log,
-                           RAY_ADDRESS=cluster.address, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300")
+    driver = cluster.popen(
+        cluster.nodes["head"].ns,
+        [PY, "-m", "tests.multinode_driver", "pretrain", str(tmp_path / "cfg.json"), str(tmp_path / "out.json")],
+        log,
+        RAY_ADDRESS=cluster.address,
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300",
+    )
     run_dir = storage / "nodeloss"
     try:
         # both workers placed, one per worker node, and a first checkpoint on the shared storage
         attempts = run_dir / ATTEMPTS_FILE
-        first = _wait_for(lambda: attempts.is_file() and len(attempts.read_text().splitlines()) >= 2 and
-                          [json.loads(x) for x in attempts.read_text().splitlines()], driver, log, 300,
-                          "both workers to start")
+        first = _wait_for(
+            lambda: (
+                attempts.is_file()
+                and len(attempts.read_text().splitlines()) >= 2
+                and [json.loads(x) for x in attempts.read_text().splitlines()]
+            ),
+            driver,
+            log,
+            300,
+            "both workers to start",
+        )
         assert {a["node_ip"] for a in first} == {cluster.nodes["w1"].ip, cluster.nodes["w2"].ip}
         # a checkpoint Ray Train's controller has registered (its snapshot names it): what a restart resumes from
         snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        _wait_for(lambda: snapshot.is_file() and "step-00000002-" in snapshot.read_text(), driver, log, 300,
-                  "the first registered checkpoint")
+        _wait_for(
+            lambda: snapshot.is_file() and "step-00000002-" in snapshot.read_text(),
+            driver,
+            log,
+            300,
+            "the first registered checkpoint",
+        )
         t_kill = time.perf_counter()
         killed = cluster.kill_node("w2")  # every process of that node's namespace: raylet, workers, agents
         dead = cluster.wait_for({cluster.nodes[n].ip for n in ("head", "w1")}, timeout=60)
@@ -119,9 +148,11 @@ def test_node_loss_during_ddp_pretraining(cluster, tmp_path):
     starts = [json.loads(x) for x in (run_dir / ATTEMPTS_FILE).read_text().splitlines()]
     restarted = [a for a in starts if a["resumed_from"]]
     diff = abs(r["metrics"]["loss"] - reference.final_loss)
-    print(f"node loss: SIGKILLed {killed} processes of w2; declared dead {dead:.1f}s later; run finished "
-          f"{total:.1f}s after the kill; restarted ranks on {sorted({a['node_ip'] for a in restarted})}; "
-          f"final loss {r['metrics']['loss']:.7f} vs uninterrupted {reference.final_loss:.7f}, |diff| = {diff:.1e}")
+    print(
+        f"node loss: SIGKILLed {killed} processes of w2; declared dead {dead:.1f}s later; run finished "
+        f"{total:.1f}s after the kill; restarted ranks on {sorted({a['node_ip'] for a in restarted})}; "
+        f"final loss {r['metrics']['loss']:.7f} vs uninterrupted {reference.final_loss:.7f}, |diff| = {diff:.1e}"
+    )
     assert r["metrics"]["step"] == 12
     assert diff < 1e-4
     # the restarted group ran on the surviving node and the replacement, from a persisted checkpoint
@@ -142,28 +173,47 @@ def test_node_loss_during_ddp_pretraining(cluster, tmp_path):
 def test_data_prep_on_three_nodes_writes_the_one_node_manifest(cluster, tmp_path):
     """The same input and config give the same manifest digest on the cluster (workers on two
     nodes, the shards written by the driver to the shared folder) as on a one-node Ray."""
-    cfg = {"name": "multinode", "input": {"paths": [], "max_docs": 200}, "embedded": {"parts": 4},
-           "semdedup": {"enabled": False}, "quality": {"enabled": False},
-           "pack": {"seq_len": 64, "sequences_per_shard": 64, "validation_fraction": 0.1},
-           "ray": {"batch_size": 32, "progress_bars": False}}
+    cfg = {
+        "name": "multinode",
+        "input": {"paths": [], "max_docs": 200},
+        "embedded": {"parts": 4},
+        "semdedup": {"enabled": False},
+        "quality": {"enabled": False},
+        "pack": {"seq_len": 64, "sequences_per_shard": 64, "validation_fraction": 0.1},
+        "ray": {"batch_size": 32, "progress_bars": False},
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     got = {}
     for where in ("cluster", "local"):
         log, out = tmp_path / f"{where}.log", tmp_path / f"{where}.json"
-        cmd = [PY, "-m", "tests.multinode_driver", "prep", str(tmp_path / "cfg.json"),
-               str(cluster.shared / f"prep-{where}"), str(out)]
+        cmd = [
+            PY,
+            "-m",
+            "tests.multinode_driver",
+            "prep",
+            str(tmp_path / "cfg.json"),
+            str(cluster.shared / f"prep-{where}"),
+            str(out),
+        ]
         t = time.perf_counter()
         if where == "cluster":
             proc = cluster.popen(cluster.nodes["head"].ns, cmd, log, RAY_ADDRESS=cluster.address)
         else:  # a one-node Ray of its own, outside the namespaces
             import subprocess
 
-            proc = subprocess.Popen(cmd + ["--local"], cwd=cluster.root, env={**cluster._base_env()},
-                                    stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd + ["--local"],
+                cwd=cluster.root,
+                env={**cluster._base_env()},
+                stdout=open(log, "w"),
+                stderr=subprocess.STDOUT,
+            )
         assert proc.wait(timeout=600) == 0, log.read_text()[-6000:]
         got[where] = json.loads(out.read_text())
-        print(f"data prep ({where}, nodes {got[where]['nodes']}): {time.perf_counter() - t:.1f}s, "
-              f"{got[where]['kept']}/{got[where]['input_documents']} kept, manifest {got[where]['manifest_digest'][:16]}")
+        print(
+            f"data prep ({where}, nodes {got[where]['nodes']}): {time.perf_counter() - t:.1f}s, "
+            f"{got[where]['kept']}/{got[where]['input_documents']} kept, manifest {got[where]['manifest_digest'][:16]}"
+        )
     assert len(got["cluster"]["nodes"]) == 3 and len(got["local"]["nodes"]) == 1
     assert got["cluster"]["input_documents"] == 200 and got["cluster"]["kept"] > 0
     assert got["cluster"]["manifest_digest"] == got["local"]["manifest_digest"]
@@ -176,20 +226,41 @@ def test_ray_job_submit_from_a_client_namespace_with_token(cluster, tmp_path):
     import requests  # noqa: F401  (the job CLI's transport; fails early here if missing)
 
     runs = cluster.shared / "job-runs"
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{cluster.shared / 'job-mlflow.db'}",
-                                "HERD_RUN_DIR": str(runs)}}
-    submit = [str(Path(PY).parent / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
-              "--runtime-env-json", json.dumps(runtime_env), "--"]
+    runtime_env = {
+        "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{cluster.shared / 'job-mlflow.db'}", "HERD_RUN_DIR": str(runs)}
+    }
+    submit = [
+        str(Path(PY).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+    ]
     nobody = tmp_path / "nobody"  # a HOME without ~/.ray/auth_token
     nobody.mkdir()
-    anon = cluster.run(cluster.client_ns, submit + ["python", "-c", "print('should not run')"], timeout=180,
-                       RAY_AUTH_TOKEN="", HOME=str(nobody))
+    anon = cluster.run(
+        cluster.client_ns,
+        submit + ["python", "-c", "print('should not run')"],
+        timeout=180,
+        RAY_AUTH_TOKEN="",
+        HOME=str(nobody),
+    )
     assert anon.returncode != 0 and "should not run" not in anon.stdout
     t = time.perf_counter()
-    job = cluster.run(cluster.client_ns, submit + ["python", "-m", "flows.lifecycle", "--config",
-                                                   "configs/lifecycle/tiny.yaml"], timeout=900)
-    print(f"ray job submit from {cluster.client_ip} to {cluster.dashboard} (tiny lifecycle): "
-          f"{time.perf_counter() - t:.1f}s")
+    job = cluster.run(
+        cluster.client_ns,
+        submit + ["python", "-m", "flows.lifecycle", "--config", "configs/lifecycle/tiny.yaml"],
+        timeout=900,
+    )
+    print(
+        f"ray job submit from {cluster.client_ip} to {cluster.dashboard} (tiny lifecycle): "
+        f"{time.perf_counter() - t:.1f}s"
+    )
     assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout
     from mlflow import MlflowClient
@@ -200,7 +271,10 @@ def test_ray_job_submit_from_a_client_namespace_with_token(cluster, tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert {r.data.tags["herd.stage"]: r.info.status for r in kids} == {
-        "data": "FINISHED", "pretrain": "FINISHED", "eval": "FINISHED"}
+        "data": "FINISHED",
+        "pretrain": "FINISHED",
+        "eval": "FINISHED",
+    }
 
 
 @pytest.mark.acceptance  # a minute of load plus replica start-ups: several minutes on 2 cores
@@ -216,7 +290,9 @@ def test_node_loss_while_serving(cluster, tmp_path):
     def driver(*args: str, ns: str = head.ns, timeout: float = 600) -> dict:
         out = tmp_path / f"{args[0]}-{time.monotonic_ns()}.json"
         log = out.with_suffix(".log")
-        proc = cluster.popen(ns, [PY, "-m", "tests.multinode_driver", *args, str(out)], log, RAY_ADDRESS=cluster.address)
+        proc = cluster.popen(
+            ns, [PY, "-m", "tests.multinode_driver", *args, str(out)], log, RAY_ADDRESS=cluster.address
+        )
         assert proc.wait(timeout=timeout) == 0, log.read_text()[-5000:]
         return json.loads(out.read_text())
 
@@ -228,8 +304,11 @@ def test_node_loss_while_serving(cluster, tmp_path):
     victim = workers[info["nodes"][0]]
     url = f"http://{head.ip}:8000"
     out = tmp_path / "load.json"
-    load = cluster.popen(cluster.client_ns, [PY, "-m", "tests.multinode_driver", "load", url, "60", "16", str(out)],
-                         tmp_path / "load.log")
+    load = cluster.popen(
+        cluster.client_ns,
+        [PY, "-m", "tests.multinode_driver", "load", url, "60", "16", str(out)],
+        tmp_path / "load.log",
+    )
     time.sleep(20)
     t_kill = time.time()
     cluster.kill_node(victim)
@@ -239,9 +318,11 @@ def test_node_loss_while_serving(cluster, tmp_path):
     failed = [r for r in records if not r["ok"]]
     in_flight = [r for r in records if r["t0"] <= t_kill <= r["t1"]]
     later = [r for r in records if r["t0"] > t_kill]
-    print(f"serving through node loss: {len(records)} requests, {len(in_flight)} in flight at the kill, "
-          f"{len(failed)} failed ({sorted({r['status'] for r in failed})}), {len(later)} sent later "
-          f"({sum(not r['ok'] for r in later)} failed)")
+    print(
+        f"serving through node loss: {len(records)} requests, {len(in_flight)} in flight at the kill, "
+        f"{len(failed)} failed ({sorted({r['status'] for r in failed})}), {len(later)} sent later "
+        f"({sum(not r['ok'] for r in later)} failed)"
+    )
     assert all(r["t0"] <= t_kill for r in failed), [r for r in failed if r["t0"] > t_kill][:5]
     assert len(failed) <= len(in_flight)
     assert later and all(r["ok"] for r in later)

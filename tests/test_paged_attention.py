@@ -1,5 +1,6 @@
 """The paged KV cache's attention paths agree: herd's C kernels, the gathered torch path, and the
 Triton decode kernel (run on CPU tensors by Triton's interpreter where Triton is installed)."""
+
 from __future__ import annotations
 
 import os
@@ -37,12 +38,12 @@ def paged_steps(model, prompts, steps, monkeypatch=None, triton=False):
     logits = []
     with torch.inference_mode():
         for r, p in enumerate(prompts):
-            cache.set_step(tables[r:r + 1], torch.tensor([0]), len(p), span=len(p))
+            cache.set_step(tables[r : r + 1], torch.tensor([0]), len(p), span=len(p))
             model(torch.tensor([p]), cache=cache)
         pos = torch.tensor(lengths)
         for i in range(steps.shape[1]):
             cache.set_step(tables, pos, 1, span=int(pos.max()) + 1)
-            logits.append(model(steps[:, i:i + 1], cache=cache)[:, -1])
+            logits.append(model(steps[:, i : i + 1], cache=cache)[:, -1])
             pos = pos + 1
     return torch.stack(logits)
 
@@ -59,7 +60,7 @@ def test_c_kernels_and_gathered_path_agree_on_scattered_blocks(monkeypatch):
     torch.testing.assert_close(with_kernels, gathered, rtol=1e-4, atol=1e-4)
     # and both equal a full recompute of each row
     for r, p in enumerate(prompts):
-        full = model(torch.tensor([p + steps[r].tolist()]))[0, len(p) - 1 + 1:]
+        full = model(torch.tensor([p + steps[r].tolist()]))[0, len(p) - 1 + 1 :]
         torch.testing.assert_close(gathered[:, r], full, rtol=1e-4, atol=1e-4)
 
 
@@ -84,9 +85,13 @@ def test_triton_decode_kernel_in_the_interpreter():
         print("max diff", float((a - b).abs().max()))
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     print(done.stdout[-2000:], done.stderr[-2000:])
     assert done.returncode == 0 and "max diff" in done.stdout

@@ -1,6 +1,7 @@
 """Registry integrity against a real local MLflow store: every registered file's sha256 is recorded
 and checked on every load (serve, eval, lifecycle all resolve through resolve_model_uri), and a
 download only becomes the cached copy once verified."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def stored_folder(name: str, version, store: str) -> Path:
     client = MlflowClient(store, registry_uri=store)
     uri = client.get_model_version_download_uri(name, str(version))
     if uri.startswith("runs:/"):
-        run_id, _, rel = uri[len("runs:/"):].partition("/")
+        run_id, _, rel = uri[len("runs:/") :].partition("/")
         uri = f"{client.get_run(run_id).info.artifact_uri}/{rel}"
     path = Path(uri.removeprefix("file://"))
     assert (path / "model.safetensors").is_file(), uri
@@ -114,8 +115,14 @@ KILLED_DOWNLOAD = textwrap.dedent("""
 def test_a_download_killed_halfway_is_downloaded_again(store, tmp_path):  # noqa: F811
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
     cache = tmp_path / "cache" / "herd"
-    out = subprocess.run([sys.executable, "-c", KILLED_DOWNLOAD, "models:/herd@candidate", store], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, env={**_env(), "HERD_MODEL_CACHE": str(tmp_path / "cache")})
+    out = subprocess.run(
+        [sys.executable, "-c", KILLED_DOWNLOAD, "models:/herd@candidate", store],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_env(), "HERD_MODEL_CACHE": str(tmp_path / "cache")},
+    )
     print(out.stdout, out.stderr[-2000:])
     assert out.returncode == -9 and "killed after" in out.stdout
     left = list(cache.iterdir())

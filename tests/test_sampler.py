@@ -1,6 +1,7 @@
 """The batched sampler (model/sampler.py): exact truncated distributions, batch-independent seeds,
 penalties and log-probabilities, on both of its paths (CPU candidates, and the sorted CUDA path run
 here on the CPU)."""
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,9 @@ def test_10000_draws_match_the_exact_truncated_softmax(dense, p):
     sampler, n, batch = Sampler(dense=dense), 10_000, 2_000
     draws = []
     for start in range(0, n, batch):  # one row per draw: a fresh seed for each
-        draws += sampler(logits[None].expand(batch, -1), [p] * batch, list(range(start, start + batch)),
-                         [3] * batch).token_ids
+        draws += sampler(
+            logits[None].expand(batch, -1), [p] * batch, list(range(start, start + batch)), [3] * batch
+        ).token_ids
     counts = torch.bincount(torch.tensor(draws), minlength=V).double()
     expected = exact_distribution(logits, p) * n
     assert counts[expected == 0].sum() == 0, "a token outside the truncated set was drawn"
@@ -74,11 +76,19 @@ def test_10000_draws_match_the_exact_truncated_softmax(dense, p):
 def test_a_row_draws_the_same_token_whatever_shares_its_batch():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, V, generator=g) * 2
-    rows = [RowSettings(temperature=1.0, top_p=0.9), RowSettings(temperature=0.0), RowSettings(temperature=1.2, top_k=40),
-            RowSettings(temperature=0.9, min_p=0.05), RowSettings(temperature=1.0), RowSettings(temperature=0.7, top_p=0.5)]
+    rows = [
+        RowSettings(temperature=1.0, top_p=0.9),
+        RowSettings(temperature=0.0),
+        RowSettings(temperature=1.2, top_k=40),
+        RowSettings(temperature=0.9, min_p=0.05),
+        RowSettings(temperature=1.0),
+        RowSettings(temperature=0.7, top_p=0.5),
+    ]
     seeds, steps = [11, 12, 13, 14, 15, 16], [0, 1, 2, 3, 4, 5]
     together = Sampler()(logits, rows, seeds, steps).token_ids
-    alone = [Sampler()(logits[i:i + 1], rows[i:i + 1], seeds[i:i + 1], steps[i:i + 1]).token_ids[0] for i in range(6)]
+    alone = [
+        Sampler()(logits[i : i + 1], rows[i : i + 1], seeds[i : i + 1], steps[i : i + 1]).token_ids[0] for i in range(6)
+    ]
     assert together == alone
     assert together[1] == int(logits[1].argmax())
     # The draw is a function of (seed, step): another step of the same seed is another number.
@@ -104,5 +114,6 @@ def test_logprobs_are_the_models_raw_log_softmax():
     assert [t for t, _ in first.top] == ref[0].topk(3).indices.tolist()
     assert [lp for _, lp in first.top] == pytest.approx(ref[0].topk(3).values.tolist(), abs=1e-5)
     assert out.logprobs[1].top == () and out.logprobs[1].logprob == pytest.approx(
-        float(ref[1, out.token_ids[1]]), abs=1e-5)
+        float(ref[1, out.token_ids[1]]), abs=1e-5
+    )
     assert out.logprobs[2] is None

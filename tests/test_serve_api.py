@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API on uvicorn (no Ray): endpoints, SSE format, auth, limits, errors,
 disconnects, metrics, and >= 2,000 generated requests checked against the OpenAPI contract (schemathesis)."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,17 @@ os.environ[KEY_ENV] = KEY
 def server(tmp_path_factory):
     before = torch.get_num_threads()
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-    state = build_state({"model": str(model_dir), "served_model_name": "herd-tiny", "num_threads": 1,
-                         "default_max_tokens": 16, "request_timeout_s": 30, "api_key_env": KEY_ENV,
-                         "engine": {"max_num_seqs": 4, "max_model_len": 256, "max_queue": 4}})
+    state = build_state(
+        {
+            "model": str(model_dir),
+            "served_model_name": "herd-tiny",
+            "num_threads": 1,
+            "default_max_tokens": 16,
+            "request_timeout_s": 30,
+            "api_key_env": KEY_ENV,
+            "engine": {"max_num_seqs": 4, "max_model_len": 256, "max_queue": 4},
+        }
+    )
     with ServerThread(create_app(state)) as srv:
         srv.state = state
         yield srv
@@ -59,6 +68,7 @@ def sse_events(resp) -> list:
 
 # --- endpoints ---------------------------------------------------------------------------------
 
+
 def test_models_health_and_page(server):
     with client(server, headers=AUTH) as c:
         models = c.get("/v1/models").json()
@@ -73,10 +83,11 @@ def test_models_health_and_page(server):
 def test_auth_missing_or_wrong_key_gets_401(server):
     with client(server) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-            for method, path, body in [("GET", "/v1/models", None),
-                                       ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
-                                       ("POST", "/v1/chat/completions",
-                                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})]:
+            for method, path, body in [
+                ("GET", "/v1/models", None),
+                ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+            ]:
                 r = c.request(method, path, json=body, headers=headers)
                 assert r.status_code == 401, (headers, path)
                 err = r.json()["error"]
@@ -95,8 +106,10 @@ def test_auth_missing_or_wrong_key_gets_401(server):
 
 def test_unknown_model_is_404(server):
     with client(server, headers=AUTH) as c:
-        for path, body in [("/v1/completions", {"prompt": "hi"}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+        for path, body in [
+            ("/v1/completions", {"prompt": "hi"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ]:
             r = c.post(path, json={**body, "model": "gpt-4-not-served", "max_tokens": 2})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
             assert c.post(path, json={**body, "model": "herd-tiny", "max_tokens": 2}).status_code == 200
@@ -120,9 +133,17 @@ def test_completion_non_streaming_and_streaming(server):
         assert r.status_code == 200 and body["object"] == "text_completion"
         choice = body["choices"][0]
         assert body["usage"]["completion_tokens"] <= 7 and choice["finish_reason"] in ("stop", "length")
-        with c.stream("POST", "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 7,
-                                                       "temperature": 0, "stream": True,
-                                                       "stream_options": {"include_usage": True}}) as s:
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "prompt": "Once upon a time",
+                "max_tokens": 7,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ) as s:
             assert s.headers["content-type"].startswith("text/event-stream")
             events = sse_events(s)
         assert events[-1] == "[DONE]"
@@ -138,8 +159,11 @@ def test_completion_non_streaming_and_streaming(server):
 
 def test_chat_non_streaming_and_streaming(server):
     with client(server, headers=AUTH) as c:
-        req = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}],
-               "max_tokens": 6, "temperature": 0}
+        req = {
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}],
+            "max_tokens": 6,
+            "temperature": 0,
+        }
         body = c.post("/v1/chat/completions", json=req).json()
         assert body["object"] == "chat.completion"
         msg = body["choices"][0]["message"]
@@ -159,21 +183,35 @@ def test_logprobs_penalties_and_cache_salt(server):
     of the batched sampler are taken; a salted request shares no prefix-cache blocks."""
     engine = server.state.engine.engine
     with client(server, headers=AUTH) as c:
-        body = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0,
-                                               "logprobs": 2}).json()
+        body = c.post(
+            "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "logprobs": 2}
+        ).json()
         lp = body["choices"][0]["logprobs"]
         assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
-        assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-4)
-                   for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy: the top token
+        assert all(
+            len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-4)
+            for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"])
+        )  # greedy: the top token
         ids = [5, 6, 7] + [engine.tokenizer.encode(t)[0] for t in lp["tokens"][:1]]
         with torch.inference_mode():
             ref = engine.runner.model(torch.tensor([[5, 6, 7]]))[0, -1].float().log_softmax(-1)
         assert lp["token_logprobs"][0] == pytest.approx(float(ref.max()), abs=1e-3) and len(ids) == 4
-        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
-                                                    "logprobs": True, "top_logprobs": 3, "temperature": 0.8,
-                                                    "top_p": 0.9, "min_p": 0.05, "presence_penalty": 1.0,
-                                                    "frequency_penalty": 0.5, "repetition_penalty": 1.2,
-                                                    "seed": 1}).json()
+        chat = c.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 3,
+                "logprobs": True,
+                "top_logprobs": 3,
+                "temperature": 0.8,
+                "top_p": 0.9,
+                "min_p": 0.05,
+                "presence_penalty": 1.0,
+                "frequency_penalty": 0.5,
+                "repetition_penalty": 1.2,
+                "seed": 1,
+            },
+        ).json()
         content = chat["choices"][0]["logprobs"]["content"]
         assert len(content) == chat["usage"]["completion_tokens"] and all(len(t["top_logprobs"]) == 3 for t in content)
         assert "".join(t["token"] for t in content) == chat["choices"][0]["message"]["content"]
@@ -188,6 +226,7 @@ def test_logprobs_penalties_and_cache_salt(server):
 
 # --- limits and errors -------------------------------------------------------------------------
 
+
 def test_context_overflow_is_400_with_openai_error(server):
     with client(server, headers=AUTH) as c:
         r = c.post("/v1/completions", json={"prompt": "word " * 100, "max_tokens": 200})
@@ -199,12 +238,25 @@ def test_context_overflow_is_400_with_openai_error(server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
-@pytest.mark.parametrize("body", [
-    {"prompt": "hi", "max_tokens": 0}, {"prompt": "hi", "temperature": -1}, {"prompt": "hi", "top_p": 0},
-    {"prompt": "hi", "n": 2}, {"prompt": 5}, {"max_tokens": 3}, {"prompt": [-1]}, {"prompt": [10**9]},
-    {"prompt": []}, {"prompt": "hi", "logprobs": 21}, {"prompt": "hi", "stop": 3},
-    {"prompt": "hi", "min_p": 1.5}, {"prompt": "hi", "repetition_penalty": 0}, {"prompt": "hi", "cache_salt": ""},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "hi", "max_tokens": 0},
+        {"prompt": "hi", "temperature": -1},
+        {"prompt": "hi", "top_p": 0},
+        {"prompt": "hi", "n": 2},
+        {"prompt": 5},
+        {"max_tokens": 3},
+        {"prompt": [-1]},
+        {"prompt": [10**9]},
+        {"prompt": []},
+        {"prompt": "hi", "logprobs": 21},
+        {"prompt": "hi", "stop": 3},
+        {"prompt": "hi", "min_p": 1.5},
+        {"prompt": "hi", "repetition_penalty": 0},
+        {"prompt": "hi", "cache_salt": ""},
+    ],
+)
 def test_invalid_completion_bodies_are_400(server, body):
     r = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH)
     assert r.status_code == 400, r.text
@@ -212,8 +264,12 @@ def test_invalid_completion_bodies_are_400(server, body):
 
 
 def test_malformed_json_is_400(server):
-    for data, ctype in [(b"{not json", "application/json"), (b"\xff\xfe", "application/json"),
-                        (b"prompt=hi", "application/x-www-form-urlencoded"), (b"[]", "application/json")]:
+    for data, ctype in [
+        (b"{not json", "application/json"),
+        (b"\xff\xfe", "application/json"),
+        (b"prompt=hi", "application/x-www-form-urlencoded"),
+        (b"[]", "application/json"),
+    ]:
         r = httpx.post(f"{server.url}/v1/chat/completions", content=data, headers={**AUTH, "content-type": ctype})
         assert r.status_code == 400, (data, r.status_code, r.text)
         assert "error" in r.json()
@@ -271,9 +327,15 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 
 def test_metrics_are_prometheus_text(server):
     text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
-    for name in ("herd_time_to_first_token_seconds_bucket", "herd_inter_token_latency_seconds_count",
-                 "herd_e2e_request_latency_seconds_sum", "herd_num_requests_waiting", "herd_num_requests_running",
-                 "herd_kv_cache_usage_ratio", "herd_prefix_cache_hit_rate"):
+    for name in (
+        "herd_time_to_first_token_seconds_bucket",
+        "herd_inter_token_latency_seconds_count",
+        "herd_e2e_request_latency_seconds_sum",
+        "herd_num_requests_waiting",
+        "herd_num_requests_running",
+        "herd_kv_cache_usage_ratio",
+        "herd_prefix_cache_hit_rate",
+    ):
         assert re.search(rf"^{name}{{", text, re.M), name
     assert "# TYPE herd_time_to_first_token_seconds histogram" in text
     assert metric(server, "herd_time_to_first_token_seconds_count") > 0
@@ -284,20 +346,33 @@ def test_prefix_cache_hit_rate_rises_with_a_shared_system_prompt(server):
     with client(server, headers=AUTH) as c:
         before = metric(server, "herd_prefix_cache_hits_total")
         for q in ("one", "two", "three"):
-            c.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": system},
-                                                              {"role": "user", "content": q}], "max_tokens": 2})
+            c.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                    "max_tokens": 2,
+                },
+            )
     assert metric(server, "herd_prefix_cache_hits_total") - before >= 2 * 48
 
 
 # --- generated malformed / boundary requests ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
     """A short context (64 tokens) keeps generated requests quick: most long ones are refused with 400."""
     before = torch.get_num_threads()
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny2") / "model")
-    state = build_state({"model": str(model_dir), "num_threads": 1, "request_timeout_s": 60, "api_key_env": KEY_ENV,
-                         "engine": {"max_num_seqs": 4, "max_model_len": 64, "max_queue": 4}})
+    state = build_state(
+        {
+            "model": str(model_dir),
+            "num_threads": 1,
+            "request_timeout_s": 60,
+            "api_key_env": KEY_ENV,
+            "engine": {"max_num_seqs": 4, "max_model_len": 64, "max_queue": 4},
+        }
+    )
     with ServerThread(create_app(state)) as srv:
         yield srv
     state.engine.shutdown()
@@ -305,8 +380,13 @@ def small_server(tmp_path_factory):
 
 
 # Why a schema-valid request may still get 400: (code, param) of what a schema cannot say.
-SEMANTIC_400 = {("context_length_exceeded", "prompt"), ("context_length_exceeded", "max_tokens"),
-                ("context_length_exceeded", "messages"), ("invalid_value", "prompt"), ("invalid_value", "stop")}
+SEMANTIC_400 = {
+    ("context_length_exceeded", "prompt"),
+    ("context_length_exceeded", "max_tokens"),
+    ("context_length_exceeded", "messages"),
+    ("invalid_value", "prompt"),
+    ("invalid_value", "stop"),
+}
 
 
 def semantic_400(ctx, response, case):
@@ -339,21 +419,29 @@ def test_schemathesis_checks_the_contract(small_server):
     load_all_checks()
     checks = CHECKS.get_all() + [semantic_400]
     run_seed = int(os.environ.get("HERD_FUZZ_SEED") or secrets.randbits(32))
-    print(f"schemathesis seed {run_seed} (HERD_FUZZ_SEED={run_seed} replays it); checks: "
-          f"{', '.join(c.__name__ for c in checks)}", flush=True)
+    print(
+        f"schemathesis seed {run_seed} (HERD_FUZZ_SEED={run_seed} replays it); checks: "
+        f"{', '.join(c.__name__ for c in checks)}",
+        flush=True,
+    )
     # A schema-valid request may still be refused with 400 for what a schema cannot say (prompt plus
     # max_tokens past the context, token ids past the vocabulary): `semantic_400` checks those codes.
-    config = SchemathesisConfig.from_dict({"checks": {"positive_data_acceptance": {
-        "expected-statuses": ["2xx", "400", "401", "404", "408", "503"]}}})
-    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.url}/openapi.json", headers=AUTH).json(),
-                                            config=config)
+    config = SchemathesisConfig.from_dict(
+        {"checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "404", "408", "503"]}}}
+    )
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.url}/openapi.json", headers=AUTH).json(), config=config)
     counts: dict = {}
     failures = []
 
     def run(strategy, n, headers):
         @seed(run_seed)
-        @settings(max_examples=n, deadline=None, database=None,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=n,
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=strategy)
         def test(case):
             try:
@@ -376,8 +464,9 @@ def test_schemathesis_checks_the_contract(small_server):
             except Unsatisfiable:  # no way to break an operation without inputs (GET /v1/models)
                 pass
     total = sum(counts.values()) + len(failures)
-    print(f"schemathesis: {total} cases, {len(failures)} failures; by (with key, mode, status): "
-          f"{sorted(counts.items())}")
+    print(
+        f"schemathesis: {total} cases, {len(failures)} failures; by (with key, mode, status): {sorted(counts.items())}"
+    )
     for f in failures[:10]:
         print("FAILURE", f)
     assert total >= 2000

@@ -1,5 +1,6 @@
 """The chat page at / in headless Chromium (Debian's `chromium`), driven over the DevTools protocol:
 type a message, watch the reply stream in, compare it with the API's answer."""
+
 from __future__ import annotations
 
 import itertools
@@ -54,9 +55,15 @@ class DevTools:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     before = torch.get_num_threads()
-    state = build_state({"model": str(tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")),
-                         "num_threads": 1, "default_max_tokens": 40, "auth": "none",
-                         "engine": {"max_num_seqs": 2, "max_model_len": 256}})
+    state = build_state(
+        {
+            "model": str(tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")),
+            "num_threads": 1,
+            "default_max_tokens": 40,
+            "auth": "none",
+            "engine": {"max_num_seqs": 2, "max_model_len": 256},
+        }
+    )
     with ServerThread(create_app(state)) as srv:
         yield srv
     state.engine.shutdown()
@@ -70,10 +77,23 @@ def browser(tmp_path):
         print(reason)
         pytest.skip(reason)
     port = free_port()
-    proc = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                             "--no-first-run", "--disable-extensions", f"--remote-debugging-port={port}",
-                             "--remote-allow-origins=*", f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-extensions",
+            f"--remote-debugging-port={port}",
+            "--remote-allow-origins=*",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -99,8 +119,12 @@ def test_chat_page_streams_a_reply(server, browser):
     browser.call("Page.enable")
     browser.call("Page.navigate", url=f"{server.url}/")
     browser.wait("document.readyState === 'complete' && !!document.getElementById('prompt')")
-    assert browser.wait("document.getElementById('model').textContent !== '…' && "
-                        "document.getElementById('model').textContent") == "herd"
+    assert (
+        browser.wait(
+            "document.getElementById('model').textContent !== '…' && document.getElementById('model').textContent"
+        )
+        == "herd"
+    )
     # Count the reply's updates: a streamed reply arrives in several pieces.
     browser.js("""window.__updates = 0;
         new MutationObserver(() => window.__updates++).observe(document.getElementById('messages'),
@@ -112,8 +136,11 @@ def test_chat_page_streams_a_reply(server, browser):
     reply = browser.js("document.querySelector('.msg.assistant').textContent")
     updates = browser.js("window.__updates")
     assert state == "done", browser.js("document.getElementById('messages').innerText")
-    expected = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": "Hello there"}], "temperature": 0}).json()
+    expected = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0},
+    ).json()
     print(f"chat page: {updates} DOM updates while streaming, reply {reply[:60]!r}...")
     assert reply == expected["choices"][0]["message"]["content"] and reply
     assert updates >= 3

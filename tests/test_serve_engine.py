@@ -1,5 +1,6 @@
 """The serving engine's pure core (no Ray): scheduler policy, continuous batching equals
 one-at-a-time generation, chunked prefill, prefix caching, cancellation, sampling, detokenization."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ import time
 import pytest
 import torch
 
-from model.generate import SamplingParams, generate, sample_next
+from model.generate import SamplingParams, generate
 from services.engine import ContextLengthError, EngineConfig, LLMEngine, QueueFullError
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Detokenizer, Sequence
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def run_all(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list[int]]:
     tokens: dict[str, list[int]] = {}
@@ -49,6 +51,7 @@ def prompts_of(n, vocab=5000, seed=0, lo=3, hi=60):
 
 
 # --- scheduler (no model) ----------------------------------------------------------------------
+
 
 def seq(rid, prompt, max_tokens=4):
     return Sequence(rid, list(prompt), SamplingParams(max_tokens=max_tokens))
@@ -147,8 +150,9 @@ def a_blocks(sched, tokens):
 def test_a_prefix_hit_that_would_not_fit_is_computed_instead():
     """One slot, a cache of exactly one request: the repeated prompt's cached block plus its copy would
     need three blocks; admission computes the prompt again in two rather than wait forever."""
-    sched = Scheduler(EngineConfig(max_num_seqs=1, block_size=4, max_model_len=8, max_num_batched_tokens=100,
-                                   prefill_chunk=100))
+    sched = Scheduler(
+        EngineConfig(max_num_seqs=1, block_size=4, max_model_len=8, max_num_batched_tokens=100, prefill_chunk=100)
+    )
     first = seq("a", [5, 6, 7, 8], max_tokens=4)
     sched.add(first)
     fake_step(sched, sched.schedule())
@@ -180,6 +184,7 @@ def test_prefix_cache_compares_tokens_and_salt(monkeypatch):
 
 # --- engine on a tiny random model -------------------------------------------------------------
 
+
 def reference(model, tok, prompt, max_tokens):
     return generate(model, [prompt], SamplingParams(max_tokens=max_tokens), tok)[0].token_ids
 
@@ -188,8 +193,11 @@ def test_continuous_batching_equals_one_at_a_time_tiny(tiny):
     model, tok = tiny
     prompts = prompts_of(12, seed=1)
     lengths = [5 + 3 * i for i in range(12)]
-    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=5, max_model_len=256, max_num_batched_tokens=40,
-                                                prefill_chunk=16, block_size=4))
+    engine = LLMEngine(
+        model,
+        tok,
+        EngineConfig(max_num_seqs=5, max_model_len=256, max_num_batched_tokens=40, prefill_chunk=16, block_size=4),
+    )
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         engine.add_request(p, SamplingParams(max_tokens=n), f"r{i}")
     got = run_all(engine)
@@ -225,8 +233,9 @@ def test_prefix_hits_under_colliding_hashes_equal_a_cold_cache(tiny, monkeypatch
     prompts.append(system[:16])  # wholly cached: its last block is copied before the write
 
     def run(caching):
-        engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=3, max_model_len=128, block_size=8,
-                                                    enable_prefix_caching=caching))
+        engine = LLMEngine(
+            model, tok, EngineConfig(max_num_seqs=3, max_model_len=128, block_size=8, enable_prefix_caching=caching)
+        )
         for i, p in enumerate(prompts):
             engine.add_request(p, SamplingParams(max_tokens=8), f"r{i}")
         return run_all(engine), engine.snapshot()
@@ -289,8 +298,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
     engine.add_request([5, 6, 7], p, "alone")
     alone = run_all(engine)["alone"]
     for i in range(4):
-        engine.add_request([5, 6, 7] if i != 2 else [9, 9], dataclasses.replace(p, seed=123 if i != 2 else 7),
-                           f"r{i}")
+        engine.add_request([5, 6, 7] if i != 2 else [9, 9], dataclasses.replace(p, seed=123 if i != 2 else 7), f"r{i}")
     got = run_all(engine)
     assert got["r0"] == got["r1"] == got["r3"] == alone
     assert got["r2"] != alone
@@ -304,16 +312,16 @@ def test_stop_ids_and_stop_strings(tiny):
     stop_tok = free[4]
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, stop_ids=(stop_tok,)), "ids")
     got = run_all(engine)
-    assert got["ids"] == free[:free.index(stop_tok)] and run_all.reasons["ids"] == "stop"
+    assert got["ids"] == free[: free.index(stop_tok)] and run_all.reasons["ids"] == "stop"
     text = tok.decode(free)
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, stop_strings=(stop,)), "str")
     pieces = []
     while engine.has_work():
         for o in engine.step():
             pieces.append(o.text)
             reason = o.finish_reason
-    assert "".join(pieces) == text[:text.find(stop)] and reason == "stop"
+    assert "".join(pieces) == text[: text.find(stop)] and reason == "stop"
 
 
 def test_ignore_eos_runs_past_the_models_stop_ids(tiny):
@@ -328,14 +336,15 @@ def test_ignore_eos_runs_past_the_models_stop_ids(tiny):
         engine.add_request(prompt, SamplingParams(max_tokens=20), "eos")
         engine.add_request(prompt, SamplingParams(max_tokens=20, ignore_eos=True), "ignored")
         got = run_all(engine)
-        assert got["eos"] == free[:free.index(eos)] and run_all.reasons["eos"] == "stop"
+        assert got["eos"] == free[: free.index(eos)] and run_all.reasons["eos"] == "stop"
         assert got["ignored"] == free and run_all.reasons["ignored"] == "length"
         plain = generate(model, [prompt], SamplingParams(max_tokens=20))[0]
-        assert plain.token_ids == free[:free.index(eos)] and plain.stop_token_id == eos
+        assert plain.token_ids == free[: free.index(eos)] and plain.stop_token_id == eos
         past = generate(model, [prompt], SamplingParams(max_tokens=20, ignore_eos=True))[0]
         assert past.token_ids == free and past.finish_reason == "length"
     finally:
         model.config = saved
+
 
 def test_detokenizer_joins_utf8_split_across_tokens():
     from model.tokenizer import llama3_tokenizer
@@ -371,19 +380,33 @@ def test_detokenizer_holds_back_a_partial_stop_string():
 
 # --- the acceptance check: SmolLM2, 16 concurrent greedy requests ------------------------------
 
+
 @pytest.mark.slow
 def test_16_concurrent_greedy_requests_equal_one_at_a_time(smollm2):
     model, tok = smollm2
-    questions = ["What is the capital of France?", "Name three primary colors.", "Count from 1 to 10.",
-                 "Write a haiku about the sea.", "What is 12 times 12?", "Who wrote Hamlet?",
-                 "Explain photosynthesis in one sentence.", "List the planets of the solar system.",
-                 "Translate 'good morning' into Spanish.", "What is the boiling point of water?",
-                 "Give me a synonym for happy.", "Why is the sky blue?", "What is a prime number?",
-                 "Describe a cat in five words.", "What does CPU stand for?", "Say hello."]
+    questions = [
+        "What is the capital of France?",
+        "Name three primary colors.",
+        "Count from 1 to 10.",
+        "Write a haiku about the sea.",
+        "What is 12 times 12?",
+        "Who wrote Hamlet?",
+        "Explain photosynthesis in one sentence.",
+        "List the planets of the solar system.",
+        "Translate 'good morning' into Spanish.",
+        "What is the boiling point of water?",
+        "Give me a synonym for happy.",
+        "Why is the sky blue?",
+        "What is a prime number?",
+        "Describe a cat in five words.",
+        "What does CPU stand for?",
+        "Say hello.",
+    ]
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
     max_tokens = [6 + 2 * i for i in range(16)]
-    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=16, max_model_len=512, max_num_batched_tokens=128,
-                                                prefill_chunk=32))
+    engine = LLMEngine(
+        model, tok, EngineConfig(max_num_seqs=16, max_model_len=512, max_num_batched_tokens=128, prefill_chunk=32)
+    )
     t = time.perf_counter()
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(p, SamplingParams(max_tokens=n), f"r{i}")
@@ -394,7 +417,9 @@ def test_16_concurrent_greedy_requests_equal_one_at_a_time(smollm2):
     single_s = time.perf_counter() - t
     same = sum(got[f"r{i}"] == w for i, w in enumerate(want))
     n_tok = sum(len(w) for w in want)
-    print(f"16 concurrent greedy requests: {same}/16 identical to one-at-a-time, {n_tok} tokens; "
-          f"batched {batched_s:.1f} s vs one-at-a-time {single_s:.1f} s")
+    print(
+        f"16 concurrent greedy requests: {same}/16 identical to one-at-a-time, {n_tok} tokens; "
+        f"batched {batched_s:.1f} s vs one-at-a-time {single_s:.1f} s"
+    )
     for i, w in enumerate(want):
         assert got[f"r{i}"] == w, (i, tok.decode(got[f"r{i}"]), tok.decode(w))

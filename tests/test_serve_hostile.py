@@ -4,6 +4,7 @@ client control headers.
 
 The CI tests check behaviour with generous time bounds; the `acceptance` ones assert the issue's
 figures (and print them)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -49,8 +50,9 @@ def serving(tmp_path_factory, **settings):
     """A fixture's server: the tiny model, these settings, the key from KEY_ENV."""
     before = torch.get_num_threads()
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-    state = build_state({"model": str(model_dir), "served_model_name": "herd", "num_threads": 1,
-                         "api_key_env": KEY_ENV, **settings})
+    state = build_state(
+        {"model": str(model_dir), "served_model_name": "herd", "num_threads": 1, "api_key_env": KEY_ENV, **settings}
+    )
     with ServerThread(lifetimes := Lifetimes(create_app(state))) as srv:
         srv.state, srv.lifetimes = state, lifetimes
         yield srv
@@ -61,8 +63,9 @@ def serving(tmp_path_factory, **settings):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Room for 100 requests at once (8 running, 128 waiting)."""
-    yield from serving(tmp_path_factory, request_timeout_s=60,
-                       engine={"max_num_seqs": 8, "max_model_len": 256, "max_queue": 128})
+    yield from serving(
+        tmp_path_factory, request_timeout_s=60, engine={"max_num_seqs": 8, "max_model_len": 256, "max_queue": 128}
+    )
 
 
 def metric(url: str, name: str) -> float:
@@ -71,8 +74,9 @@ def metric(url: str, name: str) -> float:
 
 
 def raw_request(path: str, body: bytes, *, chunked: bool = False) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
-            "Content-Type: application/json\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+    )
     if chunked:
         return (head + "Transfer-Encoding: chunked\r\n\r\n").encode()
     return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -80,9 +84,13 @@ def raw_request(path: str, body: bytes, *, chunked: bool = False) -> bytes:
 
 # --- the Serve proxy drops the client's control headers ----------------------------------------
 
+
 def test_proxy_drops_client_control_headers():
-    from ray.serve._private.http_util import (parse_disconnect_disabled_header, parse_request_timeout_header,
-                                              validate_http_proxy_callback_return)
+    from ray.serve._private.http_util import (
+        parse_disconnect_disabled_header,
+        parse_request_timeout_header,
+        validate_http_proxy_callback_return,
+    )
 
     from services import proxy
 
@@ -92,8 +100,20 @@ def test_proxy_drops_client_control_headers():
         seen.update(dict(scope["headers"]))
 
     wrapped = proxy.middlewares()[0].cls(app)
-    asyncio.run(wrapped({"type": "http", "headers": [(b"x-request-timeout-seconds", b"0"), (b"authorization", b"k"),
-                                                      (b"x-request-disconnect-disabled", b"?1")]}, None, None))
+    asyncio.run(
+        wrapped(
+            {
+                "type": "http",
+                "headers": [
+                    (b"x-request-timeout-seconds", b"0"),
+                    (b"authorization", b"k"),
+                    (b"x-request-disconnect-disabled", b"?1"),
+                ],
+            },
+            None,
+            None,
+        )
+    )
     assert parse_request_timeout_header(seen, 630.0) == 630.0  # the Serve config's, not the client's "off"
     assert not parse_disconnect_disabled_header(seen) and seen[b"authorization"] == b"k"
     assert validate_http_proxy_callback_return(proxy.middlewares())  # what Ray's proxy accepts
@@ -102,6 +122,7 @@ def test_proxy_drops_client_control_headers():
 
 
 # --- body size -----------------------------------------------------------------------------------
+
 
 def body_limit_figures(url: str, size: int = 24 * 2**20, repeats: int = 10) -> dict:
     """`repeats` bodies of `size` bytes, one after another, while a second client polls /health."""
@@ -142,8 +163,12 @@ def body_limit_figures(url: str, size: int = 24 * 2**20, repeats: int = 10) -> d
         stop.set()
         poller.join()
     health.sort()
-    return {"answers": answers, "health_p99": health[int(0.99 * (len(health) - 1))], "health_n": len(health),
-            "seconds": [a[0] for a in answers]}
+    return {
+        "answers": answers,
+        "health_p99": health[int(0.99 * (len(health) - 1))],
+        "health_n": len(health),
+        "seconds": [a[0] for a in answers],
+    }
 
 
 def _send_quietly(s: socket.socket, data: bytes) -> None:
@@ -174,14 +199,17 @@ def test_oversized_body_is_413_unread(server):
 @pytest.mark.acceptance
 def test_acceptance_24mb_body_413_under_100ms_health_p99_under_50ms(server):
     figures = body_limit_figures(server.url)
-    print(f"24 MB bodies: 413 in {[round(s * 1000, 1) for s in figures['seconds']]} ms; /health p99 "
-          f"{figures['health_p99'] * 1000:.1f} ms over {figures['health_n']} probes; "
-          f"load {os.getloadavg()[0]:.1f}")
+    print(
+        f"24 MB bodies: 413 in {[round(s * 1000, 1) for s in figures['seconds']]} ms; /health p99 "
+        f"{figures['health_p99'] * 1000:.1f} ms over {figures['health_n']} probes; "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
     assert all(status.startswith(b"HTTP/1.1 413") for _, status, _ in figures["answers"])
     assert max(figures["seconds"]) < 0.1 and figures["health_p99"] < 0.05
 
 
 # --- clients that leave -------------------------------------------------------------------------
+
 
 def abort_figures(url: str, n: int = 50, delay: float = 0.01) -> dict:
     """n streaming and n non-streaming clients send a long request and close `delay` s later."""
@@ -190,8 +218,12 @@ def abort_figures(url: str, n: int = 50, delay: float = 0.01) -> dict:
 
     async def leave(i: int):
         stream = i % 2 == 0
-        body = {"messages": [{"role": "user", "content": f"tell me a long story {i}"}], "max_tokens": 200,
-                "ignore_eos": True, "stream": stream}
+        body = {
+            "messages": [{"role": "user", "content": f"tell me a long story {i}"}],
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": stream,
+        }
         if i % 4 >= 2:  # half of them on /v1/completions
             body = {"prompt": f"once upon a time {i}", "max_tokens": 200, "ignore_eos": True, "stream": stream}
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -227,18 +259,22 @@ def test_clients_that_leave_at_once_are_all_aborted(server):
 @pytest.mark.acceptance
 def test_acceptance_100_clients_leaving_after_10ms_are_aborted_within_2s(server):
     figures = abort_figures(server.url, n=50)
-    print(f"100 clients closing 10 ms after sending: aborted counter +{figures['aborted']:.0f}, nothing running "
-          f"{figures['idle_after_s']:.2f} s after the last close; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"100 clients closing 10 ms after sending: aborted counter +{figures['aborted']:.0f}, nothing running "
+        f"{figures['idle_after_s']:.2f} s after the last close; load {os.getloadavg()[0]:.1f}"
+    )
     assert figures["aborted"] == 100 and figures["busy"] == 0 and figures["idle_after_s"] < 2
 
 
 # --- backpressure --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
     """4 running + 4 waiting, and a 4 s request timeout."""
-    yield from serving(tmp_path_factory, request_timeout_s=4,
-                       engine={"max_num_seqs": 4, "max_model_len": 256, "max_queue": 4})
+    yield from serving(
+        tmp_path_factory, request_timeout_s=4, engine={"max_num_seqs": 4, "max_model_len": 256, "max_queue": 4}
+    )
 
 
 def flood_figures(url: str, excess: int = 50) -> list[tuple[int, float, str | None]]:
@@ -284,18 +320,22 @@ def test_acceptance_flood_503_within_1s_and_timeout_holds(small_server):
     results = flood_figures(small_server.url)
     held = small_server.lifetimes.seconds
     refused = sorted(s for status, s, _ in results if status == 503)
-    print(f"capacity 4 + queue 4 + 50: {len(refused)} x 503 (slowest {refused[-1] * 1000:.0f} ms at the client), "
-          f"served {sorted((st, round(s, 2)) for st, s, _ in results if st != 503)} s at the client; longest held "
-          f"by the server {max(held):.3f} s against request_timeout_s 4; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"capacity 4 + queue 4 + 50: {len(refused)} x 503 (slowest {refused[-1] * 1000:.0f} ms at the client), "
+        f"served {sorted((st, round(s, 2)) for st, s, _ in results if st != 503)} s at the client; longest held "
+        f"by the server {max(held):.3f} s against request_timeout_s 4; load {os.getloadavg()[0]:.1f}"
+    )
     check_flood(results, held, small_server.state.config.request_timeout_s, 1.0, 0.05)
 
 
 # --- fairness: a stream beside the heaviest neighbours allowed -----------------------------------
 
+
 @pytest.fixture(scope="module")
 def long_server(tmp_path_factory):
-    yield from serving(tmp_path_factory, request_timeout_s=120,
-                       engine={"max_num_seqs": 8, "max_model_len": 2048, "max_queue": 16})
+    yield from serving(
+        tmp_path_factory, request_timeout_s=120, engine={"max_num_seqs": 8, "max_model_len": 2048, "max_queue": 16}
+    )
 
 
 def victim_itl(url: str, neighbour: dict, tokens: int = 200) -> float:
@@ -316,8 +356,11 @@ def victim_itl(url: str, neighbour: dict, tokens: int = 200) -> float:
             loops = [asyncio.create_task(neighbour_loop(client)) for _ in range(3)]
             await asyncio.sleep(1.0)  # the neighbours are in their decode
             stamps = []
-            async with client.stream("POST", "/v1/completions", json={
-                    "prompt": "The victim", "max_tokens": tokens, "ignore_eos": True, "stream": True}) as r:
+            async with client.stream(
+                "POST",
+                "/v1/completions",
+                json={"prompt": "The victim", "max_tokens": tokens, "ignore_eos": True, "stream": True},
+            ) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
                         stamps.append(time.perf_counter())
@@ -337,7 +380,7 @@ def test_acceptance_fairness_beside_max_stop_strings_and_prompt(long_server):
 
     tok = long_server.state.tokenizer
     max_tokens = 200
-    words = (2048 - max_tokens - 8)
+    words = 2048 - max_tokens - 8
     prompt = "hello " * words
     while len(tok.encode(prompt)) + max_tokens > 2048:
         words -= 8
@@ -350,7 +393,9 @@ def test_acceptance_fairness_beside_max_stop_strings_and_prompt(long_server):
         plain_itl.append(victim_itl(long_server.url, plain))
         hostile_itl.append(victim_itl(long_server.url, hostile))
     ratio = statistics.mean(hostile_itl) / statistics.mean(plain_itl)
-    print(f"victim mean ITL beside 3 plain neighbours {[round(x * 1000, 2) for x in plain_itl]} ms, beside 3 with "
-          f"{len(stops)} stop strings ({MAX_STOP_CHARS} chars) and a {len(tok.encode(prompt))}-token prompt "
-          f"{[round(x * 1000, 2) for x in hostile_itl]} ms: ratio {ratio:.2f}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"victim mean ITL beside 3 plain neighbours {[round(x * 1000, 2) for x in plain_itl]} ms, beside 3 with "
+        f"{len(stops)} stop strings ({MAX_STOP_CHARS} chars) and a {len(tok.encode(prompt))}-token prompt "
+        f"{[round(x * 1000, 2) for x in hostile_itl]} ms: ratio {ratio:.2f}; load {os.getloadavg()[0]:.1f}"
+    )
     assert ratio <= 1.5

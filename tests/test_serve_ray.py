@@ -1,5 +1,6 @@
 """herd serve on Ray Serve: the official openai client against SmolLM2, the Serve config, and
 autoscaling under a bounded load on 127.0.0.1."""
+
 from __future__ import annotations
 
 import asyncio
@@ -72,12 +73,29 @@ def test_build_app_is_a_serve_application():
 
 def test_herd_serve_without_a_key_refuses_to_start():
     env = {k: v for k, v in os.environ.items() if k not in ("HERD_API_KEY", "RAY_ADDRESS")}
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--model", "smollm2", "--config",
-                        "configs/serve/local.yaml", "--port", str(free_port())],
-                       cwd=REPO, env={**env, "HERD_API_KEY": ""}, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--model",
+            "smollm2",
+            "--config",
+            "configs/serve/local.yaml",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=REPO,
+        env={**env, "HERD_API_KEY": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "herd: error: no API key: HERD_API_KEY is empty or unset; set it, or set `auth: none` in the serve args "
-        "to serve without authentication"], r.stderr
+        "to serve without authentication"
+    ], r.stderr
 
 
 @pytest.mark.integration
@@ -91,10 +109,26 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
     env.pop("RAY_ADDRESS")
     # The server's output goes to a file: an unread pipe fills up and blocks the server's prints.
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--model", str(smollm2_dir),
-                             "--config", "configs/serve/local.yaml", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--model",
+            str(smollm2_dir),
+            "--config",
+            "configs/serve/local.yaml",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log=log)
@@ -107,8 +141,14 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
         print(f"chat: {answer!r} ({chat.usage.completion_tokens} tokens, {chat.choices[0].finish_reason})")
         assert "Paris" in answer
 
-        stream = client.chat.completions.create(model="herd", messages=question, temperature=0, max_tokens=24,
-                                                stream=True, stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model="herd",
+            messages=question,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         pieces, usage = [], None
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -121,13 +161,20 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
         comp = client.completions.create(model="herd", prompt=prompt, temperature=0, max_tokens=8)
         print(f"completion: {comp.choices[0].text!r}")
         assert "Paris" in comp.choices[0].text
-        streamed = "".join(c.choices[0].text for c in client.completions.create(
-            model="herd", prompt=prompt, temperature=0, max_tokens=8, stream=True) if c.choices)
+        streamed = "".join(
+            c.choices[0].text
+            for c in client.completions.create(model="herd", prompt=prompt, temperature=0, max_tokens=8, stream=True)
+            if c.choices
+        )
         assert streamed == comp.choices[0].text
 
         # Ray's proxy obeys a client's x-request-timeout-seconds; the ingress drops it
-        r = httpx.post(f"{url}/v1/completions", headers={**auth, "x-request-timeout-seconds": "0.001"},
-                       json={"prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=120)
+        r = httpx.post(
+            f"{url}/v1/completions",
+            headers={**auth, "x-request-timeout-seconds": "0.001"},
+            json={"prompt": prompt, "max_tokens": 8, "temperature": 0},
+            timeout=120,
+        )
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == comp.choices[0].text, r.text
 
         assert [m.id for m in client.models.list().data] == ["herd"]
@@ -137,10 +184,18 @@ def test_openai_client_against_herd_serve(smollm2_dir, tmp_path):
 
         # A client that disconnects mid-stream frees its slot (through the Serve proxy too), even one
         # asking the proxy to ignore its disconnect.
-        with httpx.stream("POST", f"{url}/v1/completions", headers={**auth, "x-request-disconnect-disabled": "?1"},
-                          json={"prompt": "Write a long story.", "max_tokens": 1000, "stream": True,
-                                "ignore_eos": True},  # a sampled EOS would end it before the disconnect
-                          timeout=120) as s:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            headers={**auth, "x-request-disconnect-disabled": "?1"},
+            json={
+                "prompt": "Write a long story.",
+                "max_tokens": 1000,
+                "stream": True,
+                "ignore_eos": True,
+            },  # a sampled EOS would end it before the disconnect
+            timeout=120,
+        ) as s:
             lines = s.iter_lines()
             for _ in range(4):
                 next(lines)
@@ -175,16 +230,33 @@ def test_autoscaling_up_under_load_and_back_down(tmp_path):
 
     model_dir = tiny_model_dir(tmp_path / "tiny")
     dash_port = free_port()
-    ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_port=dash_port,
-             runtime_env={"env_vars": {"HERD_API_KEY": ""}})
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=True,
+        dashboard_port=dash_port,
+        runtime_env={"env_vars": {"HERD_API_KEY": ""}},
+    )
     try:
-        url = deploy(model_dir, REPO / "configs" / "serve" / "local.yaml", port=free_port(),
-                     args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
-                     deployment={"autoscaling_config": {
-                         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-                         "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2,
-                         "metrics_interval_s": 1},
-                         "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 1}})
+        url = deploy(
+            model_dir,
+            REPO / "configs" / "serve" / "local.yaml",
+            port=free_port(),
+            args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
+            deployment={
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 4,
+                    "upscale_delay_s": 1,
+                    "downscale_delay_s": 4,
+                    "look_back_period_s": 2,
+                    "metrics_interval_s": 1,
+                },
+                "max_ongoing_requests": 64,
+                "ray_actor_options": {"num_cpus": 1},
+            },
+        )
         wait_healthy(url)
         timeline: list[tuple[float, int]] = []
         t0 = time.monotonic()
@@ -200,9 +272,11 @@ def test_autoscaling_up_under_load_and_back_down(tmp_path):
             async def user(client):
                 while time.monotonic() < stop:
                     try:
-                        async with client.stream("POST", f"{url}/v1/chat/completions", json={
-                                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
-                                "stream": True}) as r:
+                        async with client.stream(
+                            "POST",
+                            f"{url}/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "stream": True},
+                        ) as r:
                             async for _ in r.aiter_lines():
                                 pass
                         sent["requests"] += 1
@@ -232,9 +306,13 @@ def test_autoscaling_up_under_load_and_back_down(tmp_path):
 
         sent = asyncio.run(load(150))
         peak = max(n for _, n in timeline)
-        status_text = subprocess.run(["serve", "status", "-a", f"http://127.0.0.1:{dash_port}"],
-                                     capture_output=True, text=True, timeout=60,
-                                     env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        status_text = subprocess.run(
+            ["serve", "status", "-a", f"http://127.0.0.1:{dash_port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        )
         print(status_text.stdout)
         deadline = time.monotonic() + 90
         while replicas() > 1 or serve.status().applications["herd"].deployments["HerdLLMServer"].status != "HEALTHY":

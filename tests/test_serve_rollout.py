@@ -2,6 +2,7 @@
 and follows the alias (user_config.watch_s). v1 is promoted to v2 in the middle of the load: no
 request fails, every response names the version that produced it (header and body `model`), and
 every response that starts after the swap names v2. Real Ray Serve, a real MLflow store."""
+
 from __future__ import annotations
 
 import asyncio
@@ -50,16 +51,36 @@ async def load(url: str, clients: int, seconds: float, promote_at: float, promot
         while time.monotonic() - t0 < seconds:
             start = time.time()
             try:
-                r = await client.post(f"{url}/v1/chat/completions", json={
-                    "model": "herd", "messages": [{"role": "user", "content": f"user {i} request {n}"}],
-                    "max_tokens": 8})
+                r = await client.post(
+                    f"{url}/v1/chat/completions",
+                    json={
+                        "model": "herd",
+                        "messages": [{"role": "user", "content": f"user {i} request {n}"}],
+                        "max_tokens": 8,
+                    },
+                )
                 body = r.json()
-                records.append({"start": start, "end": time.time(), "status": r.status_code,
-                                "version": r.headers.get("x-herd-model-version"),
-                                "since": float(r.headers.get("x-herd-model-since", "nan")), "model": body.get("model")})
+                records.append(
+                    {
+                        "start": start,
+                        "end": time.time(),
+                        "status": r.status_code,
+                        "version": r.headers.get("x-herd-model-version"),
+                        "since": float(r.headers.get("x-herd-model-since", "nan")),
+                        "model": body.get("model"),
+                    }
+                )
             except (httpx.HTTPError, ValueError) as e:
-                records.append({"start": start, "end": time.time(), "status": repr(e), "version": None,
-                                "since": float("nan"), "model": None})
+                records.append(
+                    {
+                        "start": start,
+                        "end": time.time(),
+                        "status": repr(e),
+                        "version": None,
+                        "since": float("nan"),
+                        "model": None,
+                    }
+                )
             n += 1
 
     async def promoter():
@@ -79,15 +100,32 @@ def run_rollout_under_load(tmp_path, clients: int, seconds: float) -> None:
     from services.rollout import wait_for_version
 
     store = registry_with_v1(tmp_path)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {
-        "HERD_API_KEY": "", "MLFLOW_TRACKING_URI": store, "HERD_MODEL_CACHE": str(tmp_path / "cache")}})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={
+            "env_vars": {"HERD_API_KEY": "", "MLFLOW_TRACKING_URI": store, "HERD_MODEL_CACHE": str(tmp_path / "cache")}
+        },
+    )
     try:
-        url = deploy("models:/herd@champion", REPO / "configs" / "serve" / "local.yaml", port=free_port(),
-                     args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
-                     deployment={"user_config": {"watch_s": 1}, "max_ongoing_requests": 64, "num_replicas": 1,
-                                 "autoscaling_config": None, "ray_actor_options": {"num_cpus": 1}})
+        url = deploy(
+            "models:/herd@champion",
+            REPO / "configs" / "serve" / "local.yaml",
+            port=free_port(),
+            args={"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 16, "max_model_len": 256}},
+            deployment={
+                "user_config": {"watch_s": 1},
+                "max_ongoing_requests": 64,
+                "num_replicas": 1,
+                "autoscaling_config": None,
+                "ray_actor_options": {"num_cpus": 1},
+            },
+        )
         wait_for_version(url, "herd/1", timeout_s=300)
-        records, promoted_at = asyncio.run(load(url, clients, seconds, seconds / 2, lambda: promote_v2(tmp_path, store)))
+        records, promoted_at = asyncio.run(
+            load(url, clients, seconds, seconds / 2, lambda: promote_v2(tmp_path, store))
+        )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -98,10 +136,12 @@ def run_rollout_under_load(tmp_path, clients: int, seconds: float) -> None:
     swapped_at = min(r["since"] for r in v2)
     after = [r for r in records if r["start"] > swapped_at]
     on_old = [r for r in records if r["version"] == "herd/1" and r["end"] > swapped_at]
-    print(f"{len(records)} requests from {clients} clients in {seconds:.0f}s, {len(failed)} failed; "
-          f"v1 {sum(r['version'] == 'herd/1' for r in records)}, v2 {len(v2)}; promoted at +{seconds / 2:.0f}s, "
-          f"swap {swapped_at - promoted_at:.2f}s after the promotion (alias watch every 1s + loading v2 beside v1); "
-          f"{len(on_old)} requests in flight at the swap finished on v1")
+    print(
+        f"{len(records)} requests from {clients} clients in {seconds:.0f}s, {len(failed)} failed; "
+        f"v1 {sum(r['version'] == 'herd/1' for r in records)}, v2 {len(v2)}; promoted at +{seconds / 2:.0f}s, "
+        f"swap {swapped_at - promoted_at:.2f}s after the promotion (alias watch every 1s + loading v2 beside v1); "
+        f"{len(on_old)} requests in flight at the swap finished on v1"
+    )
     assert failed == []
     assert all(r["version"] == r["model"] for r in records)  # header and body name the same version
     assert {r["version"] for r in records} == {"herd/1", "herd/2"}
@@ -137,8 +177,8 @@ def test_roll_to_loads_beside_the_old_version_which_finishes_its_requests(tmp_pa
     generates; a request started on the old one finishes there, with every token; the old engine
     stops once it is idle; a failed load keeps the current version serving."""
     from model.generate import SamplingParams
-    from services.rollout import Pinned, Rollout
     from services.api.app import build_state
+    from services.rollout import Pinned, Rollout
 
     args = {"num_threads": 1, "auth": "none", "engine": {"max_num_seqs": 4, "max_model_len": 256}}
     v1, v2 = tiny_model_dir(tmp_path / "v1", seed=1), tiny_model_dir(tmp_path / "v2", seed=2)
@@ -154,8 +194,9 @@ def test_roll_to_loads_beside_the_old_version_which_finishes_its_requests(tmp_pa
         async def user():  # back-to-back 96-token requests on whatever version serves when each starts
             while "t" not in swapped_at:
                 state, start, n = rollout.state, time.monotonic(), 0
-                async for out in state.engine.generate(state.tokenizer.encode("hello"),
-                                                       SamplingParams(max_tokens=96, ignore_eos=True)):
+                async for out in state.engine.generate(
+                    state.tokenizer.encode("hello"), SamplingParams(max_tokens=96, ignore_eos=True)
+                ):
                     n += len(out.token_ids)
                 done.append({"state": state, "start": start, "end": time.monotonic(), "tokens": n})
 

@@ -1,4 +1,5 @@
 """Stop strings: the Aho-Corasick matcher against a brute-force search."""
+
 from __future__ import annotations
 
 import random
@@ -14,8 +15,9 @@ def brute_force(chunks: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
     text = ""
     for chunk in chunks:
         before, text = len(text), text + chunk
-        starts = [i for s in stops for i in range(len(text) - len(s) + 1)
-                  if text.startswith(s, i) and i + len(s) > before]
+        starts = [
+            i for s in stops for i in range(len(text) - len(s) + 1) if text.startswith(s, i) and i + len(s) > before
+        ]
         if starts:
             return text[: min(starts)], True
     return text, False
@@ -30,15 +32,17 @@ def run(chunks: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
         if stopped:
             return shown, True
         # held back: exactly the longest end of the text that may still begin a stop string
-        held = d.text[len(shown):]
+        held = d.text[len(shown) :]
         assert d.text.startswith(shown)
-        assert max((n for n in range(len(d.text) + 1) for s in stops if n < len(s) and d.text.endswith(s[:n])),
-                   default=0) == len(held), (d.text, shown, stops)
+        assert max(
+            (n for n in range(len(d.text) + 1) for s in stops if n < len(s) and d.text.endswith(s[:n])), default=0
+        ) == len(held), (d.text, shown, stops)
     return shown + d.flush(), False
 
 
 def add_chunk(d: Detokenizer, chunk: str):
     """Feed `chunk` as one token's text."""
+
     class One:
         def decode_bytes(self, ids):
             return chunk.encode()

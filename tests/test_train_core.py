@@ -1,5 +1,6 @@
 """Pretraining core without Ray or processes: config, schedules, fused loss, data cursor,
 checkpoints (atomic write, checksum, fallback), optimizer groups."""
+
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ CORPUS = REPO.parent / "shared" / "data" / "corpus"
 
 # --- config ------------------------------------------------------------------------------------
 
+
 def test_configs_in_repo_load():
     from flows.train.config import load_config
 
@@ -28,12 +30,15 @@ def test_configs_in_repo_load():
         assert cfg.training.steps >= 1, path
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"optimizer": {"lr_max": 1}}, "unknown key 'optimizer.lr_max'"),
-    ({"training": {"steps": "ten"}}, "training.steps must be an integer"),
-    ({"parallel": {"strategy": "zero"}}, "parallel.strategy must be ddp or fsdp"),
-    ({"checkpoint": {"keep": 1}}, "checkpoint.keep must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"optimizer": {"lr_max": 1}}, "unknown key 'optimizer.lr_max'"),
+        ({"training": {"steps": "ten"}}, "training.steps must be an integer"),
+        ({"parallel": {"strategy": "zero"}}, "parallel.strategy must be ddp or fsdp"),
+        ({"checkpoint": {"keep": 1}}, "checkpoint.keep must be >= 2"),
+    ],
+)
 def test_config_errors_name_the_key(data, message):
     from flows.train.config import config_from_dict
 
@@ -49,6 +54,7 @@ def test_config_replace_merges_sections():
 
 
 # --- schedules ---------------------------------------------------------------------------------
+
 
 def test_schedules():
     from flows.train.optim import lr_ratio
@@ -66,6 +72,7 @@ def test_schedules():
 
 
 # --- fused loss --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_linear_cross_entropy_matches_reference(autocast):
@@ -115,6 +122,7 @@ def test_causal_lm_loss_through_model_head():
 
 
 # --- data --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
@@ -174,6 +182,7 @@ def test_cursor_resumes_exactly_and_epochs_reshuffle(packed):
 
 # --- checkpoints -------------------------------------------------------------------------------
 
+
 def _write(parent, step, tag=""):
     from flows.train import checkpoint as ckpt
     from model.config import get_preset
@@ -182,10 +191,18 @@ def _write(parent, step, tag=""):
     model = Transformer(get_preset("tiny"))
     model.init_weights(seed=step)
     opt = torch.optim.AdamW(model.parameters())
-    return ckpt.write_checkpoint(parent, ckpt.checkpoint_name(step, tag), rank=0, model_state=model.state_dict(),
-                                 optimizer_state=opt.state_dict(), model_config=model.config, tokenizer=None,
-                                 trainer_state={"step": step, "data": {"cursor": step * 8}},
-                                 rng_states=[ckpt.rng_state()], gather=lambda obj: [obj]), model
+    return ckpt.write_checkpoint(
+        parent,
+        ckpt.checkpoint_name(step, tag),
+        rank=0,
+        model_state=model.state_dict(),
+        optimizer_state=opt.state_dict(),
+        model_config=model.config,
+        tokenizer=None,
+        trainer_state={"step": step, "data": {"cursor": step * 8}},
+        rng_states=[ckpt.rng_state()],
+        gather=lambda obj: [obj],
+    ), model
 
 
 def test_checkpoint_atomic_layout_and_sharded_model(tmp_path):
@@ -196,8 +213,15 @@ def test_checkpoint_atomic_layout_and_sharded_model(tmp_path):
     assert path.name == "step-00000004" and not list(tmp_path.glob(".tmp-*"))
     manifest = json.loads((path / "checkpoint.json").read_text())
     assert manifest["format"] == "herd.train-checkpoint/v2"
-    assert set(manifest["files"]) == {"model/herd.json", "model/.metadata", "model/__0_0.distcp",
-                                      "optimizer/.metadata", "optimizer/__0_0.distcp", "rng.pt", "trainer.json"}
+    assert set(manifest["files"]) == {
+        "model/herd.json",
+        "model/.metadata",
+        "model/__0_0.distcp",
+        "optimizer/.metadata",
+        "optimizer/__0_0.distcp",
+        "rng.pt",
+        "trainer.json",
+    }
     assert ckpt.verify(path) is None
     loaded, cfg = load_model(path)  # the DCP shards consolidated offline, in this one process
     assert cfg.dim == 64
@@ -250,6 +274,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path):
 
 # --- optimizer ---------------------------------------------------------------------------------
 
+
 def test_weight_decay_groups():
     from flows.train.optim import build_optimizer
     from model.config import get_preset
@@ -260,9 +285,17 @@ def test_weight_decay_groups():
     decay, plain = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert {names[id(p)] for p in plain["params"]} >= {"tok_embeddings.weight", "norm.weight", "layers.0.ffn_norm.weight"}
-    assert all(names[id(p)].endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight",
-                                      "w3.weight", "output.weight")) for p in decay["params"])
+    assert {names[id(p)] for p in plain["params"]} >= {
+        "tok_embeddings.weight",
+        "norm.weight",
+        "layers.0.ffn_norm.weight",
+    }
+    assert all(
+        names[id(p)].endswith(
+            ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight", "output.weight")
+        )
+        for p in decay["params"]
+    )
     assert opt.defaults["fused"] is True  # CPU, plain tensors: the fused kernel
 
 

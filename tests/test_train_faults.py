@@ -1,6 +1,7 @@
 """The loop handles its own errors (flows/train/guard.py), with faults injected into real runs of
 the tiny model: inf gradients skip the step, a loss spike rolls back, a hang is caught by the
 watchdog and Ray Train restarts the worker. Fine-tuning runs the same loop, so the same guard."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,19 @@ def data(tmp_path_factory) -> Path:
 def _cfg(data: Path, **over):
     from flows.train.config import config_from_dict
 
-    cfg = config_from_dict({
-        "name": "faults", "data": {"dir": str(data)},
-        "training": {"steps": 4, "micro_batch": 2}, "optimizer": {"lr": 3e-3},
-        "schedule": {"kind": "constant", "warmup_steps": 0}, "checkpoint": {"every": 1, "keep": 2},
-        "eval": {"every": 0}, "logging": {"every": 1}, "mlflow": {"enabled": False},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "faults",
+            "data": {"dir": str(data)},
+            "training": {"steps": 4, "micro_batch": 2},
+            "optimizer": {"lr": 3e-3},
+            "schedule": {"kind": "constant", "warmup_steps": 0},
+            "checkpoint": {"every": 1, "keep": 2},
+            "eval": {"every": 0},
+            "logging": {"every": 1},
+            "mlflow": {"enabled": False},
+        }
+    )
     return cfg.replace(**over)
 
 
@@ -55,8 +63,10 @@ def test_inf_gradients_skip_the_step_and_leave_the_weights_bitwise_unchanged(dat
     assert sorted(weights) == [1, 2, 3, 4] and r.step == 4
     same = all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
     moved = any(not torch.equal(weights[3][k], weights[4][k]) for k in weights[3])
-    print(f"inf gradient at step 3: weights after step 3 bitwise equal to step 2: {same}; "
-          f"step 4 trained again: {moved}; skipped_steps = {r.metrics['skipped_steps']}")
+    print(
+        f"inf gradient at step 3: weights after step 3 bitwise equal to step 2: {same}; "
+        f"step 4 trained again: {moved}; skipped_steps = {r.metrics['skipped_steps']}"
+    )
     assert same and moved
     assert r.metrics["skipped_steps"] == 1 and r.metrics["rollbacks"] == 0
     assert all(math.isfinite(x) for x in r.losses)  # the loss was finite; the gradient norm was not
@@ -71,9 +81,13 @@ def test_a_loss_spike_rolls_back_and_the_run_finishes(data, tmp_path, one_thread
 
     uri, client, run_id = _mlflow_run(tmp_path)
     rt = Runtime(staging_dir=tmp_path / "ckpt", run_dir=tmp_path, logger=MlflowLogger(uri, run_id))
-    cfg = _cfg(data, training={"steps": 12}, checkpoint={"every": 4, "keep": 2},
-               guard={"spike_zscore": 6.0, "window": 5, "min_window": 4},
-               fault={"spike_at_step": 10, "spike_factor": 50.0})
+    cfg = _cfg(
+        data,
+        training={"steps": 12},
+        checkpoint={"every": 4, "keep": 2},
+        guard={"spike_zscore": 6.0, "window": 5, "min_window": 4},
+        fault={"spike_at_step": 10, "spike_factor": 50.0},
+    )
     r = train(cfg, rt)
     tags = client.get_run(run_id).data.tags
     print(f"loss spike at step 10: {tags['herd.rollback.1']}; losses {[round(x, 3) for x in r.losses]}")
@@ -99,20 +113,23 @@ def test_fine_tuning_runs_under_the_same_guard():
 
 @pytest.mark.integration
 def test_a_hang_fires_the_watchdog_and_ray_train_restarts_the_worker(data, tmp_path):
+    import ray
     from mlflow.tracking import MlflowClient
 
     from flows.train.guard import read_events
     from flows.train.ray_trainer import init_ray, run_pretrain
 
-    import ray
-
     init_ray()
     try:
-        cfg = _cfg(data, training={"steps": 8}, checkpoint={"every": 2, "keep": 2},
-                   guard={"hang_factor": 5.0, "hang_min_s": 4.0, "hang_min_steps": 3},
-                   fault={"hang_at_step": 5, "hang_s": 300.0, "rank": 0},
-                   ray={"workers": 1, "storage_path": str(tmp_path / "ray"), "max_failures": 1, "name": "hang"},
-                   mlflow={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "hang"})
+        cfg = _cfg(
+            data,
+            training={"steps": 8},
+            checkpoint={"every": 2, "keep": 2},
+            guard={"hang_factor": 5.0, "hang_min_s": 4.0, "hang_min_steps": 3},
+            fault={"hang_at_step": 5, "hang_s": 300.0, "rank": 0},
+            ray={"workers": 1, "storage_path": str(tmp_path / "ray"), "max_failures": 1, "name": "hang"},
+            mlflow={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "hang"},
+        )
         r = run_pretrain(cfg)
     finally:
         ray.shutdown()

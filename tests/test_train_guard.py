@@ -1,5 +1,6 @@
 """The training loop's error handling, piece by piece (flows/train/guard.py); the loop-level
 tests (injected inf gradients, loss spike, hang) are in tests/test_train_faults.py."""
+
 from __future__ import annotations
 
 import threading

@@ -1,6 +1,7 @@
 """Training at scale on CPU (gloo, fp32): meta-device build with FSDP2, sharded checkpoints that
 resume at another world size, FSDP2 x TP on one mesh, pipeline parallelism, and the 8B preset's
 per-rank memory estimate (meta device, no allocation)."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 # --- meta-device build ---------------------------------------------------------------------------
+
 
 def _reset_peak_rss() -> int:
     """Reset the kernel's RSS high-water mark (VmHWM); returns the current RSS in bytes."""
@@ -56,24 +58,28 @@ def test_meta_build_peak_rss_per_rank_is_a_shard(tmp_path):
     from flows.train.config import config_from_dict
     from flows.train.launch import run_local
 
-    cfg = config_from_dict({"name": "rss", "model": {"preset": "small", "tokenizer": ""},
-                            "parallel": {"strategy": "fsdp"}})
+    cfg = config_from_dict(
+        {"name": "rss", "model": {"preset": "small", "tokenizer": ""}, "parallel": {"strategy": "fsdp"}}
+    )
     # A fresh process for the single rank too (run_local runs 1 worker in this one, whose freed memory
     # from earlier tests would be reused without growing the RSS).
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         full = pool.apply(run_local, (cfg, 1, tmp_path / "one"), {"threads": 1, "train_fn": _build_peak_rss})
     sharded = run_local(cfg, 2, tmp_path / "two", threads=1, train_fn=_build_peak_rss)
-    (full_rss, full_n), = full
+    ((full_rss, full_n),) = full
     ratios = [rss / full_rss for rss, _ in sharded]
-    print(f"peak RSS growth while building `small`: 1 rank {full_rss / 2**20:.0f} MiB ({full_n / 1e6:.1f}M params); "
-          f"2 ranks {[f'{r / 2**20:.0f} MiB' for r, _ in sharded]} ({[f'{n / 1e6:.1f}M' for _, n in sharded]} params), "
-          f"ratios {[f'{r:.2f}' for r in ratios]}")
+    print(
+        f"peak RSS growth while building `small`: 1 rank {full_rss / 2**20:.0f} MiB ({full_n / 1e6:.1f}M params); "
+        f"2 ranks {[f'{r / 2**20:.0f} MiB' for r, _ in sharded]} ({[f'{n / 1e6:.1f}M' for _, n in sharded]} params), "
+        f"ratios {[f'{r:.2f}' for r in ratios]}"
+    )
     assert sum(n for _, n in sharded) == full_n  # the shards cover the model once
     assert full_rss > 0.9 * full_n * 4  # the single rank does hold the whole fp32 model
     assert max(ratios) <= 0.6
 
 
 # --- the 8B preset's memory plan -----------------------------------------------------------------
+
 
 def test_llama3_8b_preset_plan_fits_80gb_per_rank():
     """configs/pretrain/llama3-8b.yaml on 8 ranks (FSDP2 4 x TP 2): built on the meta device and
@@ -82,9 +88,25 @@ def test_llama3_8b_preset_plan_fits_80gb_per_rank():
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "pretrain", "--config", "configs/pretrain/llama3-8b.yaml",
-                        "--plan", "--seq", "8192", "--gpu-gb", "80"], cwd=repo, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "pretrain",
+            "--config",
+            "configs/pretrain/llama3-8b.yaml",
+            "--plan",
+            "--seq",
+            "8192",
+            "--gpu-gb",
+            "80",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     print(r.stdout)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "8 ranks = dp 4 x tp 2" in r.stdout and "8.030B total" in r.stdout

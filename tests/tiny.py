@@ -1,4 +1,5 @@
 """Random tiny Llama 3 models for fast tests: the weights depend on the seed alone."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,12 +1,27 @@
 """Where every input document went: kept, or dropped with exactly one `stage:reason`."""
+
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
 
-STAGE_ORDER = ("read", "normalize", "langid", "gopher_repetition", "gopher_quality", "c4", "fineweb",
-               "badwords", "exact_dedup", "minhash", "semdedup", "quality", "quota", "mix")
+STAGE_ORDER = (
+    "read",
+    "normalize",
+    "langid",
+    "gopher_repetition",
+    "gopher_quality",
+    "c4",
+    "fineweb",
+    "badwords",
+    "exact_dedup",
+    "minhash",
+    "semdedup",
+    "quality",
+    "quota",
+    "mix",
+)
 
 
 class Accounting:

@@ -1,4 +1,5 @@
 """`herd data prep`: run the data flow and record it in MLflow."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,14 @@ def register(subparsers) -> None:
     sub = data.add_subparsers(dest="data_command", required=True)
     prep = sub.add_parser("prep", help="filter, deduplicate, score, tokenize and pack a corpus")
     prep.add_argument("--config", default="configs/data/default.yaml", help="YAML under configs/data/")
-    prep.add_argument("--input", nargs="+", action="extend", default=None, metavar="PATH",
-                      help="input files or directories (default: the config's, else the embedded corpus)")
+    prep.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="PATH",
+        help="input files or directories (default: the config's, else the embedded corpus)",
+    )
     prep.add_argument("--output", required=True, help="output directory (must be empty or absent)")
     prep.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
     prep.set_defaults(func=prep_command)
@@ -30,7 +37,11 @@ def prep_command(args: argparse.Namespace) -> int:
     if args.no_mlflow:
         cfg.mlflow.enabled = False
     report = prep(cfg, args.output)
-    print(json.dumps({k: report[k] for k in ("input_documents", "kept", "dropped", "dropped_by_stage", "shards")}, indent=2))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("input_documents", "kept", "dropped", "dropped_by_stage", "shards")}, indent=2
+        )
+    )
     return 0
 
 

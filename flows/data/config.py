@@ -3,6 +3,7 @@
 Every section is a dataclass; an unknown key or a value of the wrong type is a HerdError
 that names the key, so a typo never silently falls back to a default.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +11,6 @@ from pathlib import Path
 
 from flows.configs import MlflowSection, StageConfig, read_yaml_mapping
 from flows.data.quality_judge import PROMPTS
-
 
 # The per-document filters in pipeline order (stages.py builds them).
 DOC_FILTERS = ("langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "badwords", "pii")
@@ -234,29 +234,56 @@ class DataConfig(StageConfig):
 
     def __post_init__(self):
         checks = [
-            (self.input.format in ("auto", "jsonl", "parquet", "text"), "input.format must be auto, jsonl, parquet or text"),
+            (
+                self.input.format in ("auto", "jsonl", "parquet", "text"),
+                "input.format must be auto, jsonl, parquet or text",
+            ),
             (self.input.text_unit in ("file", "paragraph"), "input.text_unit must be file or paragraph"),
-            (self.minhash.bands > 0 and self.minhash.rows > 0 and self.minhash.ngram > 0, "minhash.bands, rows, ngram must be > 0"),
+            (
+                self.minhash.bands > 0 and self.minhash.rows > 0 and self.minhash.ngram > 0,
+                "minhash.bands, rows, ngram must be > 0",
+            ),
             (self.semdedup.embedder in ("minilm", "model"), "semdedup.embedder must be minilm or model"),
             (0 <= self.semdedup.eps < 1, "semdedup.eps must be in [0, 1)"),
             (self.quality.features in ("minilm", "hashed"), "quality.features must be minilm or hashed"),
             (self.quality.prompt in PROMPTS, f"quality.prompt must be one of {sorted(PROMPTS)}"),
             (0 <= self.quality.threshold <= 5, "quality.threshold must be in [0, 5] (the judge's scale)"),
             (0 <= self.quality.heldout_fraction < 1, "quality.heldout_fraction must be in [0, 1)"),
-            (self.quality.judge_batch_size >= 1 and self.quality.judge_actors >= 1, "quality.judge_batch_size and judge_actors must be >= 1"),
+            (
+                self.quality.judge_batch_size >= 1 and self.quality.judge_actors >= 1,
+                "quality.judge_batch_size and judge_actors must be >= 1",
+            ),
             (self.pack.seq_len >= 2, "pack.seq_len must be >= 2"),
             (self.pack.sequences_per_shard >= 1, "pack.sequences_per_shard must be >= 1"),
             (0 <= self.pack.validation_fraction < 1, "pack.validation_fraction must be in [0, 1)"),
             (self.ray.batch_size >= 1, "ray.batch_size must be >= 1"),
-            (self.langid.quota_share is None or 0 <= self.langid.quota_share < 1, "langid.quota_share must be in [0, 1) or null"),
-            (not set(self.langid.primary_only) - set(DOC_FILTERS) - {"quality"}, f"langid.primary_only: unknown filter(s) "
-             f"{', '.join(sorted(set(self.langid.primary_only) - set(DOC_FILTERS) - {'quality'}))} "
-             f"(known: {', '.join(DOC_FILTERS)}, quality)"),
-            (all(isinstance(v, str) and v for v in self.input.domains.values()), "input.domains values must be domain names"),
-            (not set(self.input.domains) - set(self.input.paths), "input.domains names a path not in input.paths: "
-             f"{', '.join(sorted(set(self.input.domains) - set(self.input.paths)))}"),
-            (all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in self.mix.targets.values())
-             and (not self.mix.targets or sum(self.mix.targets.values()) > 0), "mix.targets must map domains to shares >= 0, not all 0"),
+            (
+                self.langid.quota_share is None or 0 <= self.langid.quota_share < 1,
+                "langid.quota_share must be in [0, 1) or null",
+            ),
+            (
+                not set(self.langid.primary_only) - set(DOC_FILTERS) - {"quality"},
+                f"langid.primary_only: unknown filter(s) "
+                f"{', '.join(sorted(set(self.langid.primary_only) - set(DOC_FILTERS) - {'quality'}))} "
+                f"(known: {', '.join(DOC_FILTERS)}, quality)",
+            ),
+            (
+                all(isinstance(v, str) and v for v in self.input.domains.values()),
+                "input.domains values must be domain names",
+            ),
+            (
+                not set(self.input.domains) - set(self.input.paths),
+                "input.domains names a path not in input.paths: "
+                f"{', '.join(sorted(set(self.input.domains) - set(self.input.paths)))}",
+            ),
+            (
+                all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                    for v in self.mix.targets.values()
+                )
+                and (not self.mix.targets or sum(self.mix.targets.values()) > 0),
+                "mix.targets must map domains to shares >= 0, not all 0",
+            ),
             (not self.mix.targets or self.pack.enabled, "mix.targets needs pack.enabled (shares are of packed tokens)"),
         ]
         self.check(checks)

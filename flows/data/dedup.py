@@ -11,6 +11,7 @@ smallest seq, then connected components of those edges; the partitions' (node, r
 merged give the global components -- O(n log n), never pairwise. Each cluster keeps its first
 document (smallest `seq`).
 """
+
 from __future__ import annotations
 
 import re
@@ -29,11 +30,38 @@ _PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';�
 _PUNCT_TRANS = str.maketrans({**{c: " " for c in _PUNCTUATION}, "‘": " ‘ "})  # spaCy keeps ‘ as a token
 _NUMBERS_RE = re.compile(r"\d+(?:[.,،٫⎖⎗⎘]\d+)?")
 # spaCy's English tokenizer splits these even without punctuation.
-_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"), "wanna": ("wan", "na"),
-                "wont": ("wo", "nt"), "cant": ("ca", "nt"), "dont": ("do", "nt"), "aint": ("ai", "nt"),
-                **{w + "nt": (w, "nt") for w in ("did", "does", "is", "was", "are", "were", "could", "should",
-                                                 "would", "has", "have", "had", "must", "need")},
-                "im": ("i", "m"), "ive": ("i", "ve"), "wed": ("we", "d")}
+_SPLIT_WORDS = {
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "wont": ("wo", "nt"),
+    "cant": ("ca", "nt"),
+    "dont": ("do", "nt"),
+    "aint": ("ai", "nt"),
+    **{
+        w + "nt": (w, "nt")
+        for w in (
+            "did",
+            "does",
+            "is",
+            "was",
+            "are",
+            "were",
+            "could",
+            "should",
+            "would",
+            "has",
+            "have",
+            "had",
+            "must",
+            "need",
+        )
+    },
+    "im": ("i", "m"),
+    "ive": ("i", "ve"),
+    "wed": ("we", "d"),
+}
 _CHUNK = 1 << 13  # shingles per (chunk, num_perm) block: ~7 MB of uint64 for 112 hashes
 
 
@@ -101,9 +129,15 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 EXACT = -1  # the bucket kind of exact-hash keys; MinHash bands are kinds 0..bands-1
 
 
-def bucket_rows(parts: int, width: int, seq: np.ndarray | None = None, exact: np.ndarray | None = None,
-                sig_seq: np.ndarray | None = None, sig: np.ndarray | None = None,
-                bands: int = 0) -> list[dict[str, np.ndarray]]:
+def bucket_rows(
+    parts: int,
+    width: int,
+    seq: np.ndarray | None = None,
+    exact: np.ndarray | None = None,
+    sig_seq: np.ndarray | None = None,
+    sig: np.ndarray | None = None,
+    bands: int = 0,
+) -> list[dict[str, np.ndarray]]:
     """The bucket keys of some documents, hash-partitioned: one dict per partition with
     `kind` (EXACT, or the band), `key` (width uint64: the exact hash then zeros, or the band's
     rows) and `seq`. A key lands in the same partition whatever the batch, so all documents
@@ -127,8 +161,10 @@ def bucket_rows(parts: int, width: int, seq: np.ndarray | None = None, exact: np
     part = (key[:, 0] ^ (kind.astype(np.int64).astype(np.uint64) * _GOLDEN)) % np.uint64(parts)
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(parts + 1, dtype=np.uint64))
-    return [{"kind": kind[order[a:b]], "key": key[order[a:b]], "seq": s[order[a:b]]}
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    return [
+        {"kind": kind[order[a:b]], "key": key[order[a:b]], "seq": s[order[a:b]]}
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
 
 
 def bucket_edges(kind: np.ndarray, key: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ cluster, and each cluster pruned on a worker.
 
 The driver holds object refs, counts and the k-means sample.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,8 @@ ITEMS_PER_PARTITION = 1 << 17
 
 def _alive_count(ds) -> int:
     counts = ds.select_columns(["reason"]).map_batches(
-        lambda b: {"n": np.array([sum(1 for r in b["reason"] if not r)], dtype=np.int64)}, batch_format="numpy")
+        lambda b: {"n": np.array([sum(1 for r in b["reason"] if not r)], dtype=np.int64)}, batch_format="numpy"
+    )
     return int(sum(int(b["n"].sum()) for b in counts.iter_batches(batch_format="numpy", batch_size=None)))
 
 
@@ -120,8 +122,14 @@ def exact_and_near_drops(ds, cfg: DataConfig) -> tuple[object, int]:
     keys_per_doc = int(cfg.exact_dedup.enabled) + (m.bands if m.enabled else 0)
     parts = _partitions(ds.count() * keys_per_doc, ROWS_PER_PARTITION)
     blocks = ds.select_columns(["seq", "reason", "exact", "sig"]).to_numpy_refs()
-    reduced = _shuffle(blocks, _emit_buckets, _reduce_buckets, parts,
-                       {"bands": m.bands, "rows": m.rows, "exact_on": cfg.exact_dedup.enabled, "minhash_on": m.enabled}, {})
+    reduced = _shuffle(
+        blocks,
+        _emit_buckets,
+        _reduce_buckets,
+        parts,
+        {"bands": m.bands, "rows": m.rows, "exact_on": cfg.exact_dedup.enabled, "minhash_on": m.enabled},
+        {},
+    )
     drops, n = ray.remote(_merge_components).options(num_returns=2).remote(*reduced)
     return drops, int(ray.get(n))
 
@@ -231,8 +239,9 @@ def semantic_drops(ds, cfg: DataConfig) -> tuple[object | None, int]:
     _, centers = kmeans(sample, n_clusters(s, n), s.seed)
     del sample
     blocks = ds.select_columns(["seq", "reason", "emb"]).to_numpy_refs()
-    pruned = _shuffle(blocks, _assign, _prune, _partitions(n, ITEMS_PER_PARTITION),
-                      {"centers": ray.put(centers)}, {"eps": s.eps})
+    pruned = _shuffle(
+        blocks, _assign, _prune, _partitions(n, ITEMS_PER_PARTITION), {"centers": ray.put(centers)}, {"eps": s.eps}
+    )
     return ray.remote(_sorted_drops).remote(*pruned), n
 
 
@@ -248,7 +257,11 @@ def semdedup(ds, cfg: DataConfig):
     """Embed, then SemDeDup; returns (dataset with the drops applied, documents considered)."""
     import ray
 
-    ds = ds.map_batches(_Embed, fn_constructor_args=(cfg,), batch_size=cfg.semdedup.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=1),
-                        num_gpus=1 if cfg.semdedup.use_gpu else None).materialize()
+    ds = ds.map_batches(
+        _Embed,
+        fn_constructor_args=(cfg,),
+        batch_size=cfg.semdedup.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_gpus=1 if cfg.semdedup.use_gpu else None,
+    ).materialize()
     return prune_semantic(ds, cfg)

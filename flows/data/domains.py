@@ -5,6 +5,7 @@ of a code domain skip language ID, the prose heuristics and the bad-words list, 
 drop most source files. The classifier is deliberately strict about "code": prose with a
 few example lines (docstrings, tutorials) stays "general", so the prose filters still see it.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,9 @@ _CODE_LINE = re.compile(
     )""",
     re.VERBOSE,
 )
-_MATH_TOKEN = re.compile(r"\\(?:frac|sum|int|sqrt|alpha|beta|theta|pi|cdot|leq|geq|infty)\b|\$[^$\n]+\$|\d\s*[+\-*/^=]\s*\d")
+_MATH_TOKEN = re.compile(
+    r"\\(?:frac|sum|int|sqrt|alpha|beta|theta|pi|cdot|leq|geq|infty)\b|\$[^$\n]+\$|\d\s*[+\-*/^=]\s*\d"
+)
 _WORD = re.compile(r"\S+")
 
 
@@ -55,8 +58,9 @@ class DomainResolver:
 
     def __init__(self, input_cfg: InputConfig, mix: MixConfig):
         # Longest configured path first: a file named inside a named directory wins.
-        self.named = sorted(((Path(p).resolve(), d) for p, d in input_cfg.domains.items()),
-                            key=lambda pd: -len(str(pd[0])))
+        self.named = sorted(
+            ((Path(p).resolve(), d) for p, d in input_cfg.domains.items()), key=lambda pd: -len(str(pd[0]))
+        )
         self.classify = mix.classify
         self._cache: dict[str, str | None] = {}
 

@@ -10,6 +10,7 @@ Documents, by id prefix (flows/data/domains.py maps each to its domain):
 Same Python version and sample, same corpus. The sources are cut into parts so that several
 read tasks parse them at once; the multilingual sample is read by the last part.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,8 @@ import hashlib
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from flows.data.config import EmbeddedConfig
 
@@ -52,7 +53,9 @@ def _docstrings(files: list[Path]) -> Iterator[tuple[str, str]]:
         except (SyntaxError, ValueError):
             continue
         rel = path.relative_to(root).as_posix()
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         for node in nodes:
             doc = ast.get_docstring(node)
             if doc:

@@ -4,6 +4,7 @@ Each filter is a pure object: `filter(doc) -> True | reason`. They follow the re
 implementations in datatrove line by line where the papers leave details open, so that
 the same thresholds mean the same thing (bench/data.py checks the kept sets agree).
 """
+
 from __future__ import annotations
 
 import re

@@ -1,10 +1,10 @@
 """Language identification with py3langid: langid.py's naive Bayes model (97 languages),
 which ships inside the wheel -- nothing is downloaded."""
+
 from __future__ import annotations
 
 from flows.data.config import LangIdConfig
 from flows.data.text import Doc
-
 
 UNDETERMINED = "und"  # ISO 639-2: no language identified (language ID off, or a code domain)
 

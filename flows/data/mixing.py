@@ -22,6 +22,7 @@ epoch per domain).
 The mix thins each domain by its own fraction, which moves the quota's document share; the
 two are redone from scratch with the quota's share corrected until the share is back on target.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,8 +92,9 @@ def quota_drops(c: Candidates, alive: np.ndarray, primary: str, share: float) ->
     return np.concatenate(drop), info
 
 
-def mix_drops(c: Candidates, alive: np.ndarray, targets: dict[str, float],
-              strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def mix_drops(
+    c: Candidates, alive: np.ndarray, targets: dict[str, float], strata: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(indices over their domain's share, indices of domains without a target).
 
     In a domain over its goal, the documents marked in `strata` are thinned per language by
@@ -146,8 +148,9 @@ def _other_share(c: Candidates, alive: np.ndarray, primary: str) -> float:
     return float((identified & (c.lang != primary)).sum() / n) if n else 0.0
 
 
-def _decide(c: Candidates, primary: str, share: float | None, targets: dict[str, float],
-            strata: np.ndarray) -> tuple[np.ndarray, dict]:
+def _decide(
+    c: Candidates, primary: str, share: float | None, targets: dict[str, float], strata: np.ndarray
+) -> tuple[np.ndarray, dict]:
     """One pass from scratch: the quota at `share`, then the mix."""
     reasons = np.full(len(c.seq), "", dtype=object)
     alive = np.ones(len(c.seq), dtype=bool)
@@ -162,8 +165,14 @@ def _decide(c: Candidates, primary: str, share: float | None, targets: dict[str,
     return reasons, info
 
 
-def balance(c: Candidates, primary: str, share: float | None, targets: dict[str, float],
-            max_rounds: int = 30, tolerance: float = 0.001) -> tuple[np.ndarray, dict]:
+def balance(
+    c: Candidates,
+    primary: str,
+    share: float | None,
+    targets: dict[str, float],
+    max_rounds: int = 30,
+    tolerance: float = 0.001,
+) -> tuple[np.ndarray, dict]:
     """The drop reason of each candidate ("" kept) and the report's quota, languages and mix.
 
     The mix thins domains by different fractions, which moves the quota's share; so the pass
@@ -192,22 +201,37 @@ def _share(part: float, whole: float) -> float:
     return round(float(part) / float(whole), 5) if whole else 0.0
 
 
-def report(c: Candidates, reasons: np.ndarray, primary: str, share: float | None, targets: dict[str, float],
-           quota_info: dict, rounds: int) -> dict:
+def report(
+    c: Candidates,
+    reasons: np.ndarray,
+    primary: str,
+    share: float | None,
+    targets: dict[str, float],
+    quota_info: dict,
+    rounds: int,
+) -> dict:
     alive = reasons == ""
     languages = {}
     for lang in sorted(set(c.lang.tolist())):
         m = c.lang == lang
-        languages[lang] = {"documents": int((m & alive).sum()), "tokens": int(c.tokens[m & alive].sum()),
-                           "dropped_quota": int((m & (reasons == QUOTA_REASON)).sum()),
-                           "dropped_mix": int((m & (reasons != QUOTA_REASON) & ~alive).sum())}
+        languages[lang] = {
+            "documents": int((m & alive).sum()),
+            "tokens": int(c.tokens[m & alive].sum()),
+            "dropped_quota": int((m & (reasons == QUOTA_REASON)).sum()),
+            "dropped_mix": int((m & (reasons != QUOTA_REASON) & ~alive).sum()),
+        }
     identified = alive & (c.lang != UNDETERMINED)
     other = identified & (c.lang != primary)
-    quota = {"primary": primary, "target_share": share,
-             "share_documents": _share(other.sum(), identified.sum()),
-             "share_tokens": _share(c.tokens[other].sum(), c.tokens[identified].sum()),
-             "other_documents": int(other.sum()), "other_tokens": int(c.tokens[other].sum()),
-             "dropped": int((reasons == QUOTA_REASON).sum()), **quota_info}
+    quota = {
+        "primary": primary,
+        "target_share": share,
+        "share_documents": _share(other.sum(), identified.sum()),
+        "share_tokens": _share(c.tokens[other].sum(), c.tokens[identified].sum()),
+        "other_documents": int(other.sum()),
+        "other_tokens": int(c.tokens[other].sum()),
+        "dropped": int((reasons == QUOTA_REASON).sum()),
+        **quota_info,
+    }
     total = int(c.tokens[alive].sum())
     present = sorted(set(c.domain.tolist()))
     weighted = [d for d in present if targets.get(d, 0) > 0 and (alive & (c.domain == d)).any()]
@@ -215,9 +239,17 @@ def report(c: Candidates, reasons: np.ndarray, primary: str, share: float | None
     domains = {}
     for d in sorted(set(present) | set(targets)):
         m = c.domain == d
-        domains[d] = {"target": targets.get(d), "target_present": _share(targets[d], total_w) if d in weighted else 0.0,
-                      "documents": int((m & alive).sum()), "tokens": int(c.tokens[m & alive].sum()),
-                      "share": _share(c.tokens[m & alive].sum(), total),
-                      "dropped": int((m & ~alive & (reasons != QUOTA_REASON)).sum()), "epochs": 1 if (m & alive).any() else 0}
-    return {"quota": quota, "languages": languages,
-            "mix": {"targets": dict(targets), "rounds": rounds, "tokens": total, "domains": domains}}
+        domains[d] = {
+            "target": targets.get(d),
+            "target_present": _share(targets[d], total_w) if d in weighted else 0.0,
+            "documents": int((m & alive).sum()),
+            "tokens": int(c.tokens[m & alive].sum()),
+            "share": _share(c.tokens[m & alive].sum(), total),
+            "dropped": int((m & ~alive & (reasons != QUOTA_REASON)).sum()),
+            "epochs": 1 if (m & alive).any() else 0,
+        }
+    return {
+        "quota": quota,
+        "languages": languages,
+        "mix": {"targets": dict(targets), "rounds": rounds, "tokens": total, "domains": domains},
+    }

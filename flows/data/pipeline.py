@@ -8,6 +8,7 @@ Streaming phases separated by the global decisions that need every document at o
   5. tokenize (map_batches) -> language quota and domain mix decided on the driver (mixing.py)
   6. pack and write shards while streaming to the driver
 """
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import HerdError
-
 from flows.data import dedup_ray
 from flows.data.accounting import Accounting
 from flows.data.config import DataConfig
 from flows.data.readers import ReadTask, input_digest, plan_tasks, read_task
 from flows.data.recipe import tokenize_and_balance
-from flows.data.shards import FORMAT, POSITION_DTYPE, TOKEN_DTYPE, PAD_POSITION, ShardWriter
+from flows.data.shards import FORMAT, PAD_POSITION, POSITION_DTYPE, TOKEN_DTYPE, ShardWriter
 from flows.data.stages import FilterStage
+from model.errors import HerdError
 
 
 def _read_batch(batch: dict, cfg: DataConfig) -> dict:
@@ -40,7 +40,9 @@ def _read_batch(batch: dict, cfg: DataConfig) -> dict:
 def _columns(ds, names: list[str], alive_only: bool = True) -> dict[str, list]:
     """Selected columns of the (materialised) dataset, gathered on the driver."""
     out: dict[str, list] = {n: [] for n in names}
-    for batch in ds.select_columns(names + (["reason"] if "reason" not in names else [])).iter_batches(batch_format="numpy", batch_size=4096):
+    for batch in ds.select_columns(names + (["reason"] if "reason" not in names else [])).iter_batches(
+        batch_format="numpy", batch_size=4096
+    ):
         keep = [not r for r in batch["reason"]] if alive_only else [True] * len(batch["reason"])
         for n in names:
             out[n] += [v for v, k in zip(batch[n], keep) if k]
@@ -55,7 +57,11 @@ class Phases:
 
     def record(self, name: str, docs: int, start: float) -> None:
         secs = time.perf_counter() - start
-        self.rows[name] = {"docs": docs, "seconds": round(secs, 3), "docs_per_s": round(docs / secs, 1) if secs > 0 else 0.0}
+        self.rows[name] = {
+            "docs": docs,
+            "seconds": round(secs, 3),
+            "docs_per_s": round(docs / secs, 1) if secs > 0 else 0.0,
+        }
 
 
 def _init_ray(cfg: DataConfig):
@@ -91,8 +97,12 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     if cfg.input.max_docs:
         ds = ds.limit(cfg.input.max_docs)
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    ds = ds.map_batches(FilterStage, fn_constructor_args=(cfg,), batch_size=bs,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
+    ds = ds.map_batches(
+        FilterStage,
+        fn_constructor_args=(cfg,),
+        batch_size=bs,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+    )
     ds = ds.materialize()
     n_input = ds.count()
     phases.record("filter", n_input, t0)
@@ -125,8 +135,9 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     phases.record("pack", acct.total, t)
     phases.record("total", acct.total, t0)
     if acct.total != n_input:
-        raise HerdError(f"accounting error: {n_input} documents read, {acct.total} accounted for; "
-                        f"{out}: no manifest written")
+        raise HerdError(
+            f"accounting error: {n_input} documents read, {acct.total} accounted for; {out}: no manifest written"
+        )
     if manifest:  # only now: a manifest names a finished, fully accounted data directory
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -138,7 +149,9 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
         "phases": phases.rows,
         "quality": qinfo,
         **recipe,
-        "shards": {k: {f: v[f] for f in ("documents", "tokens", "sequences")} for k, v in manifest.get("splits", {}).items()},
+        "shards": {
+            k: {f: v[f] for f in ("documents", "tokens", "sequences")} for k, v in manifest.get("splits", {}).items()
+        },
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report, classifier
@@ -211,8 +224,11 @@ def _quality(ds, cfg: DataConfig, out: Path, log):
     jcfg = JudgeConfig(prompt=q.prompt, max_tokens=q.max_tokens, batch_size=q.judge_batch_size)
     t = time.perf_counter()
     rated = ray.data.from_items([{"i": i, "text": x} for i, x in enumerate(texts)]).map_batches(
-        _Judge, fn_constructor_args=(str(model_dir), jcfg), batch_size=q.judge_batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=q.judge_actors))
+        _Judge,
+        fn_constructor_args=(str(model_dir), jcfg),
+        batch_size=q.judge_batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=q.judge_actors),
+    )
     ratings = np.zeros(len(texts))
     for batch in rated.iter_batches(batch_format="numpy", batch_size=None):
         ratings[batch["i"]] = batch["rating"]
@@ -225,9 +241,17 @@ def _quality(ds, cfg: DataConfig, out: Path, log):
     feat = quality.Featurizer(q.features, q.embed_max_tokens, q.n_features)
     x = feat(texts)
     digest = judge_digest(model_dir)
-    record_meta = {"judge": model_dir.name, "judge_sha256": digest, "prompt": q.prompt, "prompt_sha256": prompt_sha256(q.prompt),
-                   "rated": len(texts), "judge_max_tokens": q.max_tokens}
-    head = quality.fit_head(x[~held], ratings[~held], q.features, q.ridge_alpha, q.embed_max_tokens, q.n_features, record_meta)
+    record_meta = {
+        "judge": model_dir.name,
+        "judge_sha256": digest,
+        "prompt": q.prompt,
+        "prompt_sha256": prompt_sha256(q.prompt),
+        "rated": len(texts),
+        "judge_max_tokens": q.max_tokens,
+    }
+    head = quality.fit_head(
+        x[~held], ratings[~held], q.features, q.ridge_alpha, q.embed_max_tokens, q.n_features, record_meta
+    )
     pred = np.asarray(x[held] @ head.w).ravel() + head.b if held.any() else np.zeros(0)
     metrics = quality.heldout_metrics(ratings[held], pred, q.threshold)
     qdir = out / "quality"
@@ -237,15 +261,30 @@ def _quality(ds, cfg: DataConfig, out: Path, log):
         for i, s, r, h in zip(ids, pick, ratings, held):
             f.write(json.dumps({"id": i, "seq": int(s), "rating": round(float(r), 4), "heldout": bool(h)}) + "\n")
     record = quality.QualityRecord(
-        judge=model_dir.name, judge_sha256=digest, prompt=q.prompt, prompt_sha256=record_meta["prompt_sha256"],
-        rated=len(texts), label_seconds=round(label_s, 2), threshold=q.threshold, features=q.features,
-        labels_path=str(labels_path), classifier_path=str(head_path),
-        metrics={"rating_mean": float(ratings.mean()), "rating_std": float(ratings.std()),
-                 **{f"heldout_{k}": v for k, v in metrics.items()}})
+        judge=model_dir.name,
+        judge_sha256=digest,
+        prompt=q.prompt,
+        prompt_sha256=record_meta["prompt_sha256"],
+        rated=len(texts),
+        label_seconds=round(label_s, 2),
+        threshold=q.threshold,
+        features=q.features,
+        labels_path=str(labels_path),
+        classifier_path=str(head_path),
+        metrics={
+            "rating_mean": float(ratings.mean()),
+            "rating_std": float(ratings.std()),
+            **{f"heldout_{k}": v for k, v in metrics.items()},
+        },
+    )
     info = {k: v for k, v in asdict(record).items() if not k.endswith("_path")}
     info["metrics"] = {k: (None if np.isnan(v) else round(v, 4)) for k, v in record.metrics.items()}  # JSON has no NaN
-    ds = ds.map_batches(_QualityScore, fn_constructor_args=(str(head_path), cfg),
-                        batch_size=cfg.ray.batch_size, compute=ray.data.ActorPoolStrategy(size=1))
+    ds = ds.map_batches(
+        _QualityScore,
+        fn_constructor_args=(str(head_path), cfg),
+        batch_size=cfg.ray.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
     return ds, record, n, info
 
 
@@ -269,16 +308,28 @@ def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: 
         from model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(p.tokenizer)
-        writers = {s: ShardWriter(out, s, p.seq_len, p.sequences_per_shard, tok.eos_id, p.pad_last)
-                   for s in ("train", "validation")}
+        writers = {
+            s: ShardWriter(out, s, p.seq_len, p.sequences_per_shard, tok.eos_id, p.pad_last)
+            for s in ("train", "validation")
+        }
     try:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=cfg.ray.batch_size):
             acct.add(batch["id"], batch["text"], batch["source"], batch["reason"])
             kept = [i for i, r in enumerate(batch["reason"]) if not r]
             if docs_file:
                 for i in kept:
-                    docs_file.write(json.dumps({"id": str(batch["id"][i]), "text": str(batch["text"][i]), "lang": str(batch["lang"][i]),
-                                                "domain": str(batch["domain"][i])}, ensure_ascii=False) + "\n")
+                    docs_file.write(
+                        json.dumps(
+                            {
+                                "id": str(batch["id"][i]),
+                                "text": str(batch["text"][i]),
+                                "lang": str(batch["lang"][i]),
+                                "domain": str(batch["domain"][i]),
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
             for i in kept if writers else ():
                 writers[str(batch["split"][i])].add(np.frombuffer(batch["tokens"][i], dtype=np.uint32))
     finally:
@@ -293,11 +344,21 @@ def _pack_and_account(ds, cfg: DataConfig, out: Path, acct: Accounting, digest: 
         "position_dtype": np.dtype(POSITION_DTYPE).name,
         "pad_position": PAD_POSITION,
         "pad_token": tok.eos_id,
-        "tokenizer": {"name": tok.name, "spec": p.tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
+        "tokenizer": {
+            "name": tok.name,
+            "spec": p.tokenizer,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+        },
         "split": {"by": "document", "validation_fraction": p.validation_fraction, "seed": p.seed},
         "splits": {s: w.close() for s, w in writers.items()},
-        "input": {"digest": digest, "sources": sorted({t.path or "embedded:stdlib" for t in tasks}), "documents": acct.total,
-                  "kept_documents": acct.kept},
+        "input": {
+            "digest": digest,
+            "sources": sorted({t.path or "embedded:stdlib" for t in tasks}),
+            "documents": acct.total,
+            "kept_documents": acct.kept,
+        },
         "languages": recipe["languages"],
         "quota": recipe["quota"],
         "mix": recipe["mix"],

@@ -8,6 +8,7 @@ with Llama 3 70B).
    documents scoring below the configured threshold are dropped (`quality:low_score`).
 The head is a weight vector and a bias: saved as a small .npz with what made it.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import HerdError
-
 from flows.data.config import DataConfig, QualityConfig, SemDedupConfig
+from model.errors import HerdError
 
 FEATURES = ("minilm", "hashed")
 
@@ -30,8 +30,10 @@ def quality_scope(langs, domains, cfg: DataConfig) -> list[bool]:
 
     other_skip = "quality" in cfg.langid.primary_only
     code = set(cfg.mix.code_domains)
-    return [str(d) not in code and not (other_skip and str(l) not in (cfg.langid.primary, UNDETERMINED))
-            for l, d in zip(langs, domains)]
+    return [
+        str(d) not in code and not (other_skip and str(l) not in (cfg.langid.primary, UNDETERMINED))
+        for l, d in zip(langs, domains)
+    ]
 
 
 def labeller_dir(cfg: QualityConfig) -> Path:
@@ -79,27 +81,44 @@ class QualityHead:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, w=self.w.astype(np.float32), b=np.float64(self.b), features=self.features,
-                            max_tokens=self.max_tokens, n_features=self.n_features, meta=json.dumps(self.meta, sort_keys=True))
+        np.savez_compressed(
+            path,
+            w=self.w.astype(np.float32),
+            b=np.float64(self.b),
+            features=self.features,
+            max_tokens=self.max_tokens,
+            n_features=self.n_features,
+            meta=json.dumps(self.meta, sort_keys=True),
+        )
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "QualityHead":
+    def load(cls, path: str | Path) -> QualityHead:
         if not Path(path).is_file():
             raise HerdError(f"{path}: quality head not found")
         with np.load(path) as z:
-            return cls(str(z["features"]), z["w"], float(z["b"]), int(z["max_tokens"]), int(z["n_features"]),
-                       json.loads(str(z["meta"])))
+            return cls(
+                str(z["features"]),
+                z["w"],
+                float(z["b"]),
+                int(z["max_tokens"]),
+                int(z["n_features"]),
+                json.loads(str(z["meta"])),
+            )
 
 
-def fit_head(x, y: np.ndarray, features: str, alpha: float, max_tokens: int, n_features: int, meta: dict | None = None) -> QualityHead:
+def fit_head(
+    x, y: np.ndarray, features: str, alpha: float, max_tokens: int, n_features: int, meta: dict | None = None
+) -> QualityHead:
     """Ridge regression of the judge's ratings on the features."""
     from sklearn.linear_model import Ridge
 
     if len(y) < 2:
         raise HerdError(f"quality: {len(y)} rated documents, too few to fit a head")
     reg = Ridge(alpha=alpha).fit(x, y)
-    return QualityHead(features, np.asarray(reg.coef_, dtype=np.float32), float(reg.intercept_), max_tokens, n_features, meta or {})
+    return QualityHead(
+        features, np.asarray(reg.coef_, dtype=np.float32), float(reg.intercept_), max_tokens, n_features, meta or {}
+    )
 
 
 class QualityClassifier:
@@ -142,8 +161,12 @@ def heldout_split(keys: list[str], fraction: float, seed: int) -> np.ndarray:
 
 
 def heldout_metrics(truth: np.ndarray, pred: np.ndarray, threshold: float) -> dict[str, float]:
-    return {"n": float(len(truth)), "spearman": spearman(pred, truth), "auc": auc(truth >= threshold, pred),
-            "positive_fraction": float(np.mean(truth >= threshold)) if len(truth) else float("nan")}
+    return {
+        "n": float(len(truth)),
+        "spearman": spearman(pred, truth),
+        "auc": auc(truth >= threshold, pred),
+        "positive_fraction": float(np.mean(truth >= threshold)) if len(truth) else float("nan"),
+    }
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ rows of the vocabulary, at one position per document.
 The rubric precedes the document, so its keys and values are computed once and every batch of
 documents continues from that cached prefix.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,17 +56,32 @@ class JudgeConfig:
 # alone rates by its prior over digits -- cookie banners and legal text came out above textbook
 # prose -- and anchors on the scale fix most of that. They are part of the cached prefix.
 SHOTS = (
-    ("Home | Products | Support | Contact | Log in\nThis website uses cookies to ensure you get the best experience. "
-     "Accept | Decline\nTerms | Privacy | (c) 2023 Acme Inc.", 0),
-    ("The water cycle describes how water moves around the Earth. Heat from the Sun makes water in oceans and lakes "
-     "evaporate into vapour. As the vapour rises it cools and condenses into tiny droplets that form clouds. When the "
-     "droplets join and grow heavy they fall as rain or snow, and the water flows back to the sea.", 4),
-    ("Limited offer!!! Get cheap followers and likes now. Best casino bonus, click the link, free spins, 90% discount, "
-     "order today!!!", 0),
-    ("\"I cannot stay,\" said she, turning towards the window. \"My aunt expects me before dinner, and you know how "
-     "she worries.\" He bowed and said nothing.", 1),
-    ("By using this service you agree that the Company shall not be liable for any damages. These terms may change "
-     "without notice. All rights reserved.", 0),
+    (
+        "Home | Products | Support | Contact | Log in\nThis website uses cookies to ensure you get the best experience. "
+        "Accept | Decline\nTerms | Privacy | (c) 2023 Acme Inc.",
+        0,
+    ),
+    (
+        "The water cycle describes how water moves around the Earth. Heat from the Sun makes water in oceans and lakes "
+        "evaporate into vapour. As the vapour rises it cools and condenses into tiny droplets that form clouds. When the "
+        "droplets join and grow heavy they fall as rain or snow, and the water flows back to the sea.",
+        4,
+    ),
+    (
+        "Limited offer!!! Get cheap followers and likes now. Best casino bonus, click the link, free spins, 90% discount, "
+        "order today!!!",
+        0,
+    ),
+    (
+        '"I cannot stay," said she, turning towards the window. "My aunt expects me before dinner, and you know how '
+        'she worries." He bowed and said nothing.',
+        1,
+    ),
+    (
+        "By using this service you agree that the Company shall not be liable for any damages. These terms may change "
+        "without notice. All rights reserved.",
+        0,
+    ),
 )
 TAIL = "\n\nAfter examining the extract, conclude with the total score as a single digit from 0 to 5."
 
@@ -77,14 +93,20 @@ def prompt_messages(prompt: str, document: str) -> list[dict]:
     msgs = [{"role": "system", "content": SYSTEM}]
     for i, (text, score) in enumerate(SHOTS):
         head = PROMPTS[prompt] + "\n\n" if i == 0 else ""
-        msgs += [{"role": "user", "content": f"{head}The extract:\n{text}{TAIL}"},
-                 {"role": "assistant", "content": f"{ANSWER}{score}"}]
+        msgs += [
+            {"role": "user", "content": f"{head}The extract:\n{text}{TAIL}"},
+            {"role": "assistant", "content": f"{ANSWER}{score}"},
+        ]
     return msgs + [{"role": "user", "content": f"The extract:\n{document}{TAIL}"}]
 
 
 def prompt_sha256(prompt: str) -> str:
     """Digest of everything the judge is shown besides the document (system, rubric, answer prefix)."""
-    text = "\x00".join(f"{m['role']}:{m['content']}" for m in prompt_messages(prompt, "\x01DOCUMENT\x01")) + "\x00" + ANSWER
+    text = (
+        "\x00".join(f"{m['role']}:{m['content']}" for m in prompt_messages(prompt, "\x01DOCUMENT\x01"))
+        + "\x00"
+        + ANSWER
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -93,7 +115,7 @@ def judge_digest(model_dir: str | Path) -> str:
     from flows.digest import sha256_file
 
     p = Path(model_dir)
-    for f in ([p] if p.is_file() else [p / "model.safetensors", *sorted(p.glob("*.safetensors"))]):
+    for f in [p] if p.is_file() else [p / "model.safetensors", *sorted(p.glob("*.safetensors"))]:
         if f.is_file():
             return sha256_file(f)
     raise HerdError(f"{model_dir}: no weights file to digest (model.safetensors)")
@@ -161,8 +183,7 @@ class EduJudge:
             self.cache.lengths[: len(batch)] = len(self.prefix)
             self.cache.select(None if len(batch) == self.cfg.batch_size else list(range(len(batch))))
             with torch.inference_mode():
-                logits = self.model(ids, cache=self.cache,
-                                    head=lambda h, _w: h[torch.arange(len(batch)), last] @ w.T)
+                logits = self.model(ids, cache=self.cache, head=lambda h, _w: h[torch.arange(len(batch)), last] @ w.T)
             p = torch.softmax(logits.float(), dim=-1).numpy()
             out[rows] = p @ np.arange(len(DIGITS), dtype=np.float64)
         self.cache.select(None)

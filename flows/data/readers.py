@@ -7,6 +7,7 @@ and every input record is accounted for. A compressed file cut short (.gz/.zst w
 yields the records before the cut, then one row "read:truncated_file" for the unreadable rest.
 `seq` orders documents globally: (task << 32) | i.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -15,15 +16,23 @@ import io
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from flows.data.config import InputConfig
 from flows.digest import update_from_file
 from model.errors import HerdError
 
-_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text", ".text": "text"}
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".md": "text",
+    ".text": "text",
+}
 RAW_SAMPLE_BYTES = 300
 
 
@@ -302,5 +311,3 @@ def read_all(cfg: InputConfig, embedded=None) -> Iterator[dict]:
     """Every row of every task, in order (tests and small inputs; the flow reads on Ray)."""
     for task in plan_tasks(cfg, embedded):
         yield from read_task(task, cfg, embedded)
-
-

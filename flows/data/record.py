@@ -1,4 +1,5 @@
 """What a data-prep run records in MLflow."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,11 @@ def log_prep(mlflow, report: dict, quality, out: Path) -> None:
     the quality stage's record (used by `herd data prep` and the lifecycle's data step)."""
     from mlflow.data.meta_dataset import MetaDataset
 
-    metrics = {"input_documents": report["input_documents"], "kept_documents": report["kept"],
-               "dropped_documents": report["dropped"]}
+    metrics = {
+        "input_documents": report["input_documents"],
+        "kept_documents": report["kept"],
+        "dropped_documents": report["dropped"],
+    }
     for stage, row in report["stages"].items():
         metrics[f"stage.{stage}.in"] = row["in"]
         metrics[f"stage.{stage}.dropped"] = row["dropped"]
@@ -51,10 +55,19 @@ def log_quality(mlflow, q) -> None:
     """The quality stage's judge, prompt, rated set, classifier and held-out metrics."""
     import math
 
-    mlflow.set_tags({"herd.quality.judge": q.judge, "herd.quality.judge_sha256": q.judge_sha256,
-                     "herd.quality.prompt": q.prompt, "herd.quality.prompt_sha256": q.prompt_sha256})
-    metrics = {"quality.rated": q.rated, "quality.label_seconds": q.label_seconds,
-               **{f"quality.{k}": v for k, v in q.metrics.items()}}
+    mlflow.set_tags(
+        {
+            "herd.quality.judge": q.judge,
+            "herd.quality.judge_sha256": q.judge_sha256,
+            "herd.quality.prompt": q.prompt,
+            "herd.quality.prompt_sha256": q.prompt_sha256,
+        }
+    )
+    metrics = {
+        "quality.rated": q.rated,
+        "quality.label_seconds": q.label_seconds,
+        **{f"quality.{k}": v for k, v in q.metrics.items()},
+    }
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not math.isnan(float(v))})
     mlflow.log_artifact(q.labels_path, artifact_path="quality")
     mlflow.log_artifact(q.classifier_path, artifact_path="quality")

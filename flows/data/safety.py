@@ -4,6 +4,7 @@ The word list is better-profanity's `profanity_wordlist.txt` (916 English words 
 MIT licence), read from the installed wheel. Matching is on whole words, lower-cased, as
 C4's bad-words rule does.
 """
+
 from __future__ import annotations
 
 import re

@@ -8,13 +8,13 @@ nearest centre on the workers, and each cluster is pruned on a worker (dedup_ray
 cluster step is O(sum of cluster sizes^2) -- k-means keeps clusters small -- and never
 compares items of different clusters.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from model.errors import HerdError
-
 from flows.data.config import SemDedupConfig
+from model.errors import HerdError
 
 
 class MiniLMEmbedder:
@@ -33,8 +33,13 @@ class MiniLMEmbedder:
         torch = self.torch
         out = []
         for i in range(0, len(texts), self.cfg.batch_size):
-            enc = self.tokenizer(texts[i : i + self.cfg.batch_size], padding=True, truncation=True,
-                                 max_length=self.cfg.max_tokens, return_tensors="pt").to(self.device)
+            enc = self.tokenizer(
+                texts[i : i + self.cfg.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.cfg.max_tokens,
+                return_tensors="pt",
+            ).to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -8,11 +8,12 @@ every seq_len tokens); a document cut by a row end continues in the next row wit
 positions going on. Padding (only in the last row of a split) has position -1 and the EOS
 token: mask it out of the loss with `positions >= 0`.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -51,7 +52,9 @@ def load_shard(directory: str | Path, shard: dict, mmap: bool = True) -> tuple[n
     return np.load(directory / shard["tokens"], mmap_mode=mode), np.load(directory / shard["positions"], mmap_mode=mode)
 
 
-def iter_sequences(directory: str | Path, split: str = "train", start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_sequences(
+    directory: str | Path, split: str = "train", start: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tokens, positions) rows of one split in order, from sequence number `start` (resume)."""
     manifest = read_manifest(directory)
     offset = 0
@@ -126,7 +129,12 @@ class ShardWriter:
 
     def _write(self, tokens: np.ndarray, positions: np.ndarray) -> None:
         stem = f"{self.split}-{len(self.shards):05d}"
-        entry = {"tokens": f"{stem}.tokens.npy", "positions": f"{stem}.positions.npy", "sequences": len(tokens), "sha256": {}}
+        entry = {
+            "tokens": f"{stem}.tokens.npy",
+            "positions": f"{stem}.positions.npy",
+            "sequences": len(tokens),
+            "sha256": {},
+        }
         for key, array in (("tokens", tokens), ("positions", positions)):
             np.save(self.dir / entry[key], array)
             entry["sha256"][key] = sha256_file(self.dir / entry[key])

@@ -4,6 +4,7 @@ A batch is a dict of equal-length columns: seq, id, text, source, reason (and wh
 add). A row with a non-empty reason was dropped earlier; every stage passes it through
 untouched. A dropped row keeps only a prefix of its text, as a sample for the report.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -108,7 +109,15 @@ class FilterStage:
             for j, i in enumerate(alive):
                 if has[j]:
                     sig_bytes[i] = sig[j].tobytes()
-        return {**batch, "text": texts, "reason": reasons, "lang": langs, "domain": domains, "exact": exact, "sig": sig_bytes}
+        return {
+            **batch,
+            "text": texts,
+            "reason": reasons,
+            "lang": langs,
+            "domain": domains,
+            "exact": exact,
+            "sig": sig_bytes,
+        }
 
 
 def apply_drops(batch: dict, drop_seq: np.ndarray, drop_reason: np.ndarray, sample_chars: int) -> dict:

@@ -4,6 +4,7 @@ Word splitting is a compiled regex that approximates the blank spaCy English tok
 reference implementations (datatrove) use: the thresholds below were published for token
 counts of that kind, and a plain `str.split` would shift every ratio near its threshold.
 """
+
 from __future__ import annotations
 
 import re

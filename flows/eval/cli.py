@@ -1,4 +1,5 @@
 """`herd eval`: evaluate a model, record the run in MLflow, optionally register and promote it."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,15 +12,22 @@ from model.errors import HerdError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="evaluate a model (MMLU, CommonsenseQA, spec-file tasks, perplexity, red-team) into MLflow",
+        "eval",
+        help="evaluate a model (MMLU, CommonsenseQA, spec-file tasks, perplexity, red-team) into MLflow",
         description="Evaluate a model and record one MLflow run. With --promote, register it as the "
-                    "'candidate' version and move 'champion' only if it passes the config's noise-aware "
-                    "gate (flows/eval/gate.py).")
+        "'candidate' version and move 'champion' only if it passes the config's noise-aware "
+        "gate (flows/eval/gate.py).",
+    )
     p.add_argument("--model", required=True, help="herd/HF folder, .gguf file, smollm2, or models:/NAME@ALIAS")
     p.add_argument("--config", default=None, help="eval config (YAML; default configs/eval/default.yaml)")
-    p.add_argument("--tasks", default=None,
-                   help="comma-separated built-in task names (configs/eval/tasks) or spec files; replaces the config's")
-    p.add_argument("--data-dir", default=None, help="folder that relative data paths resolve against (e.g. ../shared/data)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated built-in task names (configs/eval/tasks) or spec files; replaces the config's",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="folder that relative data paths resolve against (e.g. ../shared/data)"
+    )
     p.add_argument("--limit", type=int, default=None, help="at most N questions per subset (MMLU: per subject)")
     p.add_argument("--num-fewshot", type=int, default=None, help="override every multiple-choice task's k")
     p.add_argument("--batch-size", type=int, default=None)
@@ -29,17 +37,23 @@ def register(subparsers) -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default=None)
     p.add_argument("--register", action="store_true", help="register the model folder as a new 'candidate' version")
-    p.add_argument("--promote", action="store_true",
-                   help="register (folder) or take (models:/) the candidate, then run the champion gate")
+    p.add_argument(
+        "--promote",
+        action="store_true",
+        help="register (folder) or take (models:/) the candidate, then run the champion gate",
+    )
     p.add_argument("--output", default=None, help="also write the metrics as JSON here")
-    p.add_argument("--reference", default=None,
-                   help="the model rated tasks compare against (default: the registry's champion)")
+    p.add_argument(
+        "--reference", default=None, help="the model rated tasks compare against (default: the registry's champion)"
+    )
     p.set_defaults(func=eval_command)
 
     s = subparsers.add_parser(
-        "evalset", help="the sealed human-evaluation prompt set: make a key, build it, check it",
+        "evalset",
+        help="the sealed human-evaluation prompt set: make a key, build it, check it",
         description="The 1,800-prompt held-out set in 12 use cases (flows/eval/promptset.py), stored "
-                    "encrypted; the key comes from $HERD_EVAL_KEY or $HERD_EVAL_KEY_FILE. Prints aggregates only.")
+        "encrypted; the key comes from $HERD_EVAL_KEY or $HERD_EVAL_KEY_FILE. Prints aggregates only.",
+    )
     s.add_argument("action", choices=["keygen", "build", "check"])
     s.add_argument("--data-dir", default=None, help="the shared data (sft/, preference/, corpus/), e.g. ../shared/data")
     s.add_argument("--set", default="runs/evalset/humaneval.sealed", help="the sealed file (build writes it)")
@@ -65,11 +79,15 @@ def evalset_command(args: argparse.Namespace) -> int:
         listed = P.write_digests(data_dir)
         built = P.build(data_dir, args.per_use_case or P.PER_USE_CASE)
         seal(P.to_records(built.prompts), args.set, key)
-        print(f"{len(built.sources)} held-out sources (listed in {listed}); {built.dropped_contaminated} candidates "
-              f"dropped for sharing a {P.NGRAM}-gram with a training set; {len(built.prompts)} prompts sealed in {args.set}")
+        print(
+            f"{len(built.sources)} held-out sources (listed in {listed}); {built.dropped_contaminated} candidates "
+            f"dropped for sharing a {P.NGRAM}-gram with a training set; {len(built.prompts)} prompts sealed in {args.set}"
+        )
     prompts = P.from_records(unseal(args.set))
     counts = Counter(p.use_case for p in prompts)
-    print(f"{len(prompts)} prompts, {len(counts)} use cases: " + ", ".join(f"{uc} {counts[uc]}" for uc in sorted(counts)))
+    print(
+        f"{len(prompts)} prompts, {len(counts)} use cases: " + ", ".join(f"{uc} {counts[uc]}" for uc in sorted(counts))
+    )
     shared = P.contamination([p.prompt for p in prompts], P.training_grams(P.training_sets(data_dir)))
     for name, n in shared.items():
         print(f"contamination ({P.NGRAM}-gram) with {name}: {n} prompts shared")
@@ -94,14 +112,27 @@ def eval_command(args: argparse.Namespace) -> int:
         cfg["mlflow"]["enabled"] = False
     model_uri = args.model
     is_registry = model_uri.startswith("models:/")
-    result = run_eval(cfg, model_uri, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
-                      tracking_uri=args.tracking_uri, experiment=args.experiment,
-                      register=(args.register or args.promote) and not is_registry, reference=args.reference)
+    result = run_eval(
+        cfg,
+        model_uri,
+        tasks=args.tasks,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        register=(args.register or args.promote) and not is_registry,
+        reference=args.reference,
+    )
     out = result.summary()
     if args.promote:
         d = promote_after_eval(cfg, result, args)
-        out["promotion"] = {"promoted": d.promoted, "reason": d.reason, "candidate_version": d.candidate_version,
-                            "champion_version": d.champion_version, "champion_reevaluated": d.champion_reevaluated}
+        out["promotion"] = {
+            "promoted": d.promoted,
+            "reason": d.reason,
+            "candidate_version": d.candidate_version,
+            "champion_version": d.champion_version,
+            "champion_reevaluated": d.champion_reevaluated,
+        }
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if args.output:
@@ -132,9 +163,23 @@ def promote_after_eval(cfg: dict, result, args):
 
     def evaluate_champion(uri: str):
         print(f"{uri}: evaluated under another eval config; evaluating it under this one", file=sys.stderr)
-        r = run_eval(cfg, uri, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
-                     tracking_uri=args.tracking_uri, experiment=args.experiment, run_name=f"eval-{cfg['name']}-champion")
+        r = run_eval(
+            cfg,
+            uri,
+            tasks=args.tasks,
+            data_dir=args.data_dir,
+            limit=args.limit,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            run_name=f"eval-{cfg['name']}-champion",
+        )
         return r.metrics, r.config_hash
 
-    return promote(name, gate_cfg, candidate_metrics=result.metrics, config_hash=result.config_hash,
-                   evaluate_champion=evaluate_champion, tracking_uri=tracking)
+    return promote(
+        name,
+        gate_cfg,
+        candidate_metrics=result.metrics,
+        config_hash=result.config_hash,
+        evaluate_champion=evaluate_champion,
+        tracking_uri=tracking,
+    )

@@ -19,13 +19,14 @@ candidate's, the champion is evaluated again under the candidate's config first 
 and its new numbers replace its old ones in the registry. Every number the gate used and its
 decision are recorded on the candidate version (flows/eval/registry.record_decision).
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Callable
 
 from model.errors import HerdError
 
@@ -57,7 +58,7 @@ class GateConfig:
     z: float = 1.96
 
     @classmethod
-    def parse(cls, raw: dict | None) -> "GateConfig":
+    def parse(cls, raw: dict | None) -> GateConfig:
         """The eval config's `gate:` section."""
         raw = raw or {}
         if not isinstance(raw, dict):
@@ -70,10 +71,17 @@ class GateConfig:
             b = {"metric": b} if isinstance(b, str) else b
             if not isinstance(b, dict) or "metric" not in b or set(b) - {"metric", "higher_is_better", "tolerance"}:
                 raise HerdError(f"gate.benchmarks entry {b!r}: needs 'metric' (optional higher_is_better, tolerance)")
-            benches.append(Benchmark(str(b["metric"]), bool(b.get("higher_is_better", True)), float(b.get("tolerance", 0.0))))
+            benches.append(
+                Benchmark(str(b["metric"]), bool(b.get("higher_is_better", True)), float(b.get("tolerance", 0.0)))
+            )
         floors = []
         for f in raw.get("floors") or []:
-            if not isinstance(f, dict) or "metric" not in f or set(f) - {"metric", "min", "max"} or not ({"min", "max"} & set(f)):
+            if (
+                not isinstance(f, dict)
+                or "metric" not in f
+                or set(f) - {"metric", "min", "max"}
+                or not ({"min", "max"} & set(f))
+            ):
                 raise HerdError(f"gate.floors entry {f!r}: needs 'metric' and 'min' and/or 'max'")
             floors.append(Floor(str(f["metric"]), _opt(f.get("min")), _opt(f.get("max"))))
         wr = raw.get("win_rate") or {}
@@ -82,8 +90,15 @@ class GateConfig:
         z = float(raw.get("z", 1.96))
         if not z > 0:
             raise HerdError(f"gate.z must be > 0, got {z}")
-        cfg = cls(tuple(benches), bool(raw.get("subsets", True)), wr.get("metric") if wr else None,
-                  float(wr.get("floor", 0.5)) if wr else 0.5, raw.get("attack_success"), tuple(floors), z)
+        cfg = cls(
+            tuple(benches),
+            bool(raw.get("subsets", True)),
+            wr.get("metric") if wr else None,
+            float(wr.get("floor", 0.5)) if wr else 0.5,
+            raw.get("attack_success"),
+            tuple(floors),
+            z,
+        )
         if not (cfg.benchmarks or cfg.win_rate or cfg.attack_success or cfg.floors):
             raise HerdError("gate: nothing to check (configure benchmarks, win_rate, attack_success or floors)")
         return cfg
@@ -145,38 +160,70 @@ def _compare(name: str, kind: str, cand: dict, champ: dict, higher: bool, tolera
     if h is None:
         return Check(name, kind, True, c, None, text=f"{name} {c:.4f} (the champion has none)")
     se_c, se_h = stderr(cand, name), stderr(champ, name)
-    noise = z * math.sqrt(se_c ** 2 + se_h ** 2) if se_c is not None and se_h is not None else 0.0
+    noise = z * math.sqrt(se_c**2 + se_h**2) if se_c is not None and se_h is not None else 0.0
     allowed = noise + tolerance
     gain = (c - h) if higher else (h - c)
     ok = gain >= -allowed
-    return Check(name, kind, ok, c, h, allowed,
-                 f"{name} {c:.4f} vs {h:.4f} ({'higher' if higher else 'lower'} is better; gain {gain:+.4f}, "
-                 f"{'within' if ok else 'beyond'} the allowed drop {allowed:.4f})")
+    return Check(
+        name,
+        kind,
+        ok,
+        c,
+        h,
+        allowed,
+        f"{name} {c:.4f} vs {h:.4f} ({'higher' if higher else 'lower'} is better; gain {gain:+.4f}, "
+        f"{'within' if ok else 'beyond'} the allowed drop {allowed:.4f})",
+    )
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float] | None, cfg: GateConfig) -> tuple[bool, str, list[Check]]:
+def decide(
+    candidate: dict[str, float], champion: dict[str, float] | None, cfg: GateConfig
+) -> tuple[bool, str, list[Check]]:
     """Pure decision: (promote?, reason, checks). `champion` None: the first candidate, floors only."""
     checks = []
     for f in cfg.floors:
         v = candidate.get(f.metric)
         ok = v is not None and (f.min is None or v >= f.min) and (f.max is None or v <= f.max)
         bound = f.min if f.min is not None else f.max
-        rng = " and ".join(s for s in (f"min {f.min}" if f.min is not None else "", f"max {f.max}" if f.max is not None else "") if s)
-        checks.append(Check(f.metric, "floor", ok, v, None, bound,
-                            f"{f.metric} {'missing' if v is None else f'{v:.4f}'} ({rng}: {'met' if ok else 'not met'})"))
+        rng = " and ".join(
+            s for s in (f"min {f.min}" if f.min is not None else "", f"max {f.max}" if f.max is not None else "") if s
+        )
+        checks.append(
+            Check(
+                f.metric,
+                "floor",
+                ok,
+                v,
+                None,
+                bound,
+                f"{f.metric} {'missing' if v is None else f'{v:.4f}'} ({rng}: {'met' if ok else 'not met'})",
+            )
+        )
     if champion is not None:
         for b in cfg.benchmarks:
             checks.append(_compare(b.metric, "benchmark", candidate, champion, b.higher_is_better, b.tolerance, cfg.z))
             subs = subsets_of(candidate, b.metric) if cfg.subsets else []
             if subs:
                 z_sub = NormalDist().inv_cdf(1 - (1 - NormalDist().cdf(cfg.z)) / len(subs))  # Bonferroni
-                checks += [_compare(s, "subset", candidate, champion, b.higher_is_better, b.tolerance, z_sub) for s in subs]
+                checks += [
+                    _compare(s, "subset", candidate, champion, b.higher_is_better, b.tolerance, z_sub) for s in subs
+                ]
         if cfg.win_rate:
             lo, wr = candidate.get(cfg.win_rate + "_lo"), candidate.get(cfg.win_rate)
             ok = lo is not None and lo > cfg.win_floor
-            checks.append(Check(cfg.win_rate, "win_rate", ok, wr, None, cfg.win_floor,
-                                f"{cfg.win_rate}: no win rate against the champion" if lo is None else
-                                f"{cfg.win_rate} {wr:.4f}, lower bound {lo:.4f} {'>' if ok else '<='} floor {cfg.win_floor:.4f}"))
+            checks.append(
+                Check(
+                    cfg.win_rate,
+                    "win_rate",
+                    ok,
+                    wr,
+                    None,
+                    cfg.win_floor,
+                    f"{cfg.win_rate}: no win rate against the champion"
+                    if lo is None
+                    else f"{cfg.win_rate} {wr:.4f}, lower bound {lo:.4f} {'>' if ok else '<='} floor {cfg.win_floor:.4f}",
+                )
+            )
         if cfg.attack_success:
             checks.append(_compare(cfg.attack_success, "attack", candidate, champion, False, 0.0, cfg.z))
     if not checks:
@@ -186,12 +233,22 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, cfg: 
     head = ("promoted" if ok else "not promoted") + ("" if champion is not None else " (first candidate: floors only)")
     shown = failed or [c for c in checks if c.kind != "subset"]
     more = len(checks) - len(shown)
-    return ok, f"{head}: " + "; ".join(c.text for c in shown) + (f"; {more} more check(s) passed" if more else ""), checks
+    return (
+        ok,
+        f"{head}: " + "; ".join(c.text for c in shown) + (f"; {more} more check(s) passed" if more else ""),
+        checks,
+    )
 
 
-def promote(name: str, cfg: GateConfig, *, candidate_metrics: dict[str, float] | None = None,
-            config_hash: str | None = None, evaluate_champion: Callable[[str], tuple[dict[str, float], str]] | None = None,
-            tracking_uri: str | None = None) -> Decision:
+def promote(
+    name: str,
+    cfg: GateConfig,
+    *,
+    candidate_metrics: dict[str, float] | None = None,
+    config_hash: str | None = None,
+    evaluate_champion: Callable[[str], tuple[dict[str, float], str]] | None = None,
+    tracking_uri: str | None = None,
+) -> Decision:
     """Gate the `candidate` version against the `champion`; move `champion` only if it passes.
 
     candidate_metrics/config_hash default to the candidate version's tags. When the champion's
@@ -221,8 +278,10 @@ def promote(name: str, cfg: GateConfig, *, candidate_metrics: dict[str, float] |
         old_hash = (champ.tags or {}).get("eval.config_hash")
         if old_hash != chash:
             if evaluate_champion is None:
-                raise HerdError(f"champion v{champ.version} was evaluated under config {old_hash}, the candidate under "
-                                f"{chash}: re-evaluate the champion first")
+                raise HerdError(
+                    f"champion v{champ.version} was evaluated under config {old_hash}, the candidate under "
+                    f"{chash}: re-evaluate the champion first"
+                )
             hmetrics, new_hash = evaluate_champion(f"models:/{name}/{champ.version}")
             if new_hash != chash:
                 raise HerdError(f"champion v{champ.version} re-evaluated under config {new_hash}, expected {chash}")
@@ -231,9 +290,21 @@ def promote(name: str, cfg: GateConfig, *, candidate_metrics: dict[str, float] |
     ok, reason, checks = decide(cmetrics, hmetrics, cfg)
     versus = f"v{cand.version} vs {CHAMPION} v{champ.version}" if champ is not None else f"v{cand.version}"
     reason = f"{versus}: {reason}" + (" (champion re-evaluated under this eval config)" if reevaluated else "")
-    numbers = {f"gate.{c.kind}.{c.name}": json.dumps({"passed": c.passed, "candidate": c.candidate,
-                                                      "champion": c.champion, "bound": c.bound}) for c in checks}
-    record_decision(name, cand.version, ok, reason, {**numbers, "gate.champion_reevaluated": str(reevaluated).lower(),
-                                                     "gate.config_hash": str(chash)},
-                    None if champ is None else champ.version, tracking_uri)
-    return Decision(ok, reason, str(cand.version), None if champ is None else str(champ.version), reevaluated, tuple(checks))
+    numbers = {
+        f"gate.{c.kind}.{c.name}": json.dumps(
+            {"passed": c.passed, "candidate": c.candidate, "champion": c.champion, "bound": c.bound}
+        )
+        for c in checks
+    }
+    record_decision(
+        name,
+        cand.version,
+        ok,
+        reason,
+        {**numbers, "gate.champion_reevaluated": str(reevaluated).lower(), "gate.config_hash": str(chash)},
+        None if champ is None else champ.version,
+        tracking_uri,
+    )
+    return Decision(
+        ok, reason, str(cand.version), None if champ is None else str(champ.version), reevaluated, tuple(checks)
+    )

@@ -5,6 +5,7 @@ Each file's digest is a model-version tag `sha256:<path>` (path relative to the 
 folder), so it lives in the registry's database beside the aliases, not in the artifact store that
 holds the files it vouches for.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,17 +31,22 @@ def digest_tags(digests: dict[str, str]) -> dict[str, str]:
 
 def recorded_digests(mv) -> dict[str, str]:
     """The digests a ModelVersion's tags record; {} for a version registered without them."""
-    return {k[len(TAG):]: v for k, v in (mv.tags or {}).items() if k.startswith(TAG)}
+    return {k[len(TAG) :]: v for k, v in (mv.tags or {}).items() if k.startswith(TAG)}
 
 
 def verify(root: str | Path, expected: dict[str, str], what: str) -> None:
     """Raise HerdError unless the files below `root` are exactly `expected`, byte for byte."""
     if not expected:
-        raise HerdError(f"{what}: no sha256 recorded for its files (registered before herd recorded them); "
-                        "register it again (herd run --force register) to serve or evaluate it")
+        raise HerdError(
+            f"{what}: no sha256 recorded for its files (registered before herd recorded them); "
+            "register it again (herd run --force register) to serve or evaluate it"
+        )
     have = file_digests(root)
-    problems = [f"{path}: sha256 {have[path]} does not match the registered {want}"
-                for path, want in expected.items() if path in have and have[path] != want]
+    problems = [
+        f"{path}: sha256 {have[path]} does not match the registered {want}"
+        for path, want in expected.items()
+        if path in have and have[path] != want
+    ]
     problems += [f"{path}: missing" for path in expected if path not in have]
     problems += [f"{path}: not a registered file" for path in have if path not in expected]
     if problems:
@@ -53,6 +59,7 @@ def download_verified(download, target: Path, expected: dict[str, str] | None, w
     (else it is replaced); otherwise `download(folder)` fills a temporary folder beside `target`,
     which is renamed to `target` only once verified. A download killed halfway leaves only a
     temporary folder, which nothing reads; the next call downloads again."""
+
     def check(folder: Path) -> None:
         if expected is not None:
             verify(folder, expected, what)

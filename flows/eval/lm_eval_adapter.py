@@ -11,6 +11,7 @@ model.generate (greedy; lm-eval's `until` strings stop it).
 `write_local_tasks` writes lm-eval task YAMLs for MMLU and CommonsenseQA on the local files in
 ../shared/data (lm-eval's own tasks download from the hub), with lm-eval's prompts unchanged.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,9 +26,19 @@ from model.errors import HerdError
 
 @register_model("herd")
 class HerdLM(TemplateLM):
-    def __init__(self, pretrained: str = "smollm2", dtype: str = "float32", device: str = "cpu",
-                 batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-                 share_prefix: bool = True, model=None, tokenizer=None, **kwargs):
+    def __init__(
+        self,
+        pretrained: str = "smollm2",
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int | str = 16,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        share_prefix: bool = True,
+        model=None,
+        tokenizer=None,
+        **kwargs,
+    ):
         super().__init__()
         from flows.eval.scoring import Scorer
 
@@ -38,8 +49,13 @@ class HerdLM(TemplateLM):
             model, tokenizer = load_for_inference(str(resolve_model_uri(pretrained)), dtype, device)
         self.model, self.tok = model, tokenizer
         bs = 16 if str(batch_size).startswith("auto") else int(batch_size)
-        self.scorer = Scorer(model, tokenizer, batch_size=bs, max_length=int(max_length) if max_length else None,
-                             share_prefix=str(share_prefix).lower() not in ("false", "0"))
+        self.scorer = Scorer(
+            model,
+            tokenizer,
+            batch_size=bs,
+            max_length=int(max_length) if max_length else None,
+            share_prefix=str(share_prefix).lower() not in ("false", "0"),
+        )
         self.max_gen_toks = int(max_gen_toks)
         self._batch_size = bs
 
@@ -95,8 +111,15 @@ class HerdLM(TemplateLM):
                 until.append(eot)
             if kw.get("do_sample") or (kw.get("temperature") or 0) > 0:
                 raise HerdError("herd's lm-eval adapter generates greedily; the task asks for sampling")
-            gens = generate_texts(self.model, self.tok, [requests[i].args[0] for i in idx],
-                                  int(kw.get("max_gen_toks", self.max_gen_toks)), until, False, self._batch_size)
+            gens = generate_texts(
+                self.model,
+                self.tok,
+                [requests[i].args[0] for i in idx],
+                int(kw.get("max_gen_toks", self.max_gen_toks)),
+                until,
+                False,
+                self._batch_size,
+            )
             for i, g in zip(idx, gens):
                 out[i] = g["text"]
                 self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), g["text"])
@@ -106,15 +129,20 @@ class HerdLM(TemplateLM):
 # --- lm-eval task files on local data ------------------------------------------------------------
 
 MMLU_TEXT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
-CSQA_TEXT = ("Question: {{ question.strip() }}\nA. {{choices['text'][0]}}\nB. {{choices['text'][1]}}\n"
-             "C. {{choices['text'][2]}}\nD. {{choices['text'][3]}}\nE. {{choices['text'][4]}}\nAnswer:")
+CSQA_TEXT = (
+    "Question: {{ question.strip() }}\nA. {{choices['text'][0]}}\nB. {{choices['text'][1]}}\n"
+    "C. {{choices['text'][2]}}\nD. {{choices['text'][3]}}\nE. {{choices['text'][4]}}\nAnswer:"
+)
 
 
 def _mmlu_jsonl(src: Path, dst: Path) -> None:
     with open(src, newline="", encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
         for row in csv.DictReader(f):
-            rec = {"question": row["question"], "choices": [row[f"choice{i}"] for i in range(4)],
-                   "answer": int(row["answer"])}
+            rec = {
+                "question": row["question"],
+                "choices": [row[f"choice{i}"] for i in range(4)],
+                "answer": int(row["answer"]),
+            }
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
@@ -123,14 +151,19 @@ def _csqa_jsonl(src: Path, dst: Path) -> None:
         for line in f:
             r = json.loads(line)
             q = r["question"]
-            rec = {"id": r["id"], "question": q["stem"], "question_concept": q.get("question_concept", ""),
-                   "choices": {"label": [c["label"] for c in q["choices"]], "text": [c["text"] for c in q["choices"]]},
-                   "answerKey": r["answerKey"]}
+            rec = {
+                "id": r["id"],
+                "question": q["stem"],
+                "question_concept": q.get("question_concept", ""),
+                "choices": {"label": [c["label"] for c in q["choices"]], "text": [c["text"] for c in q["choices"]]},
+                "answerKey": r["answerKey"],
+            }
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def write_local_tasks(data_dir: str | Path, out_dir: str | Path, subjects: list[str] | None = None,
-                      prefix: str = "local") -> dict[str, list[str]]:
+def write_local_tasks(
+    data_dir: str | Path, out_dir: str | Path, subjects: list[str] | None = None, prefix: str = "local"
+) -> dict[str, list[str]]:
     """lm-eval task YAMLs for {prefix}_mmlu_<subject> (5-shot, first_n from dev) and
     {prefix}_commonsense_qa, reading the local files (converted to JSONL so every field stays a
     string, as in the CSV). Returns {"mmlu": [task names], "commonsenseqa": [name]}."""
@@ -151,11 +184,17 @@ def write_local_tasks(data_dir: str | Path, out_dir: str | Path, subjects: list[
         _mmlu_jsonl(data_dir / "mmlu" / "dev" / f"{subject}_dev.csv", d_json)
         name = f"{prefix}_mmlu_{subject}"
         task = {
-            "task": name, "dataset_path": "json",
+            "task": name,
+            "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"test": str(t_json), "dev": str(d_json)}},
-            "test_split": "test", "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"},
-            "num_fewshot": 5, "output_type": "multiple_choice", "doc_to_text": MMLU_TEXT,
-            "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "answer",
+            "test_split": "test",
+            "fewshot_split": "dev",
+            "fewshot_config": {"sampler": "first_n"},
+            "num_fewshot": 5,
+            "output_type": "multiple_choice",
+            "doc_to_text": MMLU_TEXT,
+            "doc_to_choice": ["A", "B", "C", "D"],
+            "doc_to_target": "answer",
             "description": f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": 1.0},
@@ -168,11 +207,20 @@ def write_local_tasks(data_dir: str | Path, out_dir: str | Path, subjects: list[
         _csqa_jsonl(csqa / "train_rand_split.jsonl", out_dir / "data" / "csqa_train.jsonl")
         name = f"{prefix}_commonsense_qa"
         task = {
-            "task": name, "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"train": str(out_dir / "data" / "csqa_train.jsonl"),
-                                              "validation": str(out_dir / "data" / "csqa_validation.jsonl")}},
-            "training_split": "train", "validation_split": "validation", "output_type": "multiple_choice",
-            "doc_to_text": CSQA_TEXT, "doc_to_target": "answerKey", "doc_to_choice": ["A", "B", "C", "D", "E"],
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": {
+                "data_files": {
+                    "train": str(out_dir / "data" / "csqa_train.jsonl"),
+                    "validation": str(out_dir / "data" / "csqa_validation.jsonl"),
+                }
+            },
+            "training_split": "train",
+            "validation_split": "validation",
+            "output_type": "multiple_choice",
+            "doc_to_text": CSQA_TEXT,
+            "doc_to_target": "answerKey",
+            "doc_to_choice": ["A", "B", "C", "D", "E"],
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": 1.0},
         }
@@ -193,10 +241,17 @@ def write_rendered_task(name: str, examples, out_dir: str | Path) -> str:
     with open(data, "w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps({"query": ex.query, "choices": ex.choices, "gold": ex.gold}, ensure_ascii=False) + "\n")
-    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "query",
-            "doc_to_choice": "choices", "doc_to_target": "gold",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-            "metadata": {"version": 1.0}}
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "query",
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
     (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
     return name

@@ -12,18 +12,31 @@ No prompt may share a 13-gram with any training set (`training_sets`: what the S
 loaders read after exclusion, the embedded RS/PPO tasks, the pretraining corpora); the builder
 drops candidates that do, and `contamination` is the check, reported per training set.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from model.errors import HerdError
 
-USE_CASES = ("advice", "brainstorming", "classification", "closed_qa", "coding", "creative_writing", "extraction",
-             "inhabiting_a_character", "open_qa", "reasoning", "rewriting", "summarization")
+USE_CASES = (
+    "advice",
+    "brainstorming",
+    "classification",
+    "closed_qa",
+    "coding",
+    "creative_writing",
+    "extraction",
+    "inhabiting_a_character",
+    "open_qa",
+    "reasoning",
+    "rewriting",
+    "summarization",
+)
 PER_USE_CASE = 150
 NGRAM = 13
 SOURCES = ("sft/alpaca_en_demo.json", "preference/dpo_en_demo.json")  # the human-eval prompts come from these
@@ -32,58 +45,120 @@ PASSAGE_WORDS = (40, 160)  # a reference answer serves as a passage when it has 
 
 # Ordered: the first rule that matches the request names its use case; none: open QA.
 RULES = [
-    ("inhabiting_a_character", r"\b(pretend (you are|to be)|act as|you are an? |role-?play|imagine (you are|being)|"
-                               r"in the (voice|role) of|stay in character|as if you were)\b"),
-    ("coding", r"\b(code|python|javascript|java|c\+\+|sql|html|css|function|program|algorithm|regex|script|api|"
-               r"compile|debug)\b"),
+    (
+        "inhabiting_a_character",
+        r"\b(pretend (you are|to be)|act as|you are an? |role-?play|imagine (you are|being)|"
+        r"in the (voice|role) of|stay in character|as if you were)\b",
+    ),
+    (
+        "coding",
+        r"\b(code|python|javascript|java|c\+\+|sql|html|css|function|program|algorithm|regex|script|api|"
+        r"compile|debug)\b",
+    ),
     ("summarization", r"\b(summari[sz]e|summary|tl;?dr|main points?|in (a|one) (few words|sentence|nutshell))\b"),
-    ("rewriting", r"\b(rewrite|rephrase|paraphrase|reword|edit|revise|transform|convert|translate|correct|shorten|"
-                  r"simplify|make (it|this|the (following|sentence|text)) (more|less))\b"),
-    ("extraction", r"\b(extract|pull out|identify (all|the|every)|find (all|the) .{0,30}\b(in|from)|"
-                   r"list (all|the) .{0,30}\b(in|from|mentioned))\b"),
-    ("classification", r"\b(classify|categori[sz]e|which (category|type|class)|sentiment|label (the|each|this)|"
-                       r"is (this|the following|it) (a|an) )"),
-    ("brainstorming", r"\b(brainstorm|ideas?|suggest|come up with|list (of )?(\d+|three|five|ten|some)|"
-                      r"generate a list|name (\d+|three|five|some))\b"),
+    (
+        "rewriting",
+        r"\b(rewrite|rephrase|paraphrase|reword|edit|revise|transform|convert|translate|correct|shorten|"
+        r"simplify|make (it|this|the (following|sentence|text)) (more|less))\b",
+    ),
+    (
+        "extraction",
+        r"\b(extract|pull out|identify (all|the|every)|find (all|the) .{0,30}\b(in|from)|"
+        r"list (all|the) .{0,30}\b(in|from|mentioned))\b",
+    ),
+    (
+        "classification",
+        r"\b(classify|categori[sz]e|which (category|type|class)|sentiment|label (the|each|this)|"
+        r"is (this|the following|it) (a|an) )",
+    ),
+    (
+        "brainstorming",
+        r"\b(brainstorm|ideas?|suggest|come up with|list (of )?(\d+|three|five|ten|some)|"
+        r"generate a list|name (\d+|three|five|some))\b",
+    ),
     ("advice", r"\b(advice|should i|how (can|do|should) i|tips?|recommend|what can i do)\b"),
-    ("creative_writing", r"\b(story|poem|haiku|limerick|song|lyrics|slogan|tweet|dialogue|narrative|fiction|"
-                         r"(write|compose) (a|an) (letter|essay|speech|blog))\b"),
-    ("reasoning", r"\b(calculate|compute|solve|how many|equation|logic|deduce|riddle|puzzle|probability|"
-                  r"\d+\s*[-+*/x]\s*\d+|prove|reason)\b"),
-    ("closed_qa", r"\b(according to|based on|given (the|this) (text|passage|paragraph|information)|in the (text|passage))\b"),
+    (
+        "creative_writing",
+        r"\b(story|poem|haiku|limerick|song|lyrics|slogan|tweet|dialogue|narrative|fiction|"
+        r"(write|compose) (a|an) (letter|essay|speech|blog))\b",
+    ),
+    (
+        "reasoning",
+        r"\b(calculate|compute|solve|how many|equation|logic|deduce|riddle|puzzle|probability|"
+        r"\d+\s*[-+*/x]\s*\d+|prove|reason)\b",
+    ),
+    (
+        "closed_qa",
+        r"\b(according to|based on|given (the|this) (text|passage|paragraph|information)|in the (text|passage))\b",
+    ),
 ]
 _RULES = [(uc, re.compile(p, re.I)) for uc, p in RULES]
 
-PERSONAS = ("a ship's captain in 1850", "a patient kindergarten teacher", "a grumpy medieval blacksmith",
-            "a detective in 1920s Chicago", "a cheerful tour guide in Rome", "a retired astronaut",
-            "a Shakespearean actor", "a pirate who loves grammar", "a Victorian-era scientist",
-            "a tired night-shift nurse", "a soft-spoken librarian", "a sports commentator")
+PERSONAS = (
+    "a ship's captain in 1850",
+    "a patient kindergarten teacher",
+    "a grumpy medieval blacksmith",
+    "a detective in 1920s Chicago",
+    "a cheerful tour guide in Rome",
+    "a retired astronaut",
+    "a Shakespearean actor",
+    "a pirate who loves grammar",
+    "a Victorian-era scientist",
+    "a tired night-shift nurse",
+    "a soft-spoken librarian",
+    "a sports commentator",
+)
 
 # (field, template): `request` is the source's request, `passage` its reference answer (40-160 words).
 TEMPLATES: dict[str, list[tuple[str, str]]] = {
-    "advice": [("request", 'A friend has to do this and feels stuck: "{request}" What advice would you give them?'),
-               ("request", 'I need to handle this well: "{request}" What mistakes should I avoid?')],
-    "brainstorming": [("request", 'Brainstorm five different ways to approach this request: "{request}"'),
-                      ("request", 'List six unusual angles someone could take on this: "{request}"')],
-    "classification": [("passage", "Classify the tone of this text as positive, negative or neutral. Answer with one word.\n\n{passage}"),
-                       ("passage", "Is this text mainly instructions, an explanation, or a story? Answer with one word.\n\n{passage}")],
-    "closed_qa": [("passage", "Using only the text below, what is its main claim?\n\n{passage}"),
-                  ("passage", "According to this text alone, which detail comes first?\n\n{passage}")],
-    "coding": [("request", 'Write a short Python function that would help someone with this task: "{request}"'),
-               ("passage", "Write Python code that counts how often each word occurs in this text:\n\n{passage}")],
-    "creative_writing": [("request", 'Write a four-line poem inspired by this request: "{request}"'),
-                         ("request", 'Write a very short story in which a character must do this: "{request}"')],
-    "extraction": [("passage", "Extract every name, number and place from this text, one per line.\n\n{passage}"),
-                   ("passage", "Pull out the three most important keywords of this text.\n\n{passage}")],
+    "advice": [
+        ("request", 'A friend has to do this and feels stuck: "{request}" What advice would you give them?'),
+        ("request", 'I need to handle this well: "{request}" What mistakes should I avoid?'),
+    ],
+    "brainstorming": [
+        ("request", 'Brainstorm five different ways to approach this request: "{request}"'),
+        ("request", 'List six unusual angles someone could take on this: "{request}"'),
+    ],
+    "classification": [
+        (
+            "passage",
+            "Classify the tone of this text as positive, negative or neutral. Answer with one word.\n\n{passage}",
+        ),
+        ("passage", "Is this text mainly instructions, an explanation, or a story? Answer with one word.\n\n{passage}"),
+    ],
+    "closed_qa": [
+        ("passage", "Using only the text below, what is its main claim?\n\n{passage}"),
+        ("passage", "According to this text alone, which detail comes first?\n\n{passage}"),
+    ],
+    "coding": [
+        ("request", 'Write a short Python function that would help someone with this task: "{request}"'),
+        ("passage", "Write Python code that counts how often each word occurs in this text:\n\n{passage}"),
+    ],
+    "creative_writing": [
+        ("request", 'Write a four-line poem inspired by this request: "{request}"'),
+        ("request", 'Write a very short story in which a character must do this: "{request}"'),
+    ],
+    "extraction": [
+        ("passage", "Extract every name, number and place from this text, one per line.\n\n{passage}"),
+        ("passage", "Pull out the three most important keywords of this text.\n\n{passage}"),
+    ],
     "inhabiting_a_character": [("request", 'You are {persona}. Stay in character and respond to this: "{request}"')],
-    "open_qa": [("request", 'What background knowledge does someone need to answer this well: "{request}"'),
-                ("request", 'Why might people find this request hard to answer: "{request}"')],
-    "reasoning": [("passage", "How many sentences does this text have? Explain your counting step by step.\n\n{passage}"),
-                  ("request", 'Reason step by step: what information is missing to answer this fully? "{request}"')],
-    "rewriting": [("passage", "Rewrite this text so that a ten-year-old could follow it.\n\n{passage}"),
-                  ("passage", "Rewrite this text in a formal tone.\n\n{passage}")],
-    "summarization": [("passage", "Summarize this text in two sentences.\n\n{passage}"),
-                      ("passage", "Give a one-line summary of this passage.\n\n{passage}")],
+    "open_qa": [
+        ("request", 'What background knowledge does someone need to answer this well: "{request}"'),
+        ("request", 'Why might people find this request hard to answer: "{request}"'),
+    ],
+    "reasoning": [
+        ("passage", "How many sentences does this text have? Explain your counting step by step.\n\n{passage}"),
+        ("request", 'Reason step by step: what information is missing to answer this fully? "{request}"'),
+    ],
+    "rewriting": [
+        ("passage", "Rewrite this text so that a ten-year-old could follow it.\n\n{passage}"),
+        ("passage", "Rewrite this text in a formal tone.\n\n{passage}"),
+    ],
+    "summarization": [
+        ("passage", "Summarize this text in two sentences.\n\n{passage}"),
+        ("passage", "Give a one-line summary of this passage.\n\n{passage}"),
+    ],
 }
 
 
@@ -121,9 +196,9 @@ def passage_of(answer: str) -> str | None:
         return None
     if len(words) <= PASSAGE_WORDS[1]:
         return answer.strip()
-    cut = " ".join(words[:PASSAGE_WORDS[1]])
+    cut = " ".join(words[: PASSAGE_WORDS[1]])
     end = max(cut.rfind(". "), cut.rfind(".\n"))
-    return cut[:end + 1] if end > len(cut) // 2 else cut
+    return cut[: end + 1] if end > len(cut) // 2 else cut
 
 
 def read_records(data_dir: Path, sources=SOURCES) -> list[tuple[str, list[dict], str]]:
@@ -168,7 +243,9 @@ def candidates(src: Source) -> list[Prompt]:
     out = [Prompt(_h("own", src.id), classify(src.request), src.request, src.id, False)]
     passage = passage_of(src.answer)
     for uc, options in TEMPLATES.items():
-        usable = [(f, t) for f, t in options if (f == "passage" and passage) or (f == "request" and len(src.request) <= 400)]
+        usable = [
+            (f, t) for f, t in options if (f == "passage" and passage) or (f == "request" and len(src.request) <= 400)
+        ]
         if not usable:
             continue
         f, t = usable[int(_h(uc, src.id)[:8], 16) % len(usable)]
@@ -180,9 +257,10 @@ def candidates(src: Source) -> list[Prompt]:
 
 # --- contamination: 13-gram overlap with every training set -----------------------------------
 
+
 def ngrams(text: str, n: int = NGRAM) -> set[int]:
     words = re.findall(r"[a-z0-9]+", text.lower())
-    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
 
 
 def training_sets(data_dir: Path | None) -> dict[str, Iterable[str]]:
@@ -204,8 +282,10 @@ def training_sets(data_dir: Path | None) -> dict[str, Iterable[str]]:
             for t in T.generate_tasks(256, 0, T.KINDS, split):
                 yield t["prompt"]
 
-    out: dict[str, Iterable[str]] = {"pretrain:embedded_corpus": (text for _, text in embedded_documents()),
-                                     "sft,rs,ppo:embedded_tasks": embedded_tasks()}
+    out: dict[str, Iterable[str]] = {
+        "pretrain:embedded_corpus": (text for _, text in embedded_documents()),
+        "sft,rs,ppo:embedded_tasks": embedded_tasks(),
+    }
     if data_dir is not None:
         out["sft:alpaca_en_demo"] = convs(data_dir / "sft" / "alpaca_en_demo.json")
         out["dpo:dpo_en_demo"] = pairs(data_dir / "preference" / "dpo_en_demo.json")
@@ -227,6 +307,7 @@ def contamination(prompts: Iterable[str], grams: dict[str, set[int]]) -> dict[st
 
 # --- the build --------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Built:
     prompts: list[Prompt]
@@ -241,11 +322,19 @@ def write_digests(data_dir: str | Path, path: Path | None = None) -> Path:
     from flows.heldout import HELDOUT_DIGESTS, _listed, digest, first_user, is_heldout
 
     path = path or HELDOUT_DIGESTS
-    found = sorted({digest(r) for _, msgs, _ in read_records(Path(data_dir), (*SOURCES, RED_TEAM_SOURCE))
-                    if (r := first_user(msgs)) and is_heldout(r)})
-    path.write_text("# sha256 of the first user turn of each shared record held out for the sealed eval set\n"
-                    "# (flows/heldout.py); the training loaders drop these. Written by `herd evalset build`.\n"
-                    + "".join(d + "\n" for d in found), encoding="utf-8")
+    found = sorted(
+        {
+            digest(r)
+            for _, msgs, _ in read_records(Path(data_dir), (*SOURCES, RED_TEAM_SOURCE))
+            if (r := first_user(msgs)) and is_heldout(r)
+        }
+    )
+    path.write_text(
+        "# sha256 of the first user turn of each shared record held out for the sealed eval set\n"
+        "# (flows/heldout.py); the training loaders drop these. Written by `herd evalset build`.\n"
+        + "".join(d + "\n" for d in found),
+        encoding="utf-8",
+    )
     _listed.cache_clear()
     return path
 
@@ -257,8 +346,10 @@ def build(data_dir: str | Path, per_use_case: int = PER_USE_CASE) -> Built:
     sources = heldout_sources(data_dir)
     missing = sum(not excluded(s.request) for s in sources)
     if missing:
-        raise HerdError(f"{missing} held-out source(s) are not in the training loaders' exclusion list "
-                        "(flows/heldout.HELDOUT_DIGESTS): run write_digests first (herd evalset build does)")
+        raise HerdError(
+            f"{missing} held-out source(s) are not in the training loaders' exclusion list "
+            "(flows/heldout.HELDOUT_DIGESTS): run write_digests first (herd evalset build does)"
+        )
     grams = training_grams(training_sets(data_dir))
     everything = set().union(*grams.values())
     pool: dict[str, list[Prompt]] = {uc: [] for uc in USE_CASES}
@@ -283,13 +374,17 @@ def build(data_dir: str | Path, per_use_case: int = PER_USE_CASE) -> Built:
 
 
 def to_records(prompts: list[Prompt]) -> list[dict]:
-    return [{"id": p.id, "use_case": p.use_case, "prompt": p.prompt, "source": p.source, "templated": p.templated}
-            for p in prompts]
+    return [
+        {"id": p.id, "use_case": p.use_case, "prompt": p.prompt, "source": p.source, "templated": p.templated}
+        for p in prompts
+    ]
 
 
 def from_records(records: list[dict]) -> list[Prompt]:
     try:
-        return [Prompt(str(r["id"]), str(r["use_case"]), str(r["prompt"]), str(r["source"]), bool(r["templated"]))
-                for r in records]
+        return [
+            Prompt(str(r["id"]), str(r["use_case"]), str(r["prompt"]), str(r["source"]), bool(r["templated"]))
+            for r in records
+        ]
     except (KeyError, TypeError) as e:
         raise HerdError(f"prompt set: a record lacks {e}") from None

@@ -21,6 +21,7 @@ Judges (the task spec's `judge:`):
 
 Only aggregates leave this module: counts and rates, never a prompt or an answer.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,11 @@ import numpy as np
 
 from model.errors import HerdError
 
-JUDGE_PROMPT = ("Compare two responses to the same request.\n\nRequest:\n{prompt}\n\nResponse A:\n{a}\n\n"
-                "Response B:\n{b}\n\nWhich response is more helpful, correct and clearly written? "
-                "Answer with the single letter A or B.")
+JUDGE_PROMPT = (
+    "Compare two responses to the same request.\n\nRequest:\n{prompt}\n\nResponse A:\n{a}\n\n"
+    "Response B:\n{b}\n\nWhich response is more helpful, correct and clearly written? "
+    "Answer with the single letter A or B."
+)
 BOOTSTRAP = 2000
 
 
@@ -62,12 +65,18 @@ def bootstrap_ci(scores: list[float], n_boot: int = BOOTSTRAP, seed: int = 0) ->
 
 def win_rate_metrics(verdicts: list[Verdict]) -> dict[str, float]:
     """`win_rate` (+ `_lo`, `_hi`), wins/ties/losses, and the same per use case (`<use case>/...`)."""
+
     def block(vs: list[Verdict], prefix: str) -> dict[str, float]:
         s = [v.score for v in vs]
         lo, hi = bootstrap_ci(s)
-        return {f"{prefix}win_rate": sum(s) / len(s), f"{prefix}win_rate_lo": lo, f"{prefix}win_rate_hi": hi,
-                f"{prefix}wins": float(sum(x == 1.0 for x in s)), f"{prefix}ties": float(sum(x == 0.5 for x in s)),
-                f"{prefix}losses": float(sum(x == 0.0 for x in s))}
+        return {
+            f"{prefix}win_rate": sum(s) / len(s),
+            f"{prefix}win_rate_lo": lo,
+            f"{prefix}win_rate_hi": hi,
+            f"{prefix}wins": float(sum(x == 1.0 for x in s)),
+            f"{prefix}ties": float(sum(x == 0.5 for x in s)),
+            f"{prefix}losses": float(sum(x == 0.0 for x in s)),
+        }
 
     if not verdicts:
         raise HerdError("win rate: no judged prompts")
@@ -99,7 +108,7 @@ class LLMJudge:
         reqs = []
         room = self.scorer.max_length - 2
         for prompt, a, b in items:
-            text = JUDGE_PROMPT.format(prompt=prompt, a=a[:self.max_answer_chars], b=b[:self.max_answer_chars])
+            text = JUDGE_PROMPT.format(prompt=prompt, a=a[: self.max_answer_chars], b=b[: self.max_answer_chars])
             ctx = self.tok.encode_chat([{"role": "user", "content": text}])[-room:]
             reqs += [(ctx, self.letters[0]), (ctx, self.letters[1])]
         lls = self.scorer.loglikelihood_tokens(reqs)
@@ -122,8 +131,10 @@ class LikelihoodJudge:
         todo = [p for p in dict.fromkeys(pairs) if p not in self.cache]
         reqs = []
         for prompt, answer in todo:
-            cont = self.tok.encode(answer)[:self.max_answer_tokens]
-            ctx = self.tok.encode_chat([{"role": "user", "content": prompt}])[-(self.scorer.max_length - len(cont) - 1):]
+            cont = self.tok.encode(answer)[: self.max_answer_tokens]
+            ctx = self.tok.encode_chat([{"role": "user", "content": prompt}])[
+                -(self.scorer.max_length - len(cont) - 1) :
+            ]
             reqs.append((ctx, cont))
         scored = self.scorer.loglikelihood_tokens([r for r in reqs if r[1]]) if any(r[1] for r in reqs) else []
         it = iter(scored)
@@ -148,8 +159,9 @@ class RewardJudge:
     def _reward(self, prompt: str, answer: str) -> float:
         import torch
 
-        ids = self.tok.encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-                                   add_generation_prompt=False)[-self.rm.config.max_seq_len:]
+        ids = self.tok.encode_chat(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], add_generation_prompt=False
+        )[-self.rm.config.max_seq_len :]
         with torch.no_grad():
             return float(self.rm(torch.tensor([ids]), torch.tensor([len(ids)]))[0])
 

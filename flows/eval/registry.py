@@ -9,6 +9,7 @@ the promotion gate's numbers (`gate.*`) and decision (`promotion.decision`, `pro
 its description) from flows/eval/gate.py. Each version also records the sha256 of every file
 (flows/eval/integrity.py); a load verifies them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,29 +86,38 @@ def download_model_uri(text: str, tracking_uri: str | None = None) -> Path:
 
     origin = hashlib.sha256(f"{resolve(tracking_uri)}|{mv.source}|{mv.creation_timestamp}".encode()).hexdigest()
     target = cache_root() / mv.name / f"v{mv.version}-{origin[:16]}"
-    return _find_checkpoint(integrity.download_verified(_downloader(text, source, tracking_uri), target,
-                                                        integrity.recorded_digests(mv), f"{text} (version {mv.version})"))
+    return _find_checkpoint(
+        integrity.download_verified(
+            _downloader(text, source, tracking_uri),
+            target,
+            integrity.recorded_digests(mv),
+            f"{text} (version {mv.version})",
+        )
+    )
 
 
 def _downloader(what: str, source: str, tracking_uri: str | None):
     """download(folder) -> the local copy of artifact `source` in `folder`."""
+
     def download(folder: Path) -> str:
         import mlflow
 
         from flows.tracking import tracking_uri as resolve
 
         try:
-            return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder),
-                                                       tracking_uri=resolve(tracking_uri))
+            return mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(folder), tracking_uri=resolve(tracking_uri)
+            )
         except Exception as e:  # MlflowException, OSError from artifact stores
             raise HerdError(f"{what}: cannot download the model ({e})") from None
+
     return download
 
 
 def _download_run(uri: str, tracking_uri: str | None) -> Path:
     """A runs:/ artifact folder, downloaded once (no registry record to verify it against, but still
     all-or-nothing)."""
-    target = cache_root() / "runs" / uri[len("runs:/"):].strip("/").replace("/", "_")
+    target = cache_root() / "runs" / uri[len("runs:/") :].strip("/").replace("/", "_")
     return integrity.download_verified(_downloader(uri, uri, tracking_uri), target, None, uri)
 
 
@@ -125,10 +135,18 @@ def log_model_dir(model_dir: str | Path, artifact_path: str = "model") -> str:
     return f"runs:/{run.info.run_id}/{artifact_path}"
 
 
-def register_model(model: str | Path, name: str = DEFAULT_NAME, *, run_id: str | None = None,
-                   alias: str | None = CANDIDATE, metrics: dict[str, float] | None = None,
-                   config_hash: str | None = None, tags: dict[str, str] | None = None,
-                   description: str | None = None, tracking_uri: str | None = None):
+def register_model(
+    model: str | Path,
+    name: str = DEFAULT_NAME,
+    *,
+    run_id: str | None = None,
+    alias: str | None = CANDIDATE,
+    metrics: dict[str, float] | None = None,
+    config_hash: str | None = None,
+    tags: dict[str, str] | None = None,
+    description: str | None = None,
+    tracking_uri: str | None = None,
+):
     """Register a herd checkpoint folder (logged into `run_id`, or a new run) or a runs:/ URI as a
     new version of `name`; a models:/ URI is taken as the existing version it points to. Sets
     `alias` and records the eval metrics as tags. Returns the ModelVersion."""
@@ -143,7 +161,7 @@ def register_model(model: str | Path, name: str = DEFAULT_NAME, *, run_id: str |
         mv = get_version(text, tracking_uri)
     else:
         if text.startswith("runs:/"):
-            source, src_run = text, text[len("runs:/"):].split("/", 1)[0]
+            source, src_run = text, text[len("runs:/") :].split("/", 1)[0]
             digests = integrity.file_digests(_download_run(text, tracking_uri))
         else:
             digests = integrity.file_digests(model)
@@ -155,19 +173,22 @@ def register_model(model: str | Path, name: str = DEFAULT_NAME, *, run_id: str |
             if active is not None and active.info.run_id == run_id:
                 source = log_model_dir(model)
             else:
-                with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register-model",
-                                      nested=active is not None):
+                with mlflow.start_run(
+                    run_id=run_id, run_name=None if run_id else "register-model", nested=active is not None
+                ):
                     if run_id is None:
                         mlflow.set_tag("herd.stage", "register")
                     source = log_model_dir(model)
-            src_run = source[len("runs:/"):].split("/", 1)[0]
+            src_run = source[len("runs:/") :].split("/", 1)[0]
         try:
             client.get_registered_model(name)
         except MlflowException:
-            client.create_registered_model(name, description="herd models (Llama-3 architecture); "
-                                                             "aliases: candidate, champion")
-        mv = client.create_model_version(name, source=source, run_id=src_run, description=description,
-                                         tags=integrity.digest_tags(digests))
+            client.create_registered_model(
+                name, description="herd models (Llama-3 architecture); aliases: candidate, champion"
+            )
+        mv = client.create_model_version(
+            name, source=source, run_id=src_run, description=description, tags=integrity.digest_tags(digests)
+        )
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     record_metrics(name, mv.version, metrics or {}, config_hash, tracking_uri)
@@ -176,8 +197,9 @@ def register_model(model: str | Path, name: str = DEFAULT_NAME, *, run_id: str |
     return client.get_model_version(name, mv.version)
 
 
-def record_metrics(name: str, version, metrics: dict[str, float], config_hash: str | None = None,
-                   tracking_uri: str | None = None) -> None:
+def record_metrics(
+    name: str, version, metrics: dict[str, float], config_hash: str | None = None, tracking_uri: str | None = None
+) -> None:
     client = _client(tracking_uri)
     for k, v in metrics.items():
         client.set_model_version_tag(name, str(version), METRIC_TAG + k, repr(float(v)))
@@ -186,20 +208,32 @@ def record_metrics(name: str, version, metrics: dict[str, float], config_hash: s
 
 
 def version_metrics(mv) -> dict[str, float]:
-    return {k[len(METRIC_TAG):]: float(v) for k, v in (mv.tags or {}).items() if k.startswith(METRIC_TAG)}
+    return {k[len(METRIC_TAG) :]: float(v) for k, v in (mv.tags or {}).items() if k.startswith(METRIC_TAG)}
 
 
 # --- the promotion gate's record (the gate itself: flows/eval/gate.py) -----------------------------
 
-def record_decision(name: str, version, promoted: bool, reason: str, numbers: dict[str, str],
-                    champion_version=None, tracking_uri: str | None = None) -> None:
+
+def record_decision(
+    name: str,
+    version,
+    promoted: bool,
+    reason: str,
+    numbers: dict[str, str],
+    champion_version=None,
+    tracking_uri: str | None = None,
+) -> None:
     """Record the gate's numbers and decision on the candidate version (tags + a description line);
     when promoted, move `champion` to it and keep the old one as `previous_champion`."""
     client = _client(tracking_uri)
     version = str(version)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for k, v in {**numbers, "promotion.decision": "promoted" if promoted else "rejected",
-                 "promotion.reason": reason[:5000], "promotion.time": stamp}.items():
+    for k, v in {
+        **numbers,
+        "promotion.decision": "promoted" if promoted else "rejected",
+        "promotion.reason": reason[:5000],
+        "promotion.time": stamp,
+    }.items():
         client.set_model_version_tag(name, version, k, v[:5000])
     if champion_version is not None:
         client.set_model_version_tag(name, version, "promotion.compared_to", str(champion_version))

@@ -3,6 +3,7 @@
 Metric names are flat and task-relative (`acc`, `acc_macro`, `<subset>/acc`, `bits_per_byte`,
 `exact_match`, `refusal_rate`, ...); the stage prefixes them with the task name.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,17 @@ class TaskResult:
     seconds: float = 0.0
 
 
-def run_task(spec: TaskSpec, model, tokenizer, scorer: Scorer, data_dir=None, limit: int | None = None,
-             num_fewshot: int | None = None, batch_size: int = 16, reference=None) -> TaskResult:
+def run_task(
+    spec: TaskSpec,
+    model,
+    tokenizer,
+    scorer: Scorer,
+    data_dir=None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+    reference=None,
+) -> TaskResult:
     """reference: a loaded (model, tokenizer) that rated tasks compare against (the champion)."""
     start = time.perf_counter()
     if spec.type == "multiple_choice":
@@ -63,11 +73,14 @@ def run_task(spec: TaskSpec, model, tokenizer, scorer: Scorer, data_dir=None, li
 
 # --- multiple choice ----------------------------------------------------------------------------
 
+
 def run_multiple_choice(spec: TaskSpec, scorer: Scorer, data_dir, limit, num_fewshot) -> TaskResult:
     loaded = load_multiple_choice(spec, data_dir, limit, num_fewshot)
     if loaded.n == 0:
-        raise HerdError(f"task {spec.name}: no usable questions ({len(loaded.skipped)} rows skipped)"
-                        + (f"; first: {loaded.skipped[0]}" if loaded.skipped else ""))
+        raise HerdError(
+            f"task {spec.name}: no usable questions ({len(loaded.skipped)} rows skipped)"
+            + (f"; first: {loaded.skipped[0]}" if loaded.skipped else "")
+        )
     pairs, owners = [], []
     for s in loaded.subsets:
         for ex in s.examples:
@@ -79,16 +92,23 @@ def run_multiple_choice(spec: TaskSpec, scorer: Scorer, data_dir, limit, num_few
     predictions, per_subset = [], defaultdict(list)
     i = 0
     for s, ex in owners:
-        lls = [ll for ll, _ in scores[i:i + len(ex.choices)]]
+        lls = [ll for ll, _ in scores[i : i + len(ex.choices)]]
         i += len(ex.choices)
         r = acc_from_scores(lls, ex.choices, ex.gold)
         key = "acc_norm" if spec.scoring == "acc_norm" else "acc"
         per_subset[s.name].append(r)
-        predictions.append({
-            "subset": s.name, "where": ex.where, "question": ex.query, "choices": ex.choices,
-            "gold": ex.gold, "pred": r["pred_norm"] if key == "acc_norm" else r["pred"],
-            "correct": bool(r[key]), "loglikelihoods": [round(x, 4) for x in lls],
-        })
+        predictions.append(
+            {
+                "subset": s.name,
+                "where": ex.where,
+                "question": ex.query,
+                "choices": ex.choices,
+                "gold": ex.gold,
+                "pred": r["pred_norm"] if key == "acc_norm" else r["pred"],
+                "correct": bool(r[key]),
+                "loglikelihoods": [round(x, 4) for x in lls],
+            }
+        )
     metrics = _mc_metrics(per_subset, spec.scoring)
     return TaskResult(spec.name, spec.type, metrics, predictions, loaded.skipped)
 
@@ -113,6 +133,7 @@ def _mc_metrics(per_subset: dict[str, list[dict]], scoring: str) -> dict[str, fl
 
 # --- perplexity ---------------------------------------------------------------------------------
 
+
 def run_perplexity(spec: TaskSpec, scorer: Scorer, data_dir) -> TaskResult:
     texts = load_texts(spec, data_dir)
     window = spec.window or min(scorer.max_length, 2048)
@@ -126,28 +147,40 @@ def run_perplexity(spec: TaskSpec, scorer: Scorer, data_dir) -> TaskResult:
         "word_perplexity": math.exp(-ll / max(1, n_words)),
         "byte_perplexity": math.exp(-ll / n_bytes),
         "bits_per_byte": -ll / n_bytes / math.log(2),
-        "tokens": float(n_tokens), "bytes": float(n_bytes),
+        "tokens": float(n_tokens),
+        "bytes": float(n_bytes),
     }
-    preds = [{"where": w, "loglikelihood": round(r[0], 3), "tokens": r[1], "bytes": len(t.encode("utf-8"))}
-             for (w, t), r in zip(texts, results)]
+    preds = [
+        {"where": w, "loglikelihood": round(r[0], 3), "tokens": r[1], "bytes": len(t.encode("utf-8"))}
+        for (w, t), r in zip(texts, results)
+    ]
     return TaskResult(spec.name, spec.type, metrics, preds)
 
 
 # --- generation ---------------------------------------------------------------------------------
 
-def generate_texts(model, tokenizer, prompts: list[str | tuple[dict, ...]], max_tokens: int, until: list[str], chat: bool,
-                   batch_size: int) -> list[dict]:
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str | tuple[dict, ...]],
+    max_tokens: int,
+    until: list[str],
+    chat: bool,
+    batch_size: int,
+) -> list[dict]:
     """Greedy, batched; prompts longer than the window lose tokens from the left. A prompt may be a
     conversation (a sequence of messages; chat only), answered as the next assistant turn."""
-    from model.generate import SamplingParams, generate
-
     from flows.eval.scoring import default_add_bos
+    from model.generate import SamplingParams, generate
 
     add_bos = default_add_bos(tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_strings=tuple(until))
     keep = model.config.max_seq_len - max_tokens
     if keep < 1:
-        raise HerdError(f"max_tokens {max_tokens} leaves no room for a prompt in a {model.config.max_seq_len}-token window")
+        raise HerdError(
+            f"max_tokens {max_tokens} leaves no room for a prompt in a {model.config.max_seq_len}-token window"
+        )
     encoded = []
     for p in prompts:
         if not isinstance(p, str):
@@ -159,7 +192,7 @@ def generate_texts(model, tokenizer, prompts: list[str | tuple[dict, ...]], max_
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths decode together
     results: dict[int, dict] = {}
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         gens = generate(model, [encoded[i] for i in idx], params, tokenizer=tokenizer)
         for i, g in zip(idx, gens):
             results[i] = {"text": g.text, "tokens": len(g.token_ids), "finish_reason": g.finish_reason}
@@ -172,15 +205,24 @@ def run_generate(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) 
     examples, skipped = load_generate(spec, data_dir, limit)
     if not examples:
         raise HerdError(f"task {spec.name}: no usable rows ({len(skipped)} skipped)")
-    gens = generate_texts(model, tokenizer, [e.prompt for e in examples], spec.max_tokens, spec.until,
-                          spec.chat, batch_size)
+    gens = generate_texts(
+        model, tokenizer, [e.prompt for e in examples], spec.max_tokens, spec.until, spec.chat, batch_size
+    )
     preds, hits = [], 0
     for e, g in zip(examples, gens):
         answer, gold = normalize(g["text"], spec.normalize), normalize(e.target, spec.normalize)
         ok = answer == gold
         hits += ok
-        preds.append({"where": e.where, "prompt": e.prompt, "target": e.target, "response": g["text"],
-                      "answer": answer, "correct": ok})
+        preds.append(
+            {
+                "where": e.where,
+                "prompt": e.prompt,
+                "target": e.target,
+                "response": g["text"],
+                "answer": answer,
+                "correct": ok,
+            }
+        )
     metrics = {"exact_match": hits / len(examples), "n": float(len(examples))}
     return TaskResult(spec.name, spec.type, metrics, preds, skipped)
 
@@ -206,8 +248,14 @@ def run_prompts(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) -
     gens = generate_texts(model, tokenizer, [p for _, p in rows], spec.max_tokens, spec.until, spec.chat, batch_size)
     preds = []
     for (row, prompt), g in zip(rows, gens):
-        rec = {"where": row.where, "category": str(row.doc.get("category", "")), "prompt": prompt,
-               "response": g["text"], "tokens": g["tokens"], "finish_reason": g["finish_reason"]}
+        rec = {
+            "where": row.where,
+            "category": str(row.doc.get("category", "")),
+            "prompt": prompt,
+            "response": g["text"],
+            "tokens": g["tokens"],
+            "finish_reason": g["finish_reason"],
+        }
         preds.append(rec)
     metrics: dict[str, float] = {"n": float(len(preds))}
     if spec.type == "redteam":
@@ -222,7 +270,9 @@ def run_prompts(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) -
         metrics["mean_response_tokens"] = sum(p["tokens"] for p in preds) / len(preds)
         metrics["empty_rate"] = sum(not p["response"].strip() for p in preds) / len(preds)
         metrics["truncated_rate"] = sum(p["finish_reason"] == "length" for p in preds) / len(preds)
-    return TaskResult(spec.name, spec.type, metrics, preds, skipped, {f"{spec.name}.md": transcripts_markdown(spec, preds)})
+    return TaskResult(
+        spec.name, spec.type, metrics, preds, skipped, {f"{spec.name}.md": transcripts_markdown(spec, preds)}
+    )
 
 
 def run_rated(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size, reference) -> TaskResult:
@@ -236,14 +286,21 @@ def run_rated(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size, ref
     prompts = _first_per_group(prompts, "use_case", limit)
     texts = [p.prompt for p in prompts]
     gens = generate_texts(model, tokenizer, texts, spec.max_tokens, spec.until, True, batch_size)
-    metrics: dict[str, float] = {"n": float(len(prompts)), "use_cases": float(len({p.use_case for p in prompts})),
-                                 "mean_response_tokens": sum(g["tokens"] for g in gens) / len(gens),
-                                 "empty_rate": sum(not g["text"].strip() for g in gens) / len(gens)}
+    metrics: dict[str, float] = {
+        "n": float(len(prompts)),
+        "use_cases": float(len({p.use_case for p in prompts})),
+        "mean_response_tokens": sum(g["tokens"] for g in gens) / len(gens),
+        "empty_rate": sum(not g["text"].strip() for g in gens) / len(gens),
+    }
     if reference is not None:
         ref_model, ref_tok = reference
         ref = generate_texts(ref_model, ref_tok, texts, spec.max_tokens, spec.until, True, batch_size)
-        verdicts = judge_pairs(make_judge(spec.judge, batch_size), [(p.use_case, p.prompt) for p in prompts],
-                               [g["text"] for g in gens], [g["text"] for g in ref])
+        verdicts = judge_pairs(
+            make_judge(spec.judge, batch_size),
+            [(p.use_case, p.prompt) for p in prompts],
+            [g["text"] for g in gens],
+            [g["text"] for g in ref],
+        )
         metrics.update(win_rate_metrics(verdicts))
     return TaskResult(spec.name, spec.type, metrics, [])
 
@@ -256,29 +313,42 @@ def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) ->
 
     train, held = S.hh_pairs(resolve_data(spec, spec.data["test"], data_dir)[0])
     if "benign" not in spec.data:
-        raise HerdError(f"task {spec.name}: data.benign (benign answers for the safety scorer, e.g. "
-                        "sft/alpaca_en_demo.json) is required")
+        raise HerdError(
+            f"task {spec.name}: data.benign (benign answers for the safety scorer, e.g. "
+            "sft/alpaca_en_demo.json) is required"
+        )
     benign = S.benign_examples(resolve_data(spec, spec.data["benign"], data_dir)[0])
     prompts = S.attack_prompts(held)
     prompts = _first_per_group(prompts, "category", limit)
     scorer = S.SafetyScorer.trained(train, benign)
-    gens = generate_texts(model, tokenizer, [p.messages for p in prompts], spec.max_tokens, spec.until, True, batch_size)
+    gens = generate_texts(
+        model, tokenizer, [p.messages for p in prompts], spec.max_tokens, spec.until, True, batch_size
+    )
     replies = [g["text"] for g in gens]
     unsafe = scorer.unsafe([p.request for p in prompts], replies)
     metrics = S.attack_success_metrics(prompts, unsafe)
     reqs = [S.last_request(p) for p in held]
-    metrics["scorer_pair_accuracy"] = S.pair_accuracy(scorer.unsafe(reqs, [p["chosen"] for p in held]),
-                                                      scorer.unsafe(reqs, [p["rejected"] for p in held]))
-    metrics["rubric_pair_accuracy"] = S.pair_accuracy([S.rubric_harm(p["chosen"]) for p in held],
-                                                      [S.rubric_harm(p["rejected"]) for p in held])
-    labelled = [r.doc for path in resolve_data(spec, spec.data["labelled"], data_dir) for r in read_rows(path, "jsonl")] \
-        if "labelled" in spec.data else []
+    metrics["scorer_pair_accuracy"] = S.pair_accuracy(
+        scorer.unsafe(reqs, [p["chosen"] for p in held]), scorer.unsafe(reqs, [p["rejected"] for p in held])
+    )
+    metrics["rubric_pair_accuracy"] = S.pair_accuracy(
+        [S.rubric_harm(p["chosen"]) for p in held], [S.rubric_harm(p["rejected"]) for p in held]
+    )
+    labelled = (
+        [r.doc for path in resolve_data(spec, spec.data["labelled"], data_dir) for r in read_rows(path, "jsonl")]
+        if "labelled" in spec.data
+        else []
+    )
     if labelled:
-        acc = S.labelled_accuracy(labelled, scorer.unsafe([r["request"] for r in labelled], [r["reply"] for r in labelled]))
+        acc = S.labelled_accuracy(
+            labelled, scorer.unsafe([r["request"] for r in labelled], [r["reply"] for r in labelled])
+        )
         metrics["scorer_labelled_accuracy"] = acc.pop("accuracy")
         metrics.update({f"scorer_labelled/{k}": v for k, v in acc.items()})
-    preds = [{"category": p.category, "attack": p.attack, "prompt": p.request, "response": r, "unsafe": round(float(x), 4)}
-             for p, r, x in zip(prompts, replies, unsafe)]
+    preds = [
+        {"category": p.category, "attack": p.attack, "prompt": p.request, "response": r, "unsafe": round(float(x), 4)}
+        for p, r, x in zip(prompts, replies, unsafe)
+    ]
     return TaskResult(spec.name, spec.type, metrics, preds)
 
 
@@ -303,8 +373,18 @@ def transcripts_markdown(spec: TaskSpec, preds: list[dict]) -> str:
         lines += [f"## {cat}", ""]
         for p in by_cat[cat]:
             label = f" — **{p['label']}**" if "label" in p else ""
-            lines += [f"### {p['where']}{label}", "", "**Prompt**", "", _quote(p["prompt"]), "",
-                      "**Response**", "", _quote(p["response"] or "(empty)"), ""]
+            lines += [
+                f"### {p['where']}{label}",
+                "",
+                "**Prompt**",
+                "",
+                _quote(p["prompt"]),
+                "",
+                "**Response**",
+                "",
+                _quote(p["response"] or "(empty)"),
+                "",
+            ]
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ continuation, the pair is encoded whole, and the continuation is the whole minus
 tokens. An empty context is replaced by the prefix token (BOS, else EOS). Contexts start with
 BOS where transformers' tokenizer adds it by default (Llama 3; not SmolLM2), see default_add_bos.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ def _lcp(a, b) -> int:
 
 def _project_at(rows: torch.Tensor, cols: torch.Tensor):
     """A `head` for Transformer.forward: the output projection at (row, col) positions only, (B, 1, V)."""
+
     def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden[rows, cols][:, None], weight)
 
@@ -68,9 +70,19 @@ def default_add_bos(tokenizer) -> bool:
 class Scorer:
     """Batched log-likelihoods for a herd model (any object with herd's Transformer interface)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
-                 share_prefix: bool = True, min_prefix: int = 16, token_budget: int = 8192,
-                 add_bos: bool | None = None, pack: bool = True, pack_max_len: int = 1024):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        share_prefix: bool = True,
+        min_prefix: int = 16,
+        token_budget: int = 8192,
+        add_bos: bool | None = None,
+        pack: bool = True,
+        pack_max_len: int = 1024,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.add_bos = default_add_bos(tokenizer) if add_bos is None else add_bos
         self.batch_size = max(1, int(batch_size))
@@ -102,7 +114,7 @@ class Scorer:
             context = context[:-n_spaces]
         whole = self.tokenizer.encode(context + continuation, bos=self.add_bos)
         ctx = self.tokenizer.encode(context, bos=self.add_bos)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs])
@@ -139,7 +151,7 @@ class Scorer:
             family.sort(key=lambda g: len(g.context))
             prefix_kv = self._prefill_prefix(family[0].context[:prefix_len]) if prefix_len else None
             for start in range(0, len(family), self.batch_size):
-                batch = family[start:start + self.batch_size]
+                batch = family[start : start + self.batch_size]
                 for g, scores in zip(batch, self._score_batch(batch, prefix_len, prefix_kv)):
                     for i, s in zip(g.index, scores):
                         out[i] = s
@@ -175,7 +187,7 @@ class Scorer:
             seg = l[lo:hi]
             cut = max(self.min_prefix, sorted(seg)[len(seg) // 2] // 2)
             if min(seg) >= cut:
-                members = ordered[lo:hi + 1]
+                members = ordered[lo : hi + 1]
                 P = self._prefix_len(members, min(seg))
                 if P:
                     yield P, members
@@ -221,7 +233,7 @@ class Scorer:
             cache.advance(P)
         tokens = torch.zeros(B, S, dtype=torch.long)
         for r, s in enumerate(suffixes):
-            tokens[r, :len(s)] = torch.tensor(s)
+            tokens[r, : len(s)] = torch.tensor(s)
         lens = torch.tensor([len(s) for s in suffixes])
         rows = torch.arange(B)
         head = _project_at(rows.to(dev), (lens - 1).to(dev))
@@ -265,19 +277,22 @@ class Scorer:
             C = max(len(c) for _, _, c in chunk) - 1
             tokens = torch.zeros(R, C, dtype=torch.long)
             for i, (_, _, cont) in enumerate(chunk):
-                tokens[i, :len(cont) - 1] = torch.tensor(cont[:-1])
+                tokens[i, : len(cont) - 1] = torch.tensor(cont[:-1])
             hidden = model(tokens.to(dev), cache=cache, head=lambda h, _w: h)  # (R, C, dim), normed
             self.stats["forward_tokens"] += sum(len(c) - 1 for _, _, c in chunk)
             rows = torch.tensor([i for i, (_, _, c) in enumerate(chunk) for _ in c[1:]], device=dev)
             cols = torch.tensor([t for _, _, c in chunk for t in range(len(c) - 1)], device=dev)
-            ll, greedy = self._target_logprobs(hidden[rows, cols],
-                                               torch.tensor([t for _, _, c in chunk for t in c[1:]], device=dev))
+            ll, greedy = self._target_logprobs(
+                hidden[rows, cols], torch.tensor([t for _, _, c in chunk for t in c[1:]], device=dev)
+            )
             a = 0
             for r, j, cont in chunk:
                 b = a + len(cont) - 1
                 first = last[r, cont[0]]
-                results[r][j] = (float(first) + float(ll[a:b].sum()),
-                                 bool(int(last[r].argmax()) == cont[0] and greedy[a:b].all()))
+                results[r][j] = (
+                    float(first) + float(ll[a:b].sum()),
+                    bool(int(last[r].argmax()) == cont[0] and greedy[a:b].all()),
+                )
                 a = b
 
     # --- packed rows: a context and all its continuations in one row ---
@@ -341,9 +356,9 @@ class Scorer:
             for k, j in enumerate(js):
                 c = g.conts[j]
                 n = len(c) - 1
-                tokens[r, at:at + n] = torch.tensor(c[:-1], dtype=torch.long)
-                pos[r, at:at + n] = torch.arange(L, L + n)
-                seg[r, at:at + n] = k + 1
+                tokens[r, at : at + n] = torch.tensor(c[:-1], dtype=torch.long)
+                pos[r, at : at + n] = torch.arange(L, L + n)
+                seg[r, at : at + n] = k + 1
                 first = len(targets)
                 picks_r += [r] * len(c)
                 picks_c += [L - 1] + list(range(at, at + n))
@@ -354,8 +369,9 @@ class Scorer:
         mask = same & (pos[:, None, :] <= pos[:, :, None]) & (seg[:, None, :] >= 0)
         mask |= torch.eye(T, dtype=torch.bool)[None] & (seg[:, :, None] < 0)  # padding sees itself: no empty row
         rows_t, cols_t = torch.tensor(picks_r, device=dev), torch.tensor(picks_c, device=dev)
-        hidden = self.model(tokens.to(dev), positions=pos.to(dev), attn_mask=mask[:, None].to(dev),
-                            head=lambda h, _w: h[rows_t, cols_t])  # (N, dim), normed
+        hidden = self.model(
+            tokens.to(dev), positions=pos.to(dev), attn_mask=mask[:, None].to(dev), head=lambda h, _w: h[rows_t, cols_t]
+        )  # (N, dim), normed
         self.stats["forward_tokens"] += sum(len(g.context) + sum(len(g.conts[j]) - 1 for j in js) for g, js in batch)
         ll, greedy = self._target_logprobs(hidden, torch.tensor(targets, device=dev))
         out, k = [], 0
@@ -373,8 +389,8 @@ class Scorer:
         weight = self.model.output_weight
         lls, greedy = [], []
         for a in range(0, len(targets), chunk):
-            logits = F.linear(hidden[a:a + chunk], weight).float()
-            t = targets[a:a + chunk, None]
+            logits = F.linear(hidden[a : a + chunk], weight).float()
+            t = targets[a : a + chunk, None]
             lls.append((logits.gather(1, t) - torch.logsumexp(logits, -1, keepdim=True))[:, 0])
             greedy.append(logits.argmax(-1) == t[:, 0])
         return torch.cat(lls).double().cpu(), torch.cat(greedy).cpu()
@@ -387,12 +403,12 @@ class Scorer:
             return []
         windows = []
         first = min(L, len(tokens))
-        windows.append(([self.prefix_token_id] + tokens[:first - 1], tokens[:first]))
+        windows.append(([self.prefix_token_id] + tokens[: first - 1], tokens[:first]))
         done = first
         while done < len(tokens):
             n = min(len(tokens) - done, L)
             end = done + n
-            windows.append((tokens[end - L - 1:end - 1], tokens[end - n:end]))
+            windows.append((tokens[end - L - 1 : end - 1], tokens[end - n : end]))
             done += n
         # make the context disjoint from the prediction: keep what precedes the first predicted token
         return [(ctx[: len(ctx) - (len(pred) - 1)], pred) for ctx, pred in windows]
@@ -412,13 +428,15 @@ class Scorer:
         return [(ll, n) for ll, n in totals]
 
 
-def reference_loglikelihood(model, requests: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[float, bool]]:
+def reference_loglikelihood(
+    model, requests: list[tuple[list[int], list[int]]], max_length: int
+) -> list[tuple[float, bool]]:
     """One full forward per request, no cache, no batching: the obviously-correct baseline for tests."""
     out = []
     with torch.inference_mode():
         for ctx, cont in requests:
-            inp = (ctx + cont)[-(max_length + 1):][:-1]
-            logits = model(torch.tensor([inp])).float().log_softmax(-1)[0, -len(cont):]
+            inp = (ctx + cont)[-(max_length + 1) :][:-1]
+            logits = model(torch.tensor([inp])).float().log_softmax(-1)[0, -len(cont) :]
             target = torch.tensor(cont)
             out.append((float(logits.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())))
     return out
@@ -430,5 +448,3 @@ def acc_from_scores(lls: list[float], choices: list[str], gold: int) -> dict:
     norm = [ll / max(1, len(c)) for ll, c in zip(lls, choices)]
     pred_norm = max(range(len(lls)), key=lambda i: norm[i])
     return {"pred": pred, "pred_norm": pred_norm, "acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
-
-

@@ -5,6 +5,7 @@ The key comes from $HERD_EVAL_KEY (the Fernet key itself), else the file named b
 $HERD_EVAL_KEY_FILE, else a Kubernetes Secret mounted at /var/run/secrets/herd-eval/key
 (infra: a Secret `herd-eval-key` with key `key`). Nothing here writes plaintext to disk or logs.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -31,8 +32,10 @@ def load_key() -> bytes:
     path = Path(os.environ[KEY_FILE_ENV]) if os.environ.get(KEY_FILE_ENV) else SECRET_PATH
     if path.is_file():
         return path.read_text(encoding="ascii").strip().encode("ascii")
-    raise HerdError(f"sealed prompt set: no key (set {KEY_ENV}, or {KEY_FILE_ENV} to a key file, "
-                    f"or mount the herd-eval-key Secret at {SECRET_PATH})")
+    raise HerdError(
+        f"sealed prompt set: no key (set {KEY_ENV}, or {KEY_FILE_ENV} to a key file, "
+        f"or mount the herd-eval-key Secret at {SECRET_PATH})"
+    )
 
 
 def _fernet(key: bytes | None):
@@ -41,8 +44,10 @@ def _fernet(key: bytes | None):
     try:
         return Fernet(key if key is not None else load_key())
     except ValueError:
-        raise HerdError(f"sealed prompt set: the key is not a Fernet key (32 url-safe base64 bytes; "
-                        f"`herd evalset keygen` makes one)") from None
+        raise HerdError(
+            "sealed prompt set: the key is not a Fernet key (32 url-safe base64 bytes; "
+            "`herd evalset keygen` makes one)"
+        ) from None
 
 
 def seal(records: list[dict], path: str | Path, key: bytes | None = None) -> Path:
@@ -66,5 +71,7 @@ def unseal(path: str | Path, key: bytes | None = None) -> list[dict]:
     try:
         plain = f.decrypt(path.read_bytes())
     except InvalidToken:
-        raise HerdError(f"{path}: cannot open the sealed prompt set with this key (wrong key or a damaged file)") from None
+        raise HerdError(
+            f"{path}: cannot open the sealed prompt set with this key (wrong key or a damaged file)"
+        ) from None
     return [json.loads(line) for line in gzip.decompress(plain).decode("utf-8").splitlines() if line.strip()]

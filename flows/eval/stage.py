@@ -18,6 +18,7 @@ Config (YAML, configs/eval/*.yaml; every key optional):
          attack_success: herd_redteam/unsafe_compliance_rate, floors: [{metric: herd_mc/acc, min: 0.3}]}
                           # the promotion gate (flows/eval/gate.py)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,20 @@ from model.errors import HerdError
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
-CONFIG_KEYS = {"name", "tasks", "data_dir", "limit", "batch_size", "dtype", "device", "max_length",
-               "share_prefix", "mlflow", "registry", "gate"}
+CONFIG_KEYS = {
+    "name",
+    "tasks",
+    "data_dir",
+    "limit",
+    "batch_size",
+    "dtype",
+    "device",
+    "max_length",
+    "share_prefix",
+    "mlflow",
+    "registry",
+    "gate",
+}
 TASK_KEYS = {"task", "limit", "num_fewshot", "overrides"}
 
 
@@ -72,15 +85,22 @@ def load_config(config: str | Path | dict | None) -> dict:
             raise HerdError(f"{path}: an eval config must be a mapping")
     unknown = set(cfg) - CONFIG_KEYS
     if unknown:
-        raise HerdError(f"eval config: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(CONFIG_KEYS))}")
+        raise HerdError(
+            f"eval config: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(CONFIG_KEYS))}"
+        )
     cfg.setdefault("name", "eval")
     cfg.setdefault("tasks", [])
     cfg.setdefault("batch_size", 16)
     cfg.setdefault("dtype", "float32")
     cfg.setdefault("device", "auto")
     cfg.setdefault("share_prefix", True)
-    cfg["mlflow"] = {"enabled": True, "tracking_uri": None, "experiment": None, "log_predictions": True,
-                     **(cfg.get("mlflow") or {})}
+    cfg["mlflow"] = {
+        "enabled": True,
+        "tracking_uri": None,
+        "experiment": None,
+        "log_predictions": True,
+        **(cfg.get("mlflow") or {}),
+    }
     cfg["registry"] = {"name": "herd", **(cfg.get("registry") or {})}
     cfg["gate"] = cfg.get("gate") or {}
     return cfg
@@ -106,17 +126,32 @@ def task_entries(cfg: dict, tasks: list | str | None = None) -> list[dict]:
 def config_hash(cfg: dict, entries: list[dict], specs: list) -> str:
     """What makes two evaluations comparable: the task specs, few-shot counts, limits, window."""
     doc = {
-        "tasks": [{**e, "spec": {k: v for k, v in dataclasses.asdict(s).items() if k != "source"}}
-                  for e, s in zip(entries, specs)],
-        "limit": cfg.get("limit"), "max_length": cfg.get("max_length"),
+        "tasks": [
+            {**e, "spec": {k: v for k, v in dataclasses.asdict(s).items() if k != "source"}}
+            for e, s in zip(entries, specs)
+        ],
+        "limit": cfg.get("limit"),
+        "max_length": cfg.get("max_length"),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *, tasks=None, data_dir=None,
-             limit: int | None = None, tracking_uri: str | None = None, experiment: str | None = None,
-             log_mlflow: bool | None = None, run_name: str | None = None, model=None,
-             register: bool = False, tags: dict | None = None, reference: str | None = None) -> EvalResult:
+def run_eval(
+    config: str | Path | dict | None,
+    model_path_or_uri: str | Path,
+    *,
+    tasks=None,
+    data_dir=None,
+    limit: int | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    log_mlflow: bool | None = None,
+    run_name: str | None = None,
+    model=None,
+    register: bool = False,
+    tags: dict | None = None,
+    reference: str | None = None,
+) -> EvalResult:
     """Evaluate a model on the configured tasks and record one MLflow run.
 
     model_path_or_uri: a herd/HF folder, a .gguf file, `smollm2`, or models:/NAME@ALIAS.
@@ -161,8 +196,13 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
     else:
         model, tokenizer = model
         path = Path(uri) if not uri.startswith(("models:/", "runs:/")) else None
-    scorer = Scorer(model, tokenizer, batch_size=cfg["batch_size"], max_length=cfg.get("max_length"),
-                    share_prefix=cfg["share_prefix"])
+    scorer = Scorer(
+        model,
+        tokenizer,
+        batch_size=cfg["batch_size"],
+        max_length=cfg.get("max_length"),
+        share_prefix=cfg["share_prefix"],
+    )
     ref = _reference(reference, cfg, tracking_uri or cfg["mlflow"]["tracking_uri"]) if rated else None
 
     enabled = cfg["mlflow"]["enabled"] if log_mlflow is None else log_mlflow
@@ -181,18 +221,38 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
     if not nested or exp:  # a nested run (inside the lifecycle's step) keeps its parent's store and experiment
         setup_mlflow(tracking_uri or cfg["mlflow"]["tracking_uri"], exp)
     with mlflow.start_run(run_name=run_name or f"eval-{cfg['name']}", nested=nested) as run:
-        mlflow.set_tags({"herd.stage": "eval", "herd.git_sha": git_sha(), "herd.model_uri": uri,
-                         "eval.config_hash": chash, **({"herd.model_version": version} if version else {}),
-                         **(tags or {})})
-        mlflow.log_params({"tasks": ",".join(names), "limit": limit, "data_dir": data_dir,
-                           "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], "model": uri,
-                           "max_length": scorer.max_length,
-                           **{f"{s.name}.num_fewshot": e.get("num_fewshot", s.num_fewshot)
-                              for e, s in zip(entries, specs) if s.type == "multiple_choice"}})
+        mlflow.set_tags(
+            {
+                "herd.stage": "eval",
+                "herd.git_sha": git_sha(),
+                "herd.model_uri": uri,
+                "eval.config_hash": chash,
+                **({"herd.model_version": version} if version else {}),
+                **(tags or {}),
+            }
+        )
+        mlflow.log_params(
+            {
+                "tasks": ",".join(names),
+                "limit": limit,
+                "data_dir": data_dir,
+                "batch_size": cfg["batch_size"],
+                "dtype": cfg["dtype"],
+                "model": uri,
+                "max_length": scorer.max_length,
+                **{
+                    f"{s.name}.num_fewshot": e.get("num_fewshot", s.num_fewshot)
+                    for e, s in zip(entries, specs)
+                    if s.type == "multiple_choice"
+                },
+            }
+        )
         mlflow.log_dict({**cfg, "resolved_tasks": entries}, "eval_config.yaml")
         for s in specs:
-            mlflow.log_dict({k: v for k, v in dataclasses.asdict(s).items() if k != "source"}
-                            | {"source": str(s.source)}, f"tasks/{s.name}.yaml")
+            mlflow.log_dict(
+                {k: v for k, v in dataclasses.asdict(s).items() if k != "source"} | {"source": str(s.source)},
+                f"tasks/{s.name}.yaml",
+            )
         try:
             results = _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, run_task, ref)
         except HerdError as e:
@@ -209,10 +269,15 @@ def run_eval(config: str | Path | dict | None, model_path_or_uri: str | Path, *,
                 raise HerdError(f"{uri}: only a local herd checkpoint folder can be registered")
             from flows.eval.registry import register_model
 
-            registered = register_model(path, cfg["registry"]["name"], run_id=run.info.run_id,
-                                        metrics=metrics, config_hash=chash,
-                                        tracking_uri=tracking_uri or cfg["mlflow"]["tracking_uri"],
-                                        tags={"herd.eval_run_id": run.info.run_id})
+            registered = register_model(
+                path,
+                cfg["registry"]["name"],
+                run_id=run.info.run_id,
+                metrics=metrics,
+                config_hash=chash,
+                tracking_uri=tracking_uri or cfg["mlflow"]["tracking_uri"],
+                tags={"herd.eval_run_id": run.info.run_id},
+            )
             version = str(registered.version)
             mlflow.set_tag("herd.model_version", version)
         run_id = run.info.run_id
@@ -243,12 +308,25 @@ def _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, r
     results = {}
     for e, s in zip(entries, specs):
         t0 = time.perf_counter()
-        r = run_task(s, model, tokenizer, scorer, data_dir=data_dir, limit=e.get("limit", limit),
-                     num_fewshot=e.get("num_fewshot"), batch_size=cfg["batch_size"], reference=reference)
+        r = run_task(
+            s,
+            model,
+            tokenizer,
+            scorer,
+            data_dir=data_dir,
+            limit=e.get("limit", limit),
+            num_fewshot=e.get("num_fewshot"),
+            batch_size=cfg["batch_size"],
+            reference=reference,
+        )
         for sk in r.skipped:
             log.warning("task %s: skipped %s", s.name, sk)
-        log.info("task %s: %s in %.1f s", s.name, {k: v for k, v in r.metrics.items() if "/" not in k},
-                 time.perf_counter() - t0)
+        log.info(
+            "task %s: %s in %.1f s",
+            s.name,
+            {k: v for k, v in r.metrics.items() if "/" not in k},
+            time.perf_counter() - t0,
+        )
         results[s.name] = r
     return results
 
@@ -267,8 +345,9 @@ def _log_task(mlflow, r, log_predictions: bool) -> None:
     for fname, text in r.artifacts.items():
         mlflow.log_text(text, f"transcripts/{fname}")
     if r.type in ("redteam", "transcripts"):
-        mlflow.log_text("\n".join(json.dumps(p, ensure_ascii=False) for p in r.predictions) + "\n",
-                        f"transcripts/{r.name}.jsonl")
+        mlflow.log_text(
+            "\n".join(json.dumps(p, ensure_ascii=False) for p in r.predictions) + "\n", f"transcripts/{r.name}.jsonl"
+        )
 
 
 def _cell(v):

@@ -24,6 +24,7 @@ new benchmark needs no code. Fields, with lm-evaluation-harness's names in brack
 Templates are jinja, rendered in a sandbox with StrictUndefined: `{{ question.strip() }}`;
 a template that is exactly a field name returns that field (as lm-eval does).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,9 @@ class TaskSpec:
     normalize: list[str] = field(default_factory=lambda: ["strip"])
     chat: bool = False
     rubric: dict[str, Any] = field(default_factory=dict)
-    judge: dict[str, Any] = field(default_factory=dict)  # rated: {kind: llm, model: smollm2} | {kind: reward_model, path}
+    judge: dict[str, Any] = field(
+        default_factory=dict
+    )  # rated: {kind: llm, model: smollm2} | {kind: reward_model, path}
     window: int | None = None
     source: Path | None = None  # the spec file
 

@@ -2,6 +2,7 @@
 
 The spec format is documented in task_spec.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,6 +22,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 # --- data ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -104,6 +106,7 @@ class _BadRow(dict):
 
 
 # --- rendering -----------------------------------------------------------------------------------
+
 
 def render(template: str, doc: dict, **extra) -> str:
     if template in doc and not extra:
@@ -223,8 +226,9 @@ def _subset_name(pattern: str, path: Path) -> str:
     return m.group(1) if m else path.stem
 
 
-def load_multiple_choice(spec: TaskSpec, data_dir=None, limit: int | None = None,
-                         num_fewshot: int | None = None) -> LoadedMC:
+def load_multiple_choice(
+    spec: TaskSpec, data_dir=None, limit: int | None = None, num_fewshot: int | None = None
+) -> LoadedMC:
     """Render every question of the task. `limit` caps questions per subset."""
     k = spec.num_fewshot if num_fewshot is None else num_fewshot
     subsets, skipped = [], []
@@ -262,6 +266,7 @@ def load_multiple_choice(spec: TaskSpec, data_dir=None, limit: int | None = None
 
 
 # --- generate / perplexity / prompts ------------------------------------------------------------
+
 
 @dataclass
 class GenExample:
@@ -313,7 +318,7 @@ def normalize(text: str, steps: list[str]) -> str:
         elif step == "strip_punct":
             text = text.strip(" .,!?;:'\"")
         elif step.startswith("regex:"):
-            m = re.search(step[len("regex:"):], text)
+            m = re.search(step[len("regex:") :], text)
             text = (m.group(1) if m and m.groups() else m.group(0)) if m else ""
         else:
             raise HerdError(f"unknown normalisation {step!r} (strip, lower, squash_spaces, strip_punct, regex:PATTERN)")

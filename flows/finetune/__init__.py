@@ -3,6 +3,7 @@
 Each stage is a function returning a `StageResult(checkpoint, metrics, run_id)`:
 `run_sft`, `run_rejection_sampling`, `run_dpo`, `run_ppo`, `run_reward_model`.
 """
+
 from __future__ import annotations
 
 

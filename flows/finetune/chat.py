@@ -6,6 +6,7 @@ an empty assistant turn, a conversation longer than the context, a malformed lin
 the sealed evaluation set (listed by digest, flows/heldout.py) are dropped as `heldout:eval_set`, so
 SFT, DPO and the reward model never train on what the gate's win rate is measured with.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,16 @@ from model.errors import HerdError
 
 IGNORE = -100
 ROLES = {"system", "user", "assistant"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 
 
 @dataclass
@@ -36,11 +45,16 @@ class Counts:
         self.dropped[reason] += 1
 
     def report(self) -> dict:
-        return {"read": self.read, "kept": self.kept, "dropped": dict(sorted(self.dropped.items())),
-                "dropped_total": sum(self.dropped.values())}
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "dropped": dict(sorted(self.dropped.items())),
+            "dropped_total": sum(self.dropped.values()),
+        }
 
 
 # --- loaders: every record becomes {"messages": [...]} or {"prompt": [...], "chosen": str, "rejected": str} ---
+
 
 def _read_records(path: Path, counts: Counts):
     """JSON array or JSONL; malformed lines are counted as `read:bad_json`."""
@@ -228,8 +242,11 @@ def load_pairs(paths, counts: Counts | None = None, limit: int = 0) -> tuple[lis
 
 # --- formatting --------------------------------------------------------------------------------
 
+
 def stop_ids(tokenizer) -> set[int]:
-    return set(getattr(tokenizer, "stop_ids", ()) or ()) | ({tokenizer.eos_id} if getattr(tokenizer, "eos_id", None) is not None else set())
+    return set(getattr(tokenizer, "stop_ids", ()) or ()) | (
+        {tokenizer.eos_id} if getattr(tokenizer, "eos_id", None) is not None else set()
+    )
 
 
 def format_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
@@ -294,6 +311,7 @@ def tokenize_conversations(tokenizer, convs: list[list[dict]], max_len: int, cou
 
 
 # --- packing ------------------------------------------------------------------------------------
+
 
 def pack(examples: list[Example], seq_len: int, pad_id: int) -> list[tuple[list[int], list[int], list[bool]]]:
     """First-fit-decreasing packing into rows of seq_len tokens: (tokens, positions, loss mask).

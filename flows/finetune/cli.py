@@ -1,4 +1,5 @@
 """`herd finetune sft|rs|dpo|ppo|rm --config configs/finetune/<name>.yaml [--model DIR] [--out DIR]`."""
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,26 @@ def _cmd(args) -> int:
         fc = fc.replace(train={"steps": args.steps})
     res = STAGES[args.stage](fc, args.model, args.out)
     summary = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}
-    print(json.dumps({"stage": args.stage, "checkpoint": res.checkpoint, "run_id": res.run_id, "metrics": summary},
-                     indent=2, default=str))
+    print(
+        json.dumps(
+            {"stage": args.stage, "checkpoint": res.checkpoint, "run_id": res.run_id, "metrics": summary},
+            indent=2,
+            default=str,
+        )
+    )
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="post-training: sft, rs (rejection sampling), dpo, ppo, rm")
     sub = p.add_subparsers(dest="stage", required=True)
-    helps = {"sft": "supervised fine-tuning (full or LoRA)", "rs": "rejection sampling, then SFT on the kept samples",
-             "dpo": "direct preference optimisation", "ppo": "PPO (or GRPO: ppo.algorithm: grpo)",
-             "rm": "Bradley-Terry reward model"}
+    helps = {
+        "sft": "supervised fine-tuning (full or LoRA)",
+        "rs": "rejection sampling, then SFT on the kept samples",
+        "dpo": "direct preference optimisation",
+        "ppo": "PPO (or GRPO: ppo.algorithm: grpo)",
+        "rm": "Bradley-Terry reward model",
+    }
     for stage, text in helps.items():
         s = sub.add_parser(stage, help=text)
         s.add_argument("--config", default=None, help="configs/finetune/<name>.yaml (default: built-in defaults)")

@@ -1,5 +1,6 @@
 """Shared pieces of the post-training stages: policy loading, log-probs, generation-based evaluation
 and MLflow runs (the bridge to the pretraining loop is flows/finetune/trainer.py)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,16 @@ class EpochSampler:
     cursor as the state. A step takes dp_size x grad_accum x micro_batch consecutive items; rank r's
     micro-step m gets the micro_batch items at (m x dp_size + r) x micro_batch (as flows/train/data.py)."""
 
-    def __init__(self, items: list, micro_batch: int, grad_accum: int = 1, seed: int = 0, shuffle: bool = True,
-                 dp_rank: int = 0, dp_size: int = 1):
+    def __init__(
+        self,
+        items: list,
+        micro_batch: int,
+        grad_accum: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
         self.items, self.micro_batch, self.grad_accum = items, micro_batch, grad_accum
         self.seed, self.shuffle, self.cursor = seed, shuffle, 0
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -51,7 +60,7 @@ class EpochSampler:
         items = [self._item(self.cursor + k) for k in range(per * self.grad_accum * dp)]
         self.cursor += len(items)
         starts = [(m * dp + self.dp_rank) * per for m in range(self.grad_accum)]
-        return items, [items[s:s + per] for s in starts]
+        return items, [items[s : s + per] for s in starts]
 
     def state_dict(self):
         return {"cursor": self.cursor}
@@ -61,6 +70,7 @@ class EpochSampler:
 
 
 # --- models ------------------------------------------------------------------------------------
+
 
 def load_policy(spec: str | Path):
     """(model fp32 on CPU in train mode, tokenizer)."""
@@ -78,6 +88,7 @@ def set_threads(fc: FinetuneConfig) -> None:
 
 
 # --- log-probs ---------------------------------------------------------------------------------
+
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets) under logits: (B, T, V), (B, T) -> (B, T); negative targets give 0."""
@@ -114,9 +125,11 @@ def pad_id_of(tokenizer) -> int:
 
 # --- evaluation ----------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate_tasks(model, tokenizer, tasks: list[dict], system: str, max_tokens: int = 16,
-                   batch: int = 32, reward_fn=None) -> dict:
+def evaluate_tasks(
+    model, tokenizer, tasks: list[dict], system: str, max_tokens: int = 16, batch: int = 32, reward_fn=None
+) -> dict:
     """Greedy completions on held-out tasks: exact match and mean reward (the verifiable checker,
     or `reward_fn(task, text)`)."""
     from flows.finetune import tasks as T
@@ -126,7 +139,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[dict], system: str, max_tokens:
     model.eval()
     texts, ids = [], []
     for s in range(0, len(tasks), batch):
-        chunk = tasks[s:s + batch]
+        chunk = tasks[s : s + batch]
         prompts = [tokenizer.encode_chat(T.messages(t, system)) for t in chunk]
         gens = generate(model, prompts, SamplingParams(max_tokens=max_tokens), tokenizer)
         texts += [g.text for g in gens]
@@ -135,8 +148,13 @@ def evaluate_tasks(model, tokenizer, tasks: list[dict], system: str, max_tokens:
     score = reward_fn or T.check
     rewards = [float(score(t, x)) for t, x in zip(tasks, texts)]
     em = [T.exact_match(t, x) for t, x in zip(tasks, texts)]
-    return {"exact_match": sum(em) / max(1, len(em)), "reward": sum(rewards) / max(1, len(rewards)),
-            "rewards": rewards, "completions": texts, "token_ids": ids}
+    return {
+        "exact_match": sum(em) / max(1, len(em)),
+        "reward": sum(rewards) / max(1, len(rewards)),
+        "rewards": rewards,
+        "completions": texts,
+        "token_ids": ids,
+    }
 
 
 def win_rate(after: list[float], before: list[float]) -> float:
@@ -147,6 +165,7 @@ def win_rate(after: list[float], before: list[float]) -> float:
 
 
 # --- MLflow ----------------------------------------------------------------------------------------
+
 
 class RunLog:
     """Metrics for one stage's MLflow run (a no-op when MLflow is off)."""
@@ -160,7 +179,7 @@ class RunLog:
             self.loop_logger = MlflowLogger(tracking_uri, run_id)
 
     @classmethod
-    def for_logger(cls, logger) -> "RunLog":
+    def for_logger(cls, logger) -> RunLog:
         """A RunLog over a loop's MlflowLogger (in a Ray Train worker: rank 0's, None elsewhere)."""
         log = cls()
         if logger is not None and logger.run_id:
@@ -209,15 +228,21 @@ def export(model, tokenizer, out_dir: Path) -> str:
 
 def heldout_comparison(log: RunLog, heldout: list[dict], before: dict, after: dict) -> dict:
     """Before/after metrics on the held-out tasks; both sets of completions go to the run."""
-    log.artifact_json({"tasks": heldout, "before": before["completions"], "after": after["completions"]},
-                      "heldout_completions.json")
-    return {"reward_before": before["reward"], "reward_after": after["reward"],
-            "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
-            "win_rate": win_rate(after["rewards"], before["rewards"])}
+    log.artifact_json(
+        {"tasks": heldout, "before": before["completions"], "after": after["completions"]}, "heldout_completions.json"
+    )
+    return {
+        "reward_before": before["reward"],
+        "reward_after": after["reward"],
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
+        "win_rate": win_rate(after["rewards"], before["rewards"]),
+    }
 
 
-def finish_stage(log: RunLog, model, tokenizer, out_dir: Path, metrics: dict, t0: float, step: int,
-                 **report) -> StageResult:
+def finish_stage(
+    log: RunLog, model, tokenizer, out_dir: Path, metrics: dict, t0: float, step: int, **report
+) -> StageResult:
     """Export the model, then log the stage's numbers and metrics.json (`report` adds to the file only)."""
     checkpoint = export(model, tokenizer, out_dir)
     metrics["seconds"] = time.time() - t0
@@ -250,4 +275,3 @@ def train_tasks(fc: FinetuneConfig, n: int | None = None, split: str = "train") 
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0
-

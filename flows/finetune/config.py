@@ -3,6 +3,7 @@
 One dataclass for all four stages; each stage reads the sections it needs. An unknown key or a
 wrongly typed value is a one-line HerdError naming it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -145,7 +146,10 @@ class FinetuneConfig(StageConfig):
         checks = [
             (self.stage in ("sft", "rs", "dpo", "ppo", "rm"), "stage must be sft, rs, dpo, ppo or rm"),
             (self.train.steps >= 1, "train.steps must be >= 1"),
-            (self.train.micro_batch >= 1 and self.train.grad_accum >= 1, "train.micro_batch and grad_accum must be >= 1"),
+            (
+                self.train.micro_batch >= 1 and self.train.grad_accum >= 1,
+                "train.micro_batch and grad_accum must be >= 1",
+            ),
             (self.train.lr > 0, "train.lr must be > 0"),
             (self.train.schedule in ("cosine", "constant", "wsd"), "train.schedule must be cosine, constant or wsd"),
             (self.model.max_seq_len >= 8, "model.max_seq_len must be >= 8"),
@@ -155,11 +159,16 @@ class FinetuneConfig(StageConfig):
             (self.reward.kind != "model" or bool(self.reward.model), "reward.model is needed with reward.kind: model"),
             (self.dpo.beta > 0, "dpo.beta must be > 0"),
             (self.ppo.algorithm in ("ppo", "grpo"), "ppo.algorithm must be ppo or grpo"),
-            (self.ppo.group_size >= 1 and self.ppo.epochs >= 1 and self.ppo.minibatch >= 1,
-             "ppo.group_size, epochs and minibatch must be >= 1"),
+            (
+                self.ppo.group_size >= 1 and self.ppo.epochs >= 1 and self.ppo.minibatch >= 1,
+                "ppo.group_size, epochs and minibatch must be >= 1",
+            ),
             (0 < self.ppo.clip_eps < 1, "ppo.clip_eps must be in (0, 1)"),
             (self.ppo.max_rounds >= 1, "ppo.max_rounds must be >= 1"),
-            (self.ray.workers >= 0 and self.ray.cpus_per_worker >= 1, "ray.workers must be >= 0, ray.cpus_per_worker >= 1"),
+            (
+                self.ray.workers >= 0 and self.ray.cpus_per_worker >= 1,
+                "ray.workers must be >= 0, ray.cpus_per_worker >= 1",
+            ),
             (not self.ppo.filter_groups or self.ppo.algorithm == "grpo", "ppo.filter_groups needs ppo.algorithm: grpo"),
             (0 <= self.data.heldout_fraction < 1, "data.heldout_fraction must be in [0, 1)"),
         ]

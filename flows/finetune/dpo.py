@@ -5,6 +5,7 @@ response tokens. Pairs come from files (sharegpt / HH-RLHF / prompt-chosen-rejec
 embedded tasks (chosen: the exact answer, rejected: a wrong one) or on-policy (policy samples ranked
 by the reward: best is chosen, worst is rejected).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,25 @@ import torch.nn.functional as F
 
 from flows.finetune import chat
 from flows.finetune import tasks as T
-from flows.finetune.common import (EpochSampler, StageResult, default_out_dir, evaluate_tasks, finish_stage,
-                                   heldout_comparison, heldout_tasks, load_policy, mean, pad_id_of, pad_masks,
-                                   pad_rows, resolve_model, sequence_logps, set_threads, stage_run, train_tasks)
+from flows.finetune.common import (
+    EpochSampler,
+    StageResult,
+    default_out_dir,
+    evaluate_tasks,
+    finish_stage,
+    heldout_comparison,
+    heldout_tasks,
+    load_policy,
+    mean,
+    pad_id_of,
+    pad_masks,
+    pad_rows,
+    resolve_model,
+    sequence_logps,
+    set_threads,
+    stage_run,
+    train_tasks,
+)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.sampling import sample_completions, task_pairs
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
@@ -30,14 +47,21 @@ from flows.train.losses import LossOutput
 from model.errors import HerdError
 
 
-def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> torch.Tensor:
+def dpo_loss(
+    pi_c: torch.Tensor,
+    pi_r: torch.Tensor,
+    ref_c: torch.Tensor,
+    ref_r: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Per-pair DPO loss (sigmoid; conservative DPO with label_smoothing > 0)."""
     logits = beta * ((pi_c - pi_r) - (ref_c - ref_r))
     return -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
 
 
 # --- tokenized pairs -----------------------------------------------------------------------------
+
 
 @dataclass
 class TokPair:
@@ -64,7 +88,9 @@ def tokenize_pairs(tokenizer, pairs: list[dict], max_len: int, counts: chat.Coun
             continue
         counts.kept += 1
         n = len(prompt_ids)
-        out.append(TokPair([prompt_ids + c, prompt_ids + r], [[False] * n + [True] * len(c), [False] * n + [True] * len(r)]))
+        out.append(
+            TokPair([prompt_ids + c, prompt_ids + r], [[False] * n + [True] * len(c), [False] * n + [True] * len(r)])
+        )
     return out
 
 
@@ -94,7 +120,7 @@ def pair_logps(model, pairs: list[TokPair], pad_id: int, batch: int = 8) -> list
     model.eval()
     out = []
     for s in range(0, len(pairs), batch):
-        chunk = pairs[s:s + batch]
+        chunk = pairs[s : s + batch]
         b = collate([TokPair(p.tokens, p.masks, (0.0, 0.0)) for p in chunk], pad_id, 1.0)
         lp = sequence_logps(model, b.tokens, b.masks)
         n = len(chunk)
@@ -126,8 +152,16 @@ def reference_logps(model, pairs: list[TokPair], pad_id: int, cache_dir: Path, m
 class PairData(EpochSampler):
     """Preference pairs for the loop; each micro-batch weighs 1 / (pairs in the whole step, all ranks)."""
 
-    def __init__(self, pairs: list[TokPair], micro_batch: int, grad_accum: int, pad_id: int, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1):
+    def __init__(
+        self,
+        pairs: list[TokPair],
+        micro_batch: int,
+        grad_accum: int,
+        pad_id: int,
+        seed: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
         if not pairs:
             raise HerdError("DPO: no usable preference pairs (see the drop counts)")
         super().__init__(pairs, micro_batch, grad_accum, seed, True, dp_rank, dp_size)
@@ -149,10 +183,16 @@ def make_loss(beta: float, label_smoothing: float = 0.0):
         losses = dpo_loss(pi_c, pi_r, batch.ref_c, batch.ref_r, beta, label_smoothing)
         with torch.no_grad():
             rc, rr = beta * (pi_c - batch.ref_c), beta * (pi_r - batch.ref_r)
-            m = {"dpo_loss": losses.mean().item(), "margin": (pi_c - pi_r).mean().item(),
-                 "reward_chosen": rc.mean().item(), "reward_rejected": rr.mean().item(),
-                 "reward_margin": (rc - rr).mean().item(), "reward_accuracy": (rc > rr).float().mean().item()}
+            m = {
+                "dpo_loss": losses.mean().item(),
+                "margin": (pi_c - pi_r).mean().item(),
+                "reward_chosen": rc.mean().item(),
+                "reward_rejected": rr.mean().item(),
+                "reward_margin": (rc - rr).mean().item(),
+                "reward_accuracy": (rc > rr).float().mean().item(),
+            }
         return LossOutput((losses * batch.weights).sum(), batch.weights.sum(), m)
+
     return loss_fn
 
 
@@ -177,7 +217,10 @@ def dpo_spec(fc: FinetuneConfig, base, pairs: list[TokPair], pad: int) -> TrainS
 
 # --- on-policy pairs -------------------------------------------------------------------------------
 
-def on_policy_pairs(model, tokenizer, tasks: list[dict], fc: FinetuneConfig, reward_fn, counts: chat.Counts) -> list[dict]:
+
+def on_policy_pairs(
+    model, tokenizer, tasks: list[dict], fc: FinetuneConfig, reward_fn, counts: chat.Counts
+) -> list[dict]:
     """Sample `sampling.n` completions per prompt; chosen = highest reward, rejected = lowest (ties skipped)."""
     samples = sample_completions(model, tokenizer, tasks, fc)
     pairs = []
@@ -193,8 +236,13 @@ def on_policy_pairs(model, tokenizer, tasks: list[dict], fc: FinetuneConfig, rew
     return pairs
 
 
-def run_dpo(config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
-            pairs: list[dict] | None = None, run_name: str | None = None) -> StageResult:
+def run_dpo(
+    config,
+    base_model_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    pairs: list[dict] | None = None,
+    run_name: str | None = None,
+) -> StageResult:
     fc = config if isinstance(config, FinetuneConfig) else load_config(config, "dpo")
     set_threads(fc)
     out = Path(out_dir) if out_dir else default_out_dir(fc)
@@ -231,8 +279,9 @@ def run_dpo(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
         val_pairs = [tok_pairs[i] for i in sorted(idx[:n_val])]
         tok_pairs = [tok_pairs[i] for i in sorted(idx[n_val:])]
     else:
-        val_pairs = tokenize_pairs(tok, task_pairs(heldout, fc.data.system, fc.seed + 1), fc.model.max_seq_len,
-                                   chat.Counts())
+        val_pairs = tokenize_pairs(
+            tok, task_pairs(heldout, fc.data.system, fc.seed + 1), fc.model.max_seq_len, chat.Counts()
+        )
     if not tok_pairs:
         raise HerdError(f"DPO: no usable preference pairs; dropped {counts.report()['dropped']}")
     metrics: dict = {"data": counts.report(), "train_pairs": len(tok_pairs), "heldout_pairs": len(val_pairs)}
@@ -244,15 +293,24 @@ def run_dpo(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
         metrics["ref_logps_seconds"], metrics["ref_cache_hit"] = time.time() - tr, hit
         val_ref = pair_logps(model, val_pairs, pad) if val_pairs else []
         margin_before = mean(c - r for c, r in val_ref)
-        before = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn) if heldout else None
+        before = (
+            evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn)
+            if heldout
+            else None
+        )
         spec = dpo_spec(fc, resolve_model(base), tok_pairs, pad)
         run = run_loop(fc, spec, prepare_module(fc, spec, model, tok), tok, out, log)
         val_after = pair_logps(model, val_pairs, pad) if val_pairs else []
         margin_after = mean(c - r for c, r in val_after)
         acc = mean(float((a[0] - a[1]) > (b[0] - b[1])) for a, b in zip(val_after, val_ref))
-        metrics.update(trainer=run.trainer, train_loss_first=run.losses[0], train_loss_last=run.losses[-1],
-                       heldout_margin_before=margin_before, heldout_margin_after=margin_after,
-                       heldout_reward_accuracy=acc)
+        metrics.update(
+            trainer=run.trainer,
+            train_loss_first=run.losses[0],
+            train_loss_last=run.losses[-1],
+            heldout_margin_before=margin_before,
+            heldout_margin_after=margin_after,
+            heldout_reward_accuracy=acc,
+        )
         if heldout:
             after = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn)
             metrics.update(heldout_comparison(log, heldout, before, after))

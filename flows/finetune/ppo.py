@@ -3,6 +3,7 @@ to the reference, GAE, minibatch epochs) and GRPO (group-normalised rewards, no 
 the loss), through the pretraining loop: the batch source rolls out with the current policy when
 its buffer is empty and hands out minibatches, `epochs` passes per rollout, one optimizer step each.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from flows.finetune import tasks as T
-from flows.finetune.common import (StageResult, default_out_dir, evaluate_tasks, finish_stage, heldout_comparison,
-                                   heldout_tasks, load_policy, mean, pad_id_of, pad_rows, resolve_model, set_threads,
-                                   stage_run, token_logps, train_tasks)
+from flows.finetune.common import (
+    StageResult,
+    default_out_dir,
+    evaluate_tasks,
+    finish_stage,
+    heldout_comparison,
+    heldout_tasks,
+    load_policy,
+    mean,
+    pad_id_of,
+    pad_rows,
+    resolve_model,
+    set_threads,
+    stage_run,
+    token_logps,
+    train_tasks,
+)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
 from flows.train.loop import Task
@@ -72,7 +87,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def informative_groups(scores: list[float], group_size: int) -> list[int]:
     """Start index of each group of `group_size` consecutive scores that are not all equal."""
-    return [i for i in range(0, len(scores), group_size) if len(set(scores[i:i + group_size])) > 1]
+    return [i for i in range(0, len(scores), group_size) if len(set(scores[i : i + group_size])) > 1]
 
 
 class RolloutBatch:
@@ -99,9 +114,27 @@ class RolloutData:
     """Batch source: rollouts from the live policy; one minibatch per loop step. Each data-parallel
     rank rolls out its own prompts; weights 1 / (response tokens of the minibatch x dp_size)."""
 
-    def __init__(self, pv: PolicyValue, ref, tokenizer, tasks: list[dict], fc: FinetuneConfig, reward_fn, log=None,
-                 dp_rank: int = 0, dp_size: int = 1):
-        self.pv, self.ref, self.tok, self.tasks, self.fc, self.reward_fn, self.log = pv, ref, tokenizer, tasks, fc, reward_fn, log
+    def __init__(
+        self,
+        pv: PolicyValue,
+        ref,
+        tokenizer,
+        tasks: list[dict],
+        fc: FinetuneConfig,
+        reward_fn,
+        log=None,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
+        self.pv, self.ref, self.tok, self.tasks, self.fc, self.reward_fn, self.log = (
+            pv,
+            ref,
+            tokenizer,
+            tasks,
+            fc,
+            reward_fn,
+            log,
+        )
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.buffer: list[RolloutBatch] = []
         self.iteration, self.cursor, self.history = 0, 0, []
@@ -119,9 +152,18 @@ class RolloutData:
         self.cursor += k * self.dp_size
         prompts = [self.tok.encode_chat(T.messages(t, fc.data.system)) for t in chosen for _ in range(p.group_size)]
         group_tasks = [t for t in chosen for _ in range(p.group_size)]
-        gens = generate(self.pv.policy, prompts, SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
-            seed=s.seed + 1000 * self.iteration + 100_003 * round_ + 7919 * self.dp_rank), self.tok)
+        gens = generate(
+            self.pv.policy,
+            prompts,
+            SamplingParams(
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                max_tokens=s.max_tokens,
+                seed=s.seed + 1000 * self.iteration + 100_003 * round_ + 7919 * self.dp_rank,
+            ),
+            self.tok,
+        )
         rows, masks, scores = [], [], []
         for pr, g, t in zip(prompts, gens, group_tasks):
             # The policy is trained on the token it stopped with (Llama 3: <|eot_id|>, not <|end_of_text|>).
@@ -145,13 +187,13 @@ class RolloutData:
             while True:
                 for i in informative_groups(scores, gs):
                     for j, xs in enumerate((rows, masks, scores)):
-                        pool[j].extend(xs[i:i + gs])
+                        pool[j].extend(xs[i : i + gs])
                 if len(pool[2]) >= p.prompts_per_iter * gs or rounds >= p.max_rounds:
                     break
                 rows, masks, scores = self._sample(p.prompts_per_iter, rounds)
                 sampled, rounds = sampled + p.prompts_per_iter, rounds + 1
             if pool[2]:  # none informative: keep the last round (its update is the KL term alone)
-                rows, masks, scores = (xs[:p.prompts_per_iter * gs] for xs in pool)
+                rows, masks, scores = (xs[: p.prompts_per_iter * gs] for xs in pool)
         informative = len(informative_groups(scores, gs))
         tokens = pad_rows(rows, self.pad)
         L = tokens.shape[1]
@@ -176,10 +218,16 @@ class RolloutData:
             adv = a.view(-1, 1) * mask
             values, ret = torch.zeros_like(old_logp), torch.zeros_like(old_logp)
         self.pv.train()
-        stats = {"rollout_reward": scores_t.mean().item(), "rollout_kl": (kl_tok.sum(-1)).mean().item(),
-                 "rollout_exact_match": (scores_t == 1.0).float().mean().item(),
-                 "response_tokens": mask.sum(-1).float().mean().item(), "iteration": self.iteration,
-                 "informative_groups": informative, "sampled_prompts": sampled, "sampling_rounds": rounds}
+        stats = {
+            "rollout_reward": scores_t.mean().item(),
+            "rollout_kl": (kl_tok.sum(-1)).mean().item(),
+            "rollout_exact_match": (scores_t == 1.0).float().mean().item(),
+            "response_tokens": mask.sum(-1).float().mean().item(),
+            "iteration": self.iteration,
+            "informative_groups": informative,
+            "sampled_prompts": sampled,
+            "sampling_rounds": rounds,
+        }
         self.history.append(stats)
         if self.log is not None:
             self.log.metrics(stats, self.iteration)
@@ -193,11 +241,21 @@ class RolloutData:
             order = list(range(n))
             rng.shuffle(order)
             for b in range(per_epoch):
-                idx = torch.tensor(order[b * n // per_epoch:(b + 1) * n // per_epoch] or order[:1])
+                idx = torch.tensor(order[b * n // per_epoch : (b + 1) * n // per_epoch] or order[:1])
                 m = mask[idx]
                 w = m.float() / (m.float().sum().clamp(min=1) * self.dp_size)
-                batches.append(RolloutBatch(tokens=tokens[idx], mask=m, old_logp=old_logp[idx], ref_logp=ref_logp[idx],
-                                            old_values=values[idx], advantages=adv[idx], returns=ret[idx], weights=w))
+                batches.append(
+                    RolloutBatch(
+                        tokens=tokens[idx],
+                        mask=m,
+                        old_logp=old_logp[idx],
+                        ref_logp=ref_logp[idx],
+                        old_values=values[idx],
+                        advantages=adv[idx],
+                        returns=ret[idx],
+                        weights=w,
+                    )
+                )
         self.buffer = batches
 
     def next_step(self):
@@ -237,10 +295,13 @@ def make_loss(fc: FinetuneConfig):
             m["kl_k3"] = (kl * b.weights).sum().item()
         loss = (per_tok * b.weights).sum()
         with torch.no_grad():
-            m.update(policy_loss=(pg * b.weights).sum().item(),
-                     clip_frac=(((ratio - 1).abs() > p.clip_eps).float() * b.weights).sum().item(),
-                     approx_kl_old=(((b.old_logp - logp) * b.mask) * b.weights).sum().item())
+            m.update(
+                policy_loss=(pg * b.weights).sum().item(),
+                clip_frac=(((ratio - 1).abs() > p.clip_eps).float() * b.weights).sum().item(),
+                approx_kl_old=(((b.old_logp - logp) * b.mask) * b.weights).sum().item(),
+            )
         return LossOutput(loss, b.weights.sum(), m)
+
     return loss_fn
 
 
@@ -283,8 +344,9 @@ def ppo_spec(fc: FinetuneConfig, base, tasks: list[dict]) -> TrainSpec:
     return TrainSpec(str(base), prepare, make_task)
 
 
-def run_ppo(config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
-            run_name: str | None = None) -> StageResult:
+def run_ppo(
+    config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None, run_name: str | None = None
+) -> StageResult:
     from flows.finetune.rewards import build_reward
 
     fc = config if isinstance(config, FinetuneConfig) else load_config(config, "ppo")
@@ -298,18 +360,28 @@ def run_ppo(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
     heldout = heldout_tasks(fc) if fc.data.heldout else []
     metrics: dict = {"algorithm": fc.ppo.algorithm}
     with stage_run(fc, run_name or f"finetune-{fc.ppo.algorithm}-{fc.name}") as log:
-        before = evaluate_tasks(policy, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn) if heldout else None
+        before = (
+            evaluate_tasks(policy, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn)
+            if heldout
+            else None
+        )
         spec = ppo_spec(fc, base, train_tasks(fc))
         steps = fc.ppo.iterations * steps_per_iteration(fc)
         run = run_loop(fc, spec, prepare_module(fc, spec, policy, tok), tok, out, log, steps=steps)
         history = run.data_state["history"]
-        metrics.update(trainer=run.trainer, iterations=run.data_state["iteration"], steps=run.step,
-                       rollout_reward_first=history[0]["rollout_reward"],
-                       rollout_reward_last=history[-1]["rollout_reward"],
-                       rollout_kl_last=history[-1]["rollout_kl"])
+        metrics.update(
+            trainer=run.trainer,
+            iterations=run.data_state["iteration"],
+            steps=run.step,
+            rollout_reward_first=history[0]["rollout_reward"],
+            rollout_reward_last=history[-1]["rollout_reward"],
+            rollout_kl_last=history[-1]["rollout_kl"],
+        )
         if heldout:
             after = evaluate_tasks(policy, tok, heldout, fc.data.system, fc.eval_max_tokens, reward_fn=reward_fn)
             ref, _ = load_policy(base)
-            metrics.update(heldout_comparison(log, heldout, before, after),
-                           heldout_kl=heldout_kl(policy, ref.eval(), tok, heldout, after["token_ids"], fc.data.system))
+            metrics.update(
+                heldout_comparison(log, heldout, before, after),
+                heldout_kl=heldout_kl(policy, ref.eval(), tok, heldout, after["token_ids"], fc.data.system),
+            )
         return finish_stage(log, policy, tok, out, metrics, t0, steps, history=history)

@@ -1,6 +1,7 @@
 """Rejection sampling: N completions per prompt (batched, KV-cached generation) spread over Ray
 actors, scored by the reward (verifiable checker or reward model); the best one at or above the
 threshold becomes SFT data, then (optionally) SFT on it."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,16 @@ from pathlib import Path
 import torch
 
 from flows.finetune import tasks as T
-from flows.finetune.common import (StageResult, default_out_dir, load_policy, mean, resolve_model, set_threads,
-                                   stage_run, train_tasks)
+from flows.finetune.common import (
+    StageResult,
+    default_out_dir,
+    load_policy,
+    mean,
+    resolve_model,
+    set_threads,
+    stage_run,
+    train_tasks,
+)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.sampling import sample_completions
 
@@ -43,13 +52,19 @@ def sample_distributed(model_dir: str, tasks: list[dict], fc: FinetuneConfig) ->
 
     from flows.ray_runtime import init_ray
 
-    init_ray(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    init_ray(
+        num_cpus=max(workers, 1),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
     Sampler = _sampler_actor()
     actors = [Sampler.remote(str(model_dir), 1) for _ in range(workers)]
     shards = [tasks[i::workers] for i in range(workers)]
-    futures = [a.sample.remote(shard, fc.to_dict(), fc.sampling.seed + 7919 * i) for i, (a, shard) in
-               enumerate(zip(actors, shards))]
+    futures = [
+        a.sample.remote(shard, fc.to_dict(), fc.sampling.seed + 7919 * i)
+        for i, (a, shard) in enumerate(zip(actors, shards))
+    ]
     results = ray.get(futures)
     for a in actors:
         ray.kill(a)
@@ -72,8 +87,9 @@ def select_best(tasks, samples, reward_fn, threshold: float, system: str):
     return kept, stats
 
 
-def run_rejection_sampling(config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                           run_name: str | None = None) -> StageResult:
+def run_rejection_sampling(
+    config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None, run_name: str | None = None
+) -> StageResult:
     """Sample, score, keep the best above the threshold; then SFT the same model on the kept samples
     (rejection.then_sft). The checkpoint returned is the SFT'd model (or the input model without SFT)."""
     from flows.finetune.rewards import build_reward
@@ -97,9 +113,15 @@ def run_rejection_sampling(config, base_model_dir: str | Path | None = None, out
             kept += [T.messages(t, fc.data.system) + [{"role": "assistant", "content": t["answer"]}] for t in tasks]
         all_r = [r for s in stats for r in s["rewards"]]
         best_r = [max(s["rewards"]) for s in stats]
-        metrics.update(prompts=len(tasks), samples=len(all_r), kept=len(kept), keep_rate=len(kept) / max(1, len(tasks)),
-                       sample_reward_mean=mean(all_r), best_reward_mean=mean(best_r),
-                       sample_exact_match=mean(float(r == 1.0) for r in all_r))
+        metrics.update(
+            prompts=len(tasks),
+            samples=len(all_r),
+            kept=len(kept),
+            keep_rate=len(kept) / max(1, len(tasks)),
+            sample_reward_mean=mean(all_r),
+            best_reward_mean=mean(best_r),
+            sample_exact_match=mean(float(r == 1.0) for r in all_r),
+        )
         for i, s in enumerate(stats):  # the reward curve over prompts
             log.metrics({"prompt_best_reward": max(s["rewards"]), "prompt_mean_reward": mean(s["rewards"])}, i)
         (out / "kept.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in kept))
@@ -107,8 +129,13 @@ def run_rejection_sampling(config, base_model_dir: str | Path | None = None, out
         log.metrics(metrics)
         ckpt = str(model_dir)
         if fc.rejection.then_sft and kept:
-            res = run_sft(fc.replace(stage="sft"), model_dir, out / "sft", conversations=kept,
-                          run_name=f"finetune-rs-sft-{fc.name}")
+            res = run_sft(
+                fc.replace(stage="sft"),
+                model_dir,
+                out / "sft",
+                conversations=kept,
+                run_name=f"finetune-rs-sft-{fc.name}",
+            )
             ckpt = res.checkpoint
             metrics.update({f"sft_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
             metrics["sft_run_id"] = res.run_id

@@ -4,6 +4,7 @@ The reward model is the policy's trunk with a scalar head on the last token's hi
 (`RewardModel`); trained on preference pairs with -log sigmoid(r_chosen - r_rejected), through the
 pretraining loop (stage `rm`). Saved as `<dir>/model` (a herd checkpoint) + `<dir>/reward_head.safetensors`.
 """
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,18 @@ from torch import nn
 
 from flows.finetune import chat
 from flows.finetune import tasks as T
-from flows.finetune.common import (StageResult, default_out_dir, load_policy, mean, pad_id_of, pad_rows, resolve_model,
-                                   set_threads, stage_run, train_tasks)
+from flows.finetune.common import (
+    StageResult,
+    default_out_dir,
+    load_policy,
+    mean,
+    pad_id_of,
+    pad_rows,
+    resolve_model,
+    set_threads,
+    stage_run,
+    train_tasks,
+)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
 from flows.train.loop import Task
@@ -51,7 +62,9 @@ def save_reward_model(rm: RewardModel, tokenizer, out: Path) -> str:
     from model.checkpoint import save_checkpoint
 
     save_checkpoint(rm.trunk, Path(out) / "model", tokenizer)
-    save_file({k: v.contiguous() for k, v in rm.reward_head.state_dict().items()}, str(Path(out) / "reward_head.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in rm.reward_head.state_dict().items()}, str(Path(out) / "reward_head.safetensors")
+    )
     return str(out)
 
 
@@ -89,6 +102,7 @@ def build_reward(fc: FinetuneConfig):
 
 # --- training (Bradley-Terry) ---------------------------------------------------------------------
 
+
 class RMBatch:
     def __init__(self, tokens, lengths, weights):
         self.tokens, self.lengths, self.weights = tokens, lengths, weights
@@ -105,8 +119,15 @@ class RMData:
     """Preference pairs for the loop: a step takes dp_size x micro_batch pairs (rank r: the micro_batch
     at r x micro_batch); weights 1 / (pairs in the whole step)."""
 
-    def __init__(self, pairs: list[tuple[list[int], list[int]]], micro_batch: int, pad_id: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1):
+    def __init__(
+        self,
+        pairs: list[tuple[list[int], list[int]]],
+        micro_batch: int,
+        pad_id: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
         if not pairs:
             raise HerdError("reward model: no usable preference pairs")
         self.pairs, self.micro_batch, self.pad_id, self.seed, self.cursor = pairs, micro_batch, pad_id, seed, 0
@@ -115,7 +136,9 @@ class RMData:
 
     def batch(self, ps, weight):
         rows = [c for c, _ in ps] + [r for _, r in ps]
-        return RMBatch(pad_rows(rows, self.pad_id), torch.tensor([len(x) for x in rows]), torch.full((len(ps),), weight))
+        return RMBatch(
+            pad_rows(rows, self.pad_id), torch.tensor([len(x) for x in rows]), torch.full((len(ps),), weight)
+        )
 
     def next_step(self):
         n, per = len(self.pairs), self.micro_batch
@@ -126,7 +149,7 @@ class RMData:
             random.Random(self.seed + epoch).shuffle(order)
             ps.append(self.pairs[order[i]])
         self.cursor += len(ps)
-        mine = ps[self.dp_rank * per:(self.dp_rank + 1) * per]
+        mine = ps[self.dp_rank * per : (self.dp_rank + 1) * per]
         return [self.batch(mine, 1.0 / len(ps))]
 
     def state_dict(self):
@@ -140,17 +163,18 @@ def bt_loss(model, batch: RMBatch) -> LossOutput:
     r = model(batch.tokens, batch.lengths)
     n = batch.weights.shape[0]
     losses = -F.logsigmoid(r[:n] - r[n:])
-    return LossOutput((losses * batch.weights).sum(), batch.weights.sum(),
-                      {"accuracy": (r[:n] > r[n:]).float().mean().item()})
+    return LossOutput(
+        (losses * batch.weights).sum(), batch.weights.sum(), {"accuracy": (r[:n] > r[n:]).float().mean().item()}
+    )
 
 
 @torch.no_grad()
 def rm_accuracy(rm: RewardModel, data: RMData, pairs) -> float:
     accs = []
     for s in range(0, len(pairs), 8):
-        b = data.batch(pairs[s:s + 8], 1.0)
+        b = data.batch(pairs[s : s + 8], 1.0)
         r = rm(b.tokens, b.lengths)
-        n = len(pairs[s:s + 8])
+        n = len(pairs[s : s + 8])
         accs += (r[:n] > r[n:]).float().tolist()
     return mean(accs)
 
@@ -174,8 +198,12 @@ def run_reward_model(config, base_model_dir=None, out_dir=None, run_name: str | 
     tokd = []
     for p in pairs:
         try:
-            c = tok.encode_chat(p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], add_generation_prompt=False)
-            r = tok.encode_chat(p["prompt"] + [{"role": "assistant", "content": p["rejected"]}], add_generation_prompt=False)
+            c = tok.encode_chat(
+                p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], add_generation_prompt=False
+            )
+            r = tok.encode_chat(
+                p["prompt"] + [{"role": "assistant", "content": p["rejected"]}], add_generation_prompt=False
+            )
         except HerdError:
             counts.drop("format:template")
             continue
@@ -199,10 +227,14 @@ def run_reward_model(config, base_model_dir=None, out_dir=None, run_name: str | 
         probe = RMData(train, mb, pad, fc.seed)
         acc_before = rm_accuracy(rm, probe, val) if val else float("nan")
         run = run_loop(fc, spec, rm, tok, out, log)
-        metrics.update(trainer=run.trainer, train_loss_first=run.losses[0], train_loss_last=run.losses[-1],
-                       heldout_accuracy_before=acc_before,
-                       heldout_accuracy_after=rm_accuracy(rm, probe, val) if val else float("nan"),
-                       seconds=time.time() - t0)
+        metrics.update(
+            trainer=run.trainer,
+            train_loss_first=run.losses[0],
+            train_loss_last=run.losses[-1],
+            heldout_accuracy_before=acc_before,
+            heldout_accuracy_after=rm_accuracy(rm, probe, val) if val else float("nan"),
+            seconds=time.time() - t0,
+        )
         path = save_reward_model(rm, tok, out)
         log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, fc.train.steps)
         log.artifact_json(metrics, "metrics.json")

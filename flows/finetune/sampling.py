@@ -1,6 +1,7 @@
 """What rejection sampling, DPO and the reward model share: sampling completions for task prompts
 (batched, KV-cached generation) and building (chosen, rejected) pairs from the tasks' own answers.
 It sits below its three users so that none of them imports another."""
+
 from __future__ import annotations
 
 import random
@@ -19,8 +20,9 @@ def _params(fc: FinetuneConfig, seed: int):
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, tasks: list[dict], fc: FinetuneConfig, seed: int | None = None,
-                       batch_prompts: int = 8) -> list[list[str]]:
+def sample_completions(
+    model, tokenizer, tasks: list[dict], fc: FinetuneConfig, seed: int | None = None, batch_prompts: int = 8
+) -> list[list[str]]:
     """`sampling.n` completions per task, n copies of each prompt per batch (one KV cache)."""
     from model.generate import generate
 
@@ -30,10 +32,10 @@ def sample_completions(model, tokenizer, tasks: list[dict], fc: FinetuneConfig, 
     was = model.training
     model.eval()
     for s in range(0, len(tasks), batch_prompts):
-        chunk = tasks[s:s + batch_prompts]
+        chunk = tasks[s : s + batch_prompts]
         prompts = [tokenizer.encode_chat(T.messages(t, fc.data.system)) for t in chunk for _ in range(n)]
         gens = generate(model, prompts, _params(fc, base_seed + s), tokenizer)
-        out += [[g.text for g in gens[i * n:(i + 1) * n]] for i in range(len(chunk))]
+        out += [[g.text for g in gens[i * n : (i + 1) * n]] for i in range(len(chunk))]
     model.train(was)
     return out
 
@@ -50,5 +52,7 @@ def wrong_answer(task: dict, rng: random.Random) -> str:
 
 def task_pairs(tasks: list[dict], system: str, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"prompt": T.messages(t, system), "chosen": t["answer"], "rejected": wrong_answer(t, rng), "task": t}
-            for t in tasks]
+    return [
+        {"prompt": T.messages(t, system), "chosen": t["answer"], "rejected": wrong_answer(t, rng), "task": t}
+        for t in tasks
+    ]

@@ -5,6 +5,7 @@ verifiable tasks with their exact answers. Loss on assistant tokens only; conver
 into rows with document masking. Evaluation: exact match and reward on held-out embedded tasks
 (greedy), before and after, and the held-out SFT loss.
 """
+
 from __future__ import annotations
 
 import random
@@ -15,9 +16,21 @@ import torch
 
 from flows.finetune import chat
 from flows.finetune import tasks as T
-from flows.finetune.common import (EpochSampler, StageResult, default_out_dir, evaluate_tasks, finish_stage,
-                                   heldout_comparison, heldout_tasks, load_policy, pad_id_of, resolve_model,
-                                   set_threads, stage_run, train_tasks)
+from flows.finetune.common import (
+    EpochSampler,
+    StageResult,
+    default_out_dir,
+    evaluate_tasks,
+    finish_stage,
+    heldout_comparison,
+    heldout_tasks,
+    load_policy,
+    pad_id_of,
+    resolve_model,
+    set_threads,
+    stage_run,
+    train_tasks,
+)
 from flows.finetune.config import FinetuneConfig, load_config
 from flows.finetune.trainer import TrainSpec, prepare_module, run_loop
 from flows.train.loop import Task
@@ -29,8 +42,16 @@ class PackedChatData(EpochSampler):
     """Packed chat rows for the loop; each micro-batch weighs 1 / (assistant targets of the whole step,
     all ranks)."""
 
-    def __init__(self, rows, micro_batch: int, grad_accum: int = 1, seed: int = 0, shuffle: bool = True,
-                 dp_rank: int = 0, dp_size: int = 1):
+    def __init__(
+        self,
+        rows,
+        micro_batch: int,
+        grad_accum: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
         if not rows:
             raise HerdError("SFT: no usable training conversations (see the drop counts)")
         super().__init__(rows, micro_batch, grad_accum, seed, shuffle, dp_rank, dp_size)
@@ -44,7 +65,7 @@ class PackedChatData(EpochSampler):
     def eval_batches(self, n: int):
         per, dp = self.micro_batch, self.dp_size
         for m in range(self.dp_rank, min(n, (len(self.items) + per - 1) // per), dp):
-            yield chat.rows_to_batch(self.items[m * per:(m + 1) * per], 1.0)
+            yield chat.rows_to_batch(self.items[m * per : (m + 1) * per], 1.0)
 
 
 def task_conversations(tasks: list[dict], system: str) -> list[list[dict]]:
@@ -88,7 +109,7 @@ def heldout_loss(model, rows, micro_batch: int) -> float:
         return float("nan")
     tot, cnt = 0.0, 0.0
     for m in range(0, len(rows), micro_batch):
-        b = chat.rows_to_batch(rows[m:m + micro_batch], 1.0)
+        b = chat.rows_to_batch(rows[m : m + micro_batch], 1.0)
         out = causal_lm_loss(model, b)
         tot, cnt = tot + float(out.loss), cnt + float(out.count)
     return tot / max(cnt, 1.0)
@@ -109,15 +130,23 @@ def sft_spec(fc: FinetuneConfig, base, rows, val_rows) -> TrainSpec:
 
     def make_task(module, _tok, rank, world, _log):
         data = PackedChatData(rows, t.micro_batch, t.grad_accum, fc.seed, dp_rank=rank, dp_size=world)
-        val = (PackedChatData(val_rows, t.micro_batch, 1, fc.seed, False, rank, world)
-               if val_rows and t.eval_every else None)
+        val = (
+            PackedChatData(val_rows, t.micro_batch, 1, fc.seed, False, rank, world)
+            if val_rows and t.eval_every
+            else None
+        )
         return Task(data, val, causal_lm_loss)
 
     return TrainSpec(str(base), prepare, make_task)
 
 
-def run_sft(config, base_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
-            conversations=None, run_name: str | None = None) -> StageResult:
+def run_sft(
+    config,
+    base_model_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    conversations=None,
+    run_name: str | None = None,
+) -> StageResult:
     """SFT `base_model_dir` (default: config.model.base); returns the exported checkpoint, metrics
     and MLflow run id. `conversations` (lists of messages) replaces the configured data (rejection
     sampling passes its kept samples)."""
@@ -135,8 +164,14 @@ def run_sft(config, base_model_dir: str | Path | None = None, out_dir: str | Pat
     metrics: dict = {"data": counts.report(), "train_rows": len(rows), "heldout_rows": len(val_rows)}
     with stage_run(fc, run_name or f"finetune-sft-{fc.name}") as log:
         log.artifact_json(counts.report(), "data_report.json")
-        log.metrics({"data_read": counts.read, "data_kept": counts.kept,
-                     "data_dropped": sum(counts.dropped.values()), "train_rows": len(rows)})
+        log.metrics(
+            {
+                "data_read": counts.read,
+                "data_kept": counts.kept,
+                "data_dropped": sum(counts.dropped.values()),
+                "train_rows": len(rows),
+            }
+        )
         before = evaluate_tasks(model, tok, heldout, fc.data.system, fc.eval_max_tokens) if heldout else None
         metrics["heldout_loss_before"] = heldout_loss(model, val_rows, fc.train.micro_batch)
         spec = sft_spec(fc, resolve_model(base), rows, val_rows)

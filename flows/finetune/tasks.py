@@ -4,6 +4,7 @@ Each task is a dict `{"id", "kind", "prompt", "answer"}`; `messages(task)` turns
 `check(task, completion)` scores a completion in [0, 1] (1 = exact answer, 0.5 = the answer appears
 inside a longer reply, 0 otherwise). The same seed gives the same tasks on every machine.
 """
+
 from __future__ import annotations
 
 import random
@@ -41,11 +42,13 @@ def _make(kind: str, rng: random.Random) -> tuple[str, str]:
     if kind == "count_words":
         n = rng.randint(2, 6)
         ws = [rng.choice(WORDS) for _ in range(n)]
-        return f"How many words are in this sentence: \"{' '.join(ws)}\"?", str(n)
+        return f'How many words are in this sentence: "{" ".join(ws)}"?', str(n)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
-def generate_tasks(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] = KINDS, split: str = "train") -> list[dict]:
+def generate_tasks(
+    n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] = KINDS, split: str = "train"
+) -> list[dict]:
     """n tasks, round-robin over kinds. Splits use disjoint seeds and drop prompts seen in other splits'
     seeds, so held-out prompts never appear in training data."""
     offsets = {"train": 0, "heldout": 1_000_003, "rs": 2_000_029}

@@ -8,15 +8,16 @@ batch source, sharded by data-parallel rank, and the loss). After a Ray run the 
 final checkpoint's weights into its own copy of the module, so either way the stage evaluates and
 exports the trained module in this process.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -45,17 +46,29 @@ def loop_config(fc: FinetuneConfig, steps: int | None = None, eval_every: int = 
 
     t, r = fc.train, fc.ray
     steps = steps or t.steps
-    return config_from_dict({
-        "name": fc.name, "seed": fc.seed,
-        "training": {"steps": steps, "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "precision": "fp32"},
-        "optimizer": {"lr": t.lr, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip, "no_decay": ["norm", "embedding"]},
-        "schedule": {"kind": t.schedule, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio},
-        "checkpoint": {"every": steps, "keep": 2},
-        "eval": {"every": eval_every, "batches": 4},
-        "logging": {"every": 1},
-        "ray": {"workers": max(1, r.workers), "cpus_per_worker": r.cpus_per_worker, "use_gpu": r.use_gpu,
-                "max_failures": r.max_failures},
-    })
+    return config_from_dict(
+        {
+            "name": fc.name,
+            "seed": fc.seed,
+            "training": {"steps": steps, "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "precision": "fp32"},
+            "optimizer": {
+                "lr": t.lr,
+                "weight_decay": t.weight_decay,
+                "grad_clip": t.grad_clip,
+                "no_decay": ["norm", "embedding"],
+            },
+            "schedule": {"kind": t.schedule, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio},
+            "checkpoint": {"every": steps, "keep": 2},
+            "eval": {"every": eval_every, "batches": 4},
+            "logging": {"every": 1},
+            "ray": {
+                "workers": max(1, r.workers),
+                "cpus_per_worker": r.cpus_per_worker,
+                "use_gpu": r.use_gpu,
+                "max_failures": r.max_failures,
+            },
+        }
+    )
 
 
 def prepare_module(fc: FinetuneConfig, spec: TrainSpec, policy, tokenizer):
@@ -73,8 +86,16 @@ def _worker_build(spec: TrainSpec, fc_dict: dict, rank: int, world: int, logger)
     return module, tok, spec.make_task(module, tok, rank, world, RunLog.for_logger(logger))
 
 
-def run_loop(fc: FinetuneConfig, spec: TrainSpec, module, tokenizer, out_dir: Path, log: RunLog,
-             steps: int | None = None, eval_every: int = 0) -> LoopOutcome:
+def run_loop(
+    fc: FinetuneConfig,
+    spec: TrainSpec,
+    module,
+    tokenizer,
+    out_dir: Path,
+    log: RunLog,
+    steps: int | None = None,
+    eval_every: int = 0,
+) -> LoopOutcome:
     """Train `module` (made by `prepare_module`) with the loop; on return it holds the trained weights.
     The loop's resumable checkpoint (weights + optimizer) is deleted once loaded: the stage's product
     is its export."""
@@ -84,8 +105,17 @@ def run_loop(fc: FinetuneConfig, spec: TrainSpec, module, tokenizer, out_dir: Pa
     from flows.train.loop import Runtime, train
 
     staging = Path(out_dir) / "train_checkpoints"
-    rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), persist=None, latest=None,
-                 staging_dir=staging, run_dir=Path(out_dir), logger=log.loop_logger)
+    rt = Runtime(
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        device=torch.device("cpu"),
+        persist=None,
+        latest=None,
+        staging_dir=staging,
+        run_dir=Path(out_dir),
+        logger=log.loop_logger,
+    )
     log.tag("herd.trainer", "in-process")
     task = spec.make_task(module, tokenizer, 0, 1, log)
     module.train()
@@ -110,5 +140,6 @@ def _run_on_ray(fc: FinetuneConfig, cfg, spec: TrainSpec, module, out: Path, log
         module.load_state_dict(state, strict=True)
     finally:
         shutil.rmtree(run_dir if fc.ray.storage_path else storage, ignore_errors=True)
-    return LoopOutcome(int(summary["step"]), list(summary["losses"]), dict(summary["metrics"]),
-                       dict(summary["data_state"]), trainer)
+    return LoopOutcome(
+        int(summary["step"]), list(summary["losses"]), dict(summary["metrics"]), dict(summary["data_state"]), trainer
+    )

@@ -24,6 +24,7 @@ Lineage. Each step's result carries the lineage of its inputs plus what it adds 
 raw-input sha256 and the packed-data manifest digest); the register and deploy steps write it as
 tags `herd.lineage.*` with the lifecycle's config hash, git sha and parent run id.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,20 +33,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.lifecycle_core import (REPO, Stage, check_configs, code_version, config_hash, downstream, load_config, step_key,
-                                  wiring)
+from flows.lifecycle_core import (
+    REPO,
+    Stage,
+    check_configs,
+    code_version,
+    config_hash,
+    downstream,
+    load_config,
+    step_key,
+    wiring,
+)
 from flows.lifecycle_steps import execute_step, find_cached, record_cached, still_valid
 from flows.ray_runtime import init_ray
 from flows.tracking import absolute_tracking_uri, ensure_experiment
 from flows.tracking import client as mlflow_client
 from model.errors import HerdError
 
-__all__ = ["REPO", "LifecycleResult", "Stage", "check_configs", "code_version", "config_hash", "default_stages",
-           "downstream", "execute_step", "find_cached", "init_ray", "load_config", "quiet_worker", "ray_runtime_env",
-           "record_cached", "run_lifecycle", "step_key", "still_valid", "wiring"]
+__all__ = [
+    "REPO",
+    "LifecycleResult",
+    "Stage",
+    "check_configs",
+    "code_version",
+    "config_hash",
+    "default_stages",
+    "downstream",
+    "execute_step",
+    "find_cached",
+    "init_ray",
+    "load_config",
+    "quiet_worker",
+    "ray_runtime_env",
+    "record_cached",
+    "run_lifecycle",
+    "step_key",
+    "still_valid",
+    "wiring",
+]
 
 
 # --- the driver ---------------------------------------------------------------------------------
+
 
 @dataclass
 class LifecycleResult:
@@ -62,14 +91,29 @@ class LifecycleResult:
         for name, r in self.steps.items():
             m = r.get("metrics") or {}
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(m.items())[:3])
-            rows.append([name, r["status"], f"{r.get('seconds', 0):.1f}", r["key"][:12], (r.get("run_id") or "")[:12],
-                         r.get("summary") or shown])
+            rows.append(
+                [
+                    name,
+                    r["status"],
+                    f"{r.get('seconds', 0):.1f}",
+                    r["key"][:12],
+                    (r.get("run_id") or "")[:12],
+                    r.get("summary") or shown,
+                ]
+            )
         return rows
 
 
-def run_lifecycle(config: str | Path | dict, *, stages: dict[str, Stage] | None = None, force: list[str] = (),
-                  overrides: dict | None = None, workdir: str | None = None, tracking_uri: str | None = None,
-                  log=print) -> LifecycleResult:
+def run_lifecycle(
+    config: str | Path | dict,
+    *,
+    stages: dict[str, Stage] | None = None,
+    force: list[str] = (),
+    overrides: dict | None = None,
+    workdir: str | None = None,
+    tracking_uri: str | None = None,
+    log=print,
+) -> LifecycleResult:
     """Plan, then run what is not cached as one ray.dag; returns every step's result."""
     from flows.tracking import git_sha
 
@@ -86,21 +130,38 @@ def run_lifecycle(config: str | Path | dict, *, stages: dict[str, Stage] | None 
         raise HerdError(f"--force {', '.join(not_on)}: stage is not enabled in this config")
     forced = downstream(wires, set(force))
     chash = config_hash(cfg)
-    lc = {"name": cfg["name"], "seed": cfg["seed"], "config_hash": chash, "git_sha": git_sha(),
-          "workdir": str(Path(workdir or os.environ.get("HERD_RUN_DIR") or cfg["workdir"]).resolve()),
-          "base_model": cfg["base_model"], "experiment": cfg["mlflow"]["experiment"] or "herd",
-          "tracking_uri": absolute_tracking_uri(tracking_uri or cfg["mlflow"]["tracking_uri"])}
+    lc = {
+        "name": cfg["name"],
+        "seed": cfg["seed"],
+        "config_hash": chash,
+        "git_sha": git_sha(),
+        "workdir": str(Path(workdir or os.environ.get("HERD_RUN_DIR") or cfg["workdir"]).resolve()),
+        "base_model": cfg["base_model"],
+        "experiment": cfg["mlflow"]["experiment"] or "herd",
+        "tracking_uri": absolute_tracking_uri(tracking_uri or cfg["mlflow"]["tracking_uri"]),
+    }
     Path(lc["workdir"]).mkdir(parents=True, exist_ok=True)
     lc["experiment_id"] = ensure_experiment(lc["tracking_uri"], lc["experiment"])
     client = mlflow_client(lc["tracking_uri"])
-    parent = client.create_run(lc["experiment_id"], run_name=f"lifecycle-{cfg['name']}", tags={
-        "herd.stage": "lifecycle", "herd.lifecycle": cfg["name"], "herd.config_hash": chash,
-        "herd.git_sha": lc["git_sha"], "herd.force": ",".join(force), "herd.stages": ",".join(wires)})
+    parent = client.create_run(
+        lc["experiment_id"],
+        run_name=f"lifecycle-{cfg['name']}",
+        tags={
+            "herd.stage": "lifecycle",
+            "herd.lifecycle": cfg["name"],
+            "herd.config_hash": chash,
+            "herd.git_sha": lc["git_sha"],
+            "herd.force": ",".join(force),
+            "herd.stages": ",".join(wires),
+        },
+    )
     lc["parent_run_id"] = parent.info.run_id
     client.log_dict(lc["parent_run_id"], cfg, "lifecycle_config.yaml")
     base_lineage = {"config_hash": chash, "git_sha": lc["git_sha"], "parent_run_id": lc["parent_run_id"]}
-    log(f"lifecycle {cfg['name']}: run {lc['parent_run_id']} (config {chash[:12]}, git {lc['git_sha'][:12]}); "
-        f"stages: {' -> '.join(wires)}" + (f"; forced: {', '.join(sorted(forced))}" if forced else ""))
+    log(
+        f"lifecycle {cfg['name']}: run {lc['parent_run_id']} (config {chash[:12]}, git {lc['git_sha'][:12]}); "
+        f"stages: {' -> '.join(wires)}" + (f"; forced: {', '.join(sorted(forced))}" if forced else "")
+    )
 
     # Plan on the driver: every step whose inputs are known and whose key has a valid result is
     # cached; the first one that is not (and everything after it) goes to Ray.
@@ -110,8 +171,14 @@ def run_lifecycle(config: str | Path | dict, *, stages: dict[str, Stage] | None 
             continue
         inputs = {s: (results[u] if u else None) for s, u in slots.items()}
         st = stages[name]
-        key = step_key(name, cfg["stages"][name]["config"], cfg["stages"][name]["params"], inputs,
-                       code_version(st.code), cfg["seed"])
+        key = step_key(
+            name,
+            cfg["stages"][name]["config"],
+            cfg["stages"][name]["params"],
+            inputs,
+            code_version(st.code),
+            cfg["seed"],
+        )
         cached = find_cached(lc, key)
         if cached is None or not still_valid(st, cached):
             continue
@@ -132,15 +199,24 @@ def run_lifecycle(config: str | Path | dict, *, stages: dict[str, Stage] | None 
         raise
     finally:
         for name, r in results.items():
-            client.set_tag(lc["parent_run_id"], f"herd.step.{name}", f"{r['status']} {r['key'][:12]} {r.get('run_id') or ''}")
+            client.set_tag(
+                lc["parent_run_id"], f"herd.step.{name}", f"{r['status']} {r['key'][:12]} {r.get('run_id') or ''}"
+            )
         if status == "FINISHED":
             ran = sum(r["status"] == "ran" for r in results.values())
             client.log_metric(lc["parent_run_id"], "steps_ran", ran)
             client.log_metric(lc["parent_run_id"], "steps_cached", len(results) - ran)
             client.log_metric(lc["parent_run_id"], "seconds", time.perf_counter() - t0)
         client.set_terminated(lc["parent_run_id"], status)
-    return LifecycleResult(lc["parent_run_id"], chash, {n: results[n] for n in wires}, time.perf_counter() - t0, used_ray,
-                           lc["tracking_uri"], local_ray)
+    return LifecycleResult(
+        lc["parent_run_id"],
+        chash,
+        {n: results[n] for n in wires},
+        time.perf_counter() - t0,
+        used_ray,
+        lc["tracking_uri"],
+        local_ray,
+    )
 
 
 def ray_runtime_env() -> dict:
@@ -180,7 +256,8 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, lc, log) -> bool:
             opts["resources"] = res
         ups = [nodes[u] if u in nodes else results[u] for u in dict.fromkeys(u for u in wires[name].values() if u)]
         nodes[name] = remote.options(name=f"herd-{name}", **opts).bind(
-            stages[name], cfg["stages"][name], lc, wires[name], name in forced, *ups)
+            stages[name], cfg["stages"][name], lc, wires[name], name in forced, *ups
+        )
     import warnings
 
     with warnings.catch_warnings():  # Ray 2.60 marks classic DAG execute() deprecated in favour of compiled graphs
@@ -192,8 +269,11 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, lc, log) -> bool:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=30)
         if not done:
             names = list(pending.values())
-            log(f"  ... {names[0]} running" + (f", then {', '.join(names[1:])}" if names[1:] else "")
-                + f" ({time.perf_counter() - t0:.0f}s)")
+            log(
+                f"  ... {names[0]} running"
+                + (f", then {', '.join(names[1:])}" if names[1:] else "")
+                + f" ({time.perf_counter() - t0:.0f}s)"
+            )
             continue
         name = pending.pop(done[0])
         try:
@@ -202,8 +282,10 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, lc, log) -> bool:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             for other in list(pending):
                 ray.cancel(other)
-            raise HerdError(f"stage {name} failed: {type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}"
-                            "; rerun the same command to resume from it") from None
+            raise HerdError(
+                f"stage {name} failed: {type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}"
+                "; rerun the same command to resume from it"
+            ) from None
         r["lineage"] = {**r.get("lineage", {}), **base_lineage}
         results[name] = r
         log(f"  {name:<9} {r['status']:<7} {r['seconds']:.1f}s")

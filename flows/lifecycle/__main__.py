@@ -1,4 +1,5 @@
 """`python -m flows.lifecycle --config FILE` (the KubeRay RayJob's entrypoint) is `herd run`."""
+
 import sys
 
 from flows.cli import main

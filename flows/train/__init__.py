@@ -1,9 +1,10 @@
 """Pretraining (issue #4): the plain-torch core and its Ray Train driver.
 
-    from flows.train import run_pretrain
-    result = run_pretrain("configs/pretrain/default.yaml", data_dir="data/packed")
-    result.model_dir, result.metrics, result.mlflow_run_id
+from flows.train import run_pretrain
+result = run_pretrain("configs/pretrain/default.yaml", data_dir="data/packed")
+result.model_dir, result.metrics, result.mlflow_run_id
 """
+
 from flows.train.config import PretrainConfig, config_from_dict, load_config
 
 

@@ -17,6 +17,7 @@ files it wrote, rank 0 the rest, and rank 0 writes the manifest from all of them
 the folder, so a crash mid-write leaves no directory that looks complete. Restore checks every
 sha256 and falls back to the previous checkpoint (with a warning) when the newest is damaged.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,6 +67,7 @@ def _fsync_dir(path: Path) -> None:
 
 # --- RNG -------------------------------------------------------------------------------------
 
+
 def rng_state() -> dict:
     state = {
         "torch": torch.get_rng_state(),
@@ -88,6 +90,7 @@ def set_rng_state(state: dict) -> None:
 
 # --- write ---------------------------------------------------------------------------------
 
+
 def _hash_files(root: Path, rank: int) -> dict[str, str]:
     """sha256 of the files this rank wrote: its own DCP shards; rank 0 also every other file."""
     own = re.compile(rf"^__{rank}_\d+\.distcp$")
@@ -100,8 +103,19 @@ def _hash_files(root: Path, rank: int) -> dict[str, str]:
     return out
 
 
-def write_checkpoint(parent: str | Path, name: str, *, rank: int, model_state: dict, optimizer_state: dict,
-                     model_config, tokenizer, trainer_state: dict, rng_states: list, gather) -> Path:
+def write_checkpoint(
+    parent: str | Path,
+    name: str,
+    *,
+    rank: int,
+    model_state: dict,
+    optimizer_state: dict,
+    model_config,
+    tokenizer,
+    trainer_state: dict,
+    rng_states: list,
+    gather,
+) -> Path:
     """Write a checkpoint to `parent/name` (collective: every rank calls it with the same `name`;
     `gather(obj)` returns every rank's obj on rank 0). `model_state` and `optimizer_state` are
     this rank's (sharded) state dicts, from torch.distributed.checkpoint.state_dict. Returns the
@@ -147,8 +161,10 @@ def _rename(tmp: Path, final: Path) -> None:
 def prune(parent: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints (and stale temporary ones) in `parent`."""
     parent = Path(parent)
-    found = sorted((p for p in parent.iterdir() if p.is_dir() and step_of(p) is not None),
-                   key=lambda p: (step_of(p), p.stat().st_mtime))
+    found = sorted(
+        (p for p in parent.iterdir() if p.is_dir() and step_of(p) is not None),
+        key=lambda p: (step_of(p), p.stat().st_mtime),
+    )
     removed = found[:-keep] if keep > 0 else []
     removed += [p for p in parent.iterdir() if p.name.startswith(".tmp-")]
     for p in removed:
@@ -157,6 +173,7 @@ def prune(parent: str | Path, keep: int) -> list[Path]:
 
 
 # --- verify and restore ----------------------------------------------------------------------
+
 
 def verify(path: str | Path) -> str | None:
     """None when the checkpoint is complete and every checksum matches, else what is wrong."""
@@ -199,8 +216,9 @@ def select_valid(paths: list[Path], warn=True) -> tuple[Path | None, list[str]]:
         if problem is None:
             return p, messages
         nxt = paths[i + 1].name if i + 1 < len(paths) else None
-        msg = (f"checkpoint {p} is corrupt ({problem}); "
-               + (f"falling back to the previous checkpoint {nxt}" if nxt else "no earlier checkpoint to fall back to"))
+        msg = f"checkpoint {p} is corrupt ({problem}); " + (
+            f"falling back to the previous checkpoint {nxt}" if nxt else "no earlier checkpoint to fall back to"
+        )
         messages.append(msg)
         if warn:
             warnings.warn(msg, CheckpointWarning, stacklevel=2)
@@ -210,8 +228,11 @@ def select_valid(paths: list[Path], warn=True) -> tuple[Path | None, list[str]]:
 def load_trainer(path: str | Path) -> dict:
     """The trainer state and RNG states of a verified checkpoint (the sharded parts: load_sharded)."""
     path = Path(path)
-    return {"trainer": json.loads((path / "trainer.json").read_text()),
-            "rng": torch.load(path / "rng.pt", weights_only=True)["ranks"], "path": str(path)}
+    return {
+        "trainer": json.loads((path / "trainer.json").read_text()),
+        "rng": torch.load(path / "rng.pt", weights_only=True)["ranks"],
+        "path": str(path),
+    }
 
 
 def load_sharded(path: str | Path, model_state: dict, optimizer_state: dict) -> None:

@@ -3,6 +3,7 @@
 Every section is a dataclass; an unknown key or a value of the wrong type is a HerdError
 naming the key (`pretrain config: unknown key 'optimizer.lr_max'`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -113,7 +114,9 @@ class GuardSection:
     min_window: int = 5  # good steps needed before a spike can be called
     max_bad_steps: int = 3  # bad (skipped) steps in a row that roll back
     max_rollbacks: int = 5  # then the run fails: the data or the settings are wrong, not one batch
-    hang_factor: float = 10.0  # a step longer than this x the median step fails the worker (Ray Train restarts it); 0: off
+    hang_factor: float = (
+        10.0  # a step longer than this x the median step fails the worker (Ray Train restarts it); 0: off
+    )
     hang_min_s: float = 300.0  # ... and longer than this
     hang_min_steps: int = 3  # finished steps before the watchdog is armed (first steps compile, warm up)
 
@@ -163,8 +166,10 @@ class PretrainConfig(StageConfig):
             (t.steps >= 1, "training.steps must be >= 1"),
             (t.micro_batch >= 1 and t.grad_accum >= 1, "training.micro_batch and grad_accum must be >= 1"),
             (t.precision in ("auto", "bf16", "fp32"), "training.precision must be auto, bf16 or fp32"),
-            (t.activation_checkpointing in ("none", "full", "selective"),
-             "training.activation_checkpointing must be none, full or selective"),
+            (
+                t.activation_checkpointing in ("none", "full", "selective"),
+                "training.activation_checkpointing must be none, full or selective",
+            ),
             (t.loss_chunk >= 0, "training.loss_chunk must be >= 0 (0: automatic)"),
             (o.lr > 0, "optimizer.lr must be > 0"),
             (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)"),
@@ -180,18 +185,28 @@ class PretrainConfig(StageConfig):
             (p.pp >= 1 and p.virtual_stages >= 1, "parallel.pp and parallel.virtual_stages must be >= 1"),
             (p.virtual_stages == 1 or p.pp > 1, "parallel.virtual_stages > 1 needs parallel.pp > 1"),
             (p.microbatches >= 0, "parallel.microbatches must be >= 0 (0: parallel.pp)"),
-            (p.pp == 1 or (t.micro_batch * t.grad_accum) % (p.microbatches or p.pp) == 0,
-             "parallel.microbatches (0: pp) must divide training.micro_batch x training.grad_accum"),
+            (
+                p.pp == 1 or (t.micro_batch * t.grad_accum) % (p.microbatches or p.pp) == 0,
+                "parallel.microbatches (0: pp) must divide training.micro_batch x training.grad_accum",
+            ),
             (self.checkpoint.every >= 1, "checkpoint.every must be >= 1"),
             (self.checkpoint.keep >= 2, "checkpoint.keep must be >= 2 (a corrupt newest checkpoint needs a fallback)"),
             (self.eval.every >= 0 and self.eval.batches >= 1, "eval.every must be >= 0, eval.batches >= 1"),
             (self.logging.every >= 1, "logging.every must be >= 1"),
             (self.ray.workers >= 1, "ray.workers must be >= 1"),
             (self.ray.max_failures >= -1, "ray.max_failures must be >= -1 (-1: unlimited)"),
-            (self.guard.spike_zscore >= 0 and self.guard.hang_factor >= 0, "guard.spike_zscore and guard.hang_factor must be >= 0 (0: off)"),
-            (self.guard.window >= 2 and 2 <= self.guard.min_window <= self.guard.window,
-             "guard.window must be >= 2 and guard.min_window in [2, guard.window]"),
-            (self.guard.max_bad_steps >= 1 and self.guard.max_rollbacks >= 0, "guard.max_bad_steps must be >= 1, guard.max_rollbacks >= 0"),
+            (
+                self.guard.spike_zscore >= 0 and self.guard.hang_factor >= 0,
+                "guard.spike_zscore and guard.hang_factor must be >= 0 (0: off)",
+            ),
+            (
+                self.guard.window >= 2 and 2 <= self.guard.min_window <= self.guard.window,
+                "guard.window must be >= 2 and guard.min_window in [2, guard.window]",
+            ),
+            (
+                self.guard.max_bad_steps >= 1 and self.guard.max_rollbacks >= 0,
+                "guard.max_bad_steps must be >= 1, guard.max_rollbacks >= 0",
+            ),
         ]
         self.check(checks)
 

@@ -8,6 +8,7 @@ the `micro_batch` rows starting at `(m * dp_size + r) * micro_batch`. The cursor
 consumed so far) is the whole read position, so a resumed run reads exactly the rows that the
 interrupted one had not, and the stream is the same whatever the number of workers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,10 @@ class Batch:
     targets: torch.Tensor  # int64 next tokens, IGNORE where no loss applies
     weights: torch.Tensor  # float32 loss weight per target: 1 / (valid targets in the global batch), 0 elsewhere
 
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.positions, self.targets, self.weights)))
+    def to(self, device) -> Batch:
+        return Batch(
+            *(t.to(device, non_blocking=True) for t in (self.tokens, self.positions, self.targets, self.weights))
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -63,8 +66,17 @@ def rows_to_batch(tokens: np.ndarray, positions: np.ndarray) -> tuple[torch.Tens
 class PackedData:
     """Global-batch reader over one split; `state_dict()` is the resumable read position."""
 
-    def __init__(self, directory: str | Path, split: str, micro_batch: int, grad_accum: int = 1,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        split: str,
+        micro_batch: int,
+        grad_accum: int = 1,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir)
         if split not in self.manifest["splits"]:
@@ -147,18 +159,32 @@ class PackedData:
 
     # --- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.cursor // max(self.num_rows, 1), "seed": self.seed,
-                "shuffle": self.shuffle, "num_rows": self.num_rows, "split": self.split}
+        return {
+            "cursor": self.cursor,
+            "epoch": self.cursor // max(self.num_rows, 1),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_rows": self.num_rows,
+            "split": self.split,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_rows") not in (None, self.num_rows):
-            raise HerdError(f"{self.dir}: the checkpoint's data had {state['num_rows']} rows, this split has "
-                            f"{self.num_rows}: resume with the same data")
+            raise HerdError(
+                f"{self.dir}: the checkpoint's data had {state['num_rows']} rows, this split has "
+                f"{self.num_rows}: resume with the same data"
+            )
         self.cursor = int(state["cursor"])
 
 
-def pack_documents(texts: list[str], out_dir: str | Path, tokenizer: str = "llama3", seq_len: int = 128,
-                   validation_every: int = 50, per_shard: int = 256) -> Path:
+def pack_documents(
+    texts: list[str],
+    out_dir: str | Path,
+    tokenizer: str = "llama3",
+    seq_len: int = 128,
+    validation_every: int = 50,
+    per_shard: int = 256,
+) -> Path:
     """Tokenize and pack documents in-process into herd's shard format (same manifest fields
     as `herd data prep`): every `validation_every`-th document goes to validation. For tests
     and benchmarks; the data pipeline proper is `herd data prep`."""
@@ -174,10 +200,19 @@ def pack_documents(texts: list[str], out_dir: str | Path, tokenizer: str = "llam
     for i, ids in enumerate(tok.encode_batch(list(texts), eos=True)):
         writers["validation" if validation_every and i % validation_every == validation_every - 1 else "train"].add(ids)
     manifest = {
-        "format": FORMAT, "seq_len": seq_len, "token_dtype": "uint32", "position_dtype": np.dtype(POSITION_DTYPE).name,
-        "pad_position": PAD_POSITION, "pad_token": tok.eos_id,
-        "tokenizer": {"name": tok.name, "spec": tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                      "bos_id": tok.bos_id},
+        "format": FORMAT,
+        "seq_len": seq_len,
+        "token_dtype": "uint32",
+        "position_dtype": np.dtype(POSITION_DTYPE).name,
+        "pad_position": PAD_POSITION,
+        "pad_token": tok.eos_id,
+        "tokenizer": {
+            "name": tok.name,
+            "spec": tokenizer,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+        },
         "split": {"by": "document", "validation_every": validation_every},
         "splits": {s: w.close() for s, w in writers.items()},
         "input": {"documents": len(texts)},

@@ -13,6 +13,7 @@
   finished steps (and at least `hang_min_s`), dumps every thread's stack to the log and ends the
   worker process, so that Ray Train restarts the group from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -25,9 +26,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -61,8 +62,10 @@ class StepGuard:
         z = self.zscore(loss)
         if self.spike_zscore and z is not None and z > self.spike_zscore:
             self.bad_run.append(step)
-            return Verdict("rollback", f"loss spike: {loss:.4f} is {z:.1f} standard deviations above the last "
-                                       f"{len(self.losses)} steps' mean")
+            return Verdict(
+                "rollback",
+                f"loss spike: {loss:.4f} is {z:.1f} standard deviations above the last {len(self.losses)} steps' mean",
+            )
         self.bad_run.clear()
         self.losses.append(loss)
         while len(self.losses) > self.window:
@@ -96,14 +99,21 @@ def nonfinite_across_ranks(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch
     """1.0 on every rank when any rank saw a non-finite loss or gradient norm, else 0.0."""
     import torch.distributed as dist
 
-    flag = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(torch.as_tensor(grad_norm).detach().float()
-                                                                       .to(loss.device))).float().reshape(1)
+    flag = (
+        (
+            ~torch.isfinite(loss.detach().float())
+            | ~torch.isfinite(torch.as_tensor(grad_norm).detach().float().to(loss.device))
+        )
+        .float()
+        .reshape(1)
+    )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag
 
 
 # --- the last good state ---------------------------------------------------------------------
+
 
 def _to_host(obj):
     if isinstance(obj, torch.Tensor):
@@ -125,13 +135,19 @@ class Snapshot:
     rng: dict
 
     @classmethod
-    def take(cls, step: int, params: list[torch.Tensor], optimizer, scheduler, data, rng: dict) -> "Snapshot":
+    def take(cls, step: int, params: list[torch.Tensor], optimizer, scheduler, data, rng: dict) -> Snapshot:
         import copy
 
         with torch.no_grad():
             host = [p.detach().to("cpu", copy=True) for p in params]
-        return cls(step, host, _to_host(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict()),
-                   copy.deepcopy(data.state_dict()), rng)
+        return cls(
+            step,
+            host,
+            _to_host(optimizer.state_dict()),
+            copy.deepcopy(scheduler.state_dict()),
+            copy.deepcopy(data.state_dict()),
+            rng,
+        )
 
     def restore(self, params: list[torch.Tensor], optimizer, scheduler, data) -> None:
         import copy
@@ -146,6 +162,7 @@ class Snapshot:
 
 # --- hangs -----------------------------------------------------------------------------------
 
+
 def kill_self() -> None:
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -155,8 +172,16 @@ class HangWatchdog:
     """Watches the steps of one worker from a daemon thread. Armed from the `min_steps`-th
     finished step on: a step running past max(hang_min_s, factor x median step time) fires."""
 
-    def __init__(self, factor: float, min_s: float, min_steps: int = 3, on_fire: Callable[[dict], None] | None = None,
-                 rank: int = 0, run_dir: Path | None = None, poll_s: float = 0.05):
+    def __init__(
+        self,
+        factor: float,
+        min_s: float,
+        min_steps: int = 3,
+        on_fire: Callable[[dict], None] | None = None,
+        rank: int = 0,
+        run_dir: Path | None = None,
+        poll_s: float = 0.05,
+    ):
         self.factor, self.min_s, self.min_steps = factor, min_s, min_steps
         self.rank, self.run_dir, self.poll_s = rank, run_dir, poll_s
         self.on_fire = on_fire
@@ -197,12 +222,22 @@ class HangWatchdog:
             return
 
     def _fire(self, step: int, elapsed: float, limit: float) -> None:
-        event = {"event": "hang", "rank": self.rank, "step": step, "seconds": round(elapsed, 2),
-                 "limit_s": round(limit, 2), "median_s": round(statistics.median(self.times), 4),
-                 "pid": os.getpid(), "time": time.time()}
-        print(f"herd train: hang watchdog: rank {self.rank} step {step} has run {elapsed:.1f}s (limit {limit:.1f}s "
-              f"= max({self.min_s}, {self.factor} x median {event['median_s']}s)); every thread's stack:",
-              file=sys.stderr, flush=True)
+        event = {
+            "event": "hang",
+            "rank": self.rank,
+            "step": step,
+            "seconds": round(elapsed, 2),
+            "limit_s": round(limit, 2),
+            "median_s": round(statistics.median(self.times), 4),
+            "pid": os.getpid(),
+            "time": time.time(),
+        }
+        print(
+            f"herd train: hang watchdog: rank {self.rank} step {step} has run {elapsed:.1f}s (limit {limit:.1f}s "
+            f"= max({self.min_s}, {self.factor} x median {event['median_s']}s)); every thread's stack:",
+            file=sys.stderr,
+            flush=True,
+        )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         if self.run_dir is not None:
             with open(Path(self.run_dir) / EVENTS_FILE, "a") as f:
@@ -220,6 +255,7 @@ def read_events(run_dir: Path, kind: str) -> list[dict]:
 
 
 # --- what the loop holds -----------------------------------------------------------------------
+
 
 class LoopGuard:
     """The loop's side of error handling: one per training attempt (flows/train/loop.py).
@@ -240,8 +276,9 @@ class LoopGuard:
         self.reason = ""
         self.watchdog = None
         if g.hang_factor and rt.restartable:  # a killed worker is only useful when something restarts it
-            self.watchdog = HangWatchdog(g.hang_factor, g.hang_min_s, g.hang_min_steps, on_fire=self._hang,
-                                         rank=rt.rank, run_dir=rt.run_dir)
+            self.watchdog = HangWatchdog(
+                g.hang_factor, g.hang_min_s, g.hang_min_steps, on_fire=self._hang, rank=rt.rank, run_dir=rt.run_dir
+            )
 
     def _log(self, metrics: dict, step: int, tag: tuple[str, str] | None = None) -> None:
         if self.rt.rank == 0 and self.rt.logger:
@@ -285,15 +322,18 @@ class LoopGuard:
         from model.errors import HerdError
 
         if self.judge_.rollbacks >= self.g.max_rollbacks:
-            raise HerdError(f"training keeps failing: {self.reason}, after {self.judge_.rollbacks} rollbacks "
-                            f"(guard.max_rollbacks)")
+            raise HerdError(
+                f"training keeps failing: {self.reason}, after {self.judge_.rollbacks} rollbacks (guard.max_rollbacks)"
+            )
         offending = self.judge_.rolled_back()
         self.snapshot.restore(params, optimizer, scheduler, data)
         ckpt.set_rng_state(self.snapshot.rng)
         self.skip_steps.update(offending)
         n = self.judge_.rollbacks
-        what = (f"{self.reason}: rolled back to step {self.snapshot.step}; the batches of steps "
-                f"{', '.join(map(str, offending))} will be skipped")
+        what = (
+            f"{self.reason}: rolled back to step {self.snapshot.step}; the batches of steps "
+            f"{', '.join(map(str, offending))} will be skipped"
+        )
         self._say(f"rollback {n}: {what}")
         self._log({"rollbacks": n}, offending[-1], (f"herd.rollback.{n}", what))
         if self.watchdog:
@@ -314,18 +354,26 @@ class LoopGuard:
             self.watchdog.stop()
 
     def metrics(self) -> dict:
-        return {"skipped_steps": self.judge_.skipped, "rollbacks": self.judge_.rollbacks,
-                "skipped_batches": self.skipped_batches}
+        return {
+            "skipped_steps": self.judge_.skipped,
+            "rollbacks": self.judge_.rollbacks,
+            "skipped_batches": self.skipped_batches,
+        }
 
 
 # --- fault injection (tests; FaultSection in flows/train/config.py) -----------------------------
+
 
 def inject_inf_grad(f, rank: int, world: int, step: int, params) -> None:
     if f.inf_grad_at_step == step and rank == (f.rank if world > 1 else 0):
         p = next(p for p in params if p.grad is not None)
         with torch.no_grad():
             p.grad.view(-1)[0] = float("inf")
-        print(f"herd train: fault injection: rank {rank} set a gradient to inf at step {step}", file=sys.stderr, flush=True)
+        print(
+            f"herd train: fault injection: rank {rank} set a gradient to inf at step {step}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def inject_spike(f, step: int, total: torch.Tensor) -> torch.Tensor:

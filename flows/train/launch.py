@@ -4,6 +4,7 @@ Used by tests (DDP vs FSDP vs TP numerics without Ray's start-up cost) and by
 `herd pretrain --local`. Checkpoints go straight to `out_dir/checkpoints` (atomic rename,
 last K kept); restart by running again with the same `out_dir`.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_runtime(cfg: PretrainConfig, rank: int, world_size: int, out_dir: Path, device: torch.device,
-                  logger=None) -> Runtime:
+def local_runtime(
+    cfg: PretrainConfig, rank: int, world_size: int, out_dir: Path, device: torch.device, logger=None
+) -> Runtime:
     root = Path(out_dir) / "checkpoints"
 
     def persist(path, metrics, step):
@@ -39,12 +41,30 @@ def local_runtime(cfg: PretrainConfig, rank: int, world_size: int, out_dir: Path
         found = ckpt.candidates(root)
         return (found[0], root) if found else None
 
-    return Runtime(rank=rank, world_size=world_size, local_rank=rank, device=device, persist=persist,
-                   latest=latest, staging_dir=root, run_dir=Path(out_dir), logger=logger)
+    return Runtime(
+        rank=rank,
+        world_size=world_size,
+        local_rank=rank,
+        device=device,
+        persist=persist,
+        latest=latest,
+        staging_dir=root,
+        run_dir=Path(out_dir),
+        logger=logger,
+    )
 
 
-def _worker(rank: int, world_size: int, port: int, cfg: PretrainConfig, out_dir: str, result_file: str,
-            threads: int, train_fn, train_kwargs) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    cfg: PretrainConfig,
+    out_dir: str,
+    result_file: str,
+    threads: int,
+    train_fn,
+    train_kwargs,
+) -> None:
     torch.set_num_threads(threads)
     use_cuda = cfg.ray.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
@@ -62,8 +82,14 @@ def _worker(rank: int, world_size: int, port: int, cfg: PretrainConfig, out_dir:
         dist.destroy_process_group()
 
 
-def run_local(cfg: PretrainConfig, workers: int, out_dir: str | Path, threads: int | None = None,
-              train_fn=None, train_kwargs: dict | None = None) -> TrainResult:
+def run_local(
+    cfg: PretrainConfig,
+    workers: int,
+    out_dir: str | Path,
+    threads: int | None = None,
+    train_fn=None,
+    train_kwargs: dict | None = None,
+) -> TrainResult:
     """Train with `workers` local processes; returns rank 0's TrainResult."""
     import torch.multiprocessing as mp
 

@@ -7,6 +7,7 @@ source (`next_step() -> [micro-batch]`, `eval_batches(n)`, `state_dict()`,
 (flows/train/losses.py states the weighting contract). `LossOutput.metrics` (floats) are
 averaged over the step's micro-batches on rank 0 and logged with the step's metrics.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,10 +15,10 @@ import math
 import random
 import sys
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +88,7 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
 
 # --- model construction ----------------------------------------------------------------------
 
+
 def build_model(cfg: PretrainConfig):
     """(model, tokenizer). From scratch (preset + overrides): the model on the meta device, no
     memory; the loop shards it, then allocates and draws each rank's shards (seeded by
@@ -100,7 +102,6 @@ def build_model(cfg: PretrainConfig):
     m = cfg.model
     if m.init_from:
         from model.checkpoint import load_model
-
         from model.sources import resolve_model
 
         path = resolve_model(m.init_from)
@@ -129,9 +130,11 @@ def default_task(cfg: PretrainConfig, dp_rank: int, dp_size: int, vocab_size: in
     train = PackedData(cfg.data.dir, "train", t.micro_batch, t.grad_accum, dp_rank, dp_size, cfg.seed, cfg.data.shuffle)
     vocab = int(train.manifest.get("tokenizer", {}).get("vocab_size", 0))
     if vocab > vocab_size:
-        raise HerdError(f"{cfg.data.dir}: tokenized with {train.manifest['tokenizer'].get('name')} "
-                        f"({vocab} tokens) but the model has {vocab_size}; prepare the data with the model's "
-                        f"tokenizer (pack.tokenizer) or set data.retokenize: true")
+        raise HerdError(
+            f"{cfg.data.dir}: tokenized with {train.manifest['tokenizer'].get('name')} "
+            f"({vocab} tokens) but the model has {vocab_size}; prepare the data with the model's "
+            f"tokenizer (pack.tokenizer) or set data.retokenize: true"
+        )
     val = None
     if train.manifest["splits"].get("validation", {}).get("sequences", 0) and cfg.eval.every:
         val = PackedData(cfg.data.dir, "validation", t.micro_batch, 1, dp_rank, dp_size, cfg.seed, False)
@@ -139,6 +142,7 @@ def default_task(cfg: PretrainConfig, dp_rank: int, dp_size: int, vocab_size: in
 
 
 # --- distributed helpers ---------------------------------------------------------------------
+
 
 def _all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -169,6 +173,7 @@ def _barrier():
 
 # --- state dicts -----------------------------------------------------------------------------
 
+
 def sharded_state(par, optimizer) -> tuple[dict, dict]:
     """This rank's model and optimizer state dicts (DTensor shards under FSDP2 / TP), keyed by
     herd's parameter names: what torch.distributed.checkpoint writes and reads in place."""
@@ -187,6 +192,7 @@ def load_sharded_state(par, optimizer, path: str) -> None:
 
 # --- the loop --------------------------------------------------------------------------------
 
+
 def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_builder=build_model) -> TrainResult:
     from flows.train.optim import build_optimizer, build_scheduler
     from flows.train.parallelize import clip_grad_norm_, parallelize
@@ -201,18 +207,36 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
     p = cfg.parallel
     if p.pp > 1 and task is not None:
         raise HerdError("parallel.pp > 1 runs pretraining's causal LM loss only (its last stage computes it)")
-    par = parallelize(model, device=dev, world_size=rt.world_size, strategy=p.strategy, tp=p.tp, pp=p.pp,
-                      virtual_stages=p.virtual_stages, microbatches=p.microbatches, loss_chunk=t.loss_chunk,
-                      activation_checkpointing=t.activation_checkpointing, compile=t.compile, bf16=bf16,
-                      reshard_after_forward=p.reshard_after_forward, seed=cfg.seed)
+    par = parallelize(
+        model,
+        device=dev,
+        world_size=rt.world_size,
+        strategy=p.strategy,
+        tp=p.tp,
+        pp=p.pp,
+        virtual_stages=p.virtual_stages,
+        microbatches=p.microbatches,
+        loss_chunk=t.loss_chunk,
+        activation_checkpointing=t.activation_checkpointing,
+        compile=t.compile,
+        bf16=bf16,
+        reshard_after_forward=p.reshard_after_forward,
+        seed=cfg.seed,
+    )
     if par.pipeline is not None and rt.rank == 0:
         print(f"herd pretrain: {par.pipeline.describe()}", flush=True)
         if rt.logger:
             rt.logger.tag("herd.pipeline_bubble", f"{par.pipeline.bubble:.4f}")
     o, s = cfg.optimizer, cfg.schedule
     optimizer = build_optimizer(par.model, o.lr, o.betas, o.eps, o.weight_decay, o.no_decay, o.fused)
-    scheduler = build_scheduler(optimizer, kind=s.kind, total=t.steps, warmup=s.warmup_steps,
-                                min_ratio=s.min_lr_ratio, decay_fraction=s.decay_fraction)
+    scheduler = build_scheduler(
+        optimizer,
+        kind=s.kind,
+        total=t.steps,
+        warmup=s.warmup_steps,
+        min_ratio=s.min_lr_ratio,
+        decay_fraction=s.decay_fraction,
+    )
     task = task or default_task(cfg, par.dp_rank, par.dp_size, model_config.vocab_size)
     # FSDP2 with bf16 gathers params in bf16 (no autocast); DDP / single process autocast.
     use_autocast = bf16 and par.param_dtype is None
@@ -271,8 +295,11 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
             rt.logger.metrics(val, 0)
     # Error handling (flows/train/guard.py): each step is judged before the optimizer sees it.
     start_step, loss = step, float("nan")
-    guard = LoopGuard(cfg.guard, rt, step, params, optimizer, scheduler, task.train_data,
-                      ckpt.rng_state()) if cfg.guard.enabled else None
+    guard = (
+        LoopGuard(cfg.guard, rt, step, params, optimizer, scheduler, task.train_data, ckpt.rng_state())
+        if cfg.guard.enabled
+        else None
+    )
     try:
         while step < t.steps:
             t0 = time.perf_counter()
@@ -295,7 +322,7 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
                 action = guard.judge(step + 1, total, grad_norm) if guard else "ok"
                 if action == "rollback":
                     step = guard.rollback(params, optimizer, scheduler, task.train_data)
-                    del losses[max(0, step - start_step):]
+                    del losses[max(0, step - start_step) :]
                     continue
                 if action == "ok":
                     optimizer.step()
@@ -314,13 +341,20 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
 
             if step % cfg.logging.every == 0 or step == t.steps:
                 tps = window_tokens / window_time if window_time else 0.0
-                last_metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                                "tokens_per_s_per_device": tps / rt.world_size,
-                                "step_time_s": window_time / max(1, cfg.logging.every),
-                                "mfu": tps * flops_tok / (peak * rt.world_size) if flops_tok else 0.0,
-                                "tokens_seen": step * global_tokens, **memory_gb(dev), **initial,
-                                **(guard.metrics() if guard else {}),
-                                **{k: sum(v) / len(v) for k, v in loss_metrics.items()}}
+                last_metrics = {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tps,
+                    "tokens_per_s_per_device": tps / rt.world_size,
+                    "step_time_s": window_time / max(1, cfg.logging.every),
+                    "mfu": tps * flops_tok / (peak * rt.world_size) if flops_tok else 0.0,
+                    "tokens_seen": step * global_tokens,
+                    **memory_gb(dev),
+                    **initial,
+                    **(guard.metrics() if guard else {}),
+                    **{k: sum(v) / len(v) for k, v in loss_metrics.items()},
+                }
                 window_time, window_tokens = 0.0, 0
                 if rt.rank == 0 and rt.logger:
                     rt.logger.metrics(last_metrics, step)
@@ -330,8 +364,18 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
                 if rt.rank == 0 and rt.logger:
                     rt.logger.metrics(val, step)
             if step % cfg.checkpoint.every == 0 or step == t.steps:
-                last_persisted = save(cfg, rt, par, optimizer, scheduler, task, step, model_config, tokenizer,
-                                      {**last_metrics, "loss": loss})
+                last_persisted = save(
+                    cfg,
+                    rt,
+                    par,
+                    optimizer,
+                    scheduler,
+                    task,
+                    step,
+                    model_config,
+                    tokenizer,
+                    {**last_metrics, "loss": loss},
+                )
                 if guard:
                     guard.saved(step, params, optimizer, scheduler, task.train_data, ckpt.rng_state())
             inject_kill(cfg.fault, rt.rank, step, rt.run_dir)
@@ -339,8 +383,13 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
         if guard:
             guard.close()
 
-    final = {**initial, **last_metrics, **(guard.metrics() if guard else {}),
-             "loss": losses[-1] if losses else float("nan"), "step": step}
+    final = {
+        **initial,
+        **last_metrics,
+        **(guard.metrics() if guard else {}),
+        "loss": losses[-1] if losses else float("nan"),
+        "step": step,
+    }
     return TrainResult(step, final["loss"], final, last_persisted, resumed_from, warn_msgs, losses)
 
 
@@ -388,13 +437,27 @@ def save(cfg, rt: Runtime, par, optimizer, scheduler, task, step, model_config, 
     """Every rank writes its shards (collective); persisted as one checkpoint."""
     model_state, optim_state = sharded_state(par, optimizer)
     rngs = _gather_objects(ckpt.rng_state(), rt.world_size)
-    trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "data": task.train_data.state_dict(),
-                     "world_size": rt.world_size, "metrics": {k: float(v) for k, v in metrics.items()},
-                     "config_name": cfg.name, "seed": cfg.seed}
+    trainer_state = {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "data": task.train_data.state_dict(),
+        "world_size": rt.world_size,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "config_name": cfg.name,
+        "seed": cfg.seed,
+    }
     name = _broadcast_object(ckpt.checkpoint_name(step, f"{int(time.time() * 1000) % 10**10:010d}"), rt.rank)
-    path = ckpt.write_checkpoint(rt.staging_dir, name, rank=rt.rank, model_state=model_state,
-                                 optimizer_state=optim_state, model_config=model_config, tokenizer=tokenizer,
-                                 trainer_state=trainer_state, rng_states=rngs,
-                                 gather=lambda obj: _gather_objects(obj, rt.world_size))
+    path = ckpt.write_checkpoint(
+        rt.staging_dir,
+        name,
+        rank=rt.rank,
+        model_state=model_state,
+        optimizer_state=optim_state,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        trainer_state=trainer_state,
+        rng_states=rngs,
+        gather=lambda obj: _gather_objects(obj, rt.world_size),
+    )
     del model_state, optim_state
     return rt.persist(path, {**metrics, "step": step}, step) if rt.persist else str(path)

@@ -7,6 +7,7 @@ batch for language modelling). The loop backpropagates `loss * dp_size` (DDP and
 gradients over ranks) and reports the all-reduced sum. Post-training (SFT, DPO, PPO) plugs in
 its own batch source and loss function with the same contract.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -116,12 +117,18 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("FusedLinearCrossEntropy: a second backward through the same loss is not supported")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
-        return (grad_h.mul_(grad_out) if grad_h is not None else None,
-                grad_w.mul_(grad_out) if grad_w is not None else None, None, None, None)
+        return (
+            grad_h.mul_(grad_out) if grad_h is not None else None,
+            grad_w.mul_(grad_out) if grad_w is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
-def fused_linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                               chunk: int = 0) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, chunk: int = 0
+) -> torch.Tensor:
     """h (..., D), w (V, D), targets (...) with negatives ignored, weights (...): weighted CE sum."""
     d = h.shape[-1]
     if chunk <= 0:

@@ -5,6 +5,7 @@ MFU = achieved model flops / peak flops, with flops per token counted as torchti
 The peak comes from a table of GPU datasheet numbers (dense bf16 tensor-core flops); on a CPU
 (or an unknown GPU) it is measured with a large matmul in the training dtype.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,9 @@ def gpu_peak_flops(name: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=8)
-def measured_matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, n: int = 1024,
-                          seconds: float = 0.5) -> float:
+def measured_matmul_flops(
+    device: str = "cpu", dtype: torch.dtype = torch.bfloat16, n: int = 1024, seconds: float = 0.5
+) -> float:
     """Best matmul throughput of an (n x n) @ (n x n) product on this device, in flop/s."""
     dev = torch.device(device)
     a = torch.randn(n, n, device=dev).to(dtype)
@@ -74,8 +76,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 def memory_gb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
-        return {"memory_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-                "memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+        return {
+            "memory_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
     try:
         import psutil
 

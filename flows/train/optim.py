@@ -1,4 +1,5 @@
 """AdamW with per-group weight decay, and the learning-rate schedules (pure functions of the step)."""
+
 from __future__ import annotations
 
 import functools
@@ -41,8 +42,9 @@ def _fused_ok(model: nn.Module) -> bool:
     return devices == {"cpu"} and not any(isinstance(p, DTensor) for p in params)
 
 
-def build_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                    no_decay: list[str], fused: str = "auto") -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, betas, eps: float, weight_decay: float, no_decay: list[str], fused: str = "auto"
+) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay, no_decay)
     from torch.distributed.tensor import DTensor
 
@@ -71,8 +73,10 @@ def lr_ratio(step: int, *, kind: str, total: int, warmup: int, min_ratio: float,
     return 1.0 - (1 - min_ratio) * progress
 
 
-def build_scheduler(optimizer, *, kind: str, total: int, warmup: int, min_ratio: float,
-                    decay_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
-    fn = functools.partial(lr_ratio, kind=kind, total=total, warmup=warmup, min_ratio=min_ratio,
-                           decay_fraction=decay_fraction)
+def build_scheduler(
+    optimizer, *, kind: str, total: int, warmup: int, min_ratio: float, decay_fraction: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = functools.partial(
+        lr_ratio, kind=kind, total=total, warmup=warmup, min_ratio=min_ratio, decay_fraction=decay_fraction
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

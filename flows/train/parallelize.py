@@ -9,6 +9,7 @@ Mesh: world = dp x tp, dims ("dp", "tp"); with pipeline stages world = pp x dp x
 pipeline ranks are the outermost dim (stages may sit on different nodes). flows/train/pipeline.py
 cuts `model.layers` into stages (torch.distributed.pipelining, 1F1B or interleaved 1F1B).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,8 +78,10 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
     cfg = model.config
     tp = tp_mesh.size()
     if cfg.n_heads % tp or cfg.n_kv_heads % tp or cfg.ffn_hidden_dim % tp:
-        raise HerdError(f"parallel.tp={tp} must divide n_heads ({cfg.n_heads}), n_kv_heads ({cfg.n_kv_heads}) "
-                        f"and ffn_hidden_dim ({cfg.ffn_hidden_dim})")
+        raise HerdError(
+            f"parallel.tp={tp} must divide n_heads ({cfg.n_heads}), n_kv_heads ({cfg.n_kv_heads}) "
+            f"and ffn_hidden_dim ({cfg.ffn_hidden_dim})"
+        )
     plan = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
@@ -98,9 +101,15 @@ def _selective_policy():
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
-    save = {aten.mm.default, aten.addmm.default, aten.bmm.default,
-            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
-            aten._scaled_dot_product_cudnn_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default}
+    save = {
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+    }
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
@@ -142,10 +151,23 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype, reshard_after_forward: bo
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
 
 
-def parallelize(model: nn.Module, *, device: torch.device, world_size: int, strategy: str, tp: int = 1,
-                pp: int = 1, virtual_stages: int = 1, microbatches: int = 0, loss_chunk: int = 0,
-                activation_checkpointing: str = "none", compile: bool = False, bf16: bool = False,
-                reshard_after_forward: bool = True, seed: int | None = 0) -> Parallelized:
+def parallelize(
+    model: nn.Module,
+    *,
+    device: torch.device,
+    world_size: int,
+    strategy: str,
+    tp: int = 1,
+    pp: int = 1,
+    virtual_stages: int = 1,
+    microbatches: int = 0,
+    loss_chunk: int = 0,
+    activation_checkpointing: str = "none",
+    compile: bool = False,
+    bf16: bool = False,
+    reshard_after_forward: bool = True,
+    seed: int | None = 0,
+) -> Parallelized:
     """Shard/replicate `model` (on `device`, fp32; or on the meta device) over `world_size` ranks
     (process group up). A model on the meta device is allocated once sharded (before DDP, which
     replicates it) and drawn from `seed` (materialize): no rank holds more than its shards.
@@ -189,8 +211,16 @@ def parallelize(model: nn.Module, *, device: torch.device, world_size: int, stra
     if pp > 1 and not on_meta:
         from flows.train.pipeline import Pipeline
 
-        pipeline = Pipeline(stages, stage_ids, pp, virtual_stages, microbatches or pp, mesh["pp"].get_group(), device,
-                            grad_scale=dp_size)
+        pipeline = Pipeline(
+            stages,
+            stage_ids,
+            pp,
+            virtual_stages,
+            microbatches or pp,
+            mesh["pp"].get_group(),
+            device,
+            grad_scale=dp_size,
+        )
     return Parallelized(module, model, mesh, dp_rank, dp_size, strategy, param_dtype, pipeline)
 
 

@@ -16,6 +16,7 @@ Each stage is its own FSDP2 root over the `dp` mesh dim (blocks sharded one by o
 Bubble (idle) fraction of a step, for p stages and m micro-batches: (p - 1) / (m + p - 1) with
 1F1B; (p - 1) / (v m + p - 1) interleaved over v virtual stages per rank.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,10 @@ from model.model import doc_ids_from_positions, document_causal_mask, flex_docum
 def stage_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) layer ranges, as even as possible (earlier stages get the extra)."""
     if n_stages > n_layers:
-        raise HerdError(f"parallel: {n_stages} pipeline stages (pp x virtual_stages) but the model has "
-                        f"{n_layers} layers; each stage needs at least one")
+        raise HerdError(
+            f"parallel: {n_stages} pipeline stages (pp x virtual_stages) but the model has "
+            f"{n_layers} layers; each stage needs at least one"
+        )
     base, extra = divmod(n_layers, n_stages)
     bounds, start = [], 0
     for s in range(n_stages):
@@ -93,8 +96,10 @@ class PipelineModel(nn.Module):
 def split_model(model: nn.Module, pp_rank: int, pp: int, virtual_stages: int, loss_chunk: int = 0):
     """(stage indices, Stage modules) of pipeline rank `pp_rank`."""
     if model.output is None:
-        raise HerdError("parallel.pp > 1 needs untied embeddings (tie_embeddings false): the embedding lives in "
-                        "the first stage and the output projection in the last")
+        raise HerdError(
+            "parallel.pp > 1 needs untied embeddings (tie_embeddings false): the embedding lives in "
+            "the first stage and the output projection in the last"
+        )
     n = pp * virtual_stages
     bounds = stage_bounds(model.config.n_layers, n)
     ids = list(range(pp_rank, n, pp))
@@ -104,8 +109,17 @@ def split_model(model: nn.Module, pp_rank: int, pp: int, virtual_stages: int, lo
 class Pipeline:
     """The schedule of one pipeline rank: runs a step's rows forward and backward, or forward only."""
 
-    def __init__(self, stages: list[Stage], stage_ids: list[int], pp: int, virtual_stages: int, microbatches: int,
-                 pp_group, device: torch.device, grad_scale: int = 1):
+    def __init__(
+        self,
+        stages: list[Stage],
+        stage_ids: list[int],
+        pp: int,
+        virtual_stages: int,
+        microbatches: int,
+        pp_group,
+        device: torch.device,
+        grad_scale: int = 1,
+    ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
         n = pp * virtual_stages
@@ -128,8 +142,10 @@ class Pipeline:
 
     def describe(self) -> str:
         kind = "1F1B" if self.virtual_stages == 1 else f"interleaved 1F1B ({self.virtual_stages} stages per rank)"
-        return (f"pipeline: {self.pp} ranks, {self.pp * self.virtual_stages} stages, schedule {kind}, "
-                f"{self.microbatches} micro-batches per step, bubble fraction {self.bubble:.3f}")
+        return (
+            f"pipeline: {self.pp} ranks, {self.pp * self.virtual_stages} stages, schedule {kind}, "
+            f"{self.microbatches} micro-batches per step, bubble fraction {self.bubble:.3f}"
+        )
 
     def _run(self, batch, train: bool) -> torch.Tensor:
         """Sum of the micro-batch losses on ranks with the last stage, 0 elsewhere."""
@@ -174,10 +190,15 @@ def concat(micro: list, microbatches: int, pad_to: int = 0):
     if pad_to > rows:
         extra, T = pad_to - rows, b.tokens.shape[1]
         pos = torch.arange(T, device=b.positions.device).expand(extra, T)
-        b = Batch(torch.cat([b.tokens, b.tokens.new_zeros(extra, T)]), torch.cat([b.positions, pos]),
-                  torch.cat([b.targets, b.targets.new_full((extra, T), IGNORE)]),
-                  torch.cat([b.weights, b.weights.new_zeros(extra, T)]))
+        b = Batch(
+            torch.cat([b.tokens, b.tokens.new_zeros(extra, T)]),
+            torch.cat([b.positions, pos]),
+            torch.cat([b.targets, b.targets.new_full((extra, T), IGNORE)]),
+            torch.cat([b.weights, b.weights.new_zeros(extra, T)]),
+        )
     if b.tokens.shape[0] % microbatches:
-        raise HerdError(f"parallel.microbatches={microbatches} must divide the rows per step "
-                        f"(micro_batch x grad_accum = {b.tokens.shape[0]})")
+        raise HerdError(
+            f"parallel.microbatches={microbatches} must divide the rows per step "
+            f"(micro_batch x grad_accum = {b.tokens.shape[0]})"
+        )
     return b

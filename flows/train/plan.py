@@ -17,6 +17,7 @@ Per rank, in bytes (bf16 training with fp32 master weights, as the loop runs on 
                the output weight's full gradient (bf16 part, fp32 sum)
   overhead     CUDA context, NCCL buffers, allocator fragmentation: 3 GiB + 10%
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,19 +59,21 @@ class MemoryPlan:
 
     def report(self) -> str:
         layout = f"dp {self.dp} x tp {self.tp}" + (f" x pp {self.pp}" if self.pp > 1 else "")
-        return "\n".join([
-            f"layout: {self.world_size} ranks = {layout}; micro-batch {self.micro_batch} x {self.seq_len} tokens, "
-            f"activation checkpointing {self.activation_checkpointing}",
-            f"parameters: {self.params_total / 1e9:.3f}B total, {self.params_per_rank / 1e9:.3f}B on the largest rank",
-            "estimated memory per rank (GiB):",
-            f"  sharded state (fp32 weights, grads, AdamW moments)  {self.state_gb:7.2f}",
-            f"  FSDP2 gathered bf16 weights and grads in flight     {self.gathered_gb:7.2f}",
-            f"  activations                                         {self.activations_gb:7.2f}",
-            f"  fused output projection + cross-entropy             {self.loss_gb:7.2f}",
-            f"  CUDA context, NCCL, fragmentation                   {self.overhead_gb:7.2f}",
-            f"  total                                               {self.total_gb:7.2f} of {self.capacity_gb:.0f}: "
-            + ("fits" if self.fits else "DOES NOT FIT"),
-        ])
+        return "\n".join(
+            [
+                f"layout: {self.world_size} ranks = {layout}; micro-batch {self.micro_batch} x {self.seq_len} tokens, "
+                f"activation checkpointing {self.activation_checkpointing}",
+                f"parameters: {self.params_total / 1e9:.3f}B total, {self.params_per_rank / 1e9:.3f}B on the largest rank",
+                "estimated memory per rank (GiB):",
+                f"  sharded state (fp32 weights, grads, AdamW moments)  {self.state_gb:7.2f}",
+                f"  FSDP2 gathered bf16 weights and grads in flight     {self.gathered_gb:7.2f}",
+                f"  activations                                         {self.activations_gb:7.2f}",
+                f"  fused output projection + cross-entropy             {self.loss_gb:7.2f}",
+                f"  CUDA context, NCCL, fragmentation                   {self.overhead_gb:7.2f}",
+                f"  total                                               {self.total_gb:7.2f} of {self.capacity_gb:.0f}: "
+                + ("fits" if self.fits else "DOES NOT FIT"),
+            ]
+        )
 
 
 def _local_numel(p) -> int:
@@ -94,9 +97,17 @@ def plan_memory(cfg: PretrainConfig, world_size: int, seq_len: int, capacity_gb:
     p = cfg.parallel
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        par = parallelize(model, device=torch.device("cpu"), world_size=world_size, strategy=p.strategy, tp=p.tp,
-                          pp=p.pp, virtual_stages=p.virtual_stages,
-                          activation_checkpointing=cfg.training.activation_checkpointing, seed=None)
+        par = parallelize(
+            model,
+            device=torch.device("cpu"),
+            world_size=world_size,
+            strategy=p.strategy,
+            tp=p.tp,
+            pp=p.pp,
+            virtual_stages=p.virtual_stages,
+            activation_checkpointing=cfg.training.activation_checkpointing,
+            seed=None,
+        )
         local = sum(_local_numel(q) for q in par.model.parameters())
         local_layers = len(par.model.layers)
     finally:
@@ -121,5 +132,20 @@ def plan_memory(cfg: PretrainConfig, world_size: int, seq_len: int, capacity_gb:
     rows = max(1, min(s * b, LOSS_CHUNK_ELEMENTS // mc.vocab_size))
     loss = rows * mc.vocab_size * (2 + 4) + emb * (2 + 4)
     known = (local * 16 + gathered + acts + loss) / GIB
-    return MemoryPlan(world_size, dp, tp, p.pp, s, b, cfg.training.activation_checkpointing, mc.num_params(), local,
-                      local * 16 / GIB, gathered / GIB, acts / GIB, loss / GIB, 3.0 + 0.1 * known, capacity_gb)
+    return MemoryPlan(
+        world_size,
+        dp,
+        tp,
+        p.pp,
+        s,
+        b,
+        cfg.training.activation_checkpointing,
+        mc.num_params(),
+        local,
+        local * 16 / GIB,
+        gathered / GIB,
+        acts / GIB,
+        loss / GIB,
+        3.0 + 0.1 * known,
+        capacity_gb,
+    )

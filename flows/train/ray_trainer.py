@@ -7,6 +7,7 @@ Workers: `ray.train.get_context()` for ranks, `ray.train.get_checkpoint()` to re
 `ray.train.report(metrics, checkpoint=...)` to persist. Ray Train V2 keeps only metrics that
 come with a checkpoint, so every metric also goes to MLflow from rank 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ def _run_name(cfg: PretrainConfig, storage: Path, resume: bool) -> str:
         return cfg.ray.name
     prefix = f"pretrain-{cfg.name}-"
     if resume:
-        runs = sorted((p for p in storage.glob(prefix + "*") if (p / RUN_FILE).is_file()),
-                      key=lambda p: p.stat().st_mtime)
+        runs = sorted(
+            (p for p in storage.glob(prefix + "*") if (p / RUN_FILE).is_file()), key=lambda p: p.stat().st_mtime
+        )
         if not runs:
             raise HerdError(f"--resume: no earlier run of {cfg.name!r} under {storage} (set ray.name)")
         return runs[-1].name
@@ -54,6 +56,7 @@ def _run_name(cfg: PretrainConfig, storage: Path, resume: bool) -> str:
 
 
 # --- worker ----------------------------------------------------------------------------------
+
 
 def _ray_worker(config: dict) -> None:
     import ray.train
@@ -79,7 +82,9 @@ def _ray_worker(config: dict) -> None:
     def persist(path, metrics, step):
         # Every worker uploads its shards under the same name; Ray Train merges them into one folder.
         clean = {k: float(v) for k, v in metrics.items()}
-        ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name)
+        ray.train.report(
+            clean, checkpoint=ray.train.Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name
+        )
         shutil.rmtree(path, ignore_errors=True)
         return str(run_dir / path.name)
 
@@ -95,8 +100,18 @@ def _ray_worker(config: dict) -> None:
 
     logger = MlflowLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     _record_attempt(run_dir, rank, world, logger)
-    rt = Runtime(rank=rank, world_size=world, local_rank=ctx.get_local_rank(), device=device, persist=persist,
-                 latest=latest, staging_dir=staging, run_dir=run_dir, logger=logger, restartable=True)
+    rt = Runtime(
+        rank=rank,
+        world_size=world,
+        local_rank=ctx.get_local_rank(),
+        device=device,
+        persist=persist,
+        latest=latest,
+        staging_dir=staging,
+        run_dir=run_dir,
+        logger=logger,
+        restartable=True,
+    )
     build = config.get("build")  # post-training: (rank, world, logger) -> (model, tokenizer, Task)
     try:
         if build is None:
@@ -105,8 +120,12 @@ def _ray_worker(config: dict) -> None:
             model, tokenizer, task = build(rank, world, logger)
             result = train(cfg, rt, task=task, model_builder=lambda _cfg: (model, tokenizer))
             if rank == 0:
-                summary = {"step": result.step, "losses": result.losses, "metrics": result.metrics,
-                           "data_state": task.train_data.state_dict()}
+                summary = {
+                    "step": result.step,
+                    "losses": result.losses,
+                    "metrics": result.metrics,
+                    "data_state": task.train_data.state_dict(),
+                }
                 (run_dir / RESULT_FILE).write_text(json.dumps(summary, default=float))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -124,8 +143,14 @@ def _record_attempt(run_dir: Path, rank: int, world: int, logger) -> None:
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
-    line = {"rank": rank, "world": world, "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-            "resumed_from": ckpt.path if ckpt is not None else None, "time": time.time()}
+    line = {
+        "rank": rank,
+        "world": world,
+        "node_ip": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+        "resumed_from": ckpt.path if ckpt is not None else None,
+        "time": time.time(),
+    }
     with open(run_dir / ATTEMPTS_FILE, "a") as f:
         f.write(json.dumps(line) + "\n")
     if rank != 0 or ckpt is None:
@@ -140,11 +165,16 @@ def _record_attempt(run_dir: Path, rank: int, world: int, logger) -> None:
         logger.metrics({"hangs": len(hangs)}, hangs[-1]["step"])
     starts = [json.loads(x) for x in (run_dir / ATTEMPTS_FILE).read_text().splitlines() if x.strip()]
     restarts = sum(1 for a in starts if a["rank"] == 0 and a["resumed_from"])
-    print(f"herd pretrain: restart {restarts}: resuming from {ckpt.path} (rank 0 on {line['node_ip']})",
-          file=sys.stderr, flush=True)
+    print(
+        f"herd pretrain: restart {restarts}: resuming from {ckpt.path} (rank 0 on {line['node_ip']})",
+        file=sys.stderr,
+        flush=True,
+    )
     if logger:
-        logger.tag(f"herd.restart.{restarts}", f"worker group restarted after a failure; rank 0 on "
-                                              f"{line['node_ip']}; resuming from {ckpt.path}")
+        logger.tag(
+            f"herd.restart.{restarts}",
+            f"worker group restarted after a failure; rank 0 on {line['node_ip']}; resuming from {ckpt.path}",
+        )
         from flows.train.checkpoint import step_of
 
         logger.metrics({"restarts": restarts}, step_of(ckpt.path) or 0)
@@ -152,10 +182,21 @@ def _record_attempt(run_dir: Path, rank: int, world: int, logger) -> None:
 
 # --- driver ----------------------------------------------------------------------------------
 
-def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = None, workers: int | None = None,
-                 resume: bool = False, init_from: str | None = None, steps: int | None = None,
-                 name: str | None = None, storage_path: str | None = None, tracking_uri: str | None = None,
-                 mlflow: bool | None = None, export_dir: str | Path | None = None) -> PretrainResult:
+
+def run_pretrain(
+    config: PretrainConfig | str | Path,
+    *,
+    data_dir: str | None = None,
+    workers: int | None = None,
+    resume: bool = False,
+    init_from: str | None = None,
+    steps: int | None = None,
+    name: str | None = None,
+    storage_path: str | None = None,
+    tracking_uri: str | None = None,
+    mlflow: bool | None = None,
+    export_dir: str | Path | None = None,
+) -> PretrainResult:
     """Run pretraining on Ray Train; returns the exported model folder, final metrics, MLflow run id."""
     cfg = config if isinstance(config, PretrainConfig) else load_config(config)
     over: dict = {}
@@ -214,12 +255,21 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
             run = ml.start_run(run_name=run_name)
             ml.set_tags({"herd.stage": "pretrain", "herd.git_sha": git_sha(), "herd.run_dir": str(run_dir)})
             params = cfg.flat()
-            params.update({"seed": str(cfg.seed), "git_sha": git_sha(), "data.manifest_sha256": manifest_digest(cfg.data.dir),
-                           "data.seq_len": str(manifest["seq_len"]), "data.tokenizer": str(manifest.get("tokenizer", {}).get("name")),
-                           "data.train_sequences": str(manifest["splits"]["train"]["sequences"])})
+            params.update(
+                {
+                    "seed": str(cfg.seed),
+                    "git_sha": git_sha(),
+                    "data.manifest_sha256": manifest_digest(cfg.data.dir),
+                    "data.seq_len": str(manifest["seq_len"]),
+                    "data.tokenizer": str(manifest.get("tokenizer", {}).get("name")),
+                    "data.train_sequences": str(manifest["splits"]["train"]["sequences"]),
+                }
+            )
             ml.log_params({k: v[:6000] for k, v in params.items()})
         run_id = run.info.run_id
-    (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "name": run_name, "config": cfg.to_dict()}, indent=2))
+    (run_dir / RUN_FILE).write_text(
+        json.dumps({"mlflow_run_id": run_id, "name": run_name, "config": cfg.to_dict()}, indent=2)
+    )
 
     try:
         result = _fit(cfg, run_name, storage, run_dir, uri, run_id)
@@ -238,13 +288,27 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
         kept = [c.path for c, _ in (result.best_checkpoints or [])]
         warns = []
         if (run_dir / WARNINGS_FILE).is_file():
-            warns = [json.loads(line)["warning"] for line in (run_dir / WARNINGS_FILE).read_text().splitlines() if line.strip()]
+            warns = [
+                json.loads(line)["warning"]
+                for line in (run_dir / WARNINGS_FILE).read_text().splitlines()
+                if line.strip()
+            ]
         if ml is not None:
-            ml.set_tags({"herd.checkpoint": str(checkpoint), "herd.model_dir": str(model_dir),
-                         "herd.checkpoints": json.dumps(kept)[:5000]})
+            ml.set_tags(
+                {
+                    "herd.checkpoint": str(checkpoint),
+                    "herd.model_dir": str(model_dir),
+                    "herd.checkpoints": json.dumps(kept)[:5000],
+                }
+            )
             with tempfile.TemporaryDirectory() as tmp:
-                refs = {"run_dir": str(run_dir), "final_checkpoint": checkpoint, "kept_checkpoints": kept,
-                        "model_dir": model_dir, "warnings": warns}
+                refs = {
+                    "run_dir": str(run_dir),
+                    "final_checkpoint": checkpoint,
+                    "kept_checkpoints": kept,
+                    "model_dir": model_dir,
+                    "warnings": warns,
+                }
                 Path(tmp, "checkpoints.json").write_text(json.dumps(refs, indent=2) + "\n")
                 ml.log_artifact(str(Path(tmp, "checkpoints.json")))
                 if model_dir:
@@ -263,8 +327,9 @@ def run_pretrain(config: PretrainConfig | str | Path, *, data_dir: str | None = 
             ml.end_run()
 
 
-def fit_task(cfg: PretrainConfig, build, run_dir: str | Path, tracking_uri: str | None = None,
-             run_id: str | None = None):
+def fit_task(
+    cfg: PretrainConfig, build, run_dir: str | Path, tracking_uri: str | None = None, run_id: str | None = None
+):
     """Run the loop on Ray Train with a model and Task that `build(rank, world, logger)` makes in each
     worker (post-training). `cfg` gives the loop settings and `ray` scaling; the run folder is
     `run_dir`. Returns (Ray's Result, rank 0's summary: step, losses, metrics, data_state)."""
@@ -278,9 +343,9 @@ def fit_task(cfg: PretrainConfig, build, run_dir: str | Path, tracking_uri: str 
     return result, summary
 
 
-def _fit(cfg: PretrainConfig, run_name: str, storage: Path, run_dir: Path, uri: str | None, run_id: str | None,
-         build=None):
-    import ray
+def _fit(
+    cfg: PretrainConfig, run_name: str, storage: Path, run_dir: Path, uri: str | None, run_id: str | None, build=None
+):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -294,9 +359,12 @@ def _fit(cfg: PretrainConfig, run_name: str, storage: Path, run_dir: Path, uri: 
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=run_name, storage_path=str(storage),
+            name=run_name,
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),

@@ -1,5 +1,6 @@
 """The FastAPI app and the engine behind it, without Ray: `create_app(state)` for tests and
 `herd serve`'s replicas alike (services/deployment.py wraps it in a Ray Serve deployment)."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,9 @@ log = logging.getLogger("herd.serve")
 def create_app(state: ServerState | None = None) -> FastAPI:
     """The HTTP API over `state` (app.state.herd). Without one (Ray Serve), the deployment sets
     app.state.herd from its replica's rollout as requests arrive; until then the API answers 503."""
-    app = FastAPI(title="herd", version="0.1.0",
-                  description="OpenAI-compatible completions and chat for herd's Llama 3 models.")
+    app = FastAPI(
+        title="herd", version="0.1.0", description="OpenAI-compatible completions and chat for herd's Llama 3 models."
+    )
     app.state.herd = state
     errors.install(app)
     for module in (models, completions, chat, health, metrics, page):
@@ -38,8 +40,9 @@ def documented_auth(app: FastAPI):
         if app.openapi_schema is None:
             schema, state = base(), current_state(app)
             if state is not None and state.api_key:
-                schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http",
-                                                                                     "scheme": "bearer"}}
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"}
+                }
                 for path, operations in schema["paths"].items():
                     if needs_key(state, path):
                         for operation in operations.values():

@@ -1,4 +1,5 @@
 """POST /v1/completions (text completion), streaming and not."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,8 +8,17 @@ import time
 from fastapi import APIRouter, Depends
 
 from services.api.errors import GENERATION_RESPONSES, SSE_EVENT, APIError
-from services.api.generation import (Run, check_capacity, check_length, completion_logprobs, json_response,
-                                     request_id, sampling_params, sse, usage)
+from services.api.generation import (
+    Run,
+    check_capacity,
+    check_length,
+    completion_logprobs,
+    json_response,
+    request_id,
+    sampling_params,
+    sse,
+    usage,
+)
 from services.api.models import check_model
 from services.api.schemas import Completion, CompletionRequest
 from services.api.state import ServerState, get_state
@@ -40,8 +50,13 @@ async def prompt_token_lists(state: ServerState, prompts: list) -> list[list[int
     return out
 
 
-@router.post("/v1/completions", responses={
-    **GENERATION_RESPONSES, 200: {"model": Completion, "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
+@router.post(
+    "/v1/completions",
+    responses={
+        **GENERATION_RESPONSES,
+        200: {"model": Completion, "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+    },
+)
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
     check_model(state, body.model)
     prompts = split_prompts(body.prompt)
@@ -49,8 +64,12 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
         raise APIError(400, "streaming takes a single prompt", "invalid_value", "prompt")
     limit = state.engine.max_in_flight
     if len(prompts) > limit:  # could never be admitted: not a retryable 503
-        raise APIError(400, f"{len(prompts)} prompts in one request; this server holds at most {limit} requests "
-                            "in flight", "invalid_value", "prompt")
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts in one request; this server holds at most {limit} requests in flight",
+            "invalid_value",
+            "prompt",
+        )
     check_capacity(state)
     prompts = await prompt_token_lists(state, prompts)
     rid, created = request_id("cmpl"), int(time.time())
@@ -67,12 +86,21 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
     def logprobs_of(outs, offset: int) -> dict | None:
         if body.logprobs is None:
             return None
-        return completion_logprobs(state.tokenizer, [lp for o in outs for lp in o.logprobs or ()],
-                                   [t for o in outs for t in o.token_ids], offset)
+        return completion_logprobs(
+            state.tokenizer,
+            [lp for o in outs for lp in o.logprobs or ()],
+            [t for o in outs for t in o.token_ids],
+            offset,
+        )
 
     def chunk(text: str, index: int, finish: str | None, logprobs: dict | None = None) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created, "model": state.response_model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": state.response_model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
 
     if body.stream:
         run = runs[0]
@@ -86,8 +114,14 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
                     yield chunk(out.text, 0, out.finish_reason if out.finished else None, logprobs_of([out], offset))
                     offset += len(out.text)
             if body.include_usage:
-                yield {"id": rid, "object": "text_completion", "created": created, "model": state.response_model,
-                       "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
+                yield {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": state.response_model,
+                    "choices": [],
+                    "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens),
+                }
 
         return sse(events())
 
@@ -95,11 +129,25 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
         return [out async for out in run.outputs()]
 
     results = await asyncio.gather(*(collect(r) for r in runs))
-    return json_response({
-        "id": rid, "object": "text_completion", "created": created, "model": state.response_model,
-        "choices": [{"index": i, "text": echo[i] + "".join(o.text for o in outs),
-                     "logprobs": logprobs_of(outs, len(echo[i])), "finish_reason": r.finish_reason}
-                    for i, (outs, r) in enumerate(zip(results, runs))],
-        "usage": usage(sum(r.prompt_tokens for r in runs), sum(r.completion_tokens for r in runs),
-                       sum(r.cached_tokens for r in runs)),
-    })
+    return json_response(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": state.response_model,
+            "choices": [
+                {
+                    "index": i,
+                    "text": echo[i] + "".join(o.text for o in outs),
+                    "logprobs": logprobs_of(outs, len(echo[i])),
+                    "finish_reason": r.finish_reason,
+                }
+                for i, (outs, r) in enumerate(zip(results, runs))
+            ],
+            "usage": usage(
+                sum(r.prompt_tokens for r in runs),
+                sum(r.completion_tokens for r in runs),
+                sum(r.cached_tokens for r in runs),
+            ),
+        }
+    )

@@ -1,4 +1,5 @@
 """OpenAI-style error bodies: {"error": {"message", "type", "param", "code"}} for every failure."""
+
 from __future__ import annotations
 
 import logging
@@ -13,25 +14,36 @@ from services.engine.errors import EngineError
 
 log = logging.getLogger("herd.api")
 
-TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-         405: "invalid_request_error", 408: "timeout", 413: "invalid_request_error", 429: "rate_limit_exceeded",
-         500: "server_error", 503: "service_unavailable"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    500: "server_error",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param,
-                      "code": code}}
+    return {
+        "error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
+    }
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, code: str | None = None, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
@@ -78,8 +90,11 @@ ERROR_RESPONSES = {
     503: {"model": ErrorResponse, "description": "The model is still loading"},
 }
 # One server-sent event: `data` is a JSON chunk (or an error object), the last one `[DONE]`.
-SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-             "required": ["data"]}
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
 GENERATION_RESPONSES = {
     **ERROR_RESPONSES,
     400: {"model": ErrorResponse, "description": "Invalid request, or prompt too long for the context"},

@@ -1,11 +1,12 @@
 """Shared by completions and chat: sampling settings, limits, streaming as server-sent events."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -49,14 +50,22 @@ def check_length(state: ServerState, chars: int, param: str) -> None:
     `max_token_bytes` bytes, so n characters are at least n / max_token_bytes tokens."""
     limit = state.max_model_len
     if chars > limit * state.tokenizer.max_token_bytes:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {param} "
-                            f"holds {chars} characters, more than {limit} tokens can spell.",
-                       "context_length_exceeded", param)
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your {param} "
+            f"holds {chars} characters, more than {limit} tokens can spell.",
+            "context_length_exceeded",
+            param,
+        )
 
 
 def usage(prompt: int, completion: int, cached: int = 0) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 RESPONSE_MARGIN_S = 0.05
@@ -67,8 +76,15 @@ class Run:
     frees its KV-cache slot at the engine's next step; so does the end of the HTTP exchange that
     submitted it (guard.Guard), however it ends: a disconnect before the first chunk included."""
 
-    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, rid: str,
-                 cache_salt: str | None = None, prompt_param: str = "prompt"):
+    def __init__(
+        self,
+        state: ServerState,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        rid: str,
+        cache_salt: str | None = None,
+        prompt_param: str = "prompt",
+    ):
         self.state, self.rid = state, rid
         exchange = EXCHANGE.get()
         start = exchange.arrival if exchange is not None else time.monotonic()
@@ -97,10 +113,13 @@ class Run:
                 remaining = self.deadline - time.monotonic()
                 try:
                     out = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.001))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self.state.engine.metrics.timeouts += 1
-                    raise APIError(408, f"the request ran past the server's timeout "
-                                        f"({self.state.config.request_timeout_s:g} s)", "timeout") from None
+                    raise APIError(
+                        408,
+                        f"the request ran past the server's timeout ({self.state.config.request_timeout_s:g} s)",
+                        "timeout",
+                    ) from None
                 if isinstance(out, EngineError):
                     self.done = True
                     raise from_engine_error(out)
@@ -120,12 +139,16 @@ class Run:
 
 def chat_logprobs(tokenizer, outs: list[TokenLogprobs], ids: list[int]) -> dict:
     """OpenAI's chat `logprobs` object for the tokens `ids` and their log-probabilities."""
+
     def item(token_id: int, logprob: float) -> dict:
         raw = tokenizer.decode_bytes([token_id])
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
-    return {"content": [{**item(t, lp.logprob), "top_logprobs": [item(i, v) for i, v in lp.top]}
-                        for t, lp in zip(ids, outs)]}
+    return {
+        "content": [
+            {**item(t, lp.logprob), "top_logprobs": [item(i, v) for i, v in lp.top]} for t, lp in zip(ids, outs)
+        ]
+    }
 
 
 def completion_logprobs(tokenizer, outs: list[TokenLogprobs], ids: list[int], offset: int = 0) -> dict:
@@ -135,10 +158,14 @@ def completion_logprobs(tokenizer, outs: list[TokenLogprobs], ids: list[int], of
     for tok in tokens:
         offsets.append(at)
         at += len(tok)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in outs],
-            "top_logprobs": [{tokenizer.decode_bytes([i]).decode("utf-8", errors="replace"): v for i, v in lp.top}
-                             for lp in outs],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in outs],
+        "top_logprobs": [
+            {tokenizer.decode_bytes([i]).decode("utf-8", errors="replace"): v for i, v in lp.top} for lp in outs
+        ],
+        "text_offset": offsets,
+    }
 
 
 def sse(events: AsyncIterator[dict]) -> StreamingResponse:
@@ -150,8 +177,9 @@ def sse(events: AsyncIterator[dict]) -> StreamingResponse:
             yield f"data: {json.dumps(error_body(e.status, e.message, e.code))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def json_response(doc: dict) -> JSONResponse:

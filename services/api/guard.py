@@ -8,6 +8,7 @@ It runs before FastAPI parses anything, so
 * a client that disconnects, at any point, cancels its handler, and every engine request the
   exchange submitted is aborted when it ends, whether or not a response had started.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +29,7 @@ OPEN_PATHS = frozenset({"/health"})
 class Exchange:
     """The HTTP exchange being served: when it arrived (request timeouts count from then) and the
     engine requests (generation.Run) it submitted."""
+
     arrival: float = field(default_factory=time.monotonic)
     runs: list = field(default_factory=list)
 
@@ -45,16 +47,24 @@ def key_error(state: ServerState, headers: dict[bytes, bytes]):
     scheme, _, token = header.partition(b" ")
     challenge = {"WWW-Authenticate": "Bearer"}
     if not header:
-        return error_response(401, "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
-                              "missing_api_key", headers=challenge)
+        return error_response(
+            401,
+            "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
+            "missing_api_key",
+            headers=challenge,
+        )
     if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), state.api_key.encode()):
         return error_response(401, "Incorrect API key provided.", "invalid_api_key", headers=challenge)
     return None
 
 
 def too_large(limit: int):
-    return error_response(413, f"the request body is larger than this server's limit of {limit} bytes",
-                          "request_too_large", headers={"Connection": "close"})
+    return error_response(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes",
+        "request_too_large",
+        headers={"Connection": "close"},
+    )
 
 
 class Guard:
@@ -67,7 +77,7 @@ class Guard:
         state = current_state(scope["app"])
         root, path = scope.get("root_path", ""), scope["path"]
         if root and path.startswith(root):  # the route, under a Serve route_prefix
-            path = path[len(root):]
+            path = path[len(root) :]
         if state is None:  # a replica still loading
             if path in OPEN_PATHS:
                 return await self.app(scope, receive, send)

@@ -1,4 +1,5 @@
 """GET /metrics: this replica's engine metrics in Prometheus text format."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
@@ -11,8 +12,13 @@ from services.engine.metrics import render
 router = APIRouter()
 
 
-@router.get("/metrics", responses={**ERROR_RESPONSES, 200: {
-    "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    responses={
+        **ERROR_RESPONSES,
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    },
+)
 async def metrics(state: ServerState = Depends(get_state)):
     text = render(state.engine.metrics, state.engine.snapshot(), state.model_name)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

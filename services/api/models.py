@@ -1,4 +1,5 @@
 """GET /v1/models and /v1/models/{id}."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
@@ -17,8 +18,13 @@ def check_model(state: ServerState, name: str | None) -> None:
 
 
 def card(state: ServerState) -> dict:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "herd",
-            "max_model_len": state.max_model_len}
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "herd",
+        "max_model_len": state.max_model_len,
+    }
 
 
 @router.get("/v1/models", responses={**ERROR_RESPONSES, 200: {"model": ModelList}})
@@ -26,9 +32,14 @@ async def list_models(state: ServerState = Depends(get_state)):
     return {"object": "list", "data": [card(state)]}
 
 
-@router.get("/v1/models/{model_id}", responses={
-    **ERROR_RESPONSES, 200: {"model": ModelCard},
-    404: {"model": ErrorResponse, "description": "This server does not serve that model"}})
+@router.get(
+    "/v1/models/{model_id}",
+    responses={
+        **ERROR_RESPONSES,
+        200: {"model": ModelCard},
+        404: {"model": ErrorResponse, "description": "This server does not serve that model"},
+    },
+)
 async def get_model(model_id: str, state: ServerState = Depends(get_state)):
     check_model(state, model_id)
     return card(state)

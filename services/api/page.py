@@ -1,4 +1,5 @@
 """GET /: the chat page (static HTML + JS; streams from /v1/chat/completions)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ stop_token_ids, ignore_eos, cache_salt.
 
 Types are strict, as the OpenAPI schema says: no `true` for a number, no "1" for an integer or a
 boolean (an integral float such as 2.0 is an integer, as in JSON Schema)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -51,7 +52,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
-        None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_LEN} characters, {MAX_STOP_CHARS} in all")
+        None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_LEN} characters, {MAX_STOP_CHARS} in all"
+    )
     stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
     ignore_eos: bool = False
     seed: integer(ge=-INT64 - 1, le=INT64) | None = None
@@ -59,8 +61,12 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
     min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    cache_salt: str | None = Field(None, min_length=1, max_length=256,
-                                   description="prefix-cache blocks are shared only between requests of equal salt")
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="prefix-cache blocks are shared only between requests of equal salt",
+    )
     user: str | None = None
 
     @field_validator("stop")
@@ -104,9 +110,12 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
-             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
-        ..., description=f"a string, token ids, or a list of up to {MAX_PROMPTS} of either")
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(..., description=f"a string, token ids, or a list of up to {MAX_PROMPTS} of either")
     echo: bool = False
     logprobs: integer(ge=0, le=20) | None = Field(None, description="the chosen token's and the N most likely")
     suffix: str | None = Field(None, max_length=0, description="not supported")
@@ -148,6 +157,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # --- response bodies (documented in the OpenAPI schema, which the fuzz test checks responses against) ---
+
 
 class ErrorDetail(BaseModel):
     message: str

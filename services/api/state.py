@@ -1,4 +1,5 @@
 """What every handler needs: the engine, tokenizer and settings of this replica."""
+
 from __future__ import annotations
 
 import time

@@ -8,10 +8,18 @@
 * `engine.LLMEngine` joins the two (`add_request`, `abort`, `step`); `async_engine.AsyncLLMEngine`
   runs it on a background thread and streams outputs to asyncio callers.
 """
+
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine, RequestOutput
 from services.engine.errors import ContextLengthError, EngineError, QueueFullError
 from services.engine.sequence import Sequence
 
-__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "Sequence", "ContextLengthError", "EngineError",
-           "QueueFullError"]
+__all__ = [
+    "EngineConfig",
+    "LLMEngine",
+    "RequestOutput",
+    "Sequence",
+    "ContextLengthError",
+    "EngineError",
+    "QueueFullError",
+]

@@ -4,6 +4,7 @@ New requests are checked (context length, queue bound) in the caller, then hande
 thread, which admits them at its next step. Closing a stream early (client disconnect, timeout,
 cancellation) aborts the request: the engine thread frees its slot before its next step.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import torch
 
@@ -38,8 +39,13 @@ class AsyncLLMEngine:
         self._thread.start()
 
     # --- caller side (asyncio) ---
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; closing the iterator early aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
         queue = self.submit(prompt_ids, params, request_id, cache_salt)
@@ -57,8 +63,9 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               cache_salt: str | None = None) -> asyncio.Queue:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, cache_salt: str | None = None
+    ) -> asyncio.Queue:
         if self._stopped or self.error is not None:
             raise EngineStoppedError(f"the engine is not running: {self.error!r}")
         eng = self.engine

@@ -12,6 +12,7 @@ whose hashes collide can never share a block; the salt keeps tenants' caches apa
 Blocks nobody holds stay cached and are evicted least recently used first when a sequence needs a
 block. Block 0 is the null block (model.paged_cache.NULL_BLOCK) and is never handed out.
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,6 +30,7 @@ def block_hash(parent: int, salt: str | None, tokens: tuple[int, ...]) -> int:
 @dataclass(frozen=True)
 class Entry:
     """A registered block's content: its own id (never reused), its parent's id, salt and tokens."""
+
     uid: int
     parent: int  # 0 for a first block
     salt: str | None
@@ -102,7 +104,7 @@ class BlockPool:
             return []
         out, parent, bs = [], 0, self.block_size
         for i in range(min(max_blocks, len(tokens) // bs)):
-            entry = self._find(parent, salt, tuple(tokens[i * bs:(i + 1) * bs]))
+            entry = self._find(parent, salt, tuple(tokens[i * bs : (i + 1) * bs]))
             if entry is None:
                 break
             out.append(entry)

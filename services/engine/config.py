@@ -1,4 +1,5 @@
 """Engine settings (the `engine` part of a Serve config's args)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

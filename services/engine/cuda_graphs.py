@@ -8,6 +8,7 @@ rows that attend only the null block, replays the graph and reads the first B ro
 Batch sizes above the largest bucket run eagerly. Everything a captured step reads is on the device
 (model/paged_attention.py reads lengths and tables there), so one capture serves every length.
 """
+
 from __future__ import annotations
 
 import bisect

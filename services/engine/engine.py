@@ -2,6 +2,7 @@
 
 Synchronous and single-threaded; `AsyncLLMEngine` drives it from a background thread.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -59,13 +60,17 @@ class LLMEngine:
         if n >= limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens. However, your prompt has {n} tokens, "
-                "which leaves no room for the completion.", "prompt")
+                "which leaves no room for the completion.",
+                "prompt",
+            )
         total = n + params.max_tokens
         if total > limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens. However, you requested {total} tokens "
                 f"({n} in the prompt, {params.max_tokens} for the completion). Please reduce the prompt or "
-                "max_tokens.", "max_tokens")
+                "max_tokens.",
+                "max_tokens",
+            )
         vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise EngineError(f"prompt token ids must be in [0, {vocab}): below the vocabulary size", "prompt")
@@ -73,7 +78,9 @@ class LLMEngine:
         if blocks > self.scheduler.pool.num_usable:
             raise ContextLengthError(
                 f"the request needs {blocks} KV-cache blocks of {self.config.block_size} tokens ({total} tokens), "
-                f"more than this server's cache holds ({self.scheduler.pool.num_usable} blocks)", "max_tokens")
+                f"more than this server's cache holds ({self.scheduler.pool.num_usable} blocks)",
+                "max_tokens",
+            )
 
     def check_capacity(self, arriving: int = 0) -> None:
         """QueueFullError when one more request would pass the bound on requests in flight (running,
@@ -83,8 +90,14 @@ class LLMEngine:
             self.metrics.rejected += 1
             raise QueueFullError(f"the server is at capacity ({in_flight} requests in flight); retry later")
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival: float | None = None, cache_salt: str | None = None) -> Sequence:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival: float | None = None,
+        cache_salt: str | None = None,
+    ) -> Sequence:
         """Queue a request. cache_salt: prefix-cache blocks are shared only between requests of the
         same salt (a tenant's), as vLLM's."""
         self.validate(prompt_ids, params)
@@ -93,10 +106,16 @@ class LLMEngine:
         if request_id in self.seqs:
             raise EngineError(f"duplicate request id {request_id}")
         stop_ids = frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else self.model_stop_ids)
-        seq = Sequence(request_id, list(prompt_ids), params, stop_ids=stop_ids,
-                       arrival=arrival if arrival is not None else time.monotonic(),
-                       detok=Detokenizer(self.tokenizer, params.stop_strings),
-                       seed=random_seed() if params.seed is None else params.seed, cache_salt=cache_salt)
+        seq = Sequence(
+            request_id,
+            list(prompt_ids),
+            params,
+            stop_ids=stop_ids,
+            arrival=arrival if arrival is not None else time.monotonic(),
+            detok=Detokenizer(self.tokenizer, params.stop_strings),
+            seed=random_seed() if params.seed is None else params.seed,
+            cache_salt=cache_salt,
+        )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -147,8 +166,11 @@ class LLMEngine:
         self.scheduler.step_done(plan)
         now = time.monotonic()
         self.metrics.step(now - t0, len(plan.decode), plan.num_tokens)
-        outputs = [] if sampled is None else [
-            self._append(seq, tok, lp, now) for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs)]
+        outputs = (
+            []
+            if sampled is None
+            else [self._append(seq, tok, lp, now) for seq, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs)]
+        )
         self.metrics.kv_usage = self.scheduler.kv_usage
         return outputs
 
@@ -179,12 +201,28 @@ class LLMEngine:
             self.metrics.e2e.observe(now - seq.arrival)
             self.metrics.finished += 1
             self.metrics.generation_tokens += len(seq.output_ids)
-        return RequestOutput(seq.request_id, text, new_ids, seq.finish_reason is not None, seq.finish_reason,
-                             len(seq.prompt_ids), len(seq.output_ids), seq.num_cached, new_logprobs)
+        return RequestOutput(
+            seq.request_id,
+            text,
+            new_ids,
+            seq.finish_reason is not None,
+            seq.finish_reason,
+            len(seq.prompt_ids),
+            len(seq.output_ids),
+            seq.num_cached,
+            new_logprobs,
+        )
 
     # --- state for metrics ---
     def snapshot(self) -> dict:
         s = self.scheduler
-        return {"waiting": len(s.waiting), "running": len(s.running), "kv_usage": s.kv_usage,
-                "slots_used": self.config.max_num_seqs - s.num_free_slots, "slots": self.config.max_num_seqs,
-                "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens, "hit_rate": s.hit_rate}
+        return {
+            "waiting": len(s.waiting),
+            "running": len(s.running),
+            "kv_usage": s.kv_usage,
+            "slots_used": self.config.max_num_seqs - s.num_free_slots,
+            "slots": self.config.max_num_seqs,
+            "prompt_tokens": s.prompt_tokens,
+            "cached_tokens": s.cached_tokens,
+            "hit_rate": s.hit_rate,
+        }

@@ -1,6 +1,7 @@
 """Errors the engine raises to its callers. Each carries what the HTTP layer needs to answer it
 (services/api/errors.from_engine_error maps them, in one place): a status, an OpenAI error code and
 the request field at fault."""
+
 from __future__ import annotations
 
 

@@ -1,11 +1,32 @@
 """Engine metrics in Prometheus text format (no client library: a few counters and histograms)."""
+
 from __future__ import annotations
 
 import bisect
 import threading
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 7.5,
-                   10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class Histogram:
@@ -78,30 +99,43 @@ def render(metrics: EngineMetrics, snap: dict, model_name: str) -> str:
         else:
             out.append(f"{name}{{{lab}}} {value}")
 
-    metric("herd_time_to_first_token_seconds", "histogram", "Time from arrival to the first output token.",
-           hist=metrics.ttft)
-    metric("herd_inter_token_latency_seconds", "histogram", "Time between consecutive output tokens.",
-           hist=metrics.itl)
-    metric("herd_e2e_request_latency_seconds", "histogram", "Time from arrival to the last token.",
-           hist=metrics.e2e)
-    metric("herd_engine_step_seconds", "histogram", "Duration of one engine step (forward + sampling).",
-           hist=metrics.step_time)
+    metric(
+        "herd_time_to_first_token_seconds",
+        "histogram",
+        "Time from arrival to the first output token.",
+        hist=metrics.ttft,
+    )
+    metric("herd_inter_token_latency_seconds", "histogram", "Time between consecutive output tokens.", hist=metrics.itl)
+    metric("herd_e2e_request_latency_seconds", "histogram", "Time from arrival to the last token.", hist=metrics.e2e)
+    metric(
+        "herd_engine_step_seconds",
+        "histogram",
+        "Duration of one engine step (forward + sampling).",
+        hist=metrics.step_time,
+    )
     metric("herd_num_requests_waiting", "gauge", "Requests queued for a KV-cache slot.", snap["waiting"])
     metric("herd_num_requests_running", "gauge", "Requests holding a KV-cache slot.", snap["running"])
-    metric("herd_kv_cache_usage_ratio", "gauge", "Share of KV-cache token positions in use (0-1).",
-           f"{snap['kv_usage']:.6f}")
+    metric(
+        "herd_kv_cache_usage_ratio",
+        "gauge",
+        "Share of KV-cache token positions in use (0-1).",
+        f"{snap['kv_usage']:.6f}",
+    )
     metric("herd_kv_cache_slots_used", "gauge", "KV-cache slots held by live requests.", snap["slots_used"])
     metric("herd_kv_cache_slots", "gauge", "KV-cache slots (max concurrent sequences).", snap["slots"])
-    metric("herd_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
-           snap["prompt_tokens"])
-    metric("herd_prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.",
-           snap["cached_tokens"])
+    metric(
+        "herd_prefix_cache_queries_total",
+        "counter",
+        "Prompt tokens looked up in the prefix cache.",
+        snap["prompt_tokens"],
+    )
+    metric(
+        "herd_prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.", snap["cached_tokens"]
+    )
     metric("herd_prefix_cache_hit_rate", "gauge", "Prefix-cache hits / queries (tokens).", f"{snap['hit_rate']:.6f}")
     metric("herd_request_success_total", "counter", "Requests that finished (stop or length).", metrics.finished)
     metric("herd_request_aborted_total", "counter", "Requests cancelled or disconnected.", metrics.aborted)
-    metric("herd_request_rejected_total", "counter", "Requests refused because the queue was full.",
-           metrics.rejected)
+    metric("herd_request_rejected_total", "counter", "Requests refused because the queue was full.", metrics.rejected)
     metric("herd_request_timeout_total", "counter", "Requests that ran past the request timeout.", metrics.timeouts)
-    metric("herd_generation_tokens_total", "counter", "Output tokens of finished requests.",
-           metrics.generation_tokens)
+    metric("herd_generation_tokens_total", "counter", "Output tokens of finished requests.", metrics.generation_tokens)
     return "\n".join(out) + "\n"

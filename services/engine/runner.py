@@ -9,6 +9,7 @@
 The block tables live in one host tensor, a row per batch slot, rewritten only when a sequence's
 blocks change (`Sequence.blocks_version`); a step gathers its rows from it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,9 @@ class ModelRunner:
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.block_size = config.block_size
-        self.cache = PagedKVCache.for_model(self.config, config.total_blocks, config.block_size, dtype=self.dtype,
-                                            device=self.device)
+        self.cache = PagedKVCache.for_model(
+            self.config, config.total_blocks, config.block_size, dtype=self.dtype, device=self.device
+        )
         self.tables = torch.full((config.max_num_seqs, config.blocks_per_seq), NULL_BLOCK, dtype=torch.long)
         self._versions: list[tuple[Sequence | None, int]] = [(None, -1)] * config.max_num_seqs
         self.sampler = Sampler()
@@ -53,7 +55,7 @@ class ModelRunner:
             if self._versions[seq.slot] != (seq, seq.blocks_version):
                 row = self.tables[seq.slot]
                 row.fill_(NULL_BLOCK)
-                row[:len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.long)
+                row[: len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.long)
                 self._versions[seq.slot] = (seq, seq.blocks_version)
         slots = torch.tensor([s.slot for s in seqs])
         return self.tables[slots, :width].to(self.device, non_blocking=True)
@@ -84,21 +86,27 @@ class ModelRunner:
             lens = []
             for r, i in enumerate(group):
                 toks = chunks[i][1]
-                rows[r, :len(toks)] = torch.tensor(toks)
+                rows[r, : len(toks)] = torch.tensor(toks)
                 lens.append(len(toks))
             starts = [s.num_computed for s in seqs]
             width = (max(starts) + T - 1) // self.block_size + 1
             uniform = min(lens) == T
             lens_t = self._to_device(lens)
-            self.cache.set_step(self._rows(seqs, min(width, self.tables.shape[1])), self._to_device(starts), T,
-                                span=max(starts) + T, valid=None if uniform else lens_t)
+            self.cache.set_step(
+                self._rows(seqs, min(width, self.tables.shape[1])),
+                self._to_device(starts),
+                T,
+                span=max(starts) + T,
+                valid=None if uniform else lens_t,
+            )
             if uniform:
                 logits = self.model(rows.to(self.device), cache=self.cache, last_only=True)[:, -1]
             else:
                 at = torch.arange(len(group), device=self.device)
                 # The head hook projects only each row's last real token, never the padding.
-                logits = self.model(rows.to(self.device), cache=self.cache,
-                                    head=lambda h, w: self.model.project(h[at, lens_t - 1]))
+                logits = self.model(
+                    rows.to(self.device), cache=self.cache, head=lambda h, w: self.model.project(h[at, lens_t - 1])
+                )
             for r, i in enumerate(group):
                 out[i] = logits[r]
         return torch.stack(out)
@@ -107,9 +115,14 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
         rows = [settings_of(s.params) for s in seqs]
         penalized = any(r.penalized for r in rows)
-        return self.sampler(logits, rows, [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
-                            prompts=[s.prompt_ids for s in seqs] if penalized else None,
-                            outputs=[s.output_ids for s in seqs] if penalized else None)
+        return self.sampler(
+            logits,
+            rows,
+            [s.seed for s in seqs],
+            [len(s.output_ids) for s in seqs],
+            prompts=[s.prompt_ids for s in seqs] if penalized else None,
+            outputs=[s.output_ids for s in seqs] if penalized else None,
+        )
 
 
 def _pad_groups(lengths: list[int], waste: float = 0.25) -> list[list[int]]:

@@ -16,6 +16,7 @@ Pure Python (no tensors), so its policy is tested on its own. Each `schedule()`:
 The engine applies the plan through the model runner, then reports back with `step_done`, which
 registers the blocks that became full in the prefix cache.
 """
+
 from __future__ import annotations
 
 import collections

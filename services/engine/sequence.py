@@ -1,4 +1,5 @@
 """A request inside the engine: its tokens, state, slot and incremental detokenizer."""
+
 from __future__ import annotations
 
 import codecs
@@ -104,7 +105,7 @@ class Detokenizer:
 
     def _take(self, upto: int) -> str:
         upto = max(upto, self.emitted)
-        new, self.emitted = self.text[self.emitted:upto], upto
+        new, self.emitted = self.text[self.emitted : upto], upto
         return new
 
 
