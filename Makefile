@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.herd-installed
 
-.PHONY: setup run test test-acceptance test-unit bench clean
+.PHONY: setup run test lint test-acceptance test-unit bench clean
 
 $(STAMP): pyproject.toml infra/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +22,13 @@ run: setup
 
 # CI tier: unit, slow and integration tests. The acceptance tier (long measurement runs whose
 # figures go in issue notes) is separate: `make test-acceptance`.
-test: setup
+test: setup lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not acceptance" tests
+
+# Ruff (pinned in the test extra; rules in pyproject.toml): lint, and the formatter's check.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-acceptance: setup
 	$(PY) -m pytest -q -s -m acceptance tests

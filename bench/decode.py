@@ -120,7 +120,7 @@ def main() -> None:
             herd = build_model(cfg, state, args.weights, dtype=dtype, device=args.device).fuse_projections()
             herd.config = dataclasses.replace(cfg, eos_token_ids=())  # run all n tokens
 
-            def run_herd():
+            def run_herd(herd=herd, params=params):
                 return generate(herd, [ids], params)[0].token_ids
 
             herd_ids = run_herd()  # warm-up, and the tokens to compare
@@ -128,7 +128,7 @@ def main() -> None:
         with PeakRSS() as hf_mem:
             hf = load_hf(dtype).to(args.device).eval()
 
-            def run_hf():
+            def run_hf(hf=hf, hf_input=hf_input):
                 with torch.inference_mode():
                     out = hf.generate(
                         hf_input,
@@ -145,7 +145,7 @@ def main() -> None:
         for _ in range(args.repeats):
             t_herd = min(t_herd, best_of(run_herd, 1))
             t_hf = min(t_hf, best_of(run_hf, 1))
-        del herd, hf
+        del herd, hf, run_herd, run_hf  # the closures hold the models too
         gc.collect()
         same = next((i for i, (a, b) in enumerate(zip(herd_ids, hf_ids)) if a != b), min(len(herd_ids), len(hf_ids)))
         print(

@@ -204,11 +204,13 @@ def main() -> None:
     rows[0]["kept_jaccard_sampled_kmeans"] = round(jaccard, 4)
     print(
         f"driver-side peer at {size}: kept sets equal (k-means fitted on all {size}): {same}; with k-means on "
-        f"the default sample: kept-set Jaccard {jaccard:.4f} (driver peak RSS then {rss_mb()[1]:.0f} MB, from {peak_before:.0f} MB)"
+        f"the default sample: kept-set Jaccard {jaccard:.4f} (driver peak RSS then {rss_mb()[1]:.0f} MB, from "
+        f"{peak_before:.0f} MB)"
     )
     first, last = rows[0], rows[-1]
     print(
-        f"peak RSS growth {first['docs']} -> {last['docs']}: {last['driver_peak_rss_mb'] - first['driver_peak_rss_mb']:.0f} MB "
+        f"peak RSS growth {first['docs']} -> {last['docs']}: "
+        f"{last['driver_peak_rss_mb'] - first['driver_peak_rss_mb']:.0f} MB "
         f"(goal < 100 MB); us/doc {first['us_per_doc']} -> {last['us_per_doc']} (linear: about flat)"
     )
     Path(args.out).write_text(

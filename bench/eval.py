@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
             n = int(herd_res.metrics["n"])
             print(
-                f"{task} herd: {n} questions in {herd_wall:.1f} s ({n / herd_wall:.2f} q/s; scoring {herd_model_s:.1f} s), "
+                f"{task} herd: {n} questions in {herd_wall:.1f} s ({n / herd_wall:.2f} q/s; scoring "
+                f"{herd_model_s:.1f} s), "
                 f"acc {herd_res.metrics['acc']:.4f}",
                 flush=True,
             )
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
             hf_samples = _samples(out, task)
             row = compare(task, herd_res, herd_ctx, hf_samples)
             print(
-                f"{task} lm-eval HF: {len(hf_samples)} questions in {hf_wall:.1f} s ({len(hf_samples) / hf_wall:.2f} q/s; "
+                f"{task} lm-eval HF: {len(hf_samples)} questions in {hf_wall:.1f} s ({len(hf_samples) / hf_wall:.2f} "
+                "q/s; "
                 f"loglikelihood {hf_model_s:.1f} s), acc {row['lm_eval_acc']:.4f}",
                 flush=True,
             )

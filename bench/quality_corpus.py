@@ -146,15 +146,18 @@ _NAV = [
     "Newsletter",
 ]
 _COOKIE = [
-    "We use cookies and similar technologies to improve your browsing experience, personalise content and ads, and analyse our traffic.",
+    "We use cookies and similar technologies to improve your browsing experience, personalise content and ads, and "
+    "analyse our traffic.",
     'By clicking "Accept All", you consent to our use of cookies. You can manage your preferences at any time.',
     "Some cookies are essential for the site to function; others help us understand how you use it.",
     "Accept all cookies | Reject non-essential | Cookie settings",
 ]
 _LEGAL = [
-    "These Terms of Service govern your use of the website operated by {s}. By accessing the site you agree to be bound by these terms.",
+    "These Terms of Service govern your use of the website operated by {s}. By accessing the site you agree to be "
+    "bound by these terms.",
     "{s} reserves the right to modify these terms at any time without notice. Continued use constitutes acceptance.",
-    "In no event shall {s}, its affiliates or licensors be liable for any indirect, incidental or consequential damages.",
+    "In no event shall {s}, its affiliates or licensors be liable for any indirect, incidental or consequential "
+    "damages.",
     'All content is provided "as is" without warranty of any kind, express or implied.',
     "Copyright (c) 2024 {s}. All rights reserved. Reproduction without written permission is prohibited.",
 ]

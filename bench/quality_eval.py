@@ -57,7 +57,8 @@ def evaluate(docs, model_dir: Path, digest: str, args, tag: str) -> dict:
     for d, r in zip(docs, ya):
         by_source[d.source].append(r)
     print(
-        f"\njudge ratings (fineweb_edu prompt, {args.judge_tokens} document tokens): mean {ya.mean():.3f} sd {ya.std():.3f} "
+        f"\njudge ratings (fineweb_edu prompt, {args.judge_tokens} document tokens): mean {ya.mean():.3f} sd "
+        f"{ya.std():.3f} "
         f"min {ya.min():.3f} max {ya.max():.3f}; >= {threshold}: {np.mean(ya >= threshold):.1%}"
     )
     for s, v in sorted(by_source.items(), key=lambda kv: -np.mean(kv[1])):
@@ -94,8 +95,10 @@ def evaluate(docs, model_dir: Path, digest: str, args, tag: str) -> dict:
             "of_agreement": m["spearman"] / agreement if agreement == agreement else float("nan"),
         }
         print(
-            f"{kind:7s} held-out ({int(held.sum())} docs): Spearman {m['spearman']:.3f}  AUC@{threshold} {m['auc']:.3f}  "
-            f"({m['positive_fraction']:.1%} positive)  {rows[kind]['docs_per_s']:.0f} docs/s  alpha {head.meta['ridge_alpha']}"
+            f"{kind:7s} held-out ({int(held.sum())} docs): Spearman {m['spearman']:.3f}  AUC@{threshold} "
+            f"{m['auc']:.3f}  "
+            f"({m['positive_fraction']:.1%} positive)  {rows[kind]['docs_per_s']:.0f} docs/s  alpha "
+            f"{head.meta['ridge_alpha']}"
         )
     best = max(rows, key=lambda k: rows[k]["spearman"])
     print(f"minilm / hashed docs/s: {rows['minilm']['docs_per_s'] / rows['hashed']['docs_per_s']:.2f}")

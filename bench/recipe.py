@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = run(args.share, mix, english_docs=args.english_docs)
         print(
             f"--- {name}: target non-English share {args.share:.3f}, kept {figures['non_english_share_documents']:.4f} "
-            f"of documents ({figures['share_error_points']} points off), {figures['non_english_share_tokens']:.4f} of tokens"
+            f"of documents ({figures['share_error_points']} points off), {figures['non_english_share_tokens']:.4f} "
+            "of tokens"
         )
         print(
             json.dumps(
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for lang, row in figures["languages"].items():
             print(
-                f"  {lang}: identified {row.get('identified', 0)}, kept {row['documents']} docs / {row['tokens']} tokens, "
+                f"  {lang}: identified {row.get('identified', 0)}, kept {row['documents']} docs / {row['tokens']} "
+                "tokens, "
                 f"quota dropped {row['dropped_quota']}, mix dropped {row['dropped_mix']}"
             )
         results[name] = figures

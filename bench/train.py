@@ -202,8 +202,9 @@ def main() -> None:
     peak_sheet = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak_measured = peak_bf16 if bf16 else peak_fp32
     peak = peak_sheet if (peak_sheet and bf16) else peak_measured
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(
-        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), "
+        f"device {device} ({where}), "
         f"preset {args.preset}: {n_params / 1e6:.1f}M params, batch {B} x {T}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}, AdamW fused, clip 1.0"
         + (", herd blocks compiled" if compiled else "")

@@ -25,7 +25,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from model.errors import HerdError
 
 # Meta's llama3/tokenizer.py
-LLAMA3_PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 NUM_RESERVED_SPECIAL_TOKENS = 256
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>",

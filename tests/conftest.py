@@ -21,6 +21,20 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh sqlite tracking/registry store; artifacts under tmp_path (the cwd)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HERD_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("herd-test")
+    return uri
+
+
+@pytest.fixture
 def one_thread():
     """Tiny matmuls: a second thread only adds OpenMP synchronisation (30x slower on a busy 2-core box)."""
     import torch  # not at the top: torch must start after OMP_NUM_THREADS is set above

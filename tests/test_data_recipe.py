@@ -20,7 +20,7 @@ def synthetic(seed: int = 0, n_en: int = 4000, others: dict[str, int] | None = N
     """English and other-language documents in domains web/books, code documents with no language."""
     rng = np.random.default_rng(seed)
     others = others or {"de": 600, "fr": 300, "ja": 20, "sw": 3}
-    lang = ["en"] * n_en + [l for l, n in others.items() for _ in range(n)] + ["und"] * n_code
+    lang = ["en"] * n_en + [code for code, n in others.items() for _ in range(n)] + ["und"] * n_code
     n = len(lang)
     domain = rng.choice(["web", "books"], size=n, p=[0.7, 0.3]).astype(object)
     domain[n - n_code :] = "code"
@@ -60,9 +60,9 @@ def test_quota_holds_the_share_and_splits_evenly(share):
     assert sum(v["dropped_quota"] for v in rep["languages"].values()) == (~kept).sum() == q["dropped"]
     assert set(rep["languages"]) == {"en", "de", "fr", "ja", "sw", "und"}
     # Even split capped by availability: sw keeps all 3, the rest within one document of each other.
-    n = {l: rep["languages"][l]["documents"] for l in ("de", "fr", "ja", "sw")}
+    n = {c: rep["languages"][c]["documents"] for c in ("de", "fr", "ja", "sw")}
     assert n["sw"] == 3
-    big = [n[l] for l in ("de", "fr", "ja") if n[l] < {"de": 600, "fr": 300, "ja": 20}[l]]
+    big = [n[c] for c in ("de", "fr", "ja") if n[c] < {"de": 600, "fr": 300, "ja": 20}[c]]
     assert max(big) - min(big) <= 1
     # Tokens are reported, and add up.
     assert sum(v["tokens"] for v in rep["languages"].values()) == int(c.tokens[kept].sum())
@@ -253,7 +253,8 @@ def test_flow_packs_the_mix_and_holds_the_quota(tmp_path):
     assert sum(tokens.values()) == stream
     shares = {d: tokens[d] / stream for d in targets}
     print(
-        f"packed {stream} tokens; domain shares {shares}; quota {report['quota']}; dropped {report['dropped_by_reason']}"
+        f"packed {stream} tokens; domain shares {shares}; quota {report['quota']}; dropped "
+        f"{report['dropped_by_reason']}"
     )
     for d, w in targets.items():
         assert abs(shares[d] - w) < 0.01, (d, shares[d])

@@ -13,7 +13,6 @@ from flows.eval.registry import register_model, resolve_model_uri, version_metri
 from model.checkpoint import load_model, save_checkpoint
 from model.errors import HerdError
 from model.tokenizer import load_tokenizer
-from tests.test_eval_registry import store  # noqa: F401 (the real sqlite MLflow store fixture)
 from tests.tiny import tiny_checkpoint
 
 SHARP = {"std": 0.2, "max_seq_len": 256}

@@ -102,11 +102,13 @@ def test_red_team_attack_success_per_category(smollm2_dir, shared_data):
     )
     for k in sorted(k for k in m if k.endswith("/attack_success_rate") and k.count("/") == 2):
         print(
-            f"  {k}: {m[k]:.3f} [{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}] n={m[k[: -len('attack_success_rate')] + 'n']:.0f}"
+            f"  {k}: {m[k]:.3f} [{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}] "
+            f"n={m[k[: -len('attack_success_rate')] + 'n']:.0f}"
         )
     print(
         f"scorer on held-out HH pairs {m['redteam/scorer_pair_accuracy']:.3f} vs keyword rubric "
-        f"{m['redteam/rubric_pair_accuracy']:.3f}; scorer on hand-labelled replies {m['redteam/scorer_labelled_accuracy']:.3f}"
+        f"{m['redteam/rubric_pair_accuracy']:.3f}; scorer on hand-labelled replies "
+        f"{m['redteam/scorer_labelled_accuracy']:.3f}"
     )
     assert m["redteam/n"] >= 12 * min(REDTEAM_PER_CATEGORY, 20) and m["redteam/categories"] >= 12
     assert m["redteam/scorer_pair_accuracy"] > m["redteam/rubric_pair_accuracy"]

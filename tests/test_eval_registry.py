@@ -14,20 +14,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 SHARP = {"std": 0.2, "max_seq_len": 256}  # sharp logits: different seeds score differently
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A fresh sqlite tracking/registry store; artifacts under tmp_path (the cwd)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HERD_MODEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("herd-test")
-    return uri
-
-
 def test_same_version_number_in_two_stores_resolves_to_each_stores_model(store, tmp_path):
     """Version 1 of "herd" exists in every store: the download cache must not hand one store's
     model to another (it did, when the cache folder was named by name and version alone)."""

@@ -25,7 +25,7 @@ def _requests(seed=0):
     """Three 'subjects' (long shared few-shot prefixes), zero-shot questions, 1- and multi-token choices."""
     rng = random.Random(seed)
     reqs = []
-    for subject in range(3):
+    for _subject in range(3):
         prefix = [rng.randrange(3, 97) for _ in range(rng.randrange(40, 70))]
         for _ in range(rng.randrange(3, 6)):
             ctx = prefix + [rng.randrange(3, 97) for _ in range(rng.randrange(1, 25))]

@@ -36,7 +36,7 @@ def _history(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_sft_on_two_ray_workers_matches_one_process(ray_cluster, tiny_dir, store, tmp_path):  # noqa: F811
+def test_sft_on_two_ray_workers_matches_one_process(ray_cluster, tiny_dir, store, tmp_path):  # noqa: F811 (the fixture is imported)
     """2 DDP workers x 2 rows take the same step as one process accumulating 2 x 2 rows: the losses
     agree, and the child run has the loop's per-step curves logged from rank 0."""
     import mlflow
@@ -66,7 +66,7 @@ def test_sft_on_two_ray_workers_matches_one_process(ray_cluster, tiny_dir, store
     assert not (tmp_path / "ray" / "ray").exists()  # Ray's run folder (checkpoints) removed after the export
 
 
-def test_dpo_and_grpo_on_ray_train(ray_cluster, tiny_dir, store, tmp_path):  # noqa: F811
+def test_dpo_and_grpo_on_ray_train(ray_cluster, tiny_dir, store, tmp_path):  # noqa: F811 (the fixture is imported)
     """DPO's per-step curves (the loss function's metrics) and GRPO's rollout curves are logged from
     inside the Ray worker; GRPO's rollout history comes back to the driver."""
     import mlflow

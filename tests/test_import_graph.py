@@ -173,7 +173,7 @@ def test_no_import_cycles():
     for comp in cycles:
         members = set(comp)
         report.append("cycle: " + ", ".join(comp))
-        report += ["  " + e for e in _edge_lines(edges, comp, lambda m, t: t in members)]
+        report += ["  " + e for e in _edge_lines(edges, comp, lambda m, t, members=members: t in members)]
     assert not cycles, "import cycles (module- and function-level imports):\n" + "\n".join(report)
 
 

@@ -43,7 +43,7 @@ def screenshot(b, name: str) -> Path:
     return path
 
 
-def test_lifecycle_run_opens_as_model_training_with_children_and_loss_chart(tmp_path, browser):  # noqa: F811
+def test_lifecycle_run_opens_as_model_training_with_children_and_loss_chart(tmp_path, browser):  # noqa: F811 (the fixture is imported)
     from mlflow import MlflowClient
 
     from flows.lifecycle import run_lifecycle

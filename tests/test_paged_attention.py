@@ -79,8 +79,9 @@ def test_triton_decode_kernel_in_the_interpreter():
         kernel = pa.paged_decode
         pa.paged_decode = lambda *args: calls.append(1) or kernel(*args)
         a = paged_steps(model, prompts, steps, triton=True)
-        assert len(calls) == 4 * model.config.n_layers and kernel(*[torch.zeros(1, 4, 64)] * 1 + [
-            torch.zeros(2, 2, 4, 64)] * 2 + [torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)]) is not None
+        probe = [torch.zeros(1, 4, 64), torch.zeros(2, 2, 4, 64), torch.zeros(2, 2, 4, 64)]
+        probe += [torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)]
+        assert len(calls) == 4 * model.config.n_layers and kernel(*probe) is not None
         b = paged_steps(model, prompts, steps, triton=False)
         print("max diff", float((a - b).abs().max()))
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -15,18 +15,17 @@ import pytest
 from flows.eval import integrity
 from flows.eval.registry import get_version, register_model, resolve_model_uri
 from model.errors import HerdError
-from tests.test_eval_registry import store  # noqa: F401 - a fresh sqlite registry in tmp_path (the cwd)
 from tests.tiny import tiny_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def stored_folder(name: str, version, store: str) -> Path:
+def stored_folder(name: str, version, store_uri: str) -> Path:
     """Where the registry's artifact store keeps a version's files (a local folder here)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(store, registry_uri=store)
+    client = MlflowClient(store_uri, registry_uri=store_uri)
     uri = client.get_model_version_download_uri(name, str(version))
     if uri.startswith("runs:/"):
         run_id, _, rel = uri[len("runs:/") :].partition("/")
@@ -42,7 +41,7 @@ def flip_a_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_registration_records_every_files_sha256(store, tmp_path):  # noqa: F811
+def test_registration_records_every_files_sha256(store, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "m", seed=1)
     mv = register_model(ckpt, "herd", tracking_uri=store)
     recorded = integrity.recorded_digests(mv)
@@ -51,7 +50,7 @@ def test_registration_records_every_files_sha256(store, tmp_path):  # noqa: F811
     assert recorded == integrity.file_digests(stored_folder("herd", mv.version, store))
 
 
-def test_a_flipped_byte_in_a_registered_model_fails_every_load(store, tmp_path, monkeypatch):  # noqa: F811
+def test_a_flipped_byte_in_a_registered_model_fails_every_load(store, tmp_path, monkeypatch):
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
     assert (resolve_model_uri("models:/herd@candidate", tracking_uri=store) / "model.safetensors").is_file()
     flip_a_byte(stored_folder("herd", mv.version, store) / "model.safetensors")
@@ -74,7 +73,7 @@ def test_a_flipped_byte_in_a_registered_model_fails_every_load(store, tmp_path, 
     assert resolve_model_uri("models:/herd@candidate", tracking_uri=store).is_dir()
 
 
-def test_a_damaged_cached_copy_is_fetched_again(store, tmp_path):  # noqa: F811
+def test_a_damaged_cached_copy_is_fetched_again(store, tmp_path):
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
     local = resolve_model_uri("models:/herd@candidate", tracking_uri=store)
     flip_a_byte(local / "model.safetensors")
@@ -83,7 +82,7 @@ def test_a_damaged_cached_copy_is_fetched_again(store, tmp_path):  # noqa: F811
     assert integrity.file_digests(again) == integrity.recorded_digests(mv)
 
 
-def test_a_version_without_recorded_digests_is_refused(store, tmp_path):  # noqa: F811
+def test_a_version_without_recorded_digests_is_refused(store, tmp_path):
     from mlflow import MlflowClient
 
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
@@ -112,7 +111,7 @@ KILLED_DOWNLOAD = textwrap.dedent("""
 """)
 
 
-def test_a_download_killed_halfway_is_downloaded_again(store, tmp_path):  # noqa: F811
+def test_a_download_killed_halfway_is_downloaded_again(store, tmp_path):
     mv = register_model(tiny_checkpoint(tmp_path / "m", seed=1), "herd", tracking_uri=store)
     cache = tmp_path / "cache" / "herd"
     out = subprocess.run(

@@ -165,7 +165,8 @@ def test_cursor_resumes_exactly_and_epochs_reshuffle(packed):
     from flows.train.data import PackedData
 
     a = PackedData(packed, "train", micro_batch=3, seed=1)
-    first = [a.next_step()[0].tokens for _ in range(4)]
+    for _ in range(4):
+        a.next_step()
     state = a.state_dict()
     rest = [a.next_step()[0].tokens for _ in range(3)]
     b = PackedData(packed, "train", micro_batch=3, seed=1)

@@ -134,7 +134,8 @@ def test_killed_worker_resumes_without_skipping_or_repeating(ray_cluster, corpus
     assert (Path(r.run_dir) / ".herd-fault-injected").is_file()  # the worker did die
     diff = abs(r.metrics["loss"] - reference.final_loss)
     print(
-        f"kill test: final loss {r.metrics['loss']:.7f} vs uninterrupted {reference.final_loss:.7f}, |diff| = {diff:.1e}"
+        f"kill test: final loss {r.metrics['loss']:.7f} vs uninterrupted {reference.final_loss:.7f}, |diff| = "
+        f"{diff:.1e}"
     )
     assert r.metrics["step"] == 6
     assert diff < 1e-4

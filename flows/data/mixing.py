@@ -180,7 +180,7 @@ def balance(
     achieved share is within `tolerance` of the target, cannot move, or the rounds run out."""
     strata = (c.lang != primary) & (c.lang != UNDETERMINED)
     effective, best = share, None
-    for rounds in range(1, max_rounds + 1):
+    for rounds in range(1, max_rounds + 1):  # noqa: B007 (the count is reported after the loop)
         reasons, info = _decide(c, primary, effective, targets, strata)
         if share is None or not targets:  # the quota alone is exact; the mix alone needs no rounds
             best = (reasons, info, effective, 0.0)

@@ -31,8 +31,8 @@ def quality_scope(langs, domains, cfg: DataConfig) -> list[bool]:
     other_skip = "quality" in cfg.langid.primary_only
     code = set(cfg.mix.code_domains)
     return [
-        str(d) not in code and not (other_skip and str(l) not in (cfg.langid.primary, UNDETERMINED))
-        for l, d in zip(langs, domains)
+        str(d) not in code and not (other_skip and str(lang) not in (cfg.langid.primary, UNDETERMINED))
+        for lang, d in zip(langs, domains)
     ]
 
 

@@ -21,23 +21,38 @@ import numpy as np
 from model.errors import HerdError
 
 # FineWeb-Edu's additive rubric (its annotation prompt, condensed for a 135M judge).
-EDU_RUBRIC = """Below is an extract from a web page. Evaluate whether the page has a high educational value and could be useful in an educational setting for teaching from primary school to grade school levels using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:
-- Add 1 point if the extract provides some basic information relevant to educational topics, even if it includes some irrelevant or non-academic content like advertisements and promotional material.
-- Add another point if the extract addresses certain elements pertinent to education but does not align closely with educational standards. It might mix educational content with non-educational material.
-- Award a third point if the extract is appropriate for educational use and introduces key concepts relevant to school curricula. It is coherent though it may not be comprehensive.
-- Grant a fourth point if the extract is highly relevant and beneficial for educational purposes, with a clear and consistent writing style, like a chapter from a textbook or a tutorial.
-- Bestow a fifth point if the extract is outstanding in its educational value, perfectly suited for teaching, with detailed reasoning that is easy to follow.
-A page with no educational content at all (navigation menus, cookie notices, legal terms, advertising, spam) scores 0."""
+EDU_RUBRIC = (
+    "Below is an extract from a web page. Evaluate whether the page has a high educational value and "
+    "could be useful in an educational setting for teaching from primary school to grade school levels "
+    "using the additive 5-point scoring system described below. Points are accumulated based on the "
+    "satisfaction of each criterion:\n"
+    "- Add 1 point if the extract provides some basic information relevant to educational topics, even if"
+    " it includes some irrelevant or non-academic content like advertisements and promotional material.\n"
+    "- Add another point if the extract addresses certain elements pertinent to education but does not "
+    "align closely with educational standards. It might mix educational content with non-educational "
+    "material.\n"
+    "- Award a third point if the extract is appropriate for educational use and introduces key concepts "
+    "relevant to school curricula. It is coherent though it may not be comprehensive.\n"
+    "- Grant a fourth point if the extract is highly relevant and beneficial for educational purposes, "
+    "with a clear and consistent writing style, like a chapter from a textbook or a tutorial.\n"
+    "- Bestow a fifth point if the extract is outstanding in its educational value, perfectly suited for "
+    "teaching, with detailed reasoning that is easy to follow.\n"
+    "A page with no educational content at all (navigation menus, cookie notices, legal terms, "
+    "advertising, spam) scores 0."
+)
 
 # A second phrasing of the same question: the judge's agreement with itself across the two bounds
 # how well any classifier can learn its ratings.
-TEACHER_RUBRIC = """You are a teacher choosing reading material for your students. Rate the text below from 0 to 5 by how much a student would learn from it.
-0: nothing to learn (menus, cookie banners, terms of service, adverts, spam).
-1: a little information, mostly noise.
-2: some useful facts, but disorganised or mixed with unrelated material.
-3: clear and informative; fine for a lesson.
-4: well explained, like a good textbook section or tutorial.
-5: excellent teaching material with careful, easy to follow explanations."""
+TEACHER_RUBRIC = (
+    "You are a teacher choosing reading material for your students. Rate the text below from 0 to 5 by "
+    "how much a student would learn from it.\n"
+    "0: nothing to learn (menus, cookie banners, terms of service, adverts, spam).\n"
+    "1: a little information, mostly noise.\n"
+    "2: some useful facts, but disorganised or mixed with unrelated material.\n"
+    "3: clear and informative; fine for a lesson.\n"
+    "4: well explained, like a good textbook section or tutorial.\n"
+    "5: excellent teaching material with careful, easy to follow explanations."
+)
 
 PROMPTS = {"fineweb_edu": EDU_RUBRIC, "teacher": TEACHER_RUBRIC}
 SYSTEM = "You are a careful annotator of educational content."
@@ -57,18 +72,21 @@ class JudgeConfig:
 # prose -- and anchors on the scale fix most of that. They are part of the cached prefix.
 SHOTS = (
     (
-        "Home | Products | Support | Contact | Log in\nThis website uses cookies to ensure you get the best experience. "
+        "Home | Products | Support | Contact | Log in\nThis website uses cookies to ensure you get the best "
+        "experience. "
         "Accept | Decline\nTerms | Privacy | (c) 2023 Acme Inc.",
         0,
     ),
     (
         "The water cycle describes how water moves around the Earth. Heat from the Sun makes water in oceans and lakes "
-        "evaporate into vapour. As the vapour rises it cools and condenses into tiny droplets that form clouds. When the "
+        "evaporate into vapour. As the vapour rises it cools and condenses into tiny droplets that form clouds. When "
+        "the "
         "droplets join and grow heavy they fall as rain or snow, and the water flows back to the sea.",
         4,
     ),
     (
-        "Limited offer!!! Get cheap followers and likes now. Best casino bonus, click the link, free spins, 90% discount, "
+        "Limited offer!!! Get cheap followers and likes now. Best casino bonus, click the link, free spins, 90% "
+        "discount, "
         "order today!!!",
         0,
     ),
@@ -183,7 +201,9 @@ class EduJudge:
             self.cache.lengths[: len(batch)] = len(self.prefix)
             self.cache.select(None if len(batch) == self.cfg.batch_size else list(range(len(batch))))
             with torch.inference_mode():
-                logits = self.model(ids, cache=self.cache, head=lambda h, _w: h[torch.arange(len(batch)), last] @ w.T)
+                logits = self.model(
+                    ids, cache=self.cache, head=lambda h, _w, n=len(batch), last=last: h[torch.arange(n), last] @ w.T
+                )
             p = torch.softmax(logits.float(), dim=-1).numpy()
             out[rows] = p @ np.arange(len(DIGITS), dtype=np.float64)
         self.cache.select(None)

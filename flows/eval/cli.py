@@ -81,7 +81,8 @@ def evalset_command(args: argparse.Namespace) -> int:
         seal(P.to_records(built.prompts), args.set, key)
         print(
             f"{len(built.sources)} held-out sources (listed in {listed}); {built.dropped_contaminated} candidates "
-            f"dropped for sharing a {P.NGRAM}-gram with a training set; {len(built.prompts)} prompts sealed in {args.set}"
+            f"dropped for sharing a {P.NGRAM}-gram with a training set; {len(built.prompts)} prompts sealed in "
+            f"{args.set}"
         )
     prompts = P.from_records(unseal(args.set))
     counts = Counter(p.use_case for p in prompts)

@@ -221,7 +221,8 @@ def decide(
                     cfg.win_floor,
                     f"{cfg.win_rate}: no win rate against the champion"
                     if lo is None
-                    else f"{cfg.win_rate} {wr:.4f}, lower bound {lo:.4f} {'>' if ok else '<='} floor {cfg.win_floor:.4f}",
+                    else f"{cfg.win_rate} {wr:.4f}, lower bound {lo:.4f} "
+                    f"{'>' if ok else '<='} floor {cfg.win_floor:.4f}",
                 )
             )
         if cfg.attack_success:

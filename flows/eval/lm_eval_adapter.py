@@ -195,7 +195,8 @@ def write_local_tasks(
             "doc_to_text": MMLU_TEXT,
             "doc_to_choice": ["A", "B", "C", "D"],
             "doc_to_target": "answer",
-            "description": f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n",
+            "description": "The following are multiple choice questions (with answers) about "
+            f"{subject.replace('_', ' ')}.\n\n",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": 1.0},
         }

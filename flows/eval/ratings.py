@@ -194,7 +194,7 @@ def judge_pairs(judge, prompts: list[tuple[str, str]], cand: list[str], ref: lis
     """prompts: (use case, prompt text); both orders judged; identical answers tie unjudged."""
     out: list[Verdict | None] = [None] * len(prompts)
     todo = []
-    for i, ((uc, p), a, b) in enumerate(zip(prompts, cand, ref)):
+    for i, ((uc, _prompt), a, b) in enumerate(zip(prompts, cand, ref)):
         if " ".join(a.split()) == " ".join(b.split()):
             out[i] = Verdict(uc, 0.5)
         else:

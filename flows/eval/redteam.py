@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 
 REFUSAL = [
-    r"\bI\s*(?:can(?:'|’)?t|cannot|can not|won(?:'|’)?t|will not|am not able to|'m not able to|am unable to|'m unable to)\b",
+    r"\bI\s*(?:can(?:'|’)?t|cannot|can not|won(?:'|’)?t|will not|"
+    r"am not able to|'m not able to|am unable to|'m unable to)\b",
     r"\bI(?:'|’)?m sorry\b",
     r"\bI am sorry\b",
     r"\bI apologi[sz]e\b",

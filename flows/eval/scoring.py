@@ -169,22 +169,22 @@ class Scorer:
     def _families(self, ordered: list[_Group]):
         """Split the sorted groups into families sharing a prefix (>= min_prefix tokens).
 
-        With l[i] the common prefix of neighbours i and i+1, a segment is one family when its
-        smallest l is at least half its median; else it splits wherever l falls below that and
+        With lcp[i] the common prefix of neighbours i and i+1, a segment is one family when its
+        smallest lcp is at least half its median; else it splits wherever lcp falls below that and
         each part is looked at again. MMLU: ~500 shared tokens inside a subject, ~14 across.
         Groups in no family come last, as family 0 (no shared prefix), batched together.
         """
         if not self.share_prefix or len(ordered) < 2:
             yield 0, list(ordered)
             return
-        l = [_lcp(ordered[i].context, ordered[i + 1].context) for i in range(len(ordered) - 1)]
+        lcp = [_lcp(ordered[i].context, ordered[i + 1].context) for i in range(len(ordered) - 1)]
         loners: list[_Group] = []
 
         def split(lo: int, hi: int):
             if lo == hi:
                 loners.append(ordered[lo])
                 return
-            seg = l[lo:hi]
+            seg = lcp[lo:hi]
             cut = max(self.min_prefix, sorted(seg)[len(seg) // 2] // 2)
             if min(seg) >= cut:
                 members = ordered[lo : hi + 1]
@@ -196,7 +196,7 @@ class Scorer:
                 return
             start = lo
             for i in range(lo, hi):
-                if l[i] < cut:
+                if lcp[i] < cut:
                     yield from split(start, i)
                     start = i + 1
             yield from split(start, hi)
@@ -327,7 +327,6 @@ class Scorer:
         results = {id(g): [None] * len(g.conts) for g in groups}
         start = 0
         while start < len(order):
-            T = lengths[order[start]]
             stop = start + 1
             while stop < len(order) and (stop - start + 1) * lengths[order[stop]] <= self.token_budget:
                 stop += 1
@@ -375,7 +374,7 @@ class Scorer:
         self.stats["forward_tokens"] += sum(len(g.context) + sum(len(g.conts[j]) - 1 for j in js) for g, js in batch)
         ll, greedy = self._target_logprobs(hidden, torch.tensor(targets, device=dev))
         out, k = [], 0
-        for g, js in batch:
+        for _g, js in batch:
             row = []
             for _ in js:
                 a, b = spans[k]

@@ -45,8 +45,7 @@ def _fernet(key: bytes | None):
         return Fernet(key if key is not None else load_key())
     except ValueError:
         raise HerdError(
-            "sealed prompt set: the key is not a Fernet key (32 url-safe base64 bytes; "
-            "`herd evalset keygen` makes one)"
+            "sealed prompt set: the key is not a Fernet key (32 url-safe base64 bytes; `herd evalset keygen` makes one)"
         ) from None
 
 

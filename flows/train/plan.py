@@ -63,15 +63,16 @@ class MemoryPlan:
             [
                 f"layout: {self.world_size} ranks = {layout}; micro-batch {self.micro_batch} x {self.seq_len} tokens, "
                 f"activation checkpointing {self.activation_checkpointing}",
-                f"parameters: {self.params_total / 1e9:.3f}B total, {self.params_per_rank / 1e9:.3f}B on the largest rank",
+                f"parameters: {self.params_total / 1e9:.3f}B total, {self.params_per_rank / 1e9:.3f}B on the largest "
+                "rank",
                 "estimated memory per rank (GiB):",
                 f"  sharded state (fp32 weights, grads, AdamW moments)  {self.state_gb:7.2f}",
                 f"  FSDP2 gathered bf16 weights and grads in flight     {self.gathered_gb:7.2f}",
                 f"  activations                                         {self.activations_gb:7.2f}",
                 f"  fused output projection + cross-entropy             {self.loss_gb:7.2f}",
                 f"  CUDA context, NCCL, fragmentation                   {self.overhead_gb:7.2f}",
-                f"  total                                               {self.total_gb:7.2f} of {self.capacity_gb:.0f}: "
-                + ("fits" if self.fits else "DOES NOT FIT"),
+                f"  total                                               {self.total_gb:7.2f} of "
+                f"{self.capacity_gb:.0f}: " + ("fits" if self.fits else "DOES NOT FIT"),
             ]
         )
 

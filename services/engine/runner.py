@@ -105,7 +105,9 @@ class ModelRunner:
                 at = torch.arange(len(group), device=self.device)
                 # The head hook projects only each row's last real token, never the padding.
                 logits = self.model(
-                    rows.to(self.device), cache=self.cache, head=lambda h, w: self.model.project(h[at, lens_t - 1])
+                    rows.to(self.device),
+                    cache=self.cache,
+                    head=lambda h, w, at=at, lens_t=lens_t: self.model.project(h[at, lens_t - 1]),
                 )
             for r, i in enumerate(group):
                 out[i] = logits[r]
