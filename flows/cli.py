@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "flows.train.cli",
     "flows.eval.cli",
     "flows.finetune.cli",
-    "flows.lifecycle_cli",
+    "flows.lifecycle.cli",
 ]
 
 
@@ -34,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return dispatch(build_parser().parse_args(argv))
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand's `func`, its errors as one line and an exit code."""
     try:
         return int(args.func(args) or 0)
     except HerdError as e:

@@ -199,7 +199,7 @@ def _cuda() -> bool:
 def _gpu_off(node):
     """The same override documents with every `use_gpu: true` turned off (lists merged in order)."""
     if isinstance(node, list):
-        from flows.lifecycle_core import deep_merge
+        from flows.lifecycle.config import deep_merge
 
         merged: dict = {}
         for doc in node:
@@ -244,8 +244,10 @@ def test_image_install_lines_run_every_overlays_entrypoint(image, overlay, tmp_p
 
 
 def test_the_shrink_and_gpu_overrides_are_valid_lifecycle_configs_that_add_no_stage():
-    from flows.lifecycle import check_configs, default_stages, load_config, wiring
-    from flows.lifecycle_cli import read_overrides
+    from flows.lifecycle.cli import read_overrides
+    from flows.lifecycle.config import check_configs, load_config
+    from flows.lifecycle.plan import wiring
+    from flows.lifecycle.run import default_stages
 
     shrink, gpu = str(REPO / "configs/lifecycle/shrink.yaml"), str(REPO / "configs/lifecycle/gpu.yaml")
     for config, files in (

@@ -453,8 +453,8 @@ def test_gpu_lifecycle_asks_for_gpus_where_it_trains_and_embeds(rendered):
     embedding actor ask Ray for GPUs; the cpu-dev one asks for none."""
     import shlex
 
-    from flows.lifecycle import load_config
-    from flows.lifecycle_cli import read_overrides
+    from flows.lifecycle.cli import read_overrides
+    from flows.lifecycle.config import load_config
 
     def stages(overlay):
         words = shlex.split(one(rendered[overlay], "RayJob")["spec"]["entrypoint"])

@@ -13,10 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from flows import lifecycle as lcm
-from flows.lifecycle import Stage
-from flows.lifecycle_core import StepContext, deep_merge
-from flows.lifecycle_lineage import tag_model_version
+from flows.lifecycle.config import config_hash, deep_merge, load_config
+from flows.lifecycle.lineage import tag_model_version
+from flows.lifecycle.plan import (
+    Stage,
+    StepContext,
+    code_version,
+    downstream,
+    output_files,
+    step_key,
+    still_valid,
+    wiring,
+)
+from flows.lifecycle.run import ray_runtime_env, run_lifecycle
+from flows.ray_runtime import init_ray
 from model.errors import HerdError
 from tests.tiny import tiny_checkpoint
 
@@ -63,7 +73,7 @@ def toy_register(ctx: StepContext) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    client = MlflowClient(ctx.lifecycle["tracking_uri"], ctx.lifecycle["tracking_uri"])
+    client = MlflowClient(ctx.lifecycle.tracking_uri, ctx.lifecycle.tracking_uri)
     mlflow.log_artifacts(ctx.model_dir(), "model")
     name = ctx.config["name"]
     try:
@@ -110,8 +120,8 @@ def toy_config(tmp: Path, **stage_over) -> dict:
 
 def test_step_key_covers_config_inputs_code_and_seed():
     base = dict(stage="pretrain", config={"lr": 1}, params={}, inputs={"data": {"digest": "a"}}, code="c", seed=0)
-    k = lcm.step_key(**base)
-    assert k == lcm.step_key(**base)
+    k = step_key(**base)
+    assert k == step_key(**base)
     for change in (
         {"config": {"lr": 2}},
         {"inputs": {"data": {"digest": "b"}}},
@@ -120,20 +130,18 @@ def test_step_key_covers_config_inputs_code_and_seed():
         {"inputs": {"data": None}},
         {"stage": "sft"},
     ):
-        assert lcm.step_key(**{**base, **change}) != k, change
+        assert step_key(**{**base, **change}) != k, change
     # key order in the config does not matter
-    assert lcm.step_key(**{**base, "config": {"a": 1, "b": 2}}) == lcm.step_key(**{**base, "config": {"b": 2, "a": 1}})
+    assert step_key(**{**base, "config": {"a": 1, "b": 2}}) == step_key(**{**base, "config": {"b": 2, "a": 1}})
 
 
 def test_code_version_follows_the_stage_sources(tmp_path):
-    v = lcm.code_version(["flows/lifecycle"])
-    assert v == lcm.code_version(["flows/lifecycle"]) and len(v) == 64
-    assert v != lcm.code_version(["flows/tracking.py"])
+    v = code_version(["flows/lifecycle"])
+    assert v == code_version(["flows/lifecycle"]) and len(v) == 64
+    assert v != code_version(["flows/tracking.py"])
 
 
 def test_a_cached_step_checks_its_outputs_digests(tmp_path, capsys):
-    from flows.lifecycle_steps import output_files
-
     model = tmp_path / "model"
     model.mkdir()
     (model / "weights.bin").write_bytes(b"\x00" * 64)
@@ -142,48 +150,48 @@ def test_a_cached_step_checks_its_outputs_digests(tmp_path, capsys):
     result = {"stage": "pretrain", "outputs": outputs, "files": output_files(outputs)}
     assert set(result["files"]) == {"model_dir", "report"}
     stage = toy_stages()["pretrain"]
-    assert lcm.still_valid(stage, result)
+    assert still_valid(stage, result)
     (model / "weights.bin").write_bytes(b"\x00" * 63 + b"\x01")  # same name and size, one byte changed
-    assert not lcm.still_valid(stage, result)
+    assert not still_valid(stage, result)
     assert "cached output model_dir" in capsys.readouterr().out
     (model / "weights.bin").write_bytes(b"\x00" * 64)
-    assert lcm.still_valid(stage, result)
+    assert still_valid(stage, result)
     (model / "extra.bin").write_bytes(b"")  # a file added to the folder changes its digest too
-    assert not lcm.still_valid(stage, result)
+    assert not still_valid(stage, result)
     (model / "extra.bin").unlink()
     (tmp_path / "report.json").unlink()
-    assert not lcm.still_valid(stage, result)
+    assert not still_valid(stage, result)
     assert "is gone" in capsys.readouterr().out
 
 
 def test_wiring_takes_the_first_enabled_candidate_and_force_closes_downstream(tmp_path):
     stages = toy_stages()
-    cfg = lcm.load_config(toy_config(tmp_path))
-    wires = lcm.wiring(cfg, stages)
+    cfg = load_config(toy_config(tmp_path))
+    wires = wiring(cfg, stages)
     assert wires["register"] == {"model": "pretrain", "eval": "eval", "data": "data"}
-    assert lcm.downstream(wires, {"pretrain"}) == {"pretrain", "eval", "register"}
-    assert lcm.downstream(wires, {"eval"}) == {"eval", "register"}
-    off = lcm.load_config(toy_config(tmp_path, pretrain={"enabled": False}))
-    wires = lcm.wiring(off, stages)
+    assert downstream(wires, {"pretrain"}) == {"pretrain", "eval", "register"}
+    assert downstream(wires, {"eval"}) == {"eval", "register"}
+    off = load_config(toy_config(tmp_path, pretrain={"enabled": False}))
+    wires = wiring(off, stages)
     assert "pretrain" not in wires and wires["eval"] == {"model": None}
 
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(HerdError, match="unknown key.*bogus"):
-        lcm.load_config({**toy_config(tmp_path), "bogus": 1})
+        load_config({**toy_config(tmp_path), "bogus": 1})
     with pytest.raises(HerdError, match=r"stages.eval: unknown key.*cpus"):
-        lcm.load_config(toy_config(tmp_path, eval={"cpus": 1}))
+        load_config(toy_config(tmp_path, eval={"cpus": 1}))
     cfg = toy_config(tmp_path)
     cfg["stages"]["nope"] = {}
     with pytest.raises(HerdError, match="unknown stage.*nope"):
-        lcm.run_lifecycle(cfg, stages=toy_stages(), tracking_uri=f"sqlite:///{tmp_path}/m.db")
+        run_lifecycle(cfg, stages=toy_stages(), tracking_uri=f"sqlite:///{tmp_path}/m.db")
 
 
 def test_default_config_resolves():
-    cfg = lcm.load_config(REPO / "configs" / "default.yaml")
+    cfg = load_config(REPO / "configs" / "default.yaml")
     assert list(cfg["stages"])[:2] == ["data", "pretrain"]
     assert cfg["stages"]["data"]["config"]["name"] == "default"  # configs/data/default.yaml read in
-    assert len(lcm.config_hash(cfg)) == 64
+    assert len(config_hash(cfg)) == 64
 
 
 # --- integration: real Ray, real MLflow -----------------------------------------------------------
@@ -193,7 +201,7 @@ def test_default_config_resolves():
 def ray_local():
     import ray
 
-    lcm.init_ray(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=lcm.ray_runtime_env())
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=ray_runtime_env())
     yield ray
     ray.shutdown()
 
@@ -212,7 +220,7 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     stages = toy_stages()
     cfg = toy_config(tmp_path)
 
-    first = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
+    first = run_lifecycle(cfg, stages=stages, tracking_uri=uri)
     assert [r["status"] for r in first.steps.values()] == ["ran"] * 4
     from mlflow import MlflowClient
 
@@ -231,7 +239,7 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
 
     # same config: every step cached, answered from MLflow without Ray, still one child run each
     t = time.perf_counter()
-    again = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
+    again = run_lifecycle(cfg, stages=stages, tracking_uri=uri)
     took = time.perf_counter() - t
     assert [r["status"] for r in again.steps.values()] == ["cached"] * 4
     assert not again.used_ray and took < 30
@@ -241,7 +249,7 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     assert again.steps["eval"]["metrics"] == first.steps["eval"]["metrics"]
 
     # --force pretrain: pretrain and what reads it rerun, data stays cached
-    forced = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri, force=["pretrain"])
+    forced = run_lifecycle(cfg, stages=stages, tracking_uri=uri, force=["pretrain"])
     assert {n: r["status"] for n, r in forced.steps.items()} == {
         "data": "cached",
         "pretrain": "ran",
@@ -254,9 +262,9 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     changed = toy_config(tmp_path, pretrain={"overrides": {"lr": 0.25}})
     (tmp_path / "fail").write_text("")
     with pytest.raises(HerdError, match="stage pretrain failed.*injected failure"):
-        lcm.run_lifecycle(changed, stages=stages, tracking_uri=uri)
+        run_lifecycle(changed, stages=stages, tracking_uri=uri)
     (tmp_path / "fail").unlink()
-    resumed = lcm.run_lifecycle(changed, stages=stages, tracking_uri=uri)
+    resumed = run_lifecycle(changed, stages=stages, tracking_uri=uri)
     assert {n: r["status"] for n, r in resumed.steps.items()} == {
         "data": "cached",
         "pretrain": "ran",
@@ -306,7 +314,7 @@ def tiny_model(tmp_path_factory):
 
 
 def test_finetune_config_takes_the_lifecycle_seed_and_store():
-    from flows import lifecycle_stages as ls
+    from flows.lifecycle import stages as ls
 
     fc = ls.finetune_config("dpo", {**TINY_FT, "seed": 3, "sampling": {"seed": 5}}, 11, "sqlite:////x/m.db", "e")
     assert (fc.stage, fc.seed, fc.sampling.seed) == ("dpo", 11, 11)
@@ -319,7 +327,7 @@ def test_a_bad_stage_config_fails_before_anything_runs(tmp_path):
     no MLflow run (nor Ray) is started."""
     from mlflow import MlflowClient
 
-    from flows.lifecycle_stages import STAGES
+    from flows.lifecycle.stages import STAGES
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     base = {"name": "bad", "workdir": str(tmp_path / "runs"), "mlflow": {"experiment": "bad"}}
@@ -343,7 +351,7 @@ def test_a_bad_stage_config_fails_before_anything_runs(tmp_path):
     ]
     for stages, msg in cases:
         with pytest.raises(HerdError, match=msg):
-            lcm.run_lifecycle({**base, "stages": stages}, stages=STAGES, tracking_uri=uri)
+            run_lifecycle({**base, "stages": stages}, stages=STAGES, tracking_uri=uri)
     assert MlflowClient(uri).search_experiments(filter_string="name = 'bad'") == []
 
 
@@ -353,7 +361,7 @@ def test_sft_rs_dpo_ppo_chain_through_the_finetune_entry_points(ray_local, tiny_
     under its step run in the lifecycle's store, and a rerun is fully cached."""
     from mlflow import MlflowClient
 
-    from flows.lifecycle_stages import STAGES
+    from flows.lifecycle.stages import STAGES
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     stages = {k: STAGES[k] for k in ("sft", "rs", "dpo", "ppo")}
@@ -366,7 +374,7 @@ def test_sft_rs_dpo_ppo_chain_through_the_finetune_entry_points(ray_local, tiny_
         "mlflow": {"experiment": "ft"},
         "stages": {k: ft for k in stages},
     }
-    res = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
+    res = run_lifecycle(cfg, stages=stages, tracking_uri=uri)
     assert [r["status"] for r in res.steps.values()] == ["ran"] * 4
     c = MlflowClient(uri)
     prev = tiny_model
@@ -387,6 +395,6 @@ def test_sft_rs_dpo_ppo_chain_through_the_finetune_entry_points(ray_local, tiny_
         prev = step["outputs"]["model_dir"]
     assert "train_loss_last" in res.steps["sft"]["metrics"] and "heldout_margin_after" in res.steps["dpo"]["metrics"]
 
-    again = lcm.run_lifecycle(cfg, stages=stages, tracking_uri=uri)
+    again = run_lifecycle(cfg, stages=stages, tracking_uri=uri)
     assert [r["status"] for r in again.steps.values()] == ["cached"] * 4 and not again.used_ray
     assert again.steps["dpo"]["outputs"] == res.steps["dpo"]["outputs"]

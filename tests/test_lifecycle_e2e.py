@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import lifecycle as lcm
+from flows.lifecycle.run import ray_runtime_env, run_lifecycle
+from flows.ray_runtime import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 E2E = REPO / "configs" / "lifecycle" / "e2e.yaml"
@@ -45,10 +46,10 @@ def test_e2e_parent_children_registry_endpoint_cache_lineage(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     over = on_port(free_port())
     # Ray is started here and stopped at the end, so the kill test below has the machine to itself.
-    lcm.init_ray(num_cpus=2, include_dashboard=False, runtime_env=lcm.ray_runtime_env())
+    init_ray(num_cpus=2, include_dashboard=False, runtime_env=ray_runtime_env())
     try:
         t = time.perf_counter()
-        first = lcm.run_lifecycle(E2E, overrides=over, workdir=str(tmp_path / "runs"), tracking_uri=uri)
+        first = run_lifecycle(E2E, overrides=over, workdir=str(tmp_path / "runs"), tracking_uri=uri)
         first_s = time.perf_counter() - t
         assert list(first.steps) == STAGES and [r["status"] for r in first.steps.values()] == ["ran"] * len(STAGES)
 
@@ -87,7 +88,7 @@ def test_e2e_parent_children_registry_endpoint_cache_lineage(tmp_path, capsys):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
         t = time.perf_counter()
-        again = lcm.run_lifecycle(E2E, overrides=over, workdir=str(tmp_path / "runs"), tracking_uri=uri)
+        again = run_lifecycle(E2E, overrides=over, workdir=str(tmp_path / "runs"), tracking_uri=uri)
         again_s = time.perf_counter() - t
         assert [r["status"] for r in again.steps.values()] == ["cached"] * len(STAGES)
         assert again_s < 30

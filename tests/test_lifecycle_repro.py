@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows import lifecycle as lcm
+from flows.lifecycle.run import ray_runtime_env, run_lifecycle
+from flows.ray_runtime import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "lifecycle" / "tiny.yaml"
@@ -26,11 +27,11 @@ def test_same_config_twice_from_scratch_gives_the_same_digests_and_metrics(tmp_p
 
     runs = []
     for name in ("a", "b"):
-        lcm.init_ray(num_cpus=2, include_dashboard=False, runtime_env=lcm.ray_runtime_env())
+        init_ray(num_cpus=2, include_dashboard=False, runtime_env=ray_runtime_env())
         try:
             uri = f"sqlite:///{tmp_path / name}/mlflow.db"
             (tmp_path / name).mkdir()
-            res = lcm.run_lifecycle(TINY, workdir=str(tmp_path / name / "runs"), tracking_uri=uri)
+            res = run_lifecycle(TINY, workdir=str(tmp_path / name / "runs"), tracking_uri=uri)
         finally:
             ray.shutdown()
         assert [r["status"] for r in res.steps.values()] == ["ran", "ran", "ran"]  # nothing came from a cache

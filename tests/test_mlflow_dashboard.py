@@ -46,7 +46,7 @@ def screenshot(b, name: str) -> Path:
 def test_lifecycle_run_opens_as_model_training_with_children_and_loss_chart(tmp_path, browser):  # noqa: F811 (the fixture is imported)
     from mlflow import MlflowClient
 
-    from flows.lifecycle import run_lifecycle
+    from flows.lifecycle.run import run_lifecycle
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     res = run_lifecycle(

@@ -2,6 +2,6 @@
 
 import sys
 
-from flows.cli import main
+from flows.lifecycle.cli import main
 
-sys.exit(main(["run", *sys.argv[1:]]))
+sys.exit(main(sys.argv[1:]))

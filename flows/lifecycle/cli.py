@@ -1,4 +1,8 @@
-"""`herd run` and `herd lineage` (flows/cli.py registers them; `python -m flows.lifecycle` is `herd run`)."""
+"""`herd run` and `herd lineage`: parse the arguments, call the lifecycle, print what it returns.
+
+flows/cli.py registers both; `python -m flows.lifecycle` (flows/lifecycle/__main__.py) parses the
+same arguments as `herd run` here, without loading the other command groups.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from flows.lifecycle import run_lifecycle
-from flows.lifecycle_core import deep_merge
-from flows.lifecycle_lineage import lineage_command
+from flows.lifecycle.config import deep_merge
+from flows.lifecycle.lineage import lineage_chain
+from flows.lifecycle.run import run_lifecycle
 from model.errors import HerdError
 
 # A RayJob's entrypoint is fixed in its manifest; this variable adds overrides without editing it.
@@ -57,6 +61,18 @@ def register(subparsers) -> None:
     lin.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a run id")
     lin.add_argument("--tracking-uri", default=None)
     lin.set_defaults(func=lineage_command)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m flows.lifecycle ARGS` = `herd run ARGS`."""
+    import argparse
+
+    from flows.cli import dispatch
+
+    p = argparse.ArgumentParser(prog="python -m flows.lifecycle", description="the lifecycle (= herd run)")
+    _add_run_args(p)
+    p.set_defaults(func=run_command)
+    return dispatch(p.parse_args(argv))
 
 
 def override_files(flag: list[str] | None) -> list[str]:
@@ -116,6 +132,19 @@ def run_command(args) -> int:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 pass
+    return 0
+
+
+def lineage_command(args) -> int:
+    for i, e in enumerate(lineage_chain(args.uri, args.tracking_uri)):
+        print(
+            ("  " * min(i, 1))
+            + ("<- " if i else "")
+            + e["what"]
+            + (f"  [run {e['run_id']}]" if e.get("run_id") else "")
+        )
+        for k, v in e["tags"].items():
+            print(("  " * min(i, 1)) + f"     {k}: {v}")
     return 0
 
 

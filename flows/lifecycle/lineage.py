@@ -1,16 +1,28 @@
-"""Lineage: the tags a registered version and a deployment carry, and `herd lineage` reading the
-chain back from a model version to the raw data."""
+"""Lineage: the tags a registered version and a deployment carry, and the chain read back from a model
+version to the raw data (`herd lineage` prints it: flows/lifecycle/cli.py).
+
+What a step's lineage holds is built in one place each: the lifecycle run's part is
+LifecycleRun.lineage, a step's is `step_lineage` (its inputs' lineage plus the run's)."""
 
 from __future__ import annotations
 
-from flows.lifecycle_core import LINEAGE, STAGE_ORDER, TAG, StepContext, _canon
+from flows.lifecycle.config import STAGE_ORDER, canon
+from flows.lifecycle.plan import StepContext
+from flows.lifecycle.record import LINEAGE, TAG, LifecycleRun
 from flows.tracking import MAX_TAG_CHARS, absolute_tracking_uri
 from flows.tracking import client as mlflow_client
 from model.errors import HerdError
 
-# --- lineage ------------------------------------------------------------------------------------
-
 LINEAGE_KEYS = ("data.input_sha256", "data.manifest_digest", "config_hash", "git_sha", "parent_run_id")
+
+
+def step_lineage(run: LifecycleRun, upstream: list[dict]) -> dict:
+    """A step's lineage before it runs: what its inputs carry, then the lifecycle run's."""
+    lineage = {}
+    for r in upstream:
+        lineage.update(r.get("lineage") or {})
+    lineage.update(run.lineage)
+    return lineage
 
 
 def lineage_tags(ctx: StepContext) -> dict[str, str]:
@@ -18,15 +30,15 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
     digests from data prep, the lifecycle's config hash, git sha and parent run id, and the run of
     every step that led here."""
     tags = {LINEAGE + k: str(ctx.lineage[k]) for k in LINEAGE_KEYS if ctx.lineage.get(k)}
-    tags[LINEAGE + "steps"] = _canon(
-        {k[: -len(".run_id")]: v for k, v in ctx.lineage.items() if k.endswith(".run_id")}
-    )[:MAX_TAG_CHARS]
-    tags[LINEAGE + "step_run_id"] = ctx.lifecycle.get("step_run_id", "")
+    tags[LINEAGE + "steps"] = canon({k[: -len(".run_id")]: v for k, v in ctx.lineage.items() if k.endswith(".run_id")})[
+        :MAX_TAG_CHARS
+    ]
+    tags[LINEAGE + "step_run_id"] = ctx.run_id
     return tags
 
 
 def tag_model_version(ctx: StepContext, name: str, version) -> None:
-    client = mlflow_client(ctx.lifecycle["tracking_uri"])
+    client = mlflow_client(ctx.lifecycle.tracking_uri)
     for k, v in lineage_tags(ctx).items():
         client.set_model_version_tag(name, str(version), k, v)
 
@@ -84,16 +96,3 @@ def lineage_chain(uri: str, tracking_uri: str | None = None) -> list[dict]:
                 entry["tags"][k] = t[LINEAGE + k]
         chain.append(entry)
     return chain
-
-
-def lineage_command(args) -> int:
-    for i, e in enumerate(lineage_chain(args.uri, args.tracking_uri)):
-        print(
-            ("  " * min(i, 1))
-            + ("<- " if i else "")
-            + e["what"]
-            + (f"  [run {e['run_id']}]" if e.get("run_id") else "")
-        )
-        for k, v in e["tags"].items():
-            print(("  " * min(i, 1)) + f"     {k}: {v}")
-    return 0

@@ -1,7 +1,7 @@
 """The lifecycle's stages: thin adapters from a StepContext to each stage package's entry function.
 
 Each adapter reads its resolved stage config (the stage's own YAML with the lifecycle's overrides),
-its inputs, and its key-named folder; it returns outputs, metrics and lineage (see flows/lifecycle/).
+its inputs, and its key-named folder; it returns outputs, metrics and lineage (see flows/lifecycle/__init__.py).
 Stage packages log into the step's MLflow run (it is the active run while the adapter runs), or
 into a run nested under it where they open their own.
 """
@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from flows.lifecycle_core import Stage, StepContext, tree_digest
-from flows.lifecycle_lineage import lineage_tags, tag_model_version
+from flows.lifecycle.lineage import lineage_tags, tag_model_version
+from flows.lifecycle.plan import Stage, StepContext, tree_digest
 from model.errors import HerdError
 from model.sources import SMOLLM2
 
@@ -84,7 +84,7 @@ def pretrain_stage(ctx: StepContext) -> dict:
     if data is None:
         raise HerdError("pretrain needs the data stage (stages.data.enabled)")
     cfg = pretrain_config(ctx.config, ctx.seed)
-    init = cfg.model.init_from or (ctx.lifecycle["base_model"] if ctx.params.get("from_base", True) else "")
+    init = cfg.model.init_from or (ctx.lifecycle.base_model if ctx.params.get("from_base", True) else "")
     storage = ctx.out_dir / "ray_train"
     name = f"lifecycle-{ctx.key[:16]}"
     resume = (storage / name).is_dir()  # a killed attempt left its run folder: Ray Train continues it
@@ -152,11 +152,11 @@ def _finetune(kind: str):
     def stage(ctx: StepContext) -> dict:
         import flows.finetune as ft
 
-        fc = finetune_config(kind, ctx.config, ctx.seed, ctx.lifecycle["tracking_uri"], ctx.lifecycle["experiment"])
+        fc = finetune_config(kind, ctx.config, ctx.seed, ctx.lifecycle.tracking_uri, ctx.lifecycle.experiment)
         fn = getattr(ft, FINETUNE_FNS[kind])
         base = ctx.model_dir()
         ctx.log(f"{FINETUNE_FNS[kind]} on {base}: {fc.train.steps} steps, seed {fc.seed}")
-        res = fn(fc, base, ctx.out_dir, run_name=f"{kind}-{ctx.lifecycle['name']}")
+        res = fn(fc, base, ctx.out_dir, run_name=f"{kind}-{ctx.lifecycle.name}")
         metrics = _flat_metrics(res.metrics)
         ctx.log(f"done: {_finetune_summary(metrics)}; MLflow run {res.run_id}")
         return {
@@ -197,15 +197,15 @@ def eval_stage(ctx: StepContext) -> dict:
         "mlflow": {
             **(ctx.config.get("mlflow") or {}),
             "enabled": True,
-            "tracking_uri": ctx.lifecycle["tracking_uri"],
-            "experiment": ctx.lifecycle["experiment"],
+            "tracking_uri": ctx.lifecycle.tracking_uri,
+            "experiment": ctx.lifecycle.experiment,
         },
     }
     res = run_eval(
         cfg,
         ctx.model_dir(),
-        run_name=f"eval-{ctx.lifecycle['name']}",
-        tags={"herd.lifecycle": ctx.lifecycle["name"], "herd.step.key": ctx.key},
+        run_name=f"eval-{ctx.lifecycle.name}",
+        tags={"herd.lifecycle": ctx.lifecycle.name, "herd.step.key": ctx.key},
     )
     main = res.summary()["metrics"]
     (ctx.out_dir / "metrics.json").write_text(json.dumps(res.metrics, indent=2, sort_keys=True) + "\n")
@@ -230,10 +230,10 @@ def register_stage(ctx: StepContext) -> dict:
     mv = register_model(
         ctx.model_dir(),
         name,
-        run_id=ctx.lifecycle["step_run_id"],
+        run_id=ctx.run_id,
         metrics=(ev or {}).get("metrics") or {},
         config_hash=(ev or {}).get("outputs", {}).get("config_hash"),
-        tracking_uri=ctx.lifecycle["tracking_uri"],
+        tracking_uri=ctx.lifecycle.tracking_uri,
         tags=lineage_tags(ctx),
     )
     tag_model_version(ctx, name, mv.version)
@@ -269,11 +269,11 @@ def promote_stage(ctx: StepContext) -> dict:
             "mlflow": {
                 **(ecfg.get("mlflow") or {}),
                 "enabled": True,
-                "tracking_uri": ctx.lifecycle["tracking_uri"],
-                "experiment": ctx.lifecycle["experiment"],
+                "tracking_uri": ctx.lifecycle.tracking_uri,
+                "experiment": ctx.lifecycle.experiment,
             },
         }
-        r = run_eval(cfg, uri, run_name=f"eval-{ctx.lifecycle['name']}-champion")
+        r = run_eval(cfg, uri, run_name=f"eval-{ctx.lifecycle.name}-champion")
         return r.metrics, r.config_hash
 
     d = promote(
@@ -282,7 +282,7 @@ def promote_stage(ctx: StepContext) -> dict:
         candidate_metrics=(ev or {}).get("metrics"),
         config_hash=(ev or {}).get("outputs", {}).get("config_hash"),
         evaluate_champion=evaluate_champion,
-        tracking_uri=ctx.lifecycle["tracking_uri"],
+        tracking_uri=ctx.lifecycle.tracking_uri,
     )
     champion = d.candidate_version if d.promoted else (d.champion_version or d.candidate_version)
     ctx.log(d.reason)
@@ -313,14 +313,14 @@ def deploy_stage(ctx: StepContext) -> dict:
     model = src["outputs"]["uri"] if src else ctx.model_dir()
     if src and src["stage"] == "promote":
         model = f"models:/{src['outputs']['name']}@champion"
-    label = pin(model, ctx.lifecycle["tracking_uri"]).label
+    label = pin(model, ctx.lifecycle.tracking_uri).label
     # the replica resolves models:/ against this lifecycle's MLflow, wherever it runs
     dep = dict(ctx.params.get("deployment") or {})
     opts = dict(dep.get("ray_actor_options") or {})
     env = (opts.get("runtime_env") or {}).get("env_vars") or {}
     opts["runtime_env"] = {
         **(opts.get("runtime_env") or {}),
-        "env_vars": {**env, "MLFLOW_TRACKING_URI": ctx.lifecycle["tracking_uri"]},
+        "env_vars": {**env, "MLFLOW_TRACKING_URI": ctx.lifecycle.tracking_uri},
     }
     dep["ray_actor_options"] = opts
     port = ctx.params.get("port")  # default: the serve config's http_options.port, else 8000
@@ -346,7 +346,7 @@ def deploy_stage(ctx: StepContext) -> dict:
     if src:
         from flows.tracking import client as mlflow_client
 
-        client = mlflow_client(ctx.lifecycle["tracking_uri"])
+        client = mlflow_client(ctx.lifecycle.tracking_uri)
         client.set_model_version_tag(
             src["outputs"]["name"],
             src["outputs"].get("champion") or src["outputs"]["version"],
