@@ -45,6 +45,7 @@ def toy_data(ctx: StepContext) -> dict:
     manifest = hashlib.sha256((ctx.out_dir / "data.txt").read_bytes() + b"manifest").hexdigest()
     return {
         "outputs": {"data_dir": str(ctx.out_dir)},
+        "digest": manifest,  # like data prep's: the same text gives the same digest, whatever the key
         "metrics": {"docs": ctx.config.get("docs", 3)},
         "lineage": {"data.input_sha256": raw, "data.manifest_digest": manifest},
     }
@@ -247,6 +248,20 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     assert {k: r.data.tags["herd.step.status"] for k, r in kids.items()} == dict.fromkeys(kids, "cached")
     assert kids["pretrain"].data.tags["herd.step.cached_from"] == first.steps["pretrain"]["run_id"]
     assert again.steps["eval"]["metrics"] == first.steps["eval"]["metrics"]
+
+    # data reruns (a param it ignores changes its key) and comes out with the same digest: the steps
+    # after it could not be planned on the driver, so their Ray tasks find them cached
+    same = run_lifecycle(toy_config(tmp_path, data={"params": {"unused": 1}}), stages=stages, tracking_uri=uri)
+    assert {n: r["status"] for n, r in same.steps.items()} == {
+        "data": "ran",
+        "pretrain": "cached",
+        "eval": "cached",
+        "register": "cached",
+    }
+    assert same.steps["pretrain"]["run_id"] == first.steps["pretrain"]["run_id"]  # the run that made it
+    assert same.steps["register"]["lineage"]["parent_run_id"] == same.parent_run_id
+    kids = _children(uri, same.parent_run_id)
+    assert kids["eval"].data.tags["herd.step.status"] == "cached" and kids["eval"].info.status == "FINISHED"
 
     # --force pretrain: pretrain and what reads it rerun, data stays cached
     forced = run_lifecycle(cfg, stages=stages, tracking_uri=uri, force=["pretrain"])
