@@ -13,8 +13,7 @@ from flows.data.config import (
     LangIdConfig,
     PIIConfig,
 )
-from flows.data.heuristics import C4, FineWeb, GopherQuality, GopherRepetition
-from flows.data.safety import BadWords, PIIMasker
+from flows.data.filters import C4, BadWords, FineWeb, GopherQuality, GopherRepetition, PIIMasker
 from flows.data.text import Doc, count_sentences, normalize, words
 
 
@@ -301,7 +300,7 @@ def test_normalize():
 
 
 def test_langid_filter_keep_list_and_threshold():
-    from flows.data.langid import LanguageId
+    from flows.data.filters import LanguageId
 
     lid = LanguageId(LangIdConfig(keep=["en"], threshold=0.65))
     assert run(lid, "The quick brown fox jumps over the lazy dog near the river bank.") is True
@@ -311,7 +310,7 @@ def test_langid_filter_keep_list_and_threshold():
 
 
 def test_langid_accuracy_per_language(shared_data):
-    from flows.data.langid import LanguageId
+    from flows.data.filters import LanguageId
 
     lid = LanguageId(LangIdConfig(keep=[]))
     supported = set(lid.model.nb_classes)

@@ -27,10 +27,10 @@ def english_docs() -> tuple[list[str], list[str]]:
     (40 documents that pass the document filters, 10 that do not)."""
     from flows.data.config import DataConfig
     from flows.data.embedded import embedded_documents
-    from flows.data.stages import build_doc_filters
+    from flows.data.filters import default_filters
     from flows.data.text import Doc, normalize
 
-    filters = build_doc_filters(DataConfig())
+    filters = default_filters(DataConfig())
     good, bad = [], []
     for _, text in embedded_documents(0, 8):
         doc = Doc("", normalize(text))

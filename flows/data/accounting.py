@@ -6,27 +6,18 @@ import json
 from collections import Counter
 from pathlib import Path
 
-STAGE_ORDER = (
-    "read",
-    "normalize",
-    "langid",
-    "gopher_repetition",
-    "gopher_quality",
-    "c4",
-    "fineweb",
-    "badwords",
-    "exact_dedup",
-    "minhash",
-    "semdedup",
-    "quality",
-    "quota",
-    "mix",
-)
+
+def stage_order(doc_filters: list) -> tuple[str, ...]:
+    """The stages that drop documents, in pipeline order; the document filters' stages are their
+    names, in their list's order."""
+    names = tuple(f.name for f in doc_filters if f.drops)
+    return ("read", "normalize", *names, "exact_dedup", "minhash", "semdedup", "quality", "quota", "mix")
 
 
 class Accounting:
-    def __init__(self, samples_per_reason: int):
+    def __init__(self, samples_per_reason: int, doc_filters: list):
         self.samples_per_reason = samples_per_reason
+        self.stages = stage_order(doc_filters)
         self.kept = 0
         self.dropped: Counter[str] = Counter()
         self.samples: dict[str, list[dict]] = {}
@@ -49,13 +40,13 @@ class Accounting:
         out: Counter[str] = Counter()
         for reason, n in self.dropped.items():
             out[reason.split(":", 1)[0]] += n
-        return dict(sorted(out.items(), key=lambda kv: STAGE_ORDER.index(kv[0]) if kv[0] in STAGE_ORDER else 99))
+        return dict(sorted(out.items(), key=lambda kv: self.stages.index(kv[0]) if kv[0] in self.stages else 99))
 
     def stage_flow(self) -> dict[str, dict[str, int]]:
         """Per stage: documents that reached it, and how many it dropped."""
         flow, remaining = {}, self.total
         by_stage = self.by_stage()
-        for stage in STAGE_ORDER:
+        for stage in self.stages:
             dropped = by_stage.get(stage, 0)
             flow[stage] = {"in": remaining, "dropped": dropped}
             remaining -= dropped

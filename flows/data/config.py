@@ -12,9 +12,6 @@ from pathlib import Path
 from flows.configs import MlflowSection, StageConfig, read_yaml_mapping
 from flows.data.quality_judge import PROMPTS
 
-# The per-document filters in pipeline order (stages.py builds them).
-DOC_FILTERS = ("langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "badwords", "pii")
-
 
 @dataclass
 class InputConfig:
@@ -233,6 +230,11 @@ class DataConfig(StageConfig):
     mlflow: MlflowSection = field(default_factory=MlflowSection)
 
     def __post_init__(self):
+        from flows.data import filters
+
+        # Language ID can skip the document filters by name, and the model-based quality stage.
+        known = [f.name for f in filters.DEFAULT] + ["quality"]
+        unknown = sorted(set(self.langid.primary_only) - set(known))
         checks = [
             (
                 self.input.format in ("auto", "jsonl", "parquet", "text"),
@@ -262,10 +264,8 @@ class DataConfig(StageConfig):
                 "langid.quota_share must be in [0, 1) or null",
             ),
             (
-                not set(self.langid.primary_only) - set(DOC_FILTERS) - {"quality"},
-                f"langid.primary_only: unknown filter(s) "
-                f"{', '.join(sorted(set(self.langid.primary_only) - set(DOC_FILTERS) - {'quality'}))} "
-                f"(known: {', '.join(DOC_FILTERS)}, quality)",
+                not unknown,
+                f"langid.primary_only: unknown filter(s) {', '.join(unknown)} (known: {', '.join(known)})",
             ),
             (
                 all(isinstance(v, str) and v for v in self.input.domains.values()),

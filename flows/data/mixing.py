@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flows.data.langid import UNDETERMINED
+from flows.data.text import UNDETERMINED
 
 QUOTA_REASON = "quota:over_share"
 MIX_REASON = "mix:over_share"

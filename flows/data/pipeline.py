@@ -1,7 +1,7 @@
 """The data flow on Ray Data: thin wrappers around the pure stage cores.
 
 Streaming phases separated by the global decisions that need every document at once:
-  1. read -> normalise -> langid -> heuristics -> NSFW -> PII -> hashes   (map_batches)
+  1. read -> normalise -> document filters (flows/data/filters) -> hashes   (map_batches)
   2. exact + MinHash dedup: bucket keys shuffled by partition, components merged on a worker
   3. SemDeDup: embed (map_batches) -> k-means on a sample -> assign and prune per cluster (workers)
   4. quality: a judge (SmolLM2) rates a sample on Ray actors, a head learns it, actors score (map_batches)
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flows.data import dedup_ray
+from flows.data import dedup_ray, filters
 from flows.data.accounting import Accounting
 from flows.data.config import DataConfig
 from flows.data.readers import ReadTask, input_digest, plan_tasks, read_task
@@ -88,6 +88,9 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     tasks = plan_tasks(cfg.input, cfg.embedded)
     digest = input_digest(tasks, cfg.embedded)
     ray = _init_ray(cfg)
+    # The filter list, read once here: the filter actors build from it and the accounting names
+    # their stages after it.
+    doc_filters = list(filters.DEFAULT)
     phases = Phases()
     bs = cfg.ray.batch_size
     t0 = time.perf_counter()
@@ -99,7 +102,7 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     ds = ds.map_batches(
         FilterStage,
-        fn_constructor_args=(cfg,),
+        fn_constructor_args=(cfg, doc_filters),
         batch_size=bs,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
     )
@@ -130,7 +133,7 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     phases.record("tokenize_balance", n, t)
 
     t = time.perf_counter()
-    acct = Accounting(cfg.output.samples_per_reason)
+    acct = Accounting(cfg.output.samples_per_reason, doc_filters)
     manifest = _pack_and_account(ds, cfg, out, acct, digest, tasks, recipe)
     phases.record("pack", acct.total, t)
     phases.record("total", acct.total, t0)

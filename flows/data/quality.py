@@ -26,7 +26,7 @@ FEATURES = ("minilm", "hashed")
 def quality_scope(langs, domains, cfg: DataConfig) -> list[bool]:
     """Which documents the model-based quality stage scores: not code domains, and not other
     languages when `quality` is in langid.primary_only (its labeller and features read English)."""
-    from flows.data.langid import UNDETERMINED
+    from flows.data.text import UNDETERMINED
 
     other_skip = "quality" in cfg.langid.primary_only
     code = set(cfg.mix.code_domains)

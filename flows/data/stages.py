@@ -9,38 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.data.config import DOC_FILTERS, DataConfig
-from flows.data.text import Doc, normalize
-
-DOC_FILTER_ORDER = DOC_FILTERS
-# Filters for natural-language prose, which documents of a code domain skip: the heuristics
-# would drop nearly every source file, and the bad-words list holds identifiers (len, kill, strip).
-PROSE_FILTERS = frozenset({"langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "badwords"})
-
-
-def build_doc_filters(cfg: DataConfig) -> list:
-    """The per-document filters that are switched on, in pipeline order."""
-    from flows.data.heuristics import C4, FineWeb, GopherQuality, GopherRepetition
-
-    makers = {
-        "gopher_repetition": lambda: GopherRepetition(cfg.gopher_repetition),
-        "gopher_quality": lambda: GopherQuality(cfg.gopher_quality),
-        "c4": lambda: C4(cfg.c4),
-        "fineweb": lambda: FineWeb(cfg.fineweb),
-    }
-    if cfg.langid.enabled:
-        from flows.data.langid import LanguageId
-
-        makers["langid"] = lambda: LanguageId(cfg.langid)
-    if cfg.badwords.enabled:
-        from flows.data.safety import BadWords
-
-        makers["badwords"] = lambda: BadWords(cfg.badwords)
-    if cfg.pii.enabled:
-        from flows.data.safety import PIIMasker
-
-        makers["pii"] = lambda: PIIMasker(cfg.pii)
-    return [makers[name]() for name in DOC_FILTER_ORDER if name in makers and getattr(cfg, name).enabled]
+from flows.data.config import DataConfig
+from flows.data.text import UNDETERMINED, Doc, normalize
 
 
 class FilterStage:
@@ -48,41 +18,35 @@ class FilterStage:
     to it, then hash the survivors for deduplication.
 
     A code-domain document skips the prose filters; a document identified as a language other
-    than langid.primary skips langid.primary_only (thresholds fitted on English)."""
+    than langid.primary skips langid.primary_only (thresholds fitted on English). `filters`: the
+    filter classes in pipeline order (flows.data.filters.DEFAULT, as the driver read it)."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, filters: list | None = None):
         from flows.data.dedup import MinHasher
         from flows.data.domains import DomainResolver
+        from flows.data.filters import default_filters
 
         self.cfg = cfg
-        self.filters = build_doc_filters(cfg)
+        self.filters = default_filters(cfg, filters)
         self.minhasher = MinHasher(cfg.minhash) if cfg.minhash.enabled else None
         self.domain_of = DomainResolver(cfg.input, cfg.mix)
         self.code_domains = frozenset(cfg.mix.code_domains)
         self.primary_only = frozenset(cfg.langid.primary_only)
 
-    def _run_filters(self, doc: Doc, domain: str) -> tuple[str, str, object]:
-        """(language, stage, True or the reason)"""
-        from flows.data.langid import UNDETERMINED
-
-        lang = UNDETERMINED
+    def _run_filters(self, doc: Doc, domain: str) -> tuple[str, object]:
+        """(stage, True or the reason)"""
         for f in self.filters:
-            if domain in self.code_domains and f.name in PROSE_FILTERS:
+            if f.prose_only and domain in self.code_domains:
                 continue
-            if f.name == "langid":
-                lang, score = f.classify(doc.text)
-                result = f.decide(lang, score)
-            elif f.name in self.primary_only and lang not in (self.cfg.langid.primary, UNDETERMINED):
+            if f.name in self.primary_only and doc.lang not in (self.cfg.langid.primary, UNDETERMINED):
                 continue
-            else:
-                result = f.filter(doc)
+            result = f.filter(doc)
             if result is not True:
-                return lang, f.name, result
-        return lang, "", True
+                return f.name, result
+        return "", True
 
     def __call__(self, batch: dict) -> dict:
         from flows.data.dedup import exact_hash
-        from flows.data.langid import UNDETERMINED
 
         texts, reasons, sample = list(batch["text"]), list(batch["reason"]), self.cfg.output.sample_chars
         langs, domains = [UNDETERMINED] * len(texts), [""] * len(texts)
@@ -92,7 +56,8 @@ class FilterStage:
             doc = Doc(doc_id, normalize(text))
             domains[i] = self.domain_of(str(batch["source"][i]), str(doc_id), doc.text)
             if doc.text:
-                langs[i], stage, result = self._run_filters(doc, domains[i])
+                stage, result = self._run_filters(doc, domains[i])
+                langs[i] = doc.lang
             else:
                 stage, result = "normalize", "empty"
             if result is True:

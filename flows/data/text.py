@@ -75,14 +75,18 @@ def count_sentences(tokens: list[str]) -> int:
     return n
 
 
+UNDETERMINED = "und"  # ISO 639-2: no language identified (language ID off, or a code domain)
+
+
 class Doc:
     """One document moving through the filters; words are split once and cached until the
-    text changes (C4 drops lines, PII masking rewrites spans)."""
+    text changes (C4 drops lines, PII masking rewrites spans). Language ID sets `lang`."""
 
-    __slots__ = ("id", "_text", "_words")
+    __slots__ = ("id", "lang", "_text", "_words")
 
     def __init__(self, id: str, text: str):
         self.id = id
+        self.lang = UNDETERMINED
         self._text = text
         self._words = None
 

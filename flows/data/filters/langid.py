@@ -3,19 +3,20 @@ which ships inside the wheel -- nothing is downloaded."""
 
 from __future__ import annotations
 
-from flows.data.config import LangIdConfig
+from flows.data.filters.base import DocFilter
 from flows.data.text import Doc
 
-UNDETERMINED = "und"  # ISO 639-2: no language identified (language ID off, or a code domain)
 
+class LanguageId(DocFilter):
+    """Records the document's language on it (kept in the `lang` column, whatever the decision);
+    keeps it when the language is listed and the model's score reaches the threshold."""
 
-class LanguageId:
     name = "langid"
 
-    def __init__(self, cfg: LangIdConfig):
+    def __init__(self, cfg):
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-        self.cfg = cfg
+        super().__init__(cfg)
         self.keep = frozenset(cfg.keep)
         self.model = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
         unknown = sorted(self.keep - set(self.model.nb_classes))
@@ -29,12 +30,9 @@ class LanguageId:
         return lang, float(score)
 
     def filter(self, doc: Doc):
-        return self.decide(*self.classify(doc.text))
-
-    def decide(self, lang: str, score: float):
-        """True, or the drop reason, for a classified document."""
-        if self.keep and lang not in self.keep:
-            return f"language_{lang}"
+        doc.lang, score = self.classify(doc.text)
+        if self.keep and doc.lang not in self.keep:
+            return f"language_{doc.lang}"
         if score < self.cfg.threshold:
             return "low_confidence"
         return True
