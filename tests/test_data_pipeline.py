@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flows.data.config import config_from_dict
+from flows.data.filters import DocFilter
 from flows.data.stages import validation_mask
 
 pytestmark = pytest.mark.integration
@@ -129,6 +130,60 @@ def test_prep_end_to_end(tmp_path, ray_local, smollm2_dir):
     assert report["quality"]["rated"] == 8
     inputs = run.inputs.dataset_inputs
     assert inputs and inputs[0].dataset.digest == report["input"]["digest"][:32]
+
+
+MAX_CHARS = 1500
+
+
+class MaxChars(DocFilter):
+    """A filter added by a test: a class of its own and an entry in the filter list, nothing else."""
+
+    name = "max_chars"
+    prose_only = False  # every document, whatever its domain
+
+    def __init__(self, limit: int):
+        super().__init__(None)
+        self.limit = limit
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(MAX_CHARS)
+
+    def filter(self, doc):
+        return "too_long" if len(doc.text) > self.limit else True
+
+
+def test_a_new_filter_is_one_class_and_one_list_entry(tmp_path, ray_local, monkeypatch):
+    from flows.data import filters, pipeline
+    from flows.data.text import normalize
+
+    monkeypatch.setattr(filters, "DEFAULT", [MaxChars, *filters.DEFAULT])
+    good, bad = english_docs()
+    docs = good + bad
+    n_lines = write_input(tmp_path / "in.jsonl", docs)
+    too_long = sum(len(normalize(d)) > MAX_CHARS for d in docs)
+    assert 0 < too_long < len(docs)
+    cfg = config_from_dict(
+        {
+            "name": "max-chars",
+            "input": {"paths": [str(tmp_path / "in.jsonl")]},
+            "semdedup": {"enabled": False},
+            "quality": {"enabled": False},
+            "pack": {"seq_len": 128, "sequences_per_shard": 8},
+            "ray": {"num_cpus": 2, "batch_size": 16, "progress_bars": False},
+        }
+    )
+    report, _ = pipeline.run_prep(cfg, tmp_path / "out")
+    print(
+        f"max_chars: {too_long} of {len(docs)} documents over {MAX_CHARS} chars; by stage {report['dropped_by_stage']}"
+    )
+    assert report["input_documents"] == n_lines
+    assert report["kept"] + report["dropped"] == n_lines
+    assert report["dropped_by_reason"]["max_chars:too_long"] == too_long
+    assert report["dropped_by_stage"]["max_chars"] == too_long
+    stages = list(report["stages"])
+    assert stages[: stages.index("max_chars") + 2] == ["read", "normalize", "max_chars", "langid"]
+    assert report["stages"]["max_chars"] == {"in": len(docs), "dropped": too_long}
 
 
 def test_truncated_gz_is_counted_and_a_bad_count_writes_no_manifest(tmp_path, ray_local, monkeypatch):
