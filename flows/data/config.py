@@ -232,7 +232,7 @@ class DataConfig(StageConfig):
     def __post_init__(self):
         from flows.data import filters
 
-        # Language ID can skip the document filters by name, and the model-based quality stage.
+        # langid.primary_only names document filters (their `name`) or the model-based quality stage.
         known = [f.name for f in filters.DEFAULT] + ["quality"]
         unknown = sorted(set(self.langid.primary_only) - set(known))
         checks = [
