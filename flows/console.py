@@ -25,14 +25,19 @@ class Console:
     def __init__(self, out=None, tty: bool | None = None, stream_logs: bool = False):
         self.out = out or sys.stdout
         self.tty = self.out.isatty() if tty is None else tty
-        # Streamed worker output interleaves with the console's lines: no redrawing over it.
+        # Streamed worker output interleaves with the console's lines: no redrawing over it, and a
+        # failure's traceback has already streamed by (there is no step log to show).
         self.live = self.tty and not stream_logs
+        self.stream_logs = stream_logs
         self.stages: dict[str, dict] = {}  # name -> status, start, seconds, progress (the last event), first
         self.drawn = 0  # lines of the live table now on the terminal
         self.last_line = time.monotonic()
 
     def __enter__(self) -> Console:
         # MLflow's notices on this process (creating a new store's tables, ...) are not the run's news.
+        # MLflow sets its loggers' levels when first imported, so it is imported before they are set.
+        import mlflow  # noqa: F401
+
         self._mlflow = logging.getLogger("mlflow")
         self._mlflow_level = self._mlflow.level
         self._mlflow.setLevel(max(self._mlflow_level, logging.WARNING))
@@ -72,7 +77,8 @@ class Console:
             self.stages.setdefault(name, {})["status"] = "failed"
             self._erase()
             self._print(f"  {name:<9} failed: {e['error']}")
-            self._tail(Path(e["log"]))
+            if not self.stream_logs:
+                self._tail(Path(e["log"]))
         elif kind == "running" and not self.live and time.monotonic() - self.last_line >= PLAIN_EVERY_S:
             for n in e["steps"]:
                 if self.stages.get(n, {}).get("status") == "running":

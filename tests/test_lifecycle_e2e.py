@@ -175,6 +175,9 @@ def test_killed_during_pretraining_resumes_at_pretraining(tmp_path, capsys):
 
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # A quiet console: the stages and the summary; the steps' and workers' output is in the run's logs.
+    shown = (out.stdout + out.stderr).splitlines()
+    assert len(shown) <= 40, "\n".join(shown)
     rows = {
         line.split()[0]: line.split()[1]
         for line in out.stdout.splitlines()

@@ -199,7 +199,9 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, run: LifecycleRun, l
             where = _shown(step_log(logs, name))
             events({"event": "failed", "step": name, "error": error, "log": where})
             raise HerdError(
-                f"stage {name} failed: {error}; its log: {where}; rerun the same command to resume from it"
+                f"stage {name} failed: {error}"
+                + ("" if stream else f"; its log: {where}")
+                + "; rerun the same command to resume from it"
             ) from None
         results[name] = r
         events({"event": "done", "step": name, "status": r["status"], "seconds": r["seconds"]})
