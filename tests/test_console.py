@@ -62,21 +62,21 @@ def test_plain_console_prints_progress_now_and_then(monkeypatch):
 
 def test_live_table_shows_bars_and_an_eta_and_is_erased_at_the_end():
     out = io.StringIO()
-    console = Console(out, tty=True)
-    console.event({"event": "plan", "stages": ["data", "pretrain"]})
-    console.event({"event": "done", "step": "data", "status": "cached", "seconds": 0.1})
-    console.event({"event": "start", "step": "pretrain", "t": 0.0})
-    for step in (1, 3):
-        console.event(
-            {"event": "progress", "step": "pretrain", "t": 10.0 * step, "kind": "steps", "done": step, "total": 6}
-            | {"tok_s": 40.5, "loss": 3.2}
-        )
-    rows = console.rows()
-    assert rows[0].split()[:2] == ["data", "cached"]
-    assert "[##########----------] steps 3/6" in rows[1] and "tok/s 40.5" in rows[1]
-    assert "ETA 30s" in rows[1]  # 2 steps in 20 s, 3 to go
-    console.__exit__(None, None, None)
-    assert out.getvalue().endswith(f"\x1b[{len(rows)}F\x1b[J")
+    with Console(out, tty=True) as console:
+        console.event({"event": "plan", "stages": ["data", "pretrain"]})
+        console.event({"event": "done", "step": "data", "status": "cached", "seconds": 0.1})
+        console.event({"event": "start", "step": "pretrain", "t": 0.0})
+        for step in (1, 3):
+            console.event(
+                {"event": "progress", "step": "pretrain", "t": 10.0 * step, "kind": "steps", "done": step, "total": 6}
+                | {"tok_s": 40.5, "loss": 3.2}
+            )
+        rows = console.rows()
+        assert rows[0].split()[:2] == ["data", "cached"]
+        assert "[##########----------] steps 3/6" in rows[1] and "tok/s 40.5" in rows[1]
+        assert "ETA 30s" in rows[1]  # 2 steps in 20 s, 3 to go
+        assert out.getvalue().endswith("\n".join(rows) + "\n")
+    assert out.getvalue().endswith(f"\x1b[{len(rows)}F\x1b[J")  # erased: the summary follows
 
 
 @pytest.mark.parametrize("tty", [False, True])
