@@ -194,5 +194,5 @@ def test_killed_during_pretraining_resumes_at_pretraining(tmp_path, capsys):
     with capsys.disabled():
         print(
             f"\nkilled with {before_kill} persisted; the rerun resumed pretraining with {resumed_with}, "
-            f"weights digest {done[0].data.tags['herd.step.digest'][:16]}"
+            f"weights digest {done[0].data.tags['herd.step.digest'][:16]}; its console: {len(shown)} lines"
         )
