@@ -5,7 +5,9 @@ Rules (docs/architecture.md, "Layers"):
   function still ties the two modules together; it only hides the cycle from the interpreter);
 - library code never imports a CLI module (a module named `cli` or ending in `_cli`); only CLI
   modules and `__main__` modules may;
-- `model/` is the ground floor: it imports nothing from `flows/` or `services/`.
+- `model/` is the ground floor: it imports nothing from `flows/` or `services/`;
+- the lifecycle's console (`flows/console.py`, a presenter) is the CLI's: only CLI modules import it,
+  library code reports through callbacks and `flows/progress.py`.
 """
 
 from __future__ import annotations
@@ -182,6 +184,13 @@ def test_library_code_never_imports_a_cli_module():
     edges = _graph()
     bad = _edge_lines(edges, [m for m in edges if not _is_cli(m)], lambda m, t: _is_cli(t))
     assert not bad, "library modules importing CLI modules:\n" + "\n".join(bad)
+
+
+def test_only_cli_modules_use_the_console():
+    edges = _graph()
+    assert "flows.console" in edges
+    bad = _edge_lines(edges, [m for m in edges if not _is_cli(m)], lambda m, t: t == "flows.console")
+    assert not bad, "library modules importing the console:\n" + "\n".join(bad)
 
 
 def test_model_imports_nothing_above_it():

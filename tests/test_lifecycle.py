@@ -7,12 +7,14 @@ run on one Ray instance (started once: Ray takes long to start on a busy 2-core 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from pathlib import Path
 
 import pytest
 
+from flows.console import TAIL_LINES, Console
 from flows.lifecycle.config import config_hash, deep_merge, load_config
 from flows.lifecycle.lineage import tag_model_version
 from flows.lifecycle.plan import (
@@ -276,8 +278,17 @@ def test_run_cache_force_resume_and_lineage(ray_local, tmp_path, capsys):
     # a config change in pretrain fails there; the rerun resumes at pretrain
     changed = toy_config(tmp_path, pretrain={"overrides": {"lr": 0.25}})
     (tmp_path / "fail").write_text("")
-    with pytest.raises(HerdError, match="stage pretrain failed.*injected failure"):
-        run_lifecycle(changed, stages=stages, tracking_uri=uri)
+    shown = io.StringIO()
+    with pytest.raises(HerdError, match="stage pretrain failed.*injected failure") as failed:
+        with Console(shown, tty=False) as console:  # what `herd run` shows
+            run_lifecycle(changed, stages=stages, tracking_uri=uri, log=console, events=console.event)
+    log = Path(str(failed.value).split("its log: ")[1].split(";")[0])
+    assert log.name == "pretrain.log" and log.parent.parent.name == "logs"
+    lines = log.read_text().splitlines()
+    assert lines[-1] == "RuntimeError: injected failure"  # the traceback ends the stage's log
+    text = shown.getvalue()
+    assert f"the last {min(TAIL_LINES, len(lines))} lines of {log}" in text
+    assert "\n".join(f"  | {line}" for line in lines[-TAIL_LINES:]) in text
     (tmp_path / "fail").unlink()
     resumed = run_lifecycle(changed, stages=stages, tracking_uri=uri)
     assert {n: r["status"] for n, r in resumed.steps.items()} == {

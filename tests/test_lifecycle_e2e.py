@@ -175,6 +175,9 @@ def test_killed_during_pretraining_resumes_at_pretraining(tmp_path, capsys):
 
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # A quiet console: the stages and the summary; the steps' and workers' output is in the run's logs.
+    shown = (out.stdout + out.stderr).splitlines()
+    assert len(shown) <= 40, "\n".join(shown)
     rows = {
         line.split()[0]: line.split()[1]
         for line in out.stdout.splitlines()
@@ -191,5 +194,5 @@ def test_killed_during_pretraining_resumes_at_pretraining(tmp_path, capsys):
     with capsys.disabled():
         print(
             f"\nkilled with {before_kill} persisted; the rerun resumed pretraining with {resumed_with}, "
-            f"weights digest {done[0].data.tags['herd.step.digest'][:16]}"
+            f"weights digest {done[0].data.tags['herd.step.digest'][:16]}; its console: {len(shown)} lines"
         )

@@ -389,6 +389,24 @@ SEMANTIC_400 = {
 }
 
 
+# (METHOD, path) -> a validator of the operation's JSON body, filled from the served OpenAPI document.
+BODY_SCHEMAS: dict = {}
+
+
+def body_validators(openapi: dict) -> dict:
+    """A JSON Schema validator per operation's request body, the document's components in scope."""
+    import jsonschema
+
+    out = {}
+    for path, ops in openapi["paths"].items():
+        for method, op in ops.items():
+            body = (op.get("requestBody") or {}).get("content", {}).get("application/json", {}).get("schema")
+            if body:
+                doc = {**body, "components": openapi.get("components", {})}
+                out[(method.upper(), path)] = jsonschema.Draft202012Validator(doc)
+    return out
+
+
 def semantic_400(ctx, response, case):
     """A schema-valid request refused with 400 names one of the reasons no schema can express:
     the prompt and max_tokens past the context, token ids past the vocabulary, more prompts than the
@@ -396,6 +414,11 @@ def semantic_400(ctx, response, case):
     import schemathesis
 
     if case.meta is None or case.meta.generation.mode != schemathesis.GenerationMode.POSITIVE:
+        return None
+    # Schemathesis's positive mode has drawn a body outside the schema (a seed below its int64
+    # minimum): the schema itself decides what is schema-valid, and refusing anything else is right.
+    validator = BODY_SCHEMAS.get((case.method.upper(), case.operation.path))
+    if validator is not None and not validator.is_valid(case.body):
         return None
     if response.status_code == 400:
         error = response.json()["error"]
@@ -429,7 +452,9 @@ def test_schemathesis_checks_the_contract(small_server):
     config = SchemathesisConfig.from_dict(
         {"checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "404", "408", "503"]}}}
     )
-    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.url}/openapi.json", headers=AUTH).json(), config=config)
+    openapi = httpx.get(f"{server.url}/openapi.json", headers=AUTH).json()
+    BODY_SCHEMAS.update(body_validators(openapi))
+    schema = schemathesis.openapi.from_dict(openapi, config=config)
     counts: dict = {}
     failures = []
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flows import progress
 from flows.data import dedup_ray, filters
 from flows.data.accounting import Accounting
 from flows.data.config import DataConfig
@@ -50,10 +51,12 @@ def _columns(ds, names: list[str], alive_only: bool = True) -> dict[str, list]:
 
 
 class Phases:
-    """Wall time and documents in per phase, for the report and MLflow."""
+    """Wall time and documents in per phase, for the report and MLflow; each of the `planned`
+    phases, once recorded, is a progress tick."""
 
-    def __init__(self):
+    def __init__(self, planned: list[str]):
         self.rows: dict[str, dict] = {}
+        self.planned = planned
 
     def record(self, name: str, docs: int, start: float) -> None:
         secs = time.perf_counter() - start
@@ -62,6 +65,8 @@ class Phases:
             "seconds": round(secs, 3),
             "docs_per_s": round(docs / secs, 1) if secs > 0 else 0.0,
         }
+        if name in self.planned:
+            progress.tick("phases", self.planned.index(name) + 1, len(self.planned), phase=name, documents=docs)
 
 
 def _init_ray(cfg: DataConfig):
@@ -91,7 +96,12 @@ def run_prep(cfg: DataConfig, output: str | Path, log=print) -> tuple[dict, obje
     # The filter list, read once here: the filter actors build from it and the accounting names
     # their stages after it.
     doc_filters = list(filters.DEFAULT)
-    phases = Phases()
+    phases = Phases(
+        ["filter", "dedup"]
+        + ["semdedup"] * cfg.semdedup.enabled
+        + ["quality"] * cfg.quality.enabled
+        + ["tokenize_balance", "pack"]
+    )
     bs = cfg.ray.batch_size
     t0 = time.perf_counter()
 

@@ -11,6 +11,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from flows import progress
 from flows.eval.redteam import Rubric, rates
 from flows.eval.scoring import Scorer, acc_from_scores
 from flows.eval.task_spec import TaskSpec
@@ -196,6 +197,7 @@ def generate_texts(
         gens = generate(model, [encoded[i] for i in idx], params, tokenizer=tokenizer)
         for i, g in zip(idx, gens):
             results[i] = {"text": g.text, "tokens": len(g.token_ids), "finish_reason": g.finish_reason}
+        progress.tick("questions", len(results), len(order))
     for i in range(len(prompts)):
         out.append(results[i])
     return out

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows import progress
 from model.errors import HerdError
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,8 @@ def _reference(reference: str | None, cfg: dict, tracking_uri: str | None):
 
 def _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, run_task, reference=None) -> dict:
     results = {}
-    for e, s in zip(entries, specs):
+    for done, (e, s) in enumerate(zip(entries, specs)):
+        progress.tick("tasks", done, len(specs), task=s.name)
         t0 = time.perf_counter()
         r = run_task(
             s,
@@ -328,6 +330,7 @@ def _run_tasks(entries, specs, model, tokenizer, scorer, data_dir, limit, cfg, r
             time.perf_counter() - t0,
         )
         results[s.name] = r
+    progress.tick("tasks", len(specs), len(specs))
     return results
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.console import Console
 from flows.lifecycle.config import deep_merge
 from flows.lifecycle.lineage import lineage_chain
 from flows.lifecycle.run import run_lifecycle
@@ -51,6 +52,11 @@ def _add_run_args(p) -> None:
         "(os.pathsep-separated), e.g. configs/lifecycle/shrink.yaml",
     )
     p.add_argument("--serve", action="store_true", help="keep the endpoint up after the run (Ctrl-C stops it)")
+    p.add_argument(
+        "--stream-logs",
+        action="store_true",
+        help="stream the stages' and Ray workers' output here instead of only into the run's logs folder",
+    )
 
 
 def register(subparsers) -> None:
@@ -103,9 +109,17 @@ def run_command(args) -> int:
     overrides = read_overrides(files, args.config)
     if files:
         print(f"lifecycle overrides: {', '.join(files)}")
-    res = run_lifecycle(
-        args.config, force=args.force, overrides=overrides, workdir=args.workdir, tracking_uri=args.tracking_uri
-    )
+    with Console(stream_logs=args.stream_logs) as console:
+        res = run_lifecycle(
+            args.config,
+            force=args.force,
+            overrides=overrides,
+            workdir=args.workdir,
+            tracking_uri=args.tracking_uri,
+            log=console,
+            events=console.event,
+            stream_logs=args.stream_logs,
+        )
     print()
     print(_table(res.summary_rows(), ["stage", "status", "seconds", "key", "run", "result"]))
     ran = sum(r["status"] == "ran" for r in res.steps.values())

@@ -12,6 +12,7 @@ from flows.lifecycle.config import REPO, check_configs, config_hash, load_config
 from flows.lifecycle.plan import Stage, forced_stages, plan_step, wiring
 from flows.lifecycle.record import LifecycleRun, close_lifecycle_run, open_lifecycle_run
 from flows.lifecycle.step import execute_step
+from flows.progress import Follower, link_ray_logs, ray_log_options, run_captured, run_logs, step_log
 from flows.ray_runtime import init_ray
 from flows.tracking import absolute_tracking_uri
 from model.errors import HerdError
@@ -56,8 +57,14 @@ def run_lifecycle(
     workdir: str | None = None,
     tracking_uri: str | None = None,
     log=print,
+    events=None,
+    stream_logs: bool = False,
 ) -> LifecycleResult:
-    """Plan, then run what is not cached as one ray.dag; returns every step's result."""
+    """Plan, then run what is not cached as one ray.dag; returns every step's result.
+
+    `log(text)` gets the run's own messages; `events(dict)` the steps' progress (see `text_events`,
+    the default, for the events); each step's output goes to its log file under
+    `flows.progress.run_logs`, unless `stream_logs` leaves it to Ray to forward to this console."""
     from flows.tracking import git_sha
 
     t0 = time.perf_counter()
@@ -74,10 +81,12 @@ def run_lifecycle(
         tracking_uri=absolute_tracking_uri(tracking_uri or cfg["mlflow"]["tracking_uri"]),
         tags={"herd.force": ",".join(force), "herd.stages": ",".join(wires)},
     )
+    events = events or text_events(log)
     log(
         f"lifecycle {run.name}: run {run.parent_run_id} (config {run.config_hash[:12]}, git {run.git_sha[:12]}); "
         f"stages: {' -> '.join(wires)}" + (f"; forced: {', '.join(sorted(forced))}" if forced else "")
     )
+    events({"event": "plan", "stages": list(wires)})
 
     # Plan on the driver: every step whose inputs are known and whose key has a valid result is
     # cached; the first one that is not (and everything after it) goes to Ray.
@@ -89,7 +98,7 @@ def run_lifecycle(
         if plan.cached is None:
             continue
         results[name] = plan.cached
-        log(f"  {name:<9} cached  (key {plan.key[:12]}, made by run {plan.cached_from[:12]})")
+        events({"event": "cached", "step": name, "key": plan.key, "from": plan.cached_from})
 
     todo = [n for n in wires if n not in results]
     used_ray = bool(todo)
@@ -97,7 +106,8 @@ def run_lifecycle(
     status = "FINISHED"
     try:
         if todo:
-            local_ray = _execute_dag(cfg, stages, wires, todo, results, forced, run, log)
+            logs = run_logs(run.workdir, run.parent_run_id)
+            local_ray = _execute_dag(cfg, stages, wires, todo, results, forced, run, log, events, logs, stream_logs)
     except BaseException:
         status = "FAILED"
         raise
@@ -129,7 +139,7 @@ def quiet_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def _execute_dag(cfg, stages, wires, todo, results, forced, run: LifecycleRun, log) -> bool:
+def _execute_dag(cfg, stages, wires, todo, results, forced, run: LifecycleRun, log, events, logs, stream) -> bool:
     """Run the steps in `todo` as one ray.dag; True when it started a local Ray for them."""
     import ray
     from ray.dag import MultiOutputNode
@@ -138,10 +148,11 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, run: LifecycleRun, l
     if not ray.is_initialized():
         address = cfg["ray"]["address"] or os.environ.get("RAY_ADDRESS") or None
         kwargs = {} if address else {"num_cpus": cfg["ray"]["num_cpus"] or None, "include_dashboard": False}
-        log(f"starting Ray ({address or 'local'}) for: {', '.join(todo)}")
-        init_ray(address=address, runtime_env=ray_runtime_env(), **kwargs)
+        log(f"starting Ray ({address or 'local'}) for: {', '.join(todo)}; logs: {_shown(logs)}")
+        init_ray(address=address, runtime_env=ray_runtime_env(), **kwargs, **ray_log_options(stream))
         started = not address
-    remote = ray.remote(max_retries=0)(execute_step)
+    link_ray_logs(logs)
+    remote = ray.remote(max_retries=0)(run_captured)
     nodes: dict[str, Any] = {}
     for name in todo:
         res = dict(cfg["stages"][name]["resources"])
@@ -150,7 +161,16 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, run: LifecycleRun, l
             opts["resources"] = res
         ups = [nodes[u] if u in nodes else results[u] for u in dict.fromkeys(u for u in wires[name].values() if u)]
         nodes[name] = remote.options(name=f"herd-{name}", **opts).bind(
-            stages[name], cfg["stages"][name], run, wires[name], name in forced, *ups
+            execute_step,
+            name,
+            str(logs),
+            not stream,
+            stages[name],
+            cfg["stages"][name],
+            run,
+            wires[name],
+            name in forced,
+            *ups,
         )
     import warnings
 
@@ -158,16 +178,15 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, run: LifecycleRun, l
         warnings.filterwarnings("ignore", message=r"DAGNode.execute\(\) is deprecated")
         refs = MultiOutputNode([nodes[n] for n in todo]).execute()
     pending = dict(zip(refs, todo))
+    follower = Follower(logs)
     t0 = time.perf_counter()
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=30)
+        # A short wait: the steps' progress events are relayed between waits.
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=1)
+        for event in follower.poll():
+            events(event)
         if not done:
-            names = list(pending.values())
-            log(
-                f"  ... {names[0]} running"
-                + (f", then {', '.join(names[1:])}" if names[1:] else "")
-                + f" ({time.perf_counter() - t0:.0f}s)"
-            )
+            events({"event": "running", "steps": list(pending.values()), "seconds": time.perf_counter() - t0})
             continue
         name = pending.pop(done[0])
         try:
@@ -176,13 +195,49 @@ def _execute_dag(cfg, stages, wires, todo, results, forced, run: LifecycleRun, l
             cause = e.cause if getattr(e, "cause", None) is not None else e
             for other in list(pending):
                 ray.cancel(other)
+            error = f"{type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}"
+            where = _shown(step_log(logs, name))
+            events({"event": "failed", "step": name, "error": error, "log": where})
             raise HerdError(
-                f"stage {name} failed: {type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}"
-                "; rerun the same command to resume from it"
+                f"stage {name} failed: {error}"
+                + ("" if stream else f"; its log: {where}")
+                + "; rerun the same command to resume from it"
             ) from None
         results[name] = r
-        log(f"  {name:<9} {r['status']:<7} {r['seconds']:.1f}s")
+        events({"event": "done", "step": name, "status": r["status"], "seconds": r["seconds"]})
     return started
+
+
+def text_events(log, heartbeat_s: float = 30):
+    """The events as text lines for `log`: each step's end, and while steps run, a line every
+    `heartbeat_s`. The events: plan (stages), cached (step, key, from), start (step), progress
+    (step, kind, done, total, and numbers), running (steps, seconds), done (step, status,
+    seconds), failed (step, error, log)."""
+    last = [0.0]
+
+    def show(e: dict) -> None:
+        if e["event"] == "cached":
+            log(f"  {e['step']:<9} cached  (key {e['key'][:12]}, made by run {e['from'][:12]})")
+        elif e["event"] == "done":
+            log(f"  {e['step']:<9} {e['status']:<7} {e['seconds']:.1f}s")
+        elif e["event"] == "running" and e["seconds"] - last[0] >= heartbeat_s:
+            last[0] = e["seconds"]
+            names = e["steps"]
+            log(
+                f"  ... {names[0]} running"
+                + (f", then {', '.join(names[1:])}" if names[1:] else "")
+                + f" ({e['seconds']:.0f}s)"
+            )
+
+    return show
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is inside it (shorter on a console)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def default_stages() -> dict[str, Stage]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flows import progress
 from flows.train import checkpoint as ckpt
 from flows.train.config import PretrainConfig
 from flows.train.guard import LoopGuard, inject_hang, inject_inf_grad, inject_kill, inject_spike
@@ -338,6 +339,9 @@ def train(cfg: PretrainConfig, rt: Runtime, task: Task | None = None, model_buil
             global_tokens = tokens * par.dp_size
             window_time += step_time
             window_tokens += global_tokens
+            if rt.rank == 0:
+                tok_s = global_tokens / step_time if step_time else 0.0
+                progress.tick("steps", step, t.steps, tok_s=round(tok_s, 1), loss=round(loss, 4))
 
             if step % cfg.logging.every == 0 or step == t.steps:
                 tps = window_tokens / window_time if window_time else 0.0

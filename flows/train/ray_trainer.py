@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows import progress
 from flows.ray_runtime import init_ray
 from flows.train.config import PretrainConfig, load_config
 from model.errors import HerdError
@@ -113,22 +114,24 @@ def _ray_worker(config: dict) -> None:
         restartable=True,
     )
     build = config.get("build")  # post-training: (rank, world, logger) -> (model, tokenizer, Task)
-    try:
-        if build is None:
-            result = train(cfg, rt)
-        else:
-            model, tokenizer, task = build(rank, world, logger)
-            result = train(cfg, rt, task=task, model_builder=lambda _cfg: (model, tokenizer))
-            if rank == 0:
-                summary = {
-                    "step": result.step,
-                    "losses": result.losses,
-                    "metrics": result.metrics,
-                    "data_state": task.train_data.state_dict(),
-                }
-                (run_dir / RESULT_FILE).write_text(json.dumps(summary, default=float))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # The loop's progress ticks reach the lifecycle step this training runs for (if any).
+    with progress.adopted(config.get("progress")):
+        try:
+            if build is None:
+                result = train(cfg, rt)
+            else:
+                model, tokenizer, task = build(rank, world, logger)
+                result = train(cfg, rt, task=task, model_builder=lambda _cfg: (model, tokenizer))
+                if rank == 0:
+                    summary = {
+                        "step": result.step,
+                        "losses": result.losses,
+                        "metrics": result.metrics,
+                        "data_state": task.train_data.state_dict(),
+                    }
+                    (run_dir / RESULT_FILE).write_text(json.dumps(summary, default=float))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     if rank == 0 and result.warnings:
         with open(run_dir / WARNINGS_FILE, "a") as f:
             for w in result.warnings:
@@ -353,7 +356,13 @@ def _fit(
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
-    loop_config = {"cfg": cfg.to_dict(), "run_dir": str(run_dir), "tracking_uri": uri, "run_id": run_id}
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "run_dir": str(run_dir),
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "progress": progress.handoff(),
+    }
     if build is not None:
         loop_config["build"] = build
     trainer = TorchTrainer(
