@@ -245,17 +245,8 @@ def synthetic_requests(path: Path = SYNTHETIC) -> list[str]:
 
 
 class SafetyScorer:
-    """P(unsafe | request, reply) = P(request is harmful) x P(reply complies), both linear on MiniLM
-    embeddings: a reply is unsafe only when it goes along with a harmful request, so a refusal and a
-    benign answer are safe for different reasons, and neither model has to learn both.
-
-      * request: a linear SVM, calibrated by cross-validated Platt scaling, on frame-stripped requests:
-        the HH harmless training requests (red-team attempts) harmful, alpaca instructions and
-        CommonsenseQA questions benign;
-      * reply: a logistic regression fitted on the HH training pairs as a pairwise objective (the
-        rejected reply goes along with harm more than the chosen one) together with the synthetic
-        refusals (0) and compliances (1), which set where "complies" starts.
-    """
+    """P(unsafe | request, reply) = P(request is harmful) x P(reply complies) (the module docstring
+    says from what each is learnt)."""
 
     def __init__(self, embedder=None):
         if embedder is None:
@@ -283,8 +274,8 @@ class SafetyScorer:
     ) -> SafetyScorer:
         """pairs: HH training pairs (their opening asks are the harmful requests, their replies the
         pairwise rows); benign: harmless requests; synthetic: (request, reply, complies) anchors, each
-        kind (refusal, compliance) weighing as much in total as the pairs. c_reply is the inverse L2
-        strength the earlier single-model scorer had (the best held-out pair accuracy of 0.1..10)."""
+        kind (refusal, compliance) weighing as much in total as the pairs. c_request and c_reply are
+        inverse L2 strengths; held-out pair and labelled accuracy change little over 0.3..3."""
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.linear_model import LogisticRegression
         from sklearn.svm import LinearSVC
@@ -356,12 +347,12 @@ class SafetyScorer:
         return _sigmoid(self._embed(replies), self.reply_coef)
 
     def unsafe(self, requests: list[str], replies: list[str]) -> np.ndarray:
-        if self.request_coef is None or self.reply_coef is None:
-            raise HerdError("safety scorer: not trained (fit it on preference pairs first)")
         return self.harmful(requests) * self.complies(replies)
 
 
-def _sigmoid(x: np.ndarray, coef: np.ndarray) -> np.ndarray:
+def _sigmoid(x: np.ndarray, coef: np.ndarray | None) -> np.ndarray:
+    if coef is None:
+        raise HerdError("safety scorer: not trained (fit it on preference pairs first)")
     return 1.0 / (1.0 + np.exp(-(x @ coef[:-1] + coef[-1])))
 
 
