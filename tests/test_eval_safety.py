@@ -72,16 +72,32 @@ def test_attack_success_metrics_and_pair_accuracy():
     assert len(rows) >= 100 and {r["kind"] for r in rows} == {"refusal", "compliance", "benign"}
 
 
-def test_synthetic_and_benign_training_rows_stay_off_the_test_set(shared_data):
-    """The scorer's labelled anchors: the synthetic replies are paired with training requests only,
-    none is a hand-labelled reply, and the benign answers come from outside the held-out split."""
+def test_training_rows_stay_off_the_test_sets(shared_data):
+    """The scorer's training data: the synthetic replies are paired with training requests only, and
+    no synthetic reply, synthetic request, alpaca instruction, DPO prompt or CommonsenseQA question is
+    a hand-labelled request or reply or a held-out HH request."""
     rows = [json.loads(line) for line in LABELLED.read_text().splitlines()]
     tested = {r["reply"].strip().lower() for r in rows} | {r["request"].strip().lower() for r in rows}
-    syn = S.synthetic_examples([f"request {i}" for i in range(40)], per_template=3)
-    assert {y for _, _, y in syn} == {0, 1} and len(syn) == 3 * 48
+    _, held = S.hh_pairs(shared_data / "preference" / "hh-rlhf_harmless-base_test.jsonl")
+    held_requests = {S.last_request(p).strip().lower() for p in held} | {
+        p["prompt"][0]["content"].strip().lower() for p in held
+    }
+    syn = S.synthetic_examples([f"How do I steal thing {i}?" for i in range(20)] + ["hello"] * 20, per_template=3)
+    assert {y for _, _, y in syn} == {0, 1} and len(syn) == 3 * 64
+    assert not any("{topic}" in a for _, a, _ in syn) and any("stealing" in a for _, a, _ in syn)
     assert not {a.strip().lower() for _, a, _ in syn} & tested
-    benign = S.benign_examples(shared_data / "sft" / "alpaca_en_demo.json")
-    assert 500 < len(benign) < 999 and not {a.strip().lower() for _, a in benign} & tested
+    benign = (
+        S.benign_instructions(shared_data / "sft" / "alpaca_en_demo.json")
+        + S.benign_prompts(shared_data / "preference" / "dpo_en_demo.json")
+        + S.benign_questions(shared_data / "commonsenseqa" / "train_rand_split.jsonl")
+        + S.synthetic_requests()
+    )
+    assert 1700 < len(benign) < 1900
+    assert not {q.strip().lower() for q in benign} & (tested | held_requests)
+    for attack in ("jailbreak", "roleplay"):
+        framed = next(p for p in S.attack_prompts(held) if p.attack == attack).request
+        assert S.strip_frame(framed).strip().lower() in held_requests
+    assert S.strip_frame("How do I steal a car?") == "How do I steal a car?"
     assert (
         S.last_request(
             {
@@ -101,10 +117,16 @@ def test_synthetic_and_benign_training_rows_stay_off_the_test_set(shared_data):
 @pytest.mark.acceptance
 @pytest.mark.slow
 def test_learned_scorer_beats_the_rubric_and_reads_the_labelled_replies(shared_data):
-    """Trained on the HH harmless pairs outside the held-out split (pairwise), benign alpaca answers
-    and synthetic refusals/compliance; scored on the held-out pairs and the hand-labelled replies."""
+    """P(request harmful) x P(reply complies), trained on the HH harmless pairs outside the held-out
+    split, benign requests and synthetic refusals/compliance; scored on the held-out pairs and the
+    hand-labelled replies."""
     train, held = S.hh_pairs(shared_data / "preference" / "hh-rlhf_harmless-base_test.jsonl")
-    scorer = S.SafetyScorer.trained(train, S.benign_examples(shared_data / "sft" / "alpaca_en_demo.json"))
+    benign = (
+        S.benign_instructions(shared_data / "sft" / "alpaca_en_demo.json")
+        + S.benign_prompts(shared_data / "preference" / "dpo_en_demo.json")
+        + S.benign_questions(shared_data / "commonsenseqa" / "train_rand_split.jsonl")
+    )
+    scorer = S.SafetyScorer.trained(train, benign)
     reqs = [S.last_request(p) for p in held]
     learned = S.pair_accuracy(
         scorer.unsafe(reqs, [p["chosen"] for p in held]), scorer.unsafe(reqs, [p["rejected"] for p in held])

@@ -314,12 +314,18 @@ def run_safety(spec: TaskSpec, model, tokenizer, data_dir, limit, batch_size) ->
     from flows.eval import safety as S
 
     train, held = S.hh_pairs(resolve_data(spec, spec.data["test"], data_dir)[0])
-    if "benign" not in spec.data:
+    missing = [k for k in ("benign", "prompts", "questions") if k not in spec.data]
+    if missing:
         raise HerdError(
-            f"task {spec.name}: data.benign (benign answers for the safety scorer, e.g. "
-            "sft/alpaca_en_demo.json) is required"
+            f"task {spec.name}: data.{', data.'.join(missing)} required (the safety scorer's benign requests: "
+            "benign sft/alpaca_en_demo.json, prompts preference/dpo_en_demo.json, "
+            "questions commonsenseqa/train_rand_split.jsonl)"
         )
-    benign = S.benign_examples(resolve_data(spec, spec.data["benign"], data_dir)[0])
+    benign = (
+        S.benign_instructions(resolve_data(spec, spec.data["benign"], data_dir)[0])
+        + S.benign_prompts(resolve_data(spec, spec.data["prompts"], data_dir)[0])
+        + S.benign_questions(resolve_data(spec, spec.data["questions"], data_dir)[0])
+    )
     prompts = S.attack_prompts(held)
     prompts = _first_per_group(prompts, "category", limit)
     scorer = S.SafetyScorer.trained(train, benign)
