@@ -60,7 +60,8 @@ def test_plain_console_prints_progress_now_and_then(monkeypatch):
     assert "pretrain" in lines[-1] and "steps" in lines[-1] and "tok/s 40.5" in lines[-1]
 
 
-def test_live_table_shows_bars_and_an_eta_and_is_erased_at_the_end():
+def test_live_table_shows_bars_and_an_eta_and_is_erased_at_the_end(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the terminal's width: rows wider than it are cut (see below)
     out = io.StringIO()
     with Console(out, tty=True) as console:
         console.event({"event": "plan", "stages": ["data", "pretrain"]})
@@ -77,6 +78,19 @@ def test_live_table_shows_bars_and_an_eta_and_is_erased_at_the_end():
         assert "ETA 30s" in rows[1]  # 2 steps in 20 s, 3 to go
         assert out.getvalue().endswith("\n".join(rows) + "\n")
     assert out.getvalue().endswith(f"\x1b[{len(rows)}F\x1b[J")  # erased: the summary follows
+
+
+def test_live_table_rows_are_cut_to_the_terminal_width(monkeypatch):
+    """A row wider than the terminal would wrap and throw the redraw's line count off."""
+    monkeypatch.setenv("COLUMNS", "40")
+    out = io.StringIO()
+    with Console(out, tty=True) as console:
+        console.event({"event": "plan", "stages": ["pretrain"]})
+        console.event({"event": "start", "step": "pretrain", "t": 0.0})
+        console.event({"event": "progress", "step": "pretrain", "t": 1.0, "kind": "steps", "done": 1, "total": 6})
+        assert len(console.rows()[0]) > 39
+        drawn = out.getvalue().split("\x1b[J")[-1].splitlines()
+        assert drawn == [console.rows()[0][:39]]
 
 
 @pytest.mark.parametrize("tty", [False, True])
