@@ -17,6 +17,7 @@ Attention paths:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,21 @@ def doc_ids_from_positions(positions: torch.Tensor) -> torch.Tensor:
     return (positions == 0).cumsum(dim=-1)
 
 
+@dataclass(frozen=True)
+class RaggedRows:
+    """Rows of different lengths run as one flat sequence (tokens (1, N)): every matmul sees the N
+    real tokens and no padding; only attention lays them out as padded rows, in groups of rows of
+    similar length (a group's padding costs attention alone).
+
+    groups: per group, (index (B, T): the flat token in each row slot, padding slots repeating any
+      token; mask (B, 1, T, T) bool: query slot t sees key slot j where True, every slot something);
+    at: (N,) each flat token's slot in the groups' slots laid end to end (group by group, row-major).
+    """
+
+    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    at: torch.Tensor
+
+
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, T) bool: attend to earlier tokens of the same document only."""
     T = doc_ids.shape[-1]
@@ -154,7 +170,7 @@ class Attention(nn.Module):
         self.packed: dict[str, torch.Tensor] = {}  # fuse_projections(pack=True): oneDNN layouts
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | PagedKVCache | None = None):
-        """mask: None (causal), a bool tensor, or a BlockMask; a cache masks its own steps."""
+        """mask: None (causal), a bool tensor, a BlockMask or RaggedRows; a cache masks its own steps."""
         B, T, _ = x.shape
         if self.wqkv is not None:  # inference: one matmul, and one rotary pass over the q and k heads
             qkv = linear(x, self.wqkv, self.packed.get("wqkv"))
@@ -171,8 +187,15 @@ class Attention(nn.Module):
             q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)
             k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin)
             v = self.wv(x).view(B, T, -1, self.head_dim)
+        if isinstance(mask, RaggedRows):  # flat (1, N) tokens: attention alone runs on padded rows
+            outs = []
+            for index, group_mask in mask.groups:
+                qg, kg, vg = (t[0][index].transpose(1, 2) for t in (q, k, v))
+                out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group_mask, enable_gqa=True)
+                outs.append(out.transpose(1, 2).flatten(0, 1))
+            out = torch.cat(outs)[mask.at].view(B, T, -1)
+            return linear(out, self.wo.weight, self.packed.get("wo")) if self.wqkv is not None else self.wo(out)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v)
         elif mask is not None and not torch.is_tensor(mask):
@@ -287,7 +310,7 @@ class Transformer(nn.Module):
         cache: KVCache | PagedKVCache | None = None,
         last_only: bool = False,
         head=None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | RaggedRows | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` (B, T).
 
@@ -301,9 +324,9 @@ class Transformer(nn.Module):
           its result is returned (e.g. a loss fused with the projection, so the full logits
           are never materialised). It runs inside forward, where sharded (FSDP) parameters
           are gathered.
-        attn_mask: an explicit (B, 1, T, T) bool mask, query t sees key j where True, with
-          `positions` (no cache): several continuations of one context packed into one row, each
-          seeing the context and its own tokens (flows/eval/scoring.py).
+        attn_mask: an explicit (B, 1, T, T) bool mask, query t sees key j where True, or RaggedRows
+          for flat (1, N) tokens, with `positions` (no cache): several continuations of one context
+          packed into one row, each seeing the context and its own tokens (flows/eval/scoring.py).
         """
         B, T = tokens.shape
         mask = None

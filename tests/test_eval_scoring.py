@@ -56,11 +56,13 @@ def test_scorer_equals_plain_forward(batch_size, share):
         assert scorer.stats["forward_tokens"] < sum(len(c) for c in contexts)
 
 
-@pytest.mark.parametrize("pack_max_len,budget", [(1024, 8192), (8, 40)])
-def test_packed_rows_equal_plain_forward_and_the_fork_path(pack_max_len, budget):
+@pytest.mark.parametrize("pack_max_len,budget,attn_budget", [(1024, 8192, 2048), (8, 40, 2048), (1024, 8192, 30)])
+def test_packed_rows_equal_plain_forward_and_the_fork_path(pack_max_len, budget, attn_budget):
     """Contexts in no family go through packed rows (a context and its continuations in one masked
-    row); a short pack_max_len splits a context's continuations over several rows, a small budget
-    makes batches of one row. Both equal the plain forward and the KV-fork path."""
+    row, the rows laid end to end without padding); a short pack_max_len splits a context's
+    continuations over several rows, a small budget makes batches of one row, a small attention
+    budget splits a batch's attention into several padded groups. All equal the plain forward and
+    the KV-fork path."""
     model = random_model(seed=2)
     rng = random.Random(5)
     reqs = []
@@ -68,7 +70,9 @@ def test_packed_rows_equal_plain_forward_and_the_fork_path(pack_max_len, budget)
         ctx = [rng.randrange(3, 97) for _ in range(rng.randrange(1, 20))]
         for _ in range(rng.randrange(1, 5)):
             reqs.append((ctx, [rng.randrange(3, 97) for _ in range(rng.randrange(1, 12))]))
-    packed = Scorer(model, _Tok(), share_prefix=False, pack_max_len=pack_max_len, token_budget=budget)
+    packed = Scorer(
+        model, _Tok(), share_prefix=False, pack_max_len=pack_max_len, token_budget=budget, attn_budget=attn_budget
+    )
     got = packed.loglikelihood_tokens(reqs)
     forks = Scorer(model, _Tok(), share_prefix=False, pack=False).loglikelihood_tokens(reqs)
     want = reference_loglikelihood(model, reqs, model.config.max_seq_len)

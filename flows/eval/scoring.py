@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kv_cache import KVCache
+from model.model import RaggedRows
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Scorer:
         add_bos: bool | None = None,
         pack: bool = True,
         pack_max_len: int = 1024,
+        attn_budget: int = 2048,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.add_bos = default_add_bos(tokenizer) if add_bos is None else add_bos
@@ -92,6 +94,7 @@ class Scorer:
         self.token_budget = token_budget  # rows x tokens per forward (continuations; packed rows)
         self.pack = pack  # contexts in no shared-prefix family: packed rows (see _score_packed)
         self.pack_max_len = pack_max_len  # a row's length beyond its context and longest continuation
+        self.attn_budget = attn_budget  # padded row slots per attention call (packed rows)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.stats = {"forward_tokens": 0, "prefix_tokens": 0, "truncated": 0}
@@ -327,8 +330,9 @@ class Scorer:
         results = {id(g): [None] * len(g.conts) for g in groups}
         start = 0
         while start < len(order):
-            stop = start + 1
-            while stop < len(order) and (stop - start + 1) * lengths[order[stop]] <= self.token_budget:
+            stop, n = start + 1, lengths[order[start]]
+            while stop < len(order) and n + lengths[order[stop]] <= self.token_budget:
+                n += lengths[order[stop]]
                 stop += 1
             batch = [rows[r] for r in order[start:stop]]
             for (g, js), scores in zip(batch, self._score_packed_batch(batch)):
@@ -339,39 +343,44 @@ class Scorer:
             yield g, results[id(g)]
 
     def _score_packed_batch(self, batch: list[tuple[_Group, list[int]]]) -> list[list[tuple[float, bool]]]:
+        """One forward over the batch's rows laid end to end (model.RaggedRows: no padding in the
+        matmuls); attention runs on groups of consecutive rows (sorted by length: little padding)."""
         dev = self.device
-        T = max(len(g.context) + sum(len(g.conts[j]) - 1 for j in js) for g, js in batch)
-        B = len(batch)
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        seg = torch.full((B, T), -1, dtype=torch.long)  # 0 context, k + 1 the row's k-th continuation, -1 padding
-        picks_r, picks_c, targets, spans = [], [], [], []  # spans: (row, start, stop) into the picks per continuation
-        for r, (g, js) in enumerate(batch):
+        tokens, pos, segs = [], [], []  # per row: tokens, positions, segment (0 context, k + 1 continuation k)
+        picks, targets, spans = [], [], []  # picks: flat positions whose logits are used; spans into them
+        base = 0
+        for g, js in batch:
             L = len(g.context)
-            tokens[r, :L] = torch.tensor(g.context)
-            pos[r, :L] = torch.arange(L)
-            seg[r, :L] = 0
-            at = L
+            row_tokens, row_pos, row_seg = list(g.context), list(range(L)), [0] * L
             for k, j in enumerate(js):
                 c = g.conts[j]
-                n = len(c) - 1
-                tokens[r, at : at + n] = torch.tensor(c[:-1], dtype=torch.long)
-                pos[r, at : at + n] = torch.arange(L, L + n)
-                seg[r, at : at + n] = k + 1
-                first = len(targets)
-                picks_r += [r] * len(c)
-                picks_c += [L - 1] + list(range(at, at + n))
+                first, at = len(targets), base + len(row_tokens)
+                picks += [base + L - 1] + list(range(at, at + len(c) - 1))
                 targets += c
                 spans.append((first, len(targets)))
-                at += n
-        same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # (B, query, key)
-        mask = same & (pos[:, None, :] <= pos[:, :, None]) & (seg[:, None, :] >= 0)
-        mask |= torch.eye(T, dtype=torch.bool)[None] & (seg[:, :, None] < 0)  # padding sees itself: no empty row
-        rows_t, cols_t = torch.tensor(picks_r, device=dev), torch.tensor(picks_c, device=dev)
-        hidden = self.model(
-            tokens.to(dev), positions=pos.to(dev), attn_mask=mask[:, None].to(dev), head=lambda h, _w: h[rows_t, cols_t]
-        )  # (N, dim), normed
-        self.stats["forward_tokens"] += sum(len(g.context) + sum(len(g.conts[j]) - 1 for j in js) for g, js in batch)
+                row_tokens += c[:-1]
+                row_pos += range(L, L + len(c) - 1)
+                row_seg += [k + 1] * (len(c) - 1)
+            tokens.append(row_tokens)
+            pos.append(row_pos)
+            segs.append(row_seg)
+            base += len(row_tokens)
+        groups, at, slots, start = [], [None] * len(batch), 0, 0
+        while start < len(batch):  # rows of a group: padded slots within attn_budget
+            stop = start + 1
+            while stop < len(batch) and (stop - start + 1) * len(tokens[stop]) <= self.attn_budget:
+                stop += 1
+            groups.append(self._attention_group(tokens, pos, segs, start, stop, dev))
+            T = groups[-1][0].shape[1]
+            for r in range(start, stop):
+                at[r] = torch.arange(slots + (r - start) * T, slots + (r - start) * T + len(tokens[r]))
+            slots += (stop - start) * T
+            start = stop
+        rows = RaggedRows(tuple(groups), torch.cat(at).to(dev))
+        flat = lambda rows_: torch.tensor([t for row in rows_ for t in row], device=dev)[None]  # noqa: E731
+        picks_t = torch.tensor(picks, device=dev)
+        hidden = self.model(flat(tokens), positions=flat(pos), attn_mask=rows, head=lambda h, _w: h[0, picks_t])
+        self.stats["forward_tokens"] += base
         ll, greedy = self._target_logprobs(hidden, torch.tensor(targets, device=dev))
         out, k = [], 0
         for _g, js in batch:
@@ -382,6 +391,26 @@ class Scorer:
                 k += 1
             out.append(row)
         return out
+
+    @staticmethod
+    def _attention_group(tokens, pos, segs, start: int, stop: int, dev):
+        """(index, mask) of rows start..stop-1 padded to the longest: a continuation's token sees the
+        context and its own continuation's earlier tokens; a padding slot sees itself only."""
+        lens = [len(tokens[r]) for r in range(start, stop)]
+        B, T = len(lens), max(lens)
+        index = torch.zeros(B, T, dtype=torch.long)
+        p = torch.zeros(B, T, dtype=torch.long)
+        seg = torch.full((B, T), -1, dtype=torch.long)
+        offset = sum(len(tokens[r]) for r in range(start))
+        for i, r in enumerate(range(start, stop)):
+            index[i, : lens[i]] = torch.arange(offset, offset + lens[i])
+            p[i, : lens[i]] = torch.tensor(pos[r])
+            seg[i, : lens[i]] = torch.tensor(segs[r])
+            offset += lens[i]
+        same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # (B, query, key)
+        mask = same & (p[:, None, :] <= p[:, :, None]) & (seg[:, None, :] >= 0)
+        mask |= torch.eye(T, dtype=torch.bool)[None] & (seg[:, :, None] < 0)
+        return index.to(dev), mask[:, None].to(dev)
 
     def _target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024):
         """log p(target) and whether it is the argmax, per position, projecting `chunk` positions at a time."""
