@@ -7,6 +7,8 @@ Attention paths:
   * plain causal (training, full recompute): SDPA with is_causal;
   * packed documents (`positions` restart at 0 per document): a block-diagonal causal
     mask on CPU, flex_attention with a block mask on CUDA;
+  * ragged rows (RaggedRows, the eval scorer's packed rows): flat tokens for every matmul,
+    padded rows for attention only;
   * a KV cache (generation: model/kv_cache.py; serving: the paged model/paged_cache.py): each
     row writes at its own length, so rows of different lengths share one step, and the cache
     runs the attention (`cache.attend`). On CPU, inference of a fused model (fuse_projections)
@@ -194,15 +196,15 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group_mask, enable_gqa=True)
                 outs.append(out.transpose(1, 2).flatten(0, 1))
             out = torch.cat(outs)[mask.at].view(B, T, -1)
-            return linear(out, self.wo.weight, self.packed.get("wo")) if self.wqkv is not None else self.wo(out)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            out = cache.attend(self.layer_idx, q, k, v)
-        elif mask is not None and not torch.is_tensor(mask):
-            out = flex_attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(B, T, -1)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if cache is not None:
+                out = cache.attend(self.layer_idx, q, k, v)
+            elif mask is not None and not torch.is_tensor(mask):
+                out = flex_attention(q, k, v, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            out = out.transpose(1, 2).reshape(B, T, -1)
         return linear(out, self.wo.weight, self.packed.get("wo")) if self.wqkv is not None else self.wo(out)
 
 

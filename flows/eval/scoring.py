@@ -91,7 +91,7 @@ class Scorer:
         self.max_length = int(max_length or model.config.max_seq_len)
         self.share_prefix = share_prefix
         self.min_prefix = min_prefix
-        self.token_budget = token_budget  # rows x tokens per forward (continuations; packed rows)
+        self.token_budget = token_budget  # per forward: rows x longest (forks), real tokens (packed rows)
         self.pack = pack  # contexts in no shared-prefix family: packed rows (see _score_packed)
         self.pack_max_len = pack_max_len  # a row's length beyond its context and longest continuation
         self.attn_budget = attn_budget  # padded row slots per attention call (packed rows)
@@ -377,9 +377,10 @@ class Scorer:
             slots += (stop - start) * T
             start = stop
         rows = RaggedRows(tuple(groups), torch.cat(at).to(dev))
-        flat = lambda rows_: torch.tensor([t for row in rows_ for t in row], device=dev)[None]  # noqa: E731
+        flat_tokens = torch.tensor([t for row in tokens for t in row], device=dev)[None]
+        flat_pos = torch.tensor([p for row in pos for p in row], device=dev)[None]
         picks_t = torch.tensor(picks, device=dev)
-        hidden = self.model(flat(tokens), positions=flat(pos), attn_mask=rows, head=lambda h, _w: h[0, picks_t])
+        hidden = self.model(flat_tokens, positions=flat_pos, attn_mask=rows, head=lambda h, _w: h[0, picks_t])
         self.stats["forward_tokens"] += base
         ll, greedy = self._target_logprobs(hidden, torch.tensor(targets, device=dev))
         out, k = [], 0
