@@ -3,6 +3,7 @@ one-at-a-time generation, chunked prefill, prefix caching, cancellation, samplin
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -11,6 +12,7 @@ import torch
 
 from model.generate import SamplingParams, generate
 from services.engine import ContextLengthError, EngineConfig, LLMEngine, QueueFullError
+from services.engine.async_engine import AsyncLLMEngine
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Detokenizer, Sequence
 from tests.tiny import random_tiny
@@ -289,6 +291,42 @@ def test_limits_context_and_queue(tiny):
     engine.add_request([1, 2], SamplingParams(max_tokens=2))  # the one queue place
     with pytest.raises(QueueFullError):
         engine.add_request([1, 2], SamplingParams(max_tokens=2))
+
+
+class SlowAdmission(LLMEngine):
+    """The real engine, slow to queue a request: the engine thread spends a while between taking
+    requests from the hand-over and the scheduler counting them as waiting."""
+
+    def add_request(self, *args, **kwargs):
+        time.sleep(0.01)
+        return super().add_request(*args, **kwargs)
+
+
+def test_async_bound_counts_requests_in_hand_over(tiny):
+    """A flood past the bound is refused at submit, while the engine thread is still queuing the
+    first ones: exactly the excess is refused, and no admitted request fails later for capacity."""
+    model, tok = tiny
+    config = EngineConfig(max_num_seqs=4, max_model_len=64, max_queue=4)
+    engine = AsyncLLMEngine(SlowAdmission(model, tok, config))
+
+    async def flood():
+        refused, queues = 0, []
+        for i in range(config.max_in_flight + 20):
+            try:
+                queues.append(engine.submit([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), f"r{i}"))
+            except QueueFullError:
+                refused += 1
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.2)  # every admitted request is in the engine now, none has finished
+        late = [o for q in queues for o in (q.get_nowait() for _ in range(q.qsize())) if isinstance(o, Exception)]
+        return refused, len(queues), late
+
+    try:
+        refused, admitted, late = asyncio.run(flood())
+    finally:
+        engine.shutdown()
+    assert (refused, admitted, late) == (20, config.max_in_flight, [])
+    assert engine.metrics.rejected == 20
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):

@@ -1,8 +1,12 @@
 """AsyncLLMEngine: LLMEngine on a background thread, streaming outputs to asyncio tasks.
 
 New requests are checked (context length, queue bound) in the caller, then handed to the engine
-thread, which admits them at its next step. Closing a stream early (client disconnect, timeout,
-cancellation) aborts the request: the engine thread frees its slot before its next step.
+thread, which admits them at its next step. The queue bound counts the requests this wrapper holds,
+from submit until the engine thread has released them; the engine's own running and waiting counts
+would miss the ones in hand-over and in its scheduler's moves, and let one too many in.
+
+Closing a stream early (client disconnect, timeout, cancellation) aborts the request: the engine
+thread frees its slot before its next step.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from model.generate import SamplingParams
 from services.engine.engine import LLMEngine, RequestOutput
-from services.engine.errors import EngineStoppedError
+from services.engine.errors import EngineError, EngineStoppedError
 
 log = logging.getLogger("herd.engine")
 
@@ -32,6 +36,7 @@ class AsyncLLMEngine:
         self._incoming: collections.deque = collections.deque()  # (seq args) to add
         self._aborts: collections.deque = collections.deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._held: set[str] = set()  # submitted and not yet finished, failed or aborted in the engine
         self._ids = itertools.count()
         self._stopped = False
         self.error: BaseException | None = None
@@ -71,18 +76,20 @@ class AsyncLLMEngine:
         eng = self.engine
         eng.validate(prompt_ids, params)
         with self._cond:
+            if request_id in self._held:
+                raise EngineError(f"duplicate request id {request_id}")
             self.check_capacity()
             queue: asyncio.Queue = asyncio.Queue()
+            self._held.add(request_id)
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
             self._incoming.append((prompt_ids, params, request_id, time.monotonic(), cache_salt))
             self._cond.notify()
         return queue
 
     def check_capacity(self) -> None:
-        """QueueFullError when one more request would pass the engine's bound (running + waiting +
-        handed over). The HTTP layer also asks before tokenizing, so a flood is refused at the cost of
-        a JSON parse."""
-        self.engine.check_capacity(arriving=len(self._incoming))
+        """QueueFullError when one more request would pass the engine's bound on requests held. The
+        HTTP layer also asks before tokenizing, so a flood is refused at the cost of a JSON parse."""
+        self.engine.check_capacity(len(self._held))
 
     # What the HTTP layer reads of the engine.
     @property
@@ -135,6 +142,9 @@ class AsyncLLMEngine:
                     aborts, self._aborts = list(self._aborts), collections.deque()
                 for rid in aborts:
                     eng.abort(rid)
+                if aborts:
+                    with self._cond:
+                        self._held.difference_update(aborts)
                 for prompt_ids, params, rid, arrival, salt in incoming:
                     if rid not in self._streams:  # aborted before it was admitted
                         eng.metrics.aborted += 1
@@ -157,11 +167,13 @@ class AsyncLLMEngine:
         by_loop: dict = collections.defaultdict(list)
         with self._cond:
             for rid, item in items:
-                target = self._streams.get(rid)
+                if isinstance(item, BaseException) or item.finished:
+                    self._held.discard(rid)
+                    target = self._streams.pop(rid, None)
+                else:
+                    target = self._streams.get(rid)
                 if target is None:
                     continue
-                if isinstance(item, BaseException) or item.finished:
-                    self._streams.pop(rid, None)
                 by_loop[target[0]].append((target[1], item))
         for loop, batch in by_loop.items():
             try:

@@ -82,10 +82,11 @@ class LLMEngine:
                 "max_tokens",
             )
 
-    def check_capacity(self, arriving: int = 0) -> None:
-        """QueueFullError when one more request would pass the bound on requests in flight (running,
-        waiting, and `arriving`: those handed over but not yet queued)."""
-        in_flight = arriving + self.num_waiting + self.num_running
+    def check_capacity(self, in_flight: int | None = None) -> None:
+        """QueueFullError when one more request would pass the bound on requests in flight: `in_flight`,
+        or else this engine's running and waiting ones."""
+        if in_flight is None:
+            in_flight = self.num_waiting + self.num_running
         if in_flight >= self.config.max_in_flight:
             self.metrics.rejected += 1
             raise QueueFullError(f"the server is at capacity ({in_flight} requests in flight); retry later")
