@@ -78,7 +78,7 @@ def run_herd(
     from flows.eval.tasks import load_multiple_choice
     from model.sources import load_for_inference
 
-    model, tok = load_for_inference(str(model_dir), dtype, "cpu")
+    model, tok = load_for_inference(str(model_dir), dtype, "cpu", pack=True)
     spec = load_spec(task)
     scorer = Scorer(model, tok, batch_size=batch_size, share_prefix=share_prefix)
     model_time = [0.0]

@@ -9,6 +9,10 @@ For one-row decode steps, which read every weight once per token and run many ti
   at 32 rows here for ~10 MFLOP of work;
 * `decode_step`: a whole one-sequence decode step (every layer and the output projection) in one
   call, for the ~20 small torch ops a layer that cost more than the weight reads of small models.
+And for packed prefill (the eval scorer's rows of a context and its continuations):
+* `ragged_attention` (fp32): attention over rows laid end to end (model.RaggedRows), computing only
+  the (query, key) pairs each row's mask lets through, where torch's SDPA would compute padded
+  squares under a dense mask.
 Where the CPU lacks AVX-512 (bf16: AVX512-BF16), no C compiler is found, or HERD_CPU_KERNELS=0,
 they return None and callers keep torch's path.
 
@@ -33,7 +37,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "cpu_decode.c"
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("cpu_decode.c", "cpu_prefill.c")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 
@@ -55,7 +59,8 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """Compile once per source and flags; concurrent processes each write a temporary file and
     rename it into place."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    code = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(code + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_decode-{digest}.so"
     if out.exists():
         return out
@@ -63,7 +68,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        sources = [str(source) for source in SOURCES]
+        subprocess.run([cc, *FLAGS, *sources, "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -88,7 +94,7 @@ def _library() -> dict:
         lib = ctypes.CDLL(str(_build(cc)))  # libgomp.so.1 resolves to the copy torch loaded
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("herd CPU kernels off: building %s failed: %s", SOURCE.name, detail.strip()[-500:])
+        log.warning("herd CPU kernels off: building them failed: %s", detail.strip()[-500:])
         return {}
     lib.herd_attention_step.argtypes = (
         [ctypes.c_int64]
@@ -101,6 +107,10 @@ def _library() -> dict:
         + [ctypes.c_int64] * 2
     )
     lib.herd_attention_step.restype = None
+    lib.herd_ragged_attention_f32.argtypes = (
+        [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    )
+    lib.herd_ragged_attention_f32.restype = None
     fns = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
         if dtype == torch.bfloat16 and "avx512_bf16" not in flags:
@@ -123,6 +133,7 @@ def _library() -> dict:
             fn.restype = None
             fns[(name, dtype)] = fn
         fns[("attention", dtype)] = functools.partial(lib.herd_attention_step, int(dtype == torch.bfloat16))
+    fns[("ragged_attention", torch.float32)] = lib.herd_ragged_attention_f32
     return fns
 
 
@@ -208,6 +219,41 @@ def attention_step(
         out.data_ptr(),
         scratch.data_ptr(),
         cache.max_len,
+        threads,
+    )
+    return out
+
+
+def ragged_attention(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows, n_heads: int, n_kv: int
+) -> torch.Tensor | None:
+    """The attention heads' output (N, n_heads * head_dim) of N flat tokens laid out as `rows`
+    (model.RaggedRows), from the fused q|k|v projection (1, N, width), which it rotates in place, and
+    the model's cos/sin (1, N, 1, head_dim). None where the kernel does not apply (fp32 CPU only)."""
+    fn = _kernel("ragged_attention", qkv, cos, sin)
+    N, hd = qkv.shape[1], cos.shape[-1]
+    if fn is None or qkv.shape[-1] != (n_heads + 2 * n_kv) * hd or hd not in (16, 32, 64, 128):
+        return None
+    if not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    threads = torch.get_num_threads()
+    longest = rows.longest
+    out = torch.empty(N, n_heads * hd, dtype=qkv.dtype)
+    scratch = torch.empty(threads * ((hd + 4) * longest + 4 * hd), dtype=torch.float32)
+    fn(
+        qkv.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        rows.starts.data_ptr(),
+        rows.prefix.data_ptr(),
+        rows.seg.data_ptr(),
+        len(rows.starts) - 1,
+        n_heads,
+        n_kv,
+        hd,
+        out.data_ptr(),
+        scratch.data_ptr(),
+        longest,
         threads,
     )
     return out

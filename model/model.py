@@ -7,8 +7,9 @@ Attention paths:
   * plain causal (training, full recompute): SDPA with is_causal;
   * packed documents (`positions` restart at 0 per document): a block-diagonal causal
     mask on CPU, flex_attention with a block mask on CUDA;
-  * ragged rows (RaggedRows, the eval scorer's packed rows): flat tokens for every matmul,
-    padded rows for attention only;
+  * ragged rows (model/ragged.py, the eval scorer's packed rows): flat tokens for every matmul;
+    attention runs herd's C kernel on CPU in fp32 (only the visible pairs), else SDPA on padded
+    rows;
   * a KV cache (generation: model/kv_cache.py; serving: the paged model/paged_cache.py): each
     row writes at its own length, so rows of different lengths share one step, and the cache
     runs the attention (`cache.attend`). On CPU, inference of a fused model (fuse_projections)
@@ -19,17 +20,17 @@ Attention paths:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig, RopeScaling
-from model.cpu_kernels import attention_step, decode_step, gemv
+from model.cpu_kernels import attention_step, decode_step, gemv, ragged_attention
 from model.cpu_kernels import rms_norm as rms_norm_kernel
 from model.kv_cache import KVCache
 from model.paged_cache import PagedKVCache
+from model.ragged import RaggedRows
 
 
 class RMSNorm(nn.Module):
@@ -81,10 +82,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for inference. One row on CPU (decode is bound by reading weights) goes through
     herd's gemv kernel (model/cpu_kernels.py: bf16 ~2x, fp32 ~1.1x torch's mv here), else, in bf16,
-    through mv (it reads the weight ~1.3x faster than F.linear). Several bf16 rows use `packed`, the
-    weight in oneDNN's blocked layout (pack_weight), when given: the same result without re-laying
-    the weight out at every call (SmolLM2's 32-row output projection ~2.5x faster alone, a 32-stream
-    engine run ~5-10%)."""
+    through mv (it reads the weight ~1.3x faster than F.linear). Several rows use `packed`, the
+    weight in oneDNN's blocked layout (pack_weight), when given: the same matmul without re-laying
+    the weight out at every call (bf16: the same numbers, SmolLM2's 32-row output projection ~2.5x
+    faster alone; fp32: oneDNN's kernels instead of MKL's sgemm, the sums in another order, ~1.1-1.3x
+    faster at hundreds of rows, more at a few; bench/results)."""
     if x.device.type == "cpu":
         if x.numel() == x.shape[-1]:
             y = gemv(weight, x.reshape(-1))
@@ -92,18 +94,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = 
                 y = torch.mv(weight, x.reshape(-1))
             if y is not None:
                 return y.view(*x.shape[:-1], weight.shape[0])
-        if packed is not None and x.dtype == torch.bfloat16:
+        if packed is not None and x.dtype == weight.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return F.linear(x, weight)
 
 
 def pack_weight(weight: torch.Tensor, batch_hint: int = 32) -> torch.Tensor | None:
-    """A bf16 CPU weight laid out once for oneDNN's matmul (None where that does not apply)."""
-    if (
-        weight.device.type != "cpu"
-        or weight.dtype != torch.bfloat16
-        or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    ):
+    """A float32 or bfloat16 CPU weight laid out once for oneDNN's matmul (None where that does not
+    apply: other devices and dtypes, no oneDNN, no oneDNN bf16 on this CPU)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
 
@@ -111,21 +114,6 @@ def pack_weight(weight: torch.Tensor, batch_hint: int = 32) -> torch.Tensor | No
 def doc_ids_from_positions(positions: torch.Tensor) -> torch.Tensor:
     """Packed sequences mark each document start with position 0."""
     return (positions == 0).cumsum(dim=-1)
-
-
-@dataclass(frozen=True)
-class RaggedRows:
-    """Rows of different lengths run as one flat sequence (tokens (1, N)): every matmul sees the N
-    real tokens and no padding; only attention lays them out as padded rows, in groups of rows of
-    similar length (a group's padding costs attention alone).
-
-    groups: per group, (index (B, T): the flat token in each row slot, padding slots repeating any
-      token; mask (B, 1, T, T) bool: query slot t sees key slot j where True, every slot something);
-    at: (N,) each flat token's slot in the groups' slots laid end to end (group by group, row-major).
-    """
-
-    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    at: torch.Tensor
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -181,6 +169,10 @@ class Attention(nn.Module):
                 out = attention_step(qkv, cos, sin, cache, self.layer_idx, nq)
                 if out is not None:
                     return linear(out.view(B, T, -1), self.wo.weight, self.packed.get("wo"))
+            if isinstance(mask, RaggedRows) and x.device.type == "cpu":  # rotates qkv in place: ours
+                out = ragged_attention(qkv, cos, sin, mask, nq, nk)
+                if out is not None:
+                    return linear(out.view(B, T, -1), self.wo.weight, self.packed.get("wo"))
             qkv = qkv.view(B, T, -1, self.head_dim)
             qk = apply_rope(qkv[:, :, : nq + nk], cos, sin)
             q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nk :]
@@ -190,12 +182,13 @@ class Attention(nn.Module):
             k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin)
             v = self.wv(x).view(B, T, -1, self.head_dim)
         if isinstance(mask, RaggedRows):  # flat (1, N) tokens: attention alone runs on padded rows
+            groups, at = mask.padded
             outs = []
-            for index, group_mask in mask.groups:
+            for index, group_mask in groups:
                 qg, kg, vg = (t[0][index].transpose(1, 2) for t in (q, k, v))
                 out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group_mask, enable_gqa=True)
                 outs.append(out.transpose(1, 2).flatten(0, 1))
-            out = torch.cat(outs)[mask.at].view(B, T, -1)
+            out = torch.cat(outs)[at].view(B, T, -1)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cache is not None:
@@ -259,8 +252,9 @@ class Transformer(nn.Module):
         decode). The separate weights become views into the fused tensors, so memory does not grow
         and state_dict() keeps its names. Call after placing the model (device, dtype); not for training.
 
-        pack: also keep bf16 CPU weights in oneDNN's layout for batched steps (a server's decode),
-        at the cost of a second copy of the weights."""
+        pack: also keep CPU weights (fp32 or bf16) in oneDNN's layout for several rows at a time (a
+        server's batched decode, the eval scorer's packed prefill), at the cost of a second copy of
+        the weights."""
 
         def fuse(linears):
             fused = torch.cat([lin.weight for lin in linears])

@@ -71,9 +71,14 @@ def resolve_model(spec: str | Path, registry: Registry | None = None) -> Path:
 
 
 def load_for_inference(
-    spec: str | Path, dtype: str = "float32", device: str = "auto", registry: Registry | None = None
+    spec: str | Path,
+    dtype: str = "float32",
+    device: str = "auto",
+    registry: Registry | None = None,
+    pack: bool = False,
 ):
-    """(model, tokenizer) ready for generation, for any model name `resolve_model` reads."""
+    """(model, tokenizer) ready for generation, for any model name `resolve_model` reads.
+    pack: Transformer.fuse_projections' (CPU weights also in oneDNN's layout, for many rows a step)."""
     import torch
 
     from model.checkpoint import load_model
@@ -87,4 +92,4 @@ def load_for_inference(
         raise HerdError(f"unknown dtype {dtype!r}; choose auto, float32 or bfloat16")
     path = resolve_model(spec, registry)
     model, _ = load_model(path, dtype=getattr(torch, DTYPES[dtype]), device=device)
-    return model.fuse_projections(), load_tokenizer(path)
+    return model.fuse_projections(pack=pack), load_tokenizer(path)

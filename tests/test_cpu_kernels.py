@@ -189,3 +189,69 @@ def test_attention_step_equals_the_torch_path(monkeypatch, dtype):
     torch.testing.assert_close(got_v, ref_v, **tol)
     assert torch.equal(got_len, ref_len) and got_len.tolist() == [6, 13, 8, 20]
     assert len(used) == 3 * model.config.n_layers and all(u is not None for u in used)
+
+
+def _ragged_rows(rng: torch.Generator):
+    """Rows of a context then continuations: row-relative (prefix, seg) per token, as the scorer packs them."""
+    from model.ragged import RaggedRows
+
+    starts, prefix, seg, pos = [0], [], [], []
+    for _ in range(5):
+        context = int(torch.randint(1, 100, (), generator=rng))
+        prefix += [0] * context
+        seg += [0] * context
+        pos += range(context)
+        at = context
+        for _ in range(int(torch.randint(0, 3, (), generator=rng))):
+            n = int(torch.randint(1, 30, (), generator=rng))
+            prefix += [context] * n
+            seg += [at] * n
+            pos += range(context, context + n)
+            at += n
+        starts.append(starts[-1] + at)
+    rows = RaggedRows(*(torch.tensor(x) for x in (starts, prefix, seg)))
+    return rows, torch.tensor(pos)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(9, 3, 64), (8, 2, 128), (4, 4, 32), (6, 1, 16)])
+def test_ragged_attention_matches_a_float64_reference(n_heads, n_kv, hd):
+    """Each token attends to its row's first prefix[t] tokens and to its own segment up to itself,
+    after rotary on q and k: against the definition computed pair by pair in float64."""
+    from model.model import apply_rope, rope_cos_sin, rope_inv_freq
+
+    if ("ragged_attention", torch.float32) not in cpu_kernels._library():
+        pytest.skip("herd's ragged-attention kernel is not available here (no AVX-512 or no C compiler)")
+    rng = torch.Generator().manual_seed(hd + n_heads)
+    rows, pos = _ragged_rows(rng)
+    N = len(pos)
+    qkv = torch.randn(1, N, (n_heads + 2 * n_kv) * hd, generator=rng)
+    cos, sin = rope_cos_sin(pos[None], rope_inv_freq(hd, 500000.0, None), torch.float32)
+    heads = qkv.double().view(N, -1, hd)
+    qk = apply_rope(heads[None, :, : n_heads + n_kv], cos.double(), sin.double())[0]
+    q, k, v = qk[:, :n_heads], qk[:, n_heads:], heads[:, n_heads + n_kv :]
+    want = torch.empty(N, n_heads, hd, dtype=torch.float64)
+    starts = rows.starts.tolist()
+    for r in range(len(starts) - 1):
+        for t in range(starts[r + 1] - starts[r]):
+            i = starts[r] + t
+            shared = range(starts[r], starts[r] + int(rows.prefix[i]))
+            keys = [*shared, *range(starts[r] + int(rows.seg[i]), i + 1)]
+            for h in range(n_heads):
+                g = h // (n_heads // n_kv)
+                w = torch.softmax(k[keys, g] @ q[i, h] / hd**0.5, 0)
+                want[i, h] = w @ v[keys, g]
+    got = cpu_kernels.ragged_attention(qkv, cos, sin, rows, n_heads, n_kv)
+    torch.testing.assert_close(got.view(N, n_heads, hd).double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(qkv[0, :, : (n_heads + n_kv) * hd].double(), qk.reshape(N, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_attention_declines_what_it_does_not_cover():
+    if ("ragged_attention", torch.float32) not in cpu_kernels._library():
+        pytest.skip("herd's ragged-attention kernel is not available here (no AVX-512 or no C compiler)")
+    rows, pos = _ragged_rows(torch.Generator().manual_seed(0))
+    N = len(pos)
+    cos, sin = torch.ones(1, N, 1, 48), torch.zeros(1, N, 1, 48)
+    assert cpu_kernels.ragged_attention(torch.randn(1, N, 5 * 48), cos, sin, rows, 3, 1) is None  # head_dim 48
+    cos, sin = torch.ones(1, N, 1, 64), torch.zeros(1, N, 1, 64)
+    assert cpu_kernels.ragged_attention(torch.randn(1, N, 5 * 64).bfloat16(), cos, sin, rows, 3, 1) is None
+    assert cpu_kernels.ragged_attention(torch.randn(1, N, 5 * 64, requires_grad=True), cos, sin, rows, 3, 1) is None

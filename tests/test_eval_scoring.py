@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from flows.eval.scoring import Scorer, acc_from_scores, reference_loglikelihood
 from model.model import Transformer
@@ -56,14 +57,23 @@ def test_scorer_equals_plain_forward(batch_size, share):
         assert scorer.stats["forward_tokens"] < sum(len(c) for c in contexts)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-attention", "fused"])
 @pytest.mark.parametrize("pack_max_len,budget,attn_budget", [(1024, 8192, 2048), (8, 40, 2048), (1024, 8192, 30)])
-def test_packed_rows_equal_plain_forward_and_the_fork_path(pack_max_len, budget, attn_budget):
+def test_packed_rows_equal_plain_forward_and_the_fork_path(monkeypatch, pack_max_len, budget, attn_budget, fused):
     """Contexts in no family go through packed rows (a context and its continuations in one masked
     row, the rows laid end to end without padding); a short pack_max_len splits a context's
     continuations over several rows, a small budget makes batches of one row, a small attention
-    budget splits a batch's attention into several padded groups. All equal the plain forward and
-    the KV-fork path."""
+    budget splits a batch's attention into several padded groups (torch's SDPA path). A fused model
+    on CPU in fp32 runs herd's ragged-attention kernel where it is available. All equal the plain
+    forward and the KV-fork path."""
+    from model import cpu_kernels
+
     model = random_model(seed=2)
+    calls = []
+    if fused:
+        model.fuse_projections()
+        kernel = cpu_kernels.ragged_attention
+        monkeypatch.setattr("model.model.ragged_attention", lambda *a: calls.append(1) or kernel(*a))
     rng = random.Random(5)
     reqs = []
     for _ in range(6):
@@ -79,6 +89,8 @@ def test_packed_rows_equal_plain_forward_and_the_fork_path(pack_max_len, budget,
     for (g, gg), (f, fg), (w, wg) in zip(got, forks, want):
         assert g == pytest.approx(w, abs=1e-4) and f == pytest.approx(w, abs=1e-4)
         assert gg == wg == fg
+    if fused and ("ragged_attention", torch.float32) in cpu_kernels._library():
+        assert calls, "the fused fp32 model on CPU should run the ragged-attention kernel"
     # every context ran once per row, not once per continuation
     assert (
         packed.stats["forward_tokens"]
@@ -86,6 +98,28 @@ def test_packed_rows_equal_plain_forward_and_the_fork_path(pack_max_len, budget,
         + sum(len(x) - 1 for _, x in reqs)
         + (len(reqs) if pack_max_len < 20 else 0) * 20
     )
+
+
+@pytest.mark.parametrize("rows,cols", [(512, 4096), (3, 7), (1, 97)])
+def test_blocked_target_logprobs_equal_a_full_log_softmax(rows, cols):
+    """The output projection in blocks of rows x vocabulary columns gives the log-probabilities and
+    the greedy flags of one full log-softmax, the first of tied maxima counting as the argmax."""
+    model = random_model(seed=4)
+    scorer = Scorer(model, _Tok())
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, model.config.dim, generator=g)
+    logits = torch.nn.functional.linear(hidden, model.output_weight)
+    targets = torch.randint(0, 97, (11,), generator=g)
+    targets[:4] = logits[:4].argmax(-1)  # greedy positions
+    with torch.no_grad():  # a tie: entry 90 copies the projection row of position 4's argmax
+        model.output_weight[90] = model.output_weight[int(logits[4].argmax())]
+        logits = torch.nn.functional.linear(hidden, model.output_weight)
+        targets[4] = 90  # tied with an earlier maximum: not the argmax
+        ll, greedy = scorer._target_logprobs(hidden, targets, rows=rows, cols=cols)
+    want = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(ll, want, rtol=0, atol=1e-5)
+    assert greedy.tolist() == (logits.argmax(-1) == targets).tolist()
+    assert greedy[:4].all() and not greedy[4]
 
 
 def test_families_split_at_subject_boundaries():

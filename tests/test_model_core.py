@@ -190,23 +190,29 @@ def test_generation_records_the_stop_id_it_ended_on():
     assert generate(model, [prompt], SamplingParams(max_tokens=2))[0].stop_token_id is None
 
 
-def test_packed_bf16_weights_give_the_unpacked_logits():
-    """fuse_projections(pack=True) (oneDNN-laid-out bf16 weights for several rows) changes the speed,
-    not the numbers: a batched prefill and a batched cached step equal the unpacked model's exactly."""
-    if pack_weight(torch.zeros(2, 2, dtype=torch.bfloat16)) is None:
-        pytest.skip("this CPU build has no oneDNN bf16 matmul to pack for")
-    plain = random_model(seed=5).to(torch.bfloat16).fuse_projections()
-    packed = random_model(seed=5).to(torch.bfloat16).fuse_projections(pack=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_weights_give_the_unpacked_logits(dtype):
+    """fuse_projections(pack=True) (oneDNN-laid-out weights for several rows) changes the speed, not
+    the numbers: a batched prefill and a batched cached step equal the unpacked model's, exactly in
+    bf16 (oneDNN runs both), to fp32 rounding in fp32 (oneDNN's sums against MKL's)."""
+    if pack_weight(torch.zeros(2, 2, dtype=dtype)) is None:
+        pytest.skip(f"this CPU build has no oneDNN {dtype} matmul to pack for")
+    plain = random_model(seed=5).to(dtype).fuse_projections()
+    packed = random_model(seed=5).to(dtype).fuse_projections(pack=True)
     assert packed.packed and packed.layers[0].attention.packed and packed.layers[0].feed_forward.packed
     tokens = torch.randint(0, 512, (3, 10))
     with torch.no_grad():
         outs = []
         for model in (plain, packed):
-            cache = KVCache.for_model(model.config, 3, 16, dtype=torch.bfloat16)
+            cache = KVCache.for_model(model.config, 3, 16, dtype=dtype)
             prefill = model(tokens[:, :9], cache=cache)
             cache.advance(9)
             outs.append((prefill, model(tokens[:, 9:], cache=cache)))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    if dtype == torch.bfloat16:
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    else:
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

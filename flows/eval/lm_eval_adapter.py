@@ -46,7 +46,7 @@ class HerdLM(TemplateLM):
             from flows.eval.registry import resolve_model_uri
             from model.sources import load_for_inference
 
-            model, tokenizer = load_for_inference(str(resolve_model_uri(pretrained)), dtype, device)
+            model, tokenizer = load_for_inference(str(resolve_model_uri(pretrained)), dtype, device, pack=True)
         self.model, self.tok = model, tokenizer
         bs = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(

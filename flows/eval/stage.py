@@ -193,7 +193,7 @@ def run_eval(
         from model.sources import load_for_inference
 
         path = resolve_model_uri(uri, tracking_uri or cfg["mlflow"]["tracking_uri"])
-        model, tokenizer = load_for_inference(str(path), cfg["dtype"], cfg["device"])
+        model, tokenizer = load_for_inference(str(path), cfg["dtype"], cfg["device"], pack=True)
     else:
         model, tokenizer = model
         path = Path(uri) if not uri.startswith(("models:/", "runs:/")) else None

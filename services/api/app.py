@@ -62,8 +62,7 @@ def build_state(args: dict | ServerConfig) -> ServerState:
     # Registry URIs are downloaded with every file's sha256 checked (MLFLOW_TRACKING_URI's store).
     path = resolve_model_uri(config.model)
     log.info("loading %s from %s (%s, %s)", config.model, path, config.dtype, config.device)
-    model, tokenizer = load_for_inference(str(path), config.dtype, config.device)
-    if hasattr(model, "fuse_projections"):
-        model.fuse_projections(pack=True)  # fewer, prepacked matmuls: faster batched decode
+    # prepacked matmuls: faster batched decode
+    model, tokenizer = load_for_inference(str(path), config.dtype, config.device, pack=True)
     engine = LLMEngine(model, tokenizer, config.engine.to_engine_config())
     return ServerState(AsyncLLMEngine(engine, num_threads=config.num_threads), tokenizer, config, api_key)
