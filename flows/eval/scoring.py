@@ -93,7 +93,10 @@ class Scorer:
         self.max_length = int(max_length or model.config.max_seq_len)
         self.share_prefix = share_prefix
         self.min_prefix = min_prefix
-        self.token_budget = token_budget  # per forward: rows x longest (forks), real tokens (packed rows)
+        # per forward: rows x longest (forks), real tokens (packed rows). 2048 keeps a layer's widest
+        # fp32 activation (SmolLM2's gate|up: 2048 x 3072) under glibc's 32 MiB mmap ceiling, so
+        # freed activations are reused instead of faulted in afresh at every layer.
+        self.token_budget = token_budget
         self.pack = pack  # contexts in no shared-prefix family: packed rows (see _score_packed)
         self.pack_max_len = pack_max_len  # a row's length beyond its context and longest continuation
         self.attn_budget = attn_budget  # padded row slots per attention call (packed rows)
