@@ -10,7 +10,7 @@ For one-row decode steps, which read every weight once per token and run many ti
 * `decode_step`: a whole one-sequence decode step (every layer and the output projection) in one
   call, for the ~20 small torch ops a layer that cost more than the weight reads of small models.
 And for packed prefill (the eval scorer's rows of a context and its continuations):
-* `ragged_attention` (fp32): attention over rows laid end to end (model.RaggedRows), computing only
+* `ragged_attention` (fp32): attention over rows laid end to end (model.ragged.RaggedRows), computing only
   the (query, key) pairs each row's mask lets through, where torch's SDPA would compute padded
   squares under a dense mask.
 Where the CPU lacks AVX-512 (bf16: AVX512-BF16), no C compiler is found, or HERD_CPU_KERNELS=0,
@@ -228,13 +228,16 @@ def ragged_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows, n_heads: int, n_kv: int
 ) -> torch.Tensor | None:
     """The attention heads' output (N, n_heads * head_dim) of N flat tokens laid out as `rows`
-    (model.RaggedRows), from the fused q|k|v projection (1, N, width), which it rotates in place, and
+    (model.ragged.RaggedRows), from the fused q|k|v projection (1, N, width), which it rotates in place, and
     the model's cos/sin (1, N, 1, head_dim). None where the kernel does not apply (fp32 CPU only)."""
     fn = _kernel("ragged_attention", qkv, cos, sin)
     N, hd = qkv.shape[1], cos.shape[-1]
     if fn is None or qkv.shape[-1] != (n_heads + 2 * n_kv) * hd or hd not in (16, 32, 64, 128):
         return None
-    if not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+    if qkv.shape[0] != 1 or not all(t.is_contiguous() for t in (qkv, cos, sin)):
+        return None
+    spans = (rows.starts, rows.prefix, rows.seg)
+    if any(t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous() for t in spans):
         return None
     threads = torch.get_num_threads()
     longest = rows.longest

@@ -349,7 +349,7 @@ class Scorer:
             yield g, results[id(g)]
 
     def _score_packed_batch(self, batch: list[tuple[_Group, list[int]]]) -> list[list[tuple[float, bool]]]:
-        """One forward over the batch's rows laid end to end (model.RaggedRows: no padding in the
+        """One forward over the batch's rows laid end to end (model.ragged.RaggedRows: no padding in the
         matmuls): a row's context tokens see the context up to themselves, a continuation's tokens
         the whole context and their own continuation up to themselves."""
         dev = self.device

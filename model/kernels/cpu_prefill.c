@@ -1,4 +1,4 @@
-/* Attention over ragged rows (model.RaggedRows) on x86 CPUs with AVX-512, fp32.
+/* Attention over ragged rows (model.ragged.RaggedRows) on x86 CPUs with AVX-512, fp32.
  *
  * Rows of different lengths lie end to end as one flat sequence. Token i of a row starting at s sees
  * the keys [s, prefix[i]) (a prefix its row shares: a context that every continuation packed after it
@@ -183,9 +183,9 @@ INLINE void row_head(const float *qkv, int64_t T, const int64_t *prefix, const i
 }
 
 /* qkv (n x (nq + 2 nkv) hd): rotated in place; cos/sin (n x hd); starts (rows + 1): row boundaries in
- * tokens; prefix/seg (n): row-relative, as model.RaggedRows (prefix[i] <= seg[i] <= i's place in its
- * row); out (n x nq hd); hd one of 16, 32, 64, 128. scratch: threads ((hd + 4) longest + 4 hd) floats,
- * longest the longest row. */
+ * tokens; prefix/seg (n): row-relative, as model.ragged.RaggedRows (prefix[i] <= seg[i] <= i's place
+ * in its row); out (n x nq hd); hd one of 16, 32, 64, 128. scratch: threads ((hd + 4) longest + 4 hd)
+ * floats, longest the longest row. */
 void herd_ragged_attention_f32(float *qkv, const float *cos, const float *sin, const int64_t *starts,
                                const int64_t *prefix, const int64_t *seg, int64_t rows, int64_t nq, int64_t nkv,
                                int64_t hd, float *out, float *scratch, int64_t longest, int64_t threads) {
