@@ -17,9 +17,9 @@ class RaggedRows:
     sees) and the row's tokens seg[t]..t (its own segment up to itself); prefix[t] <= seg[t] <= t.
 
     starts: (R + 1,) int64 row boundaries in flat tokens; prefix, seg: (N,) int64, row-relative.
-    On CPU in fp32 herd's C kernel computes just the visible pairs (model/cpu_kernels.py); elsewhere
-    SDPA runs on padded rows, in groups of consecutive rows of at most attn_budget padded slots
-    (rows sorted by length pad little).
+    For a fused model (fuse_projections) on CPU in fp32, herd's C kernel computes just the visible
+    pairs (model/cpu_kernels.py); elsewhere SDPA runs on padded rows, in groups of consecutive rows
+    of at most attn_budget padded slots (rows sorted by length pad little).
     """
 
     starts: torch.Tensor
