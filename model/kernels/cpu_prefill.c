@@ -1,16 +1,17 @@
 /* Attention over ragged rows (model.ragged.RaggedRows) on x86 CPUs with AVX-512, fp32.
  *
  * Rows of different lengths lie end to end as one flat sequence. Token i of a row starting at s sees
- * the keys [s, prefix[i]) (a prefix its row shares: a context that every continuation packed after it
- * sees) and [seg[i], i] (its own segment up to itself). torch's SDPA can only run this on padded rows
+ * the keys [s, s + prefix[i]) (a prefix its row shares: a context that every continuation packed after
+ * it sees) and [s + seg[i], i] (its own segment up to itself); prefix and seg are row-relative. torch's SDPA can only run this on padded rows
  * with a dense mask: it computes every (query, key) pair of the padded square, gathers q/k/v into
  * that layout and back, and rotates q and k in ~6 separate ops. This kernel rotates q and k in place,
  * reads them where the projection wrote them, computes only the visible pairs and writes each head's
  * output in the flat layout the output projection reads.
  *
  * Per (row, kv head) task: the row's keys transposed into a thread's scratch (head_dim x T), so 16
- * scores of one query come from head_dim FMAs over contiguous loads; softmax over the visible scores;
- * then the weighted sum of the value rows. */
+ * scores of one query come from head_dim FMAs over contiguous loads, each load shared by the q heads
+ * of that kv head; softmax over the visible scores; then the weighted sum of the value rows, each
+ * value row's load shared the same way. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
